@@ -1,0 +1,3 @@
+"""EFCM: distil a pathology foundation model into a small student, fine-tune it with CLAM, serve it."""
+
+__version__ = "0.1.0"

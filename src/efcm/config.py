@@ -1,0 +1,196 @@
+"""params.yaml -> validated, frozen configuration models.
+
+`params.yaml` is the only place for knobs. Each top-level section is a frozen pydantic model; an unknown
+key or a value out of range raises :class:`ConfigError` naming the key (``teacher.archh: unknown key``).
+Paths never live here: they come from argv, KFP artifacts or the model directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or out of range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetParams(_Section):
+    """What the labels mean: class names in a fixed order (index = class id)."""
+
+    classes: tuple[str, ...] = ("normal", "tumour")
+
+    @model_validator(mode="after")
+    def _two_or_more(self) -> DatasetParams:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be >= 2 distinct names, got {list(self.classes)}")
+        return self
+
+
+class DemoDataParams(_Section):
+    """The embedded synthetic demo dataset."""
+
+    slides: int = Field(16, ge=2)
+    size: int = Field(4096, ge=512, description="level-0 width and height in px")
+    mpp: float = Field(0.5, gt=0)
+    levels: int = Field(3, ge=1, le=8)
+    level_factor: int = Field(4, ge=2)
+    slides_per_case: int = Field(2, ge=1)
+    tumour_fraction: float = Field(0.5, gt=0, lt=1, description="share of slides labelled tumour")
+
+
+class TissueParams(_Section):
+    """CLAM-equivalent tissue segmentation on a thumbnail (see efcm.slides.tissue)."""
+
+    seg_downsample: float = Field(16.0, ge=1, description="wanted thumbnail downsample (level-0 px per px)")
+    max_thumbnail_px: int = Field(4096, ge=256, description="longest thumbnail side, whatever the slide")
+    sthresh: int = Field(8, ge=0, le=255, description="saturation threshold (ignored with use_otsu)")
+    mthresh: int = Field(7, ge=1, description="median blur kernel (odd)")
+    use_otsu: bool = False
+    close: int = Field(4, ge=0, description="morphological closing kernel, px of the thumbnail")
+    min_area: float = Field(1.0, ge=0, description="min tissue area, in reference patch areas")
+    min_hole_area: float = Field(0.5, ge=0, description="min hole area, in reference patch areas")
+    max_n_holes: int = Field(8, ge=0)
+
+    @model_validator(mode="after")
+    def _odd_blur(self) -> TissueParams:
+        if self.mthresh % 2 == 0:
+            raise ValueError(f"mthresh must be odd, got {self.mthresh}")
+        return self
+
+
+class PatchParams(_Section):
+    """Patch grid: size and step in px at `target_mpp`, containment test, tissue fraction."""
+
+    target_mpp: float = Field(0.5, gt=0)
+    patch_size: int = Field(256, ge=16)
+    step: int = Field(256, ge=1)
+    contour_fn: Literal["four_pt", "four_pt_hard", "center"] = "four_pt"
+    min_tissue_fraction: float = Field(0.0, ge=0, le=1)
+    default_mpp: float | None = Field(None, gt=0, description="used when a slide has no mpp")
+    tissue: TissueParams = TissueParams()
+
+
+class EncoderParams(_Section):
+    """A patch encoder built by timm. `weights` is a local path or gs:// URI, or null (random init)."""
+
+    arch: str
+    weights: str | None = None
+    input_size: int = Field(224, ge=16)
+    resize: int | None = Field(None, ge=16, description="resize the read patch to this before the crop")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExtractParams(_Section):
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    float16: bool = False
+
+
+class DistillParams(_Section):
+    method: Literal["vfd"] = "vfd"
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    loss: Literal["mse", "l1", "cosine", "mse_cosine"] = "mse_cosine"
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of slides held out for validation")
+    num_workers: int = Field(0, ge=0)
+
+
+class TrainMilParams(_Section):
+    model: Literal["clam_sb"] = "clam_sb"
+    folds: int = Field(3, ge=2)
+    epochs: int = Field(40, ge=1)
+    min_epochs: int = Field(10, ge=0)
+    patience: int = Field(10, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    hidden: int = Field(128, ge=8)
+    attn_dim: int = Field(64, ge=4)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    bag_weight: float = Field(0.7, ge=0, le=1)
+    k_sample: int = Field(8, ge=1)
+    val_fraction: float = Field(0.25, gt=0, lt=1, description="share of training cases used for early stopping")
+
+
+class EvaluateParams(_Section):
+    bootstrap: int = Field(1000, ge=0)
+    ci: float = Field(0.95, gt=0, lt=1)
+
+
+class ExportParams(_Section):
+    model_name: str = Field("efcm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class Params(_Section):
+    """All of params.yaml."""
+
+    seed: int = 0
+    dataset: DatasetParams = DatasetParams()
+    demo_data: DemoDataParams = DemoDataParams()
+    patch: PatchParams = PatchParams()
+    teacher: EncoderParams = EncoderParams(arch="vit_small_patch16_224")
+    student: EncoderParams = EncoderParams(arch="resnet18")
+    extract: ExtractParams = ExtractParams()
+    distill: DistillParams = DistillParams()
+    train_mil: TrainMilParams = TrainMilParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid configuration in {source}: " + "; ".join(lines)
+
+
+def params_from_dict(data: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a params mapping (the parsed params.yaml, or the sections a KFP component receives)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: unknown keys, bad types or values out of range, each named.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return params_from_dict(data, str(path))
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    """JSON-compatible dict of every section (tuples become lists)."""
+    return params.model_dump(mode="json")

@@ -1,0 +1,72 @@
+"""What a model costs per patch: parameters, GFLOPs (torch's flop counter), patches/s, peak memory.
+
+Teacher and student are measured in one run on the same device, so their ratio means something even on
+a shared, noisy machine. GFLOPs are real floating-point operations (2 per multiply-add).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops_per_patch(model: nn.Module, input_size: int) -> float:
+    device = next(model.parameters()).device
+    x = torch.zeros(1, 3, input_size, input_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    return fc.get_total_flops() / 1e9
+
+
+def throughput(model: nn.Module, input_size: int, batch_size: int, *, min_seconds: float = 1.0,
+               warmup: int = 1) -> float:
+    """Model-only patches/s on in-memory tensors (autocast on CUDA)."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    amp = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+        for _ in range(warmup):
+            model(x)
+        if amp:
+            torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_seconds or n == 0:
+            model(x)
+            n += batch_size
+        if amp:
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - t0)
+
+
+def profile(model: nn.Module, input_size: int, batch_size: int, *, min_seconds: float = 1.0
+            ) -> dict[str, Any]:
+    model.eval()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = {"params": count_params(model), "gflops_per_patch": round(gflops_per_patch(model, input_size), 4),
+           "patches_per_s": round(throughput(model, input_size, batch_size, min_seconds=min_seconds), 2),
+           "input_size": input_size, "batch_size": batch_size, "device": str(device)}
+    if device.type == "cuda":
+        out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def compare(teacher: nn.Module, teacher_size: int, student: nn.Module, student_size: int,
+            batch_size: int, *, min_seconds: float = 1.0) -> dict[str, Any]:
+    """Teacher and student profiles plus the student/teacher ratios, measured in one run."""
+    t = profile(teacher, teacher_size, batch_size, min_seconds=min_seconds)
+    s = profile(student, student_size, batch_size, min_seconds=min_seconds)
+    return {"teacher": t, "student": s,
+            "student_teacher_speedup": round(s["patches_per_s"] / t["patches_per_s"], 3),
+            "param_ratio": round(t["params"] / s["params"], 3),
+            "flop_ratio": round(t["gflops_per_patch"] / max(s["gflops_per_patch"], 1e-12), 3)}

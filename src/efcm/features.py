@@ -1,0 +1,148 @@
+"""The extraction engine: coords h5 -> batches of patch pixels -> encoder -> features h5.
+
+DataLoader workers each open their own slide handle and read whole batches; the encoder runs in
+`inference_mode` with channels_last, under autocast on CUDA. The same engine extracts teacher and
+student features. A slide whose features h5 is complete is skipped on a rerun; writes are atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from tqdm import tqdm
+
+from efcm.config import ExtractParams
+from efcm.manifest import Manifest
+from efcm.slides.patches import SlidePatches
+from efcm.slides.patching import read_coords
+from efcm.status import OK, write_status
+from efcm.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class _BatchDataset(Dataset):
+    """Item = a list of patch indices -> uint8 (B, S, S, 3) tensor (whole batches per read)."""
+
+    def __init__(self, patches: SlidePatches) -> None:
+        self.patches = patches
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(self.patches.read_batch(indices))
+
+
+def device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def embed_batches(model: nn.Module, batches, *, total: int | None = None, desc: str = "extract"
+                  ) -> np.ndarray:
+    """Run `model` (uint8 patches in, features out) over an iterable of uint8 batches.
+
+    Returns:
+        (N, D) float32.
+    """
+    device = device_of(model)
+    out = []
+    amp = device.type == "cuda"
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    bar = tqdm(total=total, desc=desc, unit="patch", disable=None, leave=False)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
+            out.append(model(batch).float().cpu())
+            bar.update(len(batch))
+    bar.close()
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def extract_slide(model: nn.Module, patches: SlidePatches, params: ExtractParams) -> np.ndarray:
+    """Features of every patch of one slide, (N, D) float32."""
+    sampler = BatchSampler(SequentialSampler(range(len(patches))), params.batch_size, drop_last=False)
+    loader = DataLoader(_BatchDataset(patches), sampler=sampler, batch_size=None,
+                        num_workers=params.num_workers, pin_memory=device_of(model).type == "cuda",
+                        persistent_workers=False)
+    return embed_batches(model, loader, total=len(patches), desc=patches.coords.name)
+
+
+def features_complete(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "features" in f and "coords" in f and len(f["features"]) == len(f["coords"])
+    except OSError:
+        return False
+
+
+def write_features(path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
+                   float16: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=feats.astype(np.float16 if float16 else np.float32))
+        f.create_dataset("coords", data=coords.astype(np.int64))
+        f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+    os.replace(tmp, path)
+
+
+def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, coords (N, 2) int64)."""
+    with h5py.File(path, "r") as f:
+        if "features" not in f:
+            raise ValueError(f"{path}: no 'features' dataset")
+        return np.asarray(f["features"][:], np.float32), np.asarray(f["coords"][:], np.int64)
+
+
+def extract_manifest(model: nn.Module, manifest: Manifest, patches_dir: str | Path,
+                     out_dir: str | Path, params: ExtractParams, attrs: dict[str, Any],
+                     *, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5.
+
+    `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights hash...) go
+    into every features h5. Writes out_dir/status.csv.
+    """
+    patches_dir, out = Path(patches_dir), Path(out_dir)
+    model.eval()
+    rows = []
+    for entry in tqdm(manifest.slides, desc="extract", unit="slide", disable=None):
+        t0 = time.perf_counter()
+        coords_path = patches_dir / "patches" / f"{entry.slide_id}.h5"
+        dest = out / "features" / f"{entry.slide_id}.h5"
+        row: dict[str, Any] = {"slide_id": entry.slide_id, "status": OK, "reason": "", "n_patches": 0}
+        if not coords_path.is_file():
+            row.update(status="no_patches", reason=f"no coords file {coords_path.name} (see patch status)")
+            rows.append(row)
+            continue
+        if not overwrite and features_complete(dest):
+            with h5py.File(dest, "r") as f:
+                row.update(reason="already done", n_patches=len(f["features"]))
+            rows.append(row)
+            continue
+        try:
+            coords = read_coords(coords_path)
+            sp = SlidePatches(entry.uri, coords, manifest.base_dir)
+            feats = extract_slide(model, sp, params)
+            sp.close()
+            write_features(dest, feats, coords.coords,
+                           {**attrs, "coords_file": str(coords_path.name), "slide_id": entry.slide_id},
+                           params.float16)
+            row["n_patches"] = len(feats)
+        except (ValueError, FileNotFoundError, OSError) as err:
+            row.update(status="unreadable", reason=str(err))
+            log.warning("%s: %s", entry.slide_id, err)
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+    write_status(out / "status.csv", rows)
+    return rows

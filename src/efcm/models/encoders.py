@@ -1,0 +1,168 @@
+"""Patch encoders built by timm, checkpoint loading, and the input transform.
+
+The teacher is a timm backbone with its classifier removed (`num_classes=0`: pooled features). The
+student is a timm backbone plus a linear projection to the teacher's feature dimension, so its output
+lives in the teacher's space (what VFD trains and what CLAM reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from efcm.config import EncoderParams
+from efcm.storage import local_path
+
+log = logging.getLogger(__name__)
+
+_PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_dict_of(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
+    """Unwrap the common checkpoint layouts into a flat state dict."""
+    if isinstance(ckpt, dict):
+        for key in ("state_dict", "model", "teacher", "student"):
+            if key in ckpt and isinstance(ckpt[key], dict):
+                return _state_dict_of(ckpt[key], source)
+        if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return ckpt
+    raise ValueError(f"{source}: not a checkpoint (expected a state dict, or one under 'model', "
+                     "'state_dict', 'teacher' or 'student')")
+
+
+def load_weights(model: nn.Module, uri: str) -> str:
+    """Load a checkpoint (local path or gs://) into `model`; returns the file's sha256.
+
+    Strips `module.`, `backbone.` and `encoder.` prefixes, logs missing and unexpected keys, and fails
+    on a shape mismatch naming the key.
+    """
+    path = local_path(uri)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights not found: {uri}")
+    state = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True), uri)
+    clean = {}
+    for k, v in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, stripped = k[len(p):], True
+        clean[k] = v
+    own = model.state_dict()
+    for k, v in clean.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{uri}: shape mismatch for {k!r}: checkpoint {tuple(v.shape)}, "
+                             f"model {tuple(own[k].shape)}")
+    result = model.load_state_dict(clean, strict=False)
+    if result.missing_keys:
+        log.warning("%s: %d missing keys: %s", uri, len(result.missing_keys), result.missing_keys[:10])
+    if result.unexpected_keys:
+        log.warning("%s: %d unexpected keys: %s", uri, len(result.unexpected_keys),
+                    result.unexpected_keys[:10])
+    return sha256_file(path)
+
+
+def build_backbone(spec: EncoderParams, *, warn_random: bool = True) -> tuple[nn.Module, str | None]:
+    """A timm model with pooled-feature output; returns (model, weights sha256 or None)."""
+    try:
+        model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.model_kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(f"encoder arch {spec.arch!r}: {err}") from None
+    except TypeError as err:
+        raise ValueError(f"encoder {spec.arch!r}: bad model_kwargs {spec.model_kwargs}: {err}") from None
+    sha = None
+    if spec.weights:
+        sha = load_weights(model, spec.weights)
+    elif warn_random:
+        log.warning("encoder %s has NO pretrained weights: random initialisation (demo only)", spec.arch)
+    return model, sha
+
+
+class Student(nn.Module):
+    """Backbone + linear projection to the teacher's feature dimension.
+
+
+    The projection predicts *standardised* teacher features; `target_mean` / `target_std` (set from the
+    teacher features before distillation) map them back, so the output is in the teacher's space while
+    the loss weighs every teacher dimension by its spread, not by its (often large, shared) mean.
+    """
+
+    def __init__(self, backbone: nn.Module, out_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.proj = nn.Linear(backbone.num_features, out_dim)
+        self.out_dim = out_dim
+        self.register_buffer("target_mean", torch.zeros(out_dim))
+        self.register_buffer("target_std", torch.ones(out_dim))
+
+    def set_target_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std.clamp_min(1e-6))
+
+    def standardised(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone(x))  # (B, 3, H, W) -> (B, out_dim), standardised space
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.standardised(x) * self.target_std + self.target_mean  # teacher space
+
+
+def build_student(spec: EncoderParams, out_dim: int, *, warn_random: bool = True) -> Student:
+    backbone, _ = build_backbone(spec, warn_random=warn_random)
+    return Student(backbone, out_dim)
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(getattr(model, "out_dim", None) or model.num_features)
+
+
+class PatchTransform(nn.Module):
+    """uint8 (B, H, W, 3) patches -> normalised float (B, 3, S, S): optional resize, centre crop."""
+
+    def __init__(self, spec: EncoderParams) -> None:
+        super().__init__()
+        self.resize = spec.resize
+        self.size = spec.input_size
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float()
+        if self.resize and x.shape[-1] != self.resize:
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=True,
+                              align_corners=False)
+        h, w = x.shape[-2:]
+        if h < self.size or w < self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        elif h > self.size or w > self.size:
+            top, left = (h - self.size) // 2, (w - self.size) // 2
+            x = x[..., top: top + self.size, left: left + self.size]
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+class EncoderWithTransform(nn.Module):
+    """uint8 patches in, features out: what extraction, serving and benchmarks run."""
+
+    def __init__(self, encoder: nn.Module, spec: EncoderParams) -> None:
+        super().__init__()
+        self.transform = PatchTransform(spec)
+        self.encoder = encoder
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.transform(patches))  # (B, H, W, 3) uint8 -> (B, D)

@@ -1,0 +1,149 @@
+"""The `patch` stage over a manifest: tissue mask + patch grid per slide, a status row per slide.
+
+One bad slide never stops the batch: its error becomes a status row. Outputs are written atomically and
+a rerun skips slides whose coords h5 is complete (unless `overwrite`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+import openslide
+from tqdm import tqdm
+
+from efcm.config import PatchParams
+from efcm.manifest import Manifest, SlideEntry
+from efcm.slides.patching import PatchGeometry, geometry, patch_coords, write_coords
+from efcm.slides.reader import Mpp, SlideError, open_slide, read_thumbnail, resolve_mpp
+from efcm.slides.tissue import TissueMask, segment_tissue
+from efcm.status import OK, write_status
+from efcm.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchPlan:
+    """Everything segmentation and gridding found for one slide."""
+
+    mpp: Mpp
+    geometry: PatchGeometry
+    thumbnail: np.ndarray
+    mask: TissueMask
+    coords: np.ndarray  # (N, 2) int64 level-0 top-left
+
+
+def plan_patches(slide: openslide.OpenSlide, params: PatchParams, *, mpp_override: float | None = None,
+                 name: str = "slide") -> PatchPlan:
+    """mpp -> geometry -> bounded thumbnail -> tissue mask -> patch grid, for an open slide."""
+    mpp = resolve_mpp(slide, override=mpp_override, default=params.default_mpp, name=name)
+    geom = geometry(list(slide.level_downsamples), list(slide.level_dimensions), mpp.value, mpp.source,
+                    params)
+    thumb, scale = read_thumbnail(slide, params.tissue.seg_downsample, params.tissue.max_thumbnail_px)
+    mask = segment_tissue(thumb, scale, params.tissue, geom.size0)
+    return PatchPlan(mpp, geom, thumb, mask, patch_coords(mask, geom, params))
+
+
+def _draw_qc(thumb: np.ndarray, mask: TissueMask, coords: np.ndarray, geom: PatchGeometry) -> np.ndarray:
+    img = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)
+    sx, sy = mask.scale
+    for x, y in coords:
+        p0 = (int(x / sx), int(y / sy))
+        p1 = (int((x + geom.size0) / sx), int((y + geom.size0) / sy))
+        cv2.rectangle(img, p0, p1, (255, 160, 0), 1)
+    cv2.drawContours(img, mask.contours, -1, (0, 200, 0), 2)
+    for hs in mask.holes:
+        cv2.drawContours(img, hs, -1, (0, 0, 255), 1)
+    return img
+
+
+def coords_complete(path: Path) -> bool:
+    """A coords h5 that opens and holds a coords dataset (atomic writes make this the whole check)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "coords" in f
+    except OSError:
+        return False
+
+
+def patch_slide(entry: SlideEntry, base_dir: Path, out_dir: Path, params: PatchParams) -> dict[str, Any]:
+    """Segment and patch one slide; returns its status row. Never raises for a bad slide."""
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"slide_id": entry.slide_id, "status": OK, "reason": "", "mpp": "",
+                           "mpp_source": "", "patch_level": "", "n_patches": 0, "seconds": 0.0}
+    try:
+        with open_slide(entry.uri, base_dir=base_dir) as slide:
+            grid = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
+        thumb, mask, coords, geom, mpp = grid.thumbnail, grid.mask, grid.coords, grid.geometry, grid.mpp
+        row.update(mpp=f"{mpp.value:.5g}", mpp_source=mpp.source, patch_level=geom.patch_level,
+                   n_patches=len(coords))
+        qc = out_dir / "qc" / f"{entry.slide_id}.png"
+        qc.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic_path(qc).with_suffix(".png")
+        cv2.imwrite(str(tmp), _draw_qc(thumb, mask, coords, geom))
+        tmp.replace(qc)
+        if len(coords) == 0:
+            row.update(status="no_tissue", reason="no tissue patches found (see the QC thumbnail)")
+            log.warning("%s: no tissue patches found", entry.slide_id)
+        else:
+            write_coords(out_dir / "patches" / f"{entry.slide_id}.h5", coords, geom, entry.slide_id)
+    except SlideError as err:
+        row.update(status=err.status, reason=str(err))
+        log.warning("%s: %s", entry.slide_id, err)
+    except FileNotFoundError as err:
+        row.update(status="missing", reason=str(err))
+        log.warning("%s: %s", entry.slide_id, err)
+    except Exception as err:  # one bad slide never stops the batch
+        row.update(status="error", reason=f"{type(err).__name__}: {err}")
+        log.exception("%s: unexpected error", entry.slide_id)
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def _skip_row(entry: SlideEntry, out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "patches" / f"{entry.slide_id}.h5"
+    if not coords_complete(path):
+        return None
+    with h5py.File(path, "r") as f:
+        d = f["coords"]
+        return {"slide_id": entry.slide_id, "status": OK, "reason": "already done",
+                "mpp": f"{float(d.attrs['mpp']):.5g}", "mpp_source": str(d.attrs["mpp_source"]),
+                "patch_level": int(d.attrs["patch_level"]), "n_patches": len(d), "seconds": 0.0}
+
+
+def patch_manifest(manifest: Manifest, out_dir: str | Path, params: PatchParams, *, workers: int = 1,
+                   overwrite: bool = False) -> list[dict[str, Any]]:
+    """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv."""
+    out = Path(out_dir)
+    (out / "patches").mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    todo = []
+    for entry in manifest.slides:
+        done = None if overwrite else _skip_row(entry, out)
+        if done:
+            rows[entry.slide_id] = done
+        else:
+            todo.append(entry)
+    bar = tqdm(total=len(todo), desc="patch", unit="slide", disable=None)
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(patch_slide, e, manifest.base_dir, out, params) for e in todo]
+            for e, fut in zip(todo, futures, strict=True):
+                rows[e.slide_id] = fut.result()
+                bar.update()
+    else:
+        for e in todo:
+            rows[e.slide_id] = patch_slide(e, manifest.base_dir, out, params)
+            bar.update()
+    bar.close()
+    ordered = [rows[e.slide_id] for e in manifest.slides]
+    write_status(out / "status.csv", ordered)
+    return ordered

@@ -1,0 +1,147 @@
+"""Patch grids at a target mpp, and the coords h5 files (CLAM's layout plus our attributes).
+
+Patch size and step are given in px at `target_mpp`; the grid lives in level-0 px. A patch is read at
+the best pyramid level not coarser than the target (`patch_level`, `read_size` px there) and resized
+to `patch_size`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from efcm.config import PatchParams
+from efcm.slides.tissue import TissueMask
+from efcm.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """How a patch maps onto the slide."""
+
+    patch_size: int  # px at target_mpp (what the encoder's transform receives)
+    target_mpp: float
+    mpp: float  # slide level-0 mpp
+    mpp_source: str
+    size0: int  # patch side in level-0 px
+    step0: int  # grid step in level-0 px
+    patch_level: int
+    downsample: float  # of patch_level
+    read_size: int  # patch side in px at patch_level
+    level_dim: tuple[int, int]  # (w, h) of patch_level
+    dimensions: tuple[int, int]  # level-0 (w, h)
+
+
+def geometry(level_downsamples: list[float], level_dimensions: list[tuple[int, int]], mpp: float,
+             mpp_source: str, params: PatchParams) -> PatchGeometry:
+    factor = params.target_mpp / mpp  # level-0 px per target px
+    size0 = max(1, round(params.patch_size * factor))
+    step0 = max(1, round(params.step * factor))
+    ds = np.asarray(level_downsamples)
+    ok = np.nonzero(ds <= factor * 1.01)[0]
+    level = int(ok[np.argmax(ds[ok])]) if len(ok) else 0
+    read_size = max(1, round(size0 / ds[level]))
+    return PatchGeometry(params.patch_size, params.target_mpp, mpp, mpp_source, size0, step0, level,
+                         float(ds[level]), read_size, tuple(level_dimensions[level]),
+                         tuple(level_dimensions[0]))
+
+
+def patch_coords(mask: TissueMask, geom: PatchGeometry, params: PatchParams) -> np.ndarray:
+    """Level-0 top-left (x, y) of every patch kept by the containment test and tissue fraction.
+
+    Returns:
+        (N, 2) int64, row-major order (y then x).
+    """
+    w0, h0 = geom.dimensions
+    if not mask.contours or w0 < geom.size0 or h0 < geom.size0:
+        return np.zeros((0, 2), np.int64)
+    xs = np.arange(0, w0 - geom.size0 + 1, geom.step0)
+    ys = np.arange(0, h0 - geom.size0 + 1, geom.step0)
+    gx, gy = np.meshgrid(xs, ys)
+    gx, gy = gx.ravel(), gy.ravel()
+    sx, sy = mask.scale
+    contour, holes = mask.contour_raster, mask.hole_raster
+    h, w = contour.shape
+
+    def sample(m: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        ix = np.clip((px / sx).astype(np.int64), 0, w - 1)
+        iy = np.clip((py / sy).astype(np.int64), 0, h - 1)
+        return m[iy, ix].astype(bool)
+
+    cx, cy = gx + geom.size0 / 2, gy + geom.size0 / 2
+    if params.contour_fn == "center":
+        keep = sample(contour, cx, cy)
+    else:  # CLAM's four_pt: points half-way between the centre and the corners
+        shift = geom.size0 / 4
+        pts = [sample(contour, cx + dx, cy + dy) for dx in (-shift, shift) for dy in (-shift, shift)]
+        keep = np.logical_or.reduce(pts) if params.contour_fn == "four_pt" else np.logical_and.reduce(pts)
+    keep &= ~sample(holes, cx, cy)
+    if params.min_tissue_fraction > 0 and keep.any():
+        integral = np.pad(mask.raster.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        x0 = np.clip(np.round(gx / sx).astype(np.int64), 0, w)
+        y0 = np.clip(np.round(gy / sy).astype(np.int64), 0, h)
+        x1 = np.clip(np.round((gx + geom.size0) / sx).astype(np.int64), 0, w)
+        y1 = np.clip(np.round((gy + geom.size0) / sy).astype(np.int64), 0, h)
+        area = np.maximum((x1 - x0) * (y1 - y0), 1)
+        tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        keep &= tissue / area >= params.min_tissue_fraction
+    return np.stack([gx[keep], gy[keep]], 1).astype(np.int64)
+
+
+def write_coords(path: Path, coords: np.ndarray, geom: PatchGeometry, name: str) -> None:
+    """Write the coords h5 atomically (CLAM attributes + ours)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    with h5py.File(tmp, "w") as f:
+        d = f.create_dataset("coords", data=coords.astype(np.int64))
+        d.attrs.update({
+            "patch_size": geom.patch_size, "patch_level": geom.patch_level,
+            "downsample": np.array([geom.downsample, geom.downsample]),
+            "level_dim": np.array(geom.level_dim), "name": name,
+            "mpp": geom.mpp, "mpp_source": geom.mpp_source, "read_size": geom.read_size,
+            "target_mpp": geom.target_mpp, "size0": geom.size0, "step0": geom.step0,
+        })
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class CoordsFile:
+    """A coords h5, ours or CLAM/TRIDENT's: what the extraction engine needs to read patches."""
+
+    coords: np.ndarray  # (N, 2) int64 level-0 top-left
+    patch_level: int
+    read_size: int  # px at patch_level
+    patch_size: int  # px handed to the transform
+    name: str
+
+
+def read_coords(path: str | Path) -> CoordsFile:
+    """Read a coords h5. Files without our attributes (CLAM, TRIDENT) fall back to reading
+    `patch_size` px at `patch_level`, which is what CLAM itself does."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if "coords" not in f:
+            raise ValueError(f"{path}: no 'coords' dataset (not a coords h5)")
+        d = f["coords"]
+        coords = np.asarray(d[:], dtype=np.int64).reshape(-1, 2)
+        a = dict(d.attrs)
+    if "patch_size" not in a:
+        raise ValueError(f"{path}: coords dataset lacks the 'patch_size' attribute")
+    patch_size = int(a["patch_size"])
+    level = int(a.get("patch_level", 0))
+    if "read_size" in a:
+        read_size = int(a["read_size"])
+    else:
+        log.warning("%s: no efcm attributes (a CLAM/TRIDENT file): reading %d px at level %d",
+                    path, patch_size, level)
+        read_size = patch_size
+    name = a.get("name", path.stem)
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return CoordsFile(coords, level, read_size, patch_size, name)

@@ -1,0 +1,145 @@
+"""Opening slides with OpenSlide, resolving their mpp, and reading bounded thumbnails and patches.
+
+Never reads a full-resolution level into memory: thumbnails are assembled from chunks at the best
+pyramid level, so a single-level 100k x 100k slide costs no more than its thumbnail.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+
+from efcm.storage import local_path
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 4096  # px at the read level, per read_region call when assembling a thumbnail
+
+
+class SlideError(ValueError):
+    """A slide cannot be used; `status` is the status-CSV code (`unreadable`, `no_mpp`, ...)."""
+
+    def __init__(self, message: str, status: str = "unreadable") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Mpp:
+    value: float
+    source: str  # override | openslide | tiff | objective_power | default
+
+
+def open_slide(uri: str | Path, *, base_dir: str | Path | None = None) -> openslide.OpenSlide:
+    """Open a slide by local path or gs:// URI (staged once into the local cache).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        SlideError: the file is not a slide OpenSlide can read (zero bytes, corrupt, unsupported, a folder).
+    """
+    path = local_path(str(uri), base_dir=base_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"slide not found: {uri}")
+    if path.is_dir():
+        raise SlideError(f"{uri}: is a directory, not a slide file")
+    if path.stat().st_size == 0:
+        raise SlideError(f"{uri}: empty file (0 bytes)")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError(f"{uri}: not a slide format OpenSlide can read") from None
+    except openslide.OpenSlideError as err:
+        raise SlideError(f"{uri}: corrupt or unreadable slide ({err})") from None
+
+
+def _tiff_mpp(props: dict[str, str]) -> float | None:
+    unit = props.get("tiff.ResolutionUnit", "").lower()
+    try:
+        xres = float(props["tiff.XResolution"])
+    except (KeyError, ValueError):
+        return None
+    if xres <= 0:
+        return None
+    per_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    return per_um / xres if per_um else None
+
+
+def resolve_mpp(slide: openslide.OpenSlide, *, override: float | None = None,
+                default: float | None = None, name: str = "slide") -> Mpp:
+    """Microns per pixel at level 0; first match wins, and the source is recorded.
+
+    Order: explicit override -> OpenSlide's mpp property -> TIFF resolution tags -> objective power
+    (a labelled estimate, 20x = 0.5 um/px) -> `default` -> error saying how to supply it.
+    """
+    if override is not None and override > 0:
+        return Mpp(float(override), "override")
+    props = dict(slide.properties)
+    try:
+        v = float(props[openslide.PROPERTY_NAME_MPP_X])
+        if v > 0:
+            return Mpp(v, "openslide")
+    except (KeyError, ValueError):
+        pass
+    v = _tiff_mpp(props)
+    if v:
+        return Mpp(v, "tiff")
+    try:
+        power = float(props[openslide.PROPERTY_NAME_OBJECTIVE_POWER])
+        if power > 0:
+            return Mpp(10.0 / power, "objective_power")
+    except (KeyError, ValueError):
+        pass
+    if default is not None:
+        return Mpp(float(default), "default")
+    raise SlideError(
+        f"{name}: no mpp (microns per pixel) in the slide's metadata. Supply it with an `mpp` column in "
+        "the manifest or set `patch.default_mpp` in params.yaml.",
+        status="no_mpp",
+    )
+
+
+def best_level(slide: openslide.OpenSlide, downsample: float) -> int:
+    """The level with the largest downsample not above `downsample` (never read coarser than asked)."""
+    ds = np.asarray(slide.level_downsamples)
+    ok = np.nonzero(ds <= downsample * 1.01)[0]
+    return int(ok[np.argmax(ds[ok])]) if len(ok) else 0
+
+
+def read_thumbnail(slide: openslide.OpenSlide, downsample: float, max_px: int
+                   ) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB thumbnail at about `downsample`, longest side at most `max_px`, in bounded memory.
+
+    Returns:
+        (image (h, w, 3) uint8, (sx, sy) level-0 px per thumbnail px).
+    """
+    w0, h0 = slide.dimensions
+    downsample = max(downsample, max(w0, h0) / max_px, 1.0)
+    tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+    level = best_level(slide, downsample)
+    lds = slide.level_downsamples[level]
+    lw, lh = slide.level_dimensions[level]
+    out = np.empty((th, tw, 3), np.uint8)
+    scale = (w0 / lds) / tw  # level px per thumbnail px
+    for ly in range(0, lh, _CHUNK):
+        for lx in range(0, lw, _CHUNK):
+            cw, ch = min(_CHUNK, lw - lx), min(_CHUNK, lh - ly)
+            tile = read_rgb(slide, (round(lx * lds), round(ly * lds)), level, (cw, ch))
+            x0, y0 = round(lx / scale), round(ly / scale)
+            x1, y1 = min(tw, round((lx + cw) / scale)), min(th, round((ly + ch) / scale))
+            if x1 > x0 and y1 > y0:
+                out[y0:y1, x0:x1] = cv2.resize(tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    return out, (w0 / tw, h0 / th)
+
+
+def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int,
+             size: tuple[int, int]) -> np.ndarray:
+    """read_region composited on white (transparent = outside the scanned area) -> (h, w, 3) uint8."""
+    rgba = np.asarray(slide.read_region(location, level, size))
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
