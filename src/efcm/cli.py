@@ -12,129 +12,67 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-from efcm.config import ConfigError, Params, load_params
+from efcm import stages
+from efcm.config import ConfigError
+from efcm.stages import BatchFailed
 
 log = logging.getLogger("efcm")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-class BatchFailed(RuntimeError):
-    """Every slide of a batch failed."""
-
-
 def _params(args: argparse.Namespace) -> Params:
     return load_params(args.params)
 
 
-def _check_batch(rows: list[dict[str, Any]], what: str) -> None:
-    ok = sum(r["status"] == "ok" for r in rows)
-    log.info("%s: %d/%d slides ok", what, ok, len(rows))
-    if rows and ok == 0:
-        reasons = "; ".join(f"{r['slide_id']}: {r['reason']}" for r in rows[:3])
-        raise BatchFailed(f"{what}: every slide failed ({reasons})")
-
-
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from efcm.slides.synthetic import write_demo_dataset
-
-    p = _params(args)
-    d = p.demo_data
-    path = write_demo_dataset(args.out_dir, args.slides or d.slides, seed=p.seed if args.seed is None
-                              else args.seed, size=d.size, mpp=d.mpp, levels=d.levels,
-                              level_factor=d.level_factor, slides_per_case=d.slides_per_case,
-                              tumour_fraction=d.tumour_fraction, classes=p.dataset.classes[:2])
+    path = stages.demo_data(args.out_dir, _params(args), n_slides=args.slides, seed=args.seed)
     log.info("demo dataset: %s", path)
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
-    from efcm.manifest import read_manifest
-    from efcm.slides.batch import patch_manifest
-
-    p = _params(args)
-    rows = patch_manifest(read_manifest(args.manifest, p.dataset.classes), args.out, p.patch,
-                          workers=args.workers, overwrite=args.overwrite)
-    _check_batch(rows, "patch")
+    stages.patch(
+        args.manifest, args.out, _params(args), workers=args.workers, overwrite=args.overwrite
+    )
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from efcm.features import extract_manifest
-    from efcm.manifest import read_manifest
-    from efcm.models.encoders import EncoderWithTransform, build_backbone
-
-    p = _params(args)
-    if args.encoder == "teacher":
-        backbone, sha = build_backbone(p.teacher)
-        model, spec = EncoderWithTransform(backbone, p.teacher), p.teacher
-    else:
-        from efcm.distill import load_student
-        from efcm.models.encoders import sha256_file
-
-        if not args.student:
-            raise ConfigError("extract --encoder student needs --student CHECKPOINT (from distill)")
-        student, spec = load_student(args.student)
-        model, sha = EncoderWithTransform(student, spec), sha256_file(args.student)
-    attrs = {"encoder": args.encoder, "arch": spec.arch, "weights_sha256": sha or "random-init",
-             "input_size": spec.input_size}
-    rows = extract_manifest(model, read_manifest(args.manifest, p.dataset.classes), args.patches,
-                            args.out, p.extract, attrs, overwrite=args.overwrite)
-    _check_batch(rows, "extract")
+    stages.extract(
+        args.manifest,
+        args.patches,
+        args.out,
+        _params(args),
+        encoder=args.encoder,
+        student=args.student,
+        overwrite=args.overwrite,
+    )
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    from efcm.distill import distill
-    from efcm.manifest import read_manifest
-
-    p = _params(args)
-    m = distill(read_manifest(args.manifest, p.dataset.classes), args.patches, args.teacher_features,
-                args.out, p)
-    after = m["val_after"] or {}
-    log.info("distilled student: val cosine %s", after.get("val_cosine"))
+    stages.distill(args.manifest, args.patches, args.teacher_features, args.out, _params(args))
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
-    from efcm.manifest import read_manifest
-    from efcm.mil import make_splits, save_json
-    from efcm.status import ok_slides
-
-    p = _params(args)
-    available = ok_slides(Path(args.features) / "status.csv") if args.features else None
-    splits = make_splits(read_manifest(args.manifest, p.dataset.classes), p.dataset.classes,
-                         p.train_mil.folds, p.train_mil.val_fraction, p.seed, available)
-    save_json(Path(args.out), splits)
+    stages.splits(args.manifest, args.out, _params(args), features_dir=args.features)
 
 
 def cmd_train_mil(args: argparse.Namespace) -> None:
-    from efcm.manifest import read_manifest
-    from efcm.mil import train_mil
-
-    p = _params(args)
-    splits = json.loads(Path(args.splits).read_text())
-    train_mil(read_manifest(args.manifest, p.dataset.classes), args.features, splits, args.out, p)
+    stages.train_mil(args.manifest, args.features, args.splits, args.out, _params(args))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from efcm.evaluate import evaluate, measure_efficiency
-
-    p = _params(args)
     preds = {}
     for item in args.predictions:
         name, sep, path = item.partition("=")
         if not sep or not name:
             raise ConfigError(f"--predictions takes NAME=DIR, got {item!r}")
-        preds[name] = Path(path) / "predictions.csv"
-    eff = measure_efficiency(p, args.student) if args.student else None
-    evaluate(preds, args.out, p, eff)
+        preds[name] = path
+    stages.evaluate(preds, args.out, _params(args), student=args.student)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from efcm.export import export_package
-
-    p = _params(args)
-    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-    out = export_package(args.student, args.mil, args.out, p, metrics)
+    out = stages.export(args.student, args.mil, args.out, _params(args), metrics_path=args.metrics)
     log.info("package: %s", out)
 
 
@@ -146,17 +84,26 @@ def cmd_predict(args: argparse.Namespace) -> None:
     pred = predict_slide(pkg, args.slide, mpp=args.mpp, heatmap=bool(args.heatmap))
     if args.heatmap:
         Path(args.heatmap).write_bytes(pred.heatmap_png)
-    print(json.dumps({"label": pred.label, "classes": pkg.classes,
-                      "probabilities": [round(float(x), 6) for x in pred.probabilities],
-                      "n_patches": len(pred.attention),
-                      "attention": [round(float(x), 6) for x in pred.attention],
-                      "coords": pred.coords.tolist()}))
+    print(
+        json.dumps(
+            {
+                "label": pred.label,
+                "classes": pkg.classes,
+                "probabilities": [round(float(x), 6) for x in pred.probabilities],
+                "n_patches": len(pred.attention),
+                "attention": [round(float(x), 6) for x in pred.attention],
+                "coords": pred.coords.tolist(),
+            }
+        )
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from efcm.serving.server import serve
 
-    serve(args.package, model_name=args.model_name, http_port=args.http_port, grpc_port=args.grpc_port)
+    serve(
+        args.package, model_name=args.model_name, http_port=args.http_port, grpc_port=args.grpc_port
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,15 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(fn=fn)
         if name not in ("predict", "serve"):
-            p.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
+            p.add_argument(
+                "--params", default="params.yaml", help="params file (default: ./params.yaml)"
+            )
         return p
 
-    p = add("demo-data", cmd_demo_data, "write the synthetic demo dataset (slides, masks, manifest.csv)")
+    p = add(
+        "demo-data", cmd_demo_data, "write the synthetic demo dataset (slides, masks, manifest.csv)"
+    )
     p.add_argument("out_dir")
     p.add_argument("--slides", type=int, help="number of slides (default: demo_data.slides)")
     p.add_argument("--seed", type=int, help="seed (default: params seed)")
 
-    p = add("patch", cmd_patch, "tissue segmentation + patch grid: DIR/patches/<id>.h5, DIR/qc/, status")
+    p = add(
+        "patch", cmd_patch, "tissue segmentation + patch grid: DIR/patches/<id>.h5, DIR/qc/, status"
+    )
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=1)
@@ -193,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("distill", cmd_distill, "train the student on the cached teacher features")
     p.add_argument("--manifest", required=True)
     p.add_argument("--patches", required=True)
-    p.add_argument("--teacher-features", required=True, help="output dir of `efcm extract --encoder teacher`")
+    p.add_argument(
+        "--teacher-features", required=True, help="output dir of `efcm extract --encoder teacher`"
+    )
     p.add_argument("--out", required=True, help="dir for student.pt and metrics.json")
 
     p = add("splits", cmd_splits, "patient-level stratified k-fold splits, shared by every model")
@@ -201,15 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="only slides extracted ok here (its status.csv)")
     p.add_argument("--out", required=True, help="splits JSON")
 
-    p = add("train-mil", cmd_train_mil, "train CLAM per fold on a features dir; out-of-fold predictions")
+    p = add(
+        "train-mil", cmd_train_mil, "train CLAM per fold on a features dir; out-of-fold predictions"
+    )
     p.add_argument("--manifest", required=True)
     p.add_argument("--features", required=True)
     p.add_argument("--splits", required=True)
     p.add_argument("--out", required=True)
 
     p = add("evaluate", cmd_evaluate, "teacher vs student metrics with CIs, ROC points, efficiency")
-    p.add_argument("--predictions", action="append", required=True, metavar="NAME=DIR",
-                   help="a train-mil output dir, named (repeat: teacher=..., student=...)")
+    p.add_argument(
+        "--predictions",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a train-mil output dir, named (repeat: teacher=..., student=...)",
+    )
     p.add_argument("--student", help="student checkpoint: also measure teacher vs student cost")
     p.add_argument("--out", required=True)
 
@@ -236,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         args.fn(args)
     except ConfigError as err:

@@ -49,9 +49,15 @@ class DemoDataParams(_Section):
 class TissueParams(_Section):
     """CLAM-equivalent tissue segmentation on a thumbnail (see efcm.slides.tissue)."""
 
-    seg_downsample: float = Field(16.0, ge=1, description="wanted thumbnail downsample (level-0 px per px)")
-    max_thumbnail_px: int = Field(4096, ge=256, description="longest thumbnail side, whatever the slide")
-    sthresh: int = Field(8, ge=0, le=255, description="saturation threshold (ignored with use_otsu)")
+    seg_downsample: float = Field(
+        16.0, ge=1, description="wanted thumbnail downsample (level-0 px per px)"
+    )
+    max_thumbnail_px: int = Field(
+        4096, ge=256, description="longest thumbnail side, whatever the slide"
+    )
+    sthresh: int = Field(
+        8, ge=0, le=255, description="saturation threshold (ignored with use_otsu)"
+    )
     mthresh: int = Field(7, ge=1, description="median blur kernel (odd)")
     use_otsu: bool = False
     close: int = Field(4, ge=0, description="morphological closing kernel, px of the thumbnail")
@@ -84,7 +90,9 @@ class EncoderParams(_Section):
     arch: str
     weights: str | None = None
     input_size: int = Field(224, ge=16)
-    resize: int | None = Field(None, ge=16, description="resize the read patch to this before the crop")
+    resize: int | None = Field(
+        None, ge=16, description="resize the read patch to this before the crop"
+    )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -103,7 +111,9 @@ class DistillParams(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     loss: Literal["mse", "l1", "cosine", "mse_cosine"] = "mse_cosine"
-    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of slides held out for validation")
+    val_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of slides held out for validation"
+    )
     num_workers: int = Field(0, ge=0)
 
 
@@ -120,7 +130,9 @@ class TrainMilParams(_Section):
     dropout: float = Field(0.25, ge=0, lt=1)
     bag_weight: float = Field(0.7, ge=0, le=1)
     k_sample: int = Field(8, ge=1)
-    val_fraction: float = Field(0.25, gt=0, lt=1, description="share of training cases used for early stopping")
+    val_fraction: float = Field(
+        0.25, gt=0, lt=1, description="share of training cases used for early stopping"
+    )
 
 
 class EvaluateParams(_Section):

@@ -58,15 +58,18 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.T
     return F.mse_loss(pred, target) + cos  # mse_cosine
 
 
-def _pairs(manifest: Manifest, slide_ids: list[str], patches_dir: Path, teacher_dir: Path
-           ) -> PairDataset:
+def _pairs(
+    manifest: Manifest, slide_ids: list[str], patches_dir: Path, teacher_dir: Path
+) -> PairDataset:
     by_id = {s.slide_id: s for s in manifest.slides}
     slides, targets = [], []
     for sid in slide_ids:
         feats, coords = read_features(teacher_dir / "features" / f"{sid}.h5")
         cf = read_coords(patches_dir / "patches" / f"{sid}.h5")
         if len(cf.coords) != len(feats) or not np.array_equal(cf.coords, coords):
-            raise ValueError(f"{sid}: teacher features do not match its coords file (re-run extract)")
+            raise ValueError(
+                f"{sid}: teacher features do not match its coords file (re-run extract)"
+            )
         slides.append(SlidePatches(by_id[sid].uri, cf, manifest.base_dir))
         targets.append(feats)
     return PairDataset(slides, targets)
@@ -94,7 +97,9 @@ def validate(model: EncoderWithTransform, loader: DataLoader) -> dict[str, float
     return {"cosine": cos / n, "centered_cosine": ccos / n, "mse": mse / n, "n_patches": n}
 
 
-def split_slides(slide_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def split_slides(
+    slide_ids: list[str], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
     ids = sorted(slide_ids)
     rng = np.random.default_rng(seed)
     rng.shuffle(ids)
@@ -104,15 +109,25 @@ def split_slides(slide_ids: list[str], val_fraction: float, seed: int) -> tuple[
     return ids[n_val:], ids[:n_val]
 
 
-def distill(manifest: Manifest, patches_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path,
-            params: Params, *, device: str | None = None) -> dict[str, Any]:
+def distill(
+    manifest: Manifest,
+    patches_dir: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Train the student (VFD) on cached teacher features; writes out_dir/student.pt and metrics.json."""
     cfg: DistillParams = params.distill
     patches_dir, teacher_dir, out = Path(patches_dir), Path(teacher_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)
-    available = [s.slide_id for s in manifest.slides
-                 if (teacher_dir / "features" / f"{s.slide_id}.h5").is_file()]
+    available = [
+        s.slide_id
+        for s in manifest.slides
+        if (teacher_dir / "features" / f"{s.slide_id}.h5").is_file()
+    ]
     if not available:
         raise ValueError(f"no teacher features in {teacher_dir / 'features'}: run extract first")
     train_ids, val_ids = split_slides(available, cfg.val_fraction, params.seed)
@@ -124,15 +139,26 @@ def distill(manifest: Manifest, patches_dir: str | Path, teacher_dir: str | Path
     student.set_target_stats(all_targets.mean(0), all_targets.std(0))
     model = EncoderWithTransform(student, params.student).to(dev)
     g = torch.Generator().manual_seed(params.seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                        num_workers=cfg.num_workers, drop_last=len(train) > cfg.batch_size)
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=g,
+        num_workers=cfg.num_workers,
+        drop_last=len(train) > cfg.batch_size,
+    )
     val_loader = None
     if val_ids:
-        val_loader = DataLoader(_pairs(manifest, val_ids, patches_dir, teacher_dir),
-                                batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        val_loader = DataLoader(
+            _pairs(manifest, val_ids, patches_dir, teacher_dir),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+        )
     opt = torch.optim.AdamW(model.encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = max(1, cfg.epochs * len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1
+    )
     history: list[dict[str, Any]] = []
     before = validate(model, val_loader) if val_loader else None
     if before:
@@ -140,9 +166,13 @@ def distill(manifest: Manifest, patches_dir: str | Path, teacher_dir: str | Path
     for epoch in range(cfg.epochs):
         model.train()
         total, n = 0.0, 0
-        for x, y in tqdm(loader, desc=f"distill {epoch + 1}/{cfg.epochs}", disable=None, leave=False):
+        for x, y in tqdm(
+            loader, desc=f"distill {epoch + 1}/{cfg.epochs}", disable=None, leave=False
+        ):
             pred = student.standardised(model.transform(x.to(dev)))
-            loss = distill_loss(pred, (y.to(dev) - student.target_mean) / student.target_std, cfg.loss)
+            loss = distill_loss(
+                pred, (y.to(dev) - student.target_mean) / student.target_std, cfg.loss
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -151,21 +181,36 @@ def distill(manifest: Manifest, patches_dir: str | Path, teacher_dir: str | Path
             n += len(x)
         rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(n, 1)}
         if val_loader:
-            rec.update({f"val_{k}": v for k, v in validate(model, val_loader).items() if k != "n_patches"})
+            rec.update(
+                {f"val_{k}": v for k, v in validate(model, val_loader).items() if k != "n_patches"}
+            )
         history.append(rec)
         log.info("distill epoch %d: %s", epoch + 1, rec)
     save_student(out / "student.pt", model.encoder, params.student)
-    metrics = {"method": cfg.method, "teacher_dim": teacher_dim, "train_slides": train_ids,
-               "val_slides": val_ids, "history": history,
-               "val_before": before, "val_after": history[-1] if history else None}
+    metrics = {
+        "method": cfg.method,
+        "teacher_dim": teacher_dim,
+        "train_slides": train_ids,
+        "val_slides": val_ids,
+        "history": history,
+        "val_before": before,
+        "val_after": history[-1] if history else None,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 def save_student(path: Path, student: Student, spec: EncoderParams) -> None:
     tmp = atomic_path(path)
-    torch.save({"format": "efcm.student/1", "spec": spec.model_dump(mode="json"),
-                "out_dim": student.out_dim, "state_dict": student.state_dict()}, tmp)
+    torch.save(
+        {
+            "format": "efcm.student/1",
+            "spec": spec.model_dump(mode="json"),
+            "out_dim": student.out_dim,
+            "state_dict": student.state_dict(),
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 

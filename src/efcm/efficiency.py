@@ -26,12 +26,14 @@ def gflops_per_patch(model: nn.Module, input_size: int) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def throughput(model: nn.Module, input_size: int, batch_size: int, *, min_seconds: float = 1.0,
-               warmup: int = 1) -> float:
+def throughput(
+    model: nn.Module, input_size: int, batch_size: int, *, min_seconds: float = 1.0, warmup: int = 1
+) -> float:
     """Model-only patches/s on in-memory tensors (autocast on CUDA)."""
     device = next(model.parameters()).device
     x = torch.randn(batch_size, 3, input_size, input_size, device=device).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     amp = device.type == "cuda"
     with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
         for _ in range(warmup):
@@ -47,26 +49,44 @@ def throughput(model: nn.Module, input_size: int, batch_size: int, *, min_second
         return n / (time.perf_counter() - t0)
 
 
-def profile(model: nn.Module, input_size: int, batch_size: int, *, min_seconds: float = 1.0
-            ) -> dict[str, Any]:
+def profile(
+    model: nn.Module, input_size: int, batch_size: int, *, min_seconds: float = 1.0
+) -> dict[str, Any]:
     model.eval()
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    out = {"params": count_params(model), "gflops_per_patch": round(gflops_per_patch(model, input_size), 4),
-           "patches_per_s": round(throughput(model, input_size, batch_size, min_seconds=min_seconds), 2),
-           "input_size": input_size, "batch_size": batch_size, "device": str(device)}
+    out = {
+        "params": count_params(model),
+        "gflops_per_patch": round(gflops_per_patch(model, input_size), 4),
+        "patches_per_s": round(
+            throughput(model, input_size, batch_size, min_seconds=min_seconds), 2
+        ),
+        "input_size": input_size,
+        "batch_size": batch_size,
+        "device": str(device),
+    }
     if device.type == "cuda":
         out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
 
 
-def compare(teacher: nn.Module, teacher_size: int, student: nn.Module, student_size: int,
-            batch_size: int, *, min_seconds: float = 1.0) -> dict[str, Any]:
+def compare(
+    teacher: nn.Module,
+    teacher_size: int,
+    student: nn.Module,
+    student_size: int,
+    batch_size: int,
+    *,
+    min_seconds: float = 1.0,
+) -> dict[str, Any]:
     """Teacher and student profiles plus the student/teacher ratios, measured in one run."""
     t = profile(teacher, teacher_size, batch_size, min_seconds=min_seconds)
     s = profile(student, student_size, batch_size, min_seconds=min_seconds)
-    return {"teacher": t, "student": s,
-            "student_teacher_speedup": round(s["patches_per_s"] / t["patches_per_s"], 3),
-            "param_ratio": round(t["params"] / s["params"], 3),
-            "flop_ratio": round(t["gflops_per_patch"] / max(s["gflops_per_patch"], 1e-12), 3)}
+    return {
+        "teacher": t,
+        "student": s,
+        "student_teacher_speedup": round(s["patches_per_s"] / t["patches_per_s"], 3),
+        "param_ratio": round(t["params"] / s["params"], 3),
+        "flop_ratio": round(t["gflops_per_patch"] / max(s["gflops_per_patch"], 1e-12), 3),
+    }

@@ -27,12 +27,18 @@ def _check_same_slides(preds: dict[str, tuple[np.ndarray, np.ndarray, list[str]]
     ref_name, (_, _, ref) = next(iter(preds.items()))
     for name, (_, _, ids) in preds.items():
         if sorted(ids) != sorted(ref):
-            raise ValueError(f"models {ref_name!r} and {name!r} were tested on different slides: "
-                             "train them on the same splits")
+            raise ValueError(
+                f"models {ref_name!r} and {name!r} were tested on different slides: "
+                "train them on the same splits"
+            )
 
 
-def evaluate(predictions: dict[str, str | Path], out_dir: str | Path, params: Params,
-             efficiency: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate(
+    predictions: dict[str, str | Path],
+    out_dir: str | Path,
+    params: Params,
+    efficiency: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Compare models given as {name: predictions.csv}; returns the metrics written to metrics.json."""
     classes = tuple(params.dataset.classes)
     out = Path(out_dir)
@@ -41,12 +47,21 @@ def evaluate(predictions: dict[str, str | Path], out_dir: str | Path, params: Pa
     _check_same_slides(preds)
     metrics: dict[str, Any] = {}
     for name, (probs, labels, _) in preds.items():
-        m = classification_metrics(probs, labels, len(classes), n_bootstrap=params.evaluate.bootstrap,
-                                   ci=params.evaluate.ci, seed=params.seed)
+        m = classification_metrics(
+            probs,
+            labels,
+            len(classes),
+            n_bootstrap=params.evaluate.bootstrap,
+            ci=params.evaluate.ci,
+            seed=params.seed,
+        )
         if efficiency and name in efficiency:
             e = efficiency[name]
-            m.update(params=e["params"], gflops_per_patch=e["gflops_per_patch"],
-                     patches_per_s=e["patches_per_s"])
+            m.update(
+                params=e["params"],
+                gflops_per_patch=e["gflops_per_patch"],
+                patches_per_s=e["patches_per_s"],
+            )
         metrics[name] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
         roc = out / "roc" / f"{name}.csv"
         tmp = atomic_path(roc)
@@ -56,8 +71,11 @@ def evaluate(predictions: dict[str, str | Path], out_dir: str | Path, params: Pa
             w.writerows(roc_points(probs, labels, positive=len(classes) - 1))
         tmp.replace(roc)
     if efficiency:
-        metrics["efficiency"] = {k: efficiency[k] for k in ("student_teacher_speedup", "param_ratio",
-                                                             "flop_ratio") if k in efficiency}
+        metrics["efficiency"] = {
+            k: efficiency[k]
+            for k in ("student_teacher_speedup", "param_ratio", "flop_ratio")
+            if k in efficiency
+        }
     save_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(report(metrics, params))
     return metrics
@@ -71,22 +89,33 @@ def report(metrics: dict[str, Any], params: Params) -> str:
     for name, m in metrics.items():
         if name == "efficiency":
             continue
-        cells = [name, str(m["n"]), f"{m.get('params', float('nan')):,}" if "params" in m else "-",
-                 f"{m['gflops_per_patch']:.3f}" if "gflops_per_patch" in m else "-",
-                 f"{m['patches_per_s']:.1f}" if "patches_per_s" in m else "-"]
+        cells = [
+            name,
+            str(m["n"]),
+            f"{m.get('params', float('nan')):,}" if "params" in m else "-",
+            f"{m['gflops_per_patch']:.3f}" if "gflops_per_patch" in m else "-",
+            f"{m['patches_per_s']:.1f}" if "patches_per_s" in m else "-",
+        ]
         cells += [f"{m[k]:.3f} [{m[k + '_ci_low']:.3f}, {m[k + '_ci_high']:.3f}]" for k in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     eff = metrics.get("efficiency")
     if eff:
-        lines += ["", f"Student vs teacher: {eff['student_teacher_speedup']}x patches/s, "
-                      f"{eff['param_ratio']}x fewer parameters, {eff['flop_ratio']}x fewer FLOPs "
-                      "(measured in this run, on this machine)."]
-    return "# EFCM evaluation\n\nOut-of-fold slide-level metrics (same folds for every model).\n\n" + \
-        "\n".join(lines) + "\n"
+        lines += [
+            "",
+            f"Student vs teacher: {eff['student_teacher_speedup']}x patches/s, "
+            f"{eff['param_ratio']}x fewer parameters, {eff['flop_ratio']}x fewer FLOPs "
+            "(measured in this run, on this machine).",
+        ]
+    return (
+        "# EFCM evaluation\n\nOut-of-fold slide-level metrics (same folds for every model).\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
-def measure_efficiency(params: Params, student_ckpt: str | Path, batch_size: int = 16,
-                       min_seconds: float = 1.0) -> dict[str, Any]:
+def measure_efficiency(
+    params: Params, student_ckpt: str | Path, batch_size: int = 16, min_seconds: float = 1.0
+) -> dict[str, Any]:
     """Teacher vs the distilled student, in one run on this machine's default device."""
     import torch
 
@@ -96,5 +125,11 @@ def measure_efficiency(params: Params, student_ckpt: str | Path, batch_size: int
     teacher, _ = build_backbone(params.teacher, warn_random=False)
     student, spec = load_student(student_ckpt)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return compare(teacher.to(dev), params.teacher.input_size, student.to(dev), spec.input_size,
-                   batch_size, min_seconds=min_seconds)
+    return compare(
+        teacher.to(dev),
+        params.teacher.input_size,
+        student.to(dev),
+        spec.input_size,
+        batch_size,
+        min_seconds=min_seconds,
+    )

@@ -52,8 +52,13 @@ class Package:
         return int(self.meta["feature_dim"])
 
 
-def export_package(student_ckpt: str | Path, mil_dir: str | Path, out_dir: str | Path, params: Params,
-                   metrics: dict[str, Any] | None = None) -> Path:
+def export_package(
+    student_ckpt: str | Path,
+    mil_dir: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
     """Assemble the package from the distilled student and the student's CLAM (the fold with the lowest
     validation loss; the reported metrics are the out-of-fold estimates of all folds)."""
     mil_dir, out = Path(mil_dir), Path(out_dir)
@@ -62,8 +67,10 @@ def export_package(student_ckpt: str | Path, mil_dir: str | Path, out_dir: str |
     student, spec = load_student(student_ckpt)
     clam = load_clam(mil_dir / f"fold_{fold}.pt")
     if clam.in_dim != student.out_dim:
-        raise PackageError(f"CLAM expects {clam.in_dim}-d features but the student outputs "
-                           f"{student.out_dim}-d: train-mil was run on other features")
+        raise PackageError(
+            f"CLAM expects {clam.in_dim}-d features but the student outputs "
+            f"{student.out_dim}-d: train-mil was run on other features"
+        )
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -82,7 +89,11 @@ def export_package(student_ckpt: str | Path, mil_dir: str | Path, out_dir: str |
         "clam": clam.config(),
         "clam_fold": fold,
         "metrics": metrics or {},
-        "versions": {"efcm": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {
+            "efcm": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "sha256": {f: sha256_file(tmp / f) for f in FILES},
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=2))
@@ -100,7 +111,9 @@ def load_package(path: str | Path, *, verify: bool = True) -> Package:
         raise PackageError(f"{path}: not a model package (no model.json)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
-        raise PackageError(f"{path}: unknown package format {meta.get('format')!r}, expected {FORMAT}")
+        raise PackageError(
+            f"{path}: unknown package format {meta.get('format')!r}, expected {FORMAT}"
+        )
     for f in FILES:
         if not (path / f).is_file():
             raise PackageError(f"{path}: missing {f}")

@@ -48,8 +48,9 @@ def device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def embed_batches(model: nn.Module, batches, *, total: int | None = None, desc: str = "extract"
-                  ) -> np.ndarray:
+def embed_batches(
+    model: nn.Module, batches, *, total: int | None = None, desc: str = "extract"
+) -> np.ndarray:
     """Run `model` (uint8 patches in, features out) over an iterable of uint8 batches.
 
     Returns:
@@ -71,10 +72,17 @@ def embed_batches(model: nn.Module, batches, *, total: int | None = None, desc: 
 
 def extract_slide(model: nn.Module, patches: SlidePatches, params: ExtractParams) -> np.ndarray:
     """Features of every patch of one slide, (N, D) float32."""
-    sampler = BatchSampler(SequentialSampler(range(len(patches))), params.batch_size, drop_last=False)
-    loader = DataLoader(_BatchDataset(patches), sampler=sampler, batch_size=None,
-                        num_workers=params.num_workers, pin_memory=device_of(model).type == "cuda",
-                        persistent_workers=False)
+    sampler = BatchSampler(
+        SequentialSampler(range(len(patches))), params.batch_size, drop_last=False
+    )
+    loader = DataLoader(
+        _BatchDataset(patches),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=params.num_workers,
+        pin_memory=device_of(model).type == "cuda",
+        persistent_workers=False,
+    )
     return embed_batches(model, loader, total=len(patches), desc=patches.coords.name)
 
 
@@ -86,8 +94,9 @@ def features_complete(path: Path) -> bool:
         return False
 
 
-def write_features(path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict[str, Any],
-                   float16: bool = False) -> None:
+def write_features(
+    path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict[str, Any], float16: bool = False
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     with h5py.File(tmp, "w") as f:
@@ -105,9 +114,16 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(f["features"][:], np.float32), np.asarray(f["coords"][:], np.int64)
 
 
-def extract_manifest(model: nn.Module, manifest: Manifest, patches_dir: str | Path,
-                     out_dir: str | Path, params: ExtractParams, attrs: dict[str, Any],
-                     *, overwrite: bool = False) -> list[dict[str, Any]]:
+def extract_manifest(
+    model: nn.Module,
+    manifest: Manifest,
+    patches_dir: str | Path,
+    out_dir: str | Path,
+    params: ExtractParams,
+    attrs: dict[str, Any],
+    *,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
     """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5.
 
     `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights hash...) go
@@ -120,9 +136,16 @@ def extract_manifest(model: nn.Module, manifest: Manifest, patches_dir: str | Pa
         t0 = time.perf_counter()
         coords_path = patches_dir / "patches" / f"{entry.slide_id}.h5"
         dest = out / "features" / f"{entry.slide_id}.h5"
-        row: dict[str, Any] = {"slide_id": entry.slide_id, "status": OK, "reason": "", "n_patches": 0}
+        row: dict[str, Any] = {
+            "slide_id": entry.slide_id,
+            "status": OK,
+            "reason": "",
+            "n_patches": 0,
+        }
         if not coords_path.is_file():
-            row.update(status="no_patches", reason=f"no coords file {coords_path.name} (see patch status)")
+            row.update(
+                status="no_patches", reason=f"no coords file {coords_path.name} (see patch status)"
+            )
             rows.append(row)
             continue
         if not overwrite and features_complete(dest):
@@ -135,9 +158,13 @@ def extract_manifest(model: nn.Module, manifest: Manifest, patches_dir: str | Pa
             sp = SlidePatches(entry.uri, coords, manifest.base_dir)
             feats = extract_slide(model, sp, params)
             sp.close()
-            write_features(dest, feats, coords.coords,
-                           {**attrs, "coords_file": str(coords_path.name), "slide_id": entry.slide_id},
-                           params.float16)
+            write_features(
+                dest,
+                feats,
+                coords.coords,
+                {**attrs, "coords_file": str(coords_path.name), "slide_id": entry.slide_id},
+                params.float16,
+            )
             row["n_patches"] = len(feats)
         except (ValueError, FileNotFoundError, OSError) as err:
             row.update(status="unreadable", reason=str(err))

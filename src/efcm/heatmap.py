@@ -23,8 +23,14 @@ def percentile_ranks(scores: np.ndarray) -> np.ndarray:
     return (sums / counts)[inv] / (len(scores) - 1)
 
 
-def overlay(thumbnail: np.ndarray, scale: tuple[float, float], coords: np.ndarray, size0: int,
-            scores: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    thumbnail: np.ndarray,
+    scale: tuple[float, float],
+    coords: np.ndarray,
+    size0: int,
+    scores: np.ndarray,
+    alpha: float = 0.5,
+) -> np.ndarray:
     """RGB (h, w, 3) uint8: the thumbnail with each patch tinted by its attention rank (jet colormap).
 
     Args:

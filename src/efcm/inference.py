@@ -49,12 +49,19 @@ def predict_features(pkg: Package, features: np.ndarray) -> Prediction:
     with torch.inference_mode():
         out = pkg.clam(torch.from_numpy(feats))
     probs = out["probs"][0].numpy().astype(np.float32)
-    return Prediction(probs, out["attention"].numpy().astype(np.float32),
-                      pkg.classes[int(probs.argmax())])
+    return Prediction(
+        probs, out["attention"].numpy().astype(np.float32), pkg.classes[int(probs.argmax())]
+    )
 
 
-def predict_slide(pkg: Package, uri: str | Path, *, mpp: float | None = None, batch_size: int = 64,
-                  heatmap: bool = False) -> Prediction:
+def predict_slide(
+    pkg: Package,
+    uri: str | Path,
+    *,
+    mpp: float | None = None,
+    batch_size: int = 64,
+    heatmap: bool = False,
+) -> Prediction:
     """Patch the slide with the packaged settings, embed every patch with the student, run CLAM."""
     params = PatchParams.model_validate(pkg.meta["patch"])
     with open_slide(str(uri)) as slide:
@@ -62,15 +69,19 @@ def predict_slide(pkg: Package, uri: str | Path, *, mpp: float | None = None, ba
     if len(plan.coords) == 0:
         raise SlideError(f"{uri}: no tissue found", status="no_tissue")
     g = plan.geometry
-    patches = SlidePatches(str(uri), CoordsFile(plan.coords, g.patch_level, g.read_size, g.patch_size,
-                                                str(uri)))
-    batches = (torch.from_numpy(patches.read_batch(range(i, min(i + batch_size, len(patches)))))
-               for i in range(0, len(patches), batch_size))
+    patches = SlidePatches(
+        str(uri), CoordsFile(plan.coords, g.patch_level, g.read_size, g.patch_size, str(uri))
+    )
+    batches = (
+        torch.from_numpy(patches.read_batch(range(i, min(i + batch_size, len(patches)))))
+        for i in range(0, len(patches), batch_size)
+    )
     feats = embed_batches(pkg.encoder, batches, total=len(patches), desc="predict")
     patches.close()
     pred = predict_features(pkg, feats)
     pred.coords = plan.coords
     if heatmap:
-        pred.heatmap_png = encode_png(overlay(plan.thumbnail, plan.mask.scale, plan.coords, g.size0,
-                                              pred.attention))
+        pred.heatmap_png = encode_png(
+            overlay(plan.thumbnail, plan.mask.scale, plan.coords, g.size0, pred.attention)
+        )
     return pred

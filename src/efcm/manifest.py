@@ -53,13 +53,17 @@ def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> M
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)} (+ optional mpp)")
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; need {list(REQUIRED)} (+ optional mpp)"
+            )
         rows = list(reader)
     slides, seen = [], set()
     for i, row in enumerate(rows, start=2):
         sid = (row["slide_id"] or "").strip()
         if not _ID.match(sid):
-            raise ValueError(f"{path}:{i}: slide_id {sid!r} must be letters, digits, '.', '_' or '-'")
+            raise ValueError(
+                f"{path}:{i}: slide_id {sid!r} must be letters, digits, '.', '_' or '-'"
+            )
         if sid in seen:
             raise ValueError(f"{path}:{i}: duplicate slide_id {sid!r}")
         seen.add(sid)

@@ -38,13 +38,22 @@ def _point(probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[st
     return out
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int, *,
-                           n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def classification_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    *,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Point estimates and bootstrap CIs: keys `auc`, `auc_ci_low`, `auc_ci_high`, ... plus `n`."""
     p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
     if p.ndim != 2 or p.shape[1] != n_classes or len(p) != len(y):
-        raise ValueError(f"probs must be [N, {n_classes}] with N = len(labels); got {list(p.shape)}, "
-                         f"{len(y)} labels")
+        raise ValueError(
+            f"probs must be [N, {n_classes}] with N = len(labels); got {list(p.shape)}, "
+            f"{len(y)} labels"
+        )
     out: dict[str, Any] = dict(_point(p, y, n_classes))
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {m: [] for m in METRICS}
@@ -64,7 +73,11 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int
 
 def roc_points(probs: np.ndarray, labels: np.ndarray, positive: int = 1) -> list[dict[str, float]]:
     """ROC curve of class `positive` vs the rest: [{fpr, tpr, threshold}, ...]."""
-    fpr, tpr, thr = binary_roc(torch.as_tensor(probs[:, positive], dtype=torch.float32),
-                               torch.as_tensor(labels == positive, dtype=torch.long))
-    return [{"fpr": round(float(a), 6), "tpr": round(float(b), 6), "threshold": round(float(c), 6)}
-            for a, b, c in zip(fpr, tpr, thr, strict=True)]
+    fpr, tpr, thr = binary_roc(
+        torch.as_tensor(probs[:, positive], dtype=torch.float32),
+        torch.as_tensor(labels == positive, dtype=torch.long),
+    )
+    return [
+        {"fpr": round(float(a), 6), "tpr": round(float(b), 6), "threshold": round(float(c), 6)}
+        for a, b, c in zip(fpr, tpr, thr, strict=True)
+    ]

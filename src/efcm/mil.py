@@ -30,8 +30,14 @@ from efcm.storage import atomic_path
 log = logging.getLogger(__name__)
 
 
-def make_splits(manifest: Manifest, classes: tuple[str, ...], folds: int, val_fraction: float,
-                seed: int, available: set[str] | None = None) -> dict[str, Any]:
+def make_splits(
+    manifest: Manifest,
+    classes: tuple[str, ...],
+    folds: int,
+    val_fraction: float,
+    seed: int,
+    available: set[str] | None = None,
+) -> dict[str, Any]:
     """Patient-level stratified k-fold: cases are dealt to folds per class; in each fold, a share of
     the remaining cases (at least one per class where possible) is held out for early stopping."""
     slides = [s for s in manifest.slides if available is None or s.slide_id in available]
@@ -40,13 +46,17 @@ def make_splits(manifest: Manifest, classes: tuple[str, ...], folds: int, val_fr
     for s in slides:
         by_case[s.case_id].append(s.slide_id)
         if case_label.setdefault(s.case_id, s.label) != s.label:
-            raise ValueError(f"case {s.case_id} has slides with different labels "
-                             f"({case_label[s.case_id]!r}, {s.label!r}): cannot split by patient")
+            raise ValueError(
+                f"case {s.case_id} has slides with different labels "
+                f"({case_label[s.case_id]!r}, {s.label!r}): cannot split by patient"
+            )
     rng = np.random.default_rng(seed)
     per_class = {c: sorted(k for k, v in case_label.items() if v == c) for c in classes}
     for c, cases in per_class.items():
         if len(cases) < folds:
-            raise ValueError(f"class {c!r} has {len(cases)} case(s); {folds} folds need at least {folds}")
+            raise ValueError(
+                f"class {c!r} has {len(cases)} case(s); {folds} folds need at least {folds}"
+            )
     fold_cases: list[list[str]] = [[] for _ in range(folds)]
     offset = 0
     for c in classes:
@@ -93,20 +103,36 @@ def load_bags(features_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tenso
 
 
 def build_clam(in_dim: int, n_classes: int, cfg: TrainMilParams) -> CLAMSB:
-    return CLAMSB(in_dim, n_classes, hidden=cfg.hidden, attn_dim=cfg.attn_dim, dropout=cfg.dropout,
-                  k_sample=cfg.k_sample)
+    return CLAMSB(
+        in_dim,
+        n_classes,
+        hidden=cfg.hidden,
+        attn_dim=cfg.attn_dim,
+        dropout=cfg.dropout,
+        k_sample=cfg.k_sample,
+    )
 
 
-def _epoch_loss(model: CLAMSB, bags: dict[str, torch.Tensor], labels: dict[str, int],
-                ids: list[str]) -> float:
+def _epoch_loss(
+    model: CLAMSB, bags: dict[str, torch.Tensor], labels: dict[str, int], ids: list[str]
+) -> float:
     model.eval()
     with torch.no_grad():
-        losses = [F.cross_entropy(model(bags[s])["logits"], torch.tensor([labels[s]])).item() for s in ids]
+        losses = [
+            F.cross_entropy(model(bags[s])["logits"], torch.tensor([labels[s]])).item() for s in ids
+        ]
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def train_fold(bags: dict[str, torch.Tensor], labels: dict[str, int], train: list[str], val: list[str],
-               n_classes: int, cfg: TrainMilParams, seed: int) -> tuple[CLAMSB, dict[str, Any]]:
+def train_fold(
+    bags: dict[str, torch.Tensor],
+    labels: dict[str, int],
+    train: list[str],
+    val: list[str],
+    n_classes: int,
+    cfg: TrainMilParams,
+    seed: int,
+) -> tuple[CLAMSB, dict[str, Any]]:
     """Train one CLAM; returns the best (lowest validation loss) model and its history."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -131,7 +157,9 @@ def train_fold(bags: dict[str, torch.Tensor], labels: dict[str, int], train: lis
             opt.step()
             total += loss.item()
         val_loss = _epoch_loss(model, bags, labels, val) if val else total / max(len(train), 1)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(len(train), 1), "val_loss": val_loss})
+        history.append(
+            {"epoch": epoch + 1, "train_loss": total / max(len(train), 1), "val_loss": val_loss}
+        )
         if val_loss < best_loss:
             best_loss, best_epoch, bad = val_loss, epoch + 1, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -146,8 +174,15 @@ def train_fold(bags: dict[str, torch.Tensor], labels: dict[str, int], train: lis
 
 def save_clam(path: Path, model: CLAMSB, extra: dict[str, Any] | None = None) -> None:
     tmp = atomic_path(path)
-    torch.save({"format": "efcm.clam/1", "config": model.config(), "state_dict": model.state_dict(),
-                **(extra or {})}, tmp)
+    torch.save(
+        {
+            "format": "efcm.clam/1",
+            "config": model.config(),
+            "state_dict": model.state_dict(),
+            **(extra or {}),
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
@@ -156,19 +191,32 @@ def load_clam(path: str | Path) -> CLAMSB:
     if not isinstance(ckpt, dict) or ckpt.get("format") != "efcm.clam/1":
         raise ValueError(f"{path}: not an efcm CLAM checkpoint")
     c = ckpt["config"]
-    model = CLAMSB(int(c["in_dim"]), int(c["n_classes"]), hidden=int(c["hidden"]),
-                   attn_dim=int(c["attn_dim"]), dropout=float(c["dropout"]), k_sample=int(c["k_sample"]))
+    model = CLAMSB(
+        int(c["in_dim"]),
+        int(c["n_classes"]),
+        hidden=int(c["hidden"]),
+        attn_dim=int(c["attn_dim"]),
+        dropout=float(c["dropout"]),
+        k_sample=int(c["k_sample"]),
+    )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
 
 
-def train_mil(manifest: Manifest, features_dir: str | Path, splits: dict[str, Any], out_dir: str | Path,
-              params: Params) -> dict[str, Any]:
+def train_mil(
+    manifest: Manifest,
+    features_dir: str | Path,
+    splits: dict[str, Any],
+    out_dir: str | Path,
+    params: Params,
+) -> dict[str, Any]:
     """Train one CLAM per fold; writes fold_<k>.pt, predictions.csv (out-of-fold) and summary.json."""
     cfg = params.train_mil
     classes = tuple(params.dataset.classes)
     if tuple(splits["classes"]) != classes:
-        raise ValueError(f"splits were made for classes {splits['classes']}, params say {list(classes)}")
+        raise ValueError(
+            f"splits were made for classes {splits['classes']}, params say {list(classes)}"
+        )
     features_dir, out = Path(features_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = manifest.labels(classes)
@@ -176,16 +224,25 @@ def train_mil(manifest: Manifest, features_dir: str | Path, splits: dict[str, An
     bags = load_bags(features_dir, needed)
     rows, folds = [], []
     for k, fold in enumerate(tqdm(splits["folds"], desc="train-mil", unit="fold", disable=None)):
-        model, info = train_fold(bags, labels, fold["train"], fold["val"], len(classes), cfg,
-                                 params.seed + k)
+        model, info = train_fold(
+            bags, labels, fold["train"], fold["val"], len(classes), cfg, params.seed + k
+        )
         save_clam(out / f"fold_{k}.pt", model, {"fold": k, "classes": list(classes)})
         with torch.no_grad():
             for s in fold["test"]:
                 probs = model(bags[s])["probs"][0].numpy()
-                rows.append({"slide_id": s, "fold": k, "label": labels[s],
-                             **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)}})
+                rows.append(
+                    {
+                        "slide_id": s,
+                        "fold": k,
+                        "label": labels[s],
+                        **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
+                    }
+                )
         folds.append({"fold": k, **info})
-        log.info("fold %d: best epoch %d, val loss %.4f", k, info["best_epoch"], info["best_val_loss"])
+        log.info(
+            "fold %d: best epoch %d, val loss %.4f", k, info["best_epoch"], info["best_val_loss"]
+        )
     pred = out / "predictions.csv"
     tmp = atomic_path(pred)
     with open(tmp, "w", newline="") as f:
@@ -194,13 +251,19 @@ def train_mil(manifest: Manifest, features_dir: str | Path, splits: dict[str, An
         w.writerows(rows)
     os.replace(tmp, pred)
     best = int(np.argmin([f["best_val_loss"] for f in folds]))
-    summary = {"classes": list(classes), "feature_dim": int(next(iter(bags.values())).shape[1]),
-               "folds": folds, "selected_fold": best}
+    summary = {
+        "classes": list(classes),
+        "feature_dim": int(next(iter(bags.values())).shape[1]),
+        "folds": folds,
+        "selected_fold": best,
+    }
     save_json(out / "summary.json", summary)
     return summary
 
 
-def read_predictions(path: str | Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_predictions(
+    path: str | Path, classes: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(probs (N, C), labels (N,), slide_ids) from a predictions.csv."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))

@@ -27,8 +27,16 @@ class GatedAttention(nn.Module):
 class CLAMSB(nn.Module):
     """Single-branch CLAM. forward(bag (N, D)) -> dict(logits (1, C), probs (1, C), attention (N,))."""
 
-    def __init__(self, in_dim: int, n_classes: int, *, hidden: int = 512, attn_dim: int = 256,
-                 dropout: float = 0.25, k_sample: int = 8) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden: int = 512,
+        attn_dim: int = 256,
+        dropout: float = 0.25,
+        k_sample: int = 8,
+    ) -> None:
         super().__init__()
         self.in_dim, self.n_classes, self.k_sample = in_dim, n_classes, k_sample
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
@@ -37,13 +45,20 @@ class CLAMSB(nn.Module):
         self.instance_classifiers = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_classes))
 
     def config(self) -> dict[str, int | float]:
-        return {"in_dim": self.in_dim, "n_classes": self.n_classes, "hidden": self.fc[0].out_features,
-                "attn_dim": self.attention.c.in_features, "dropout": self.fc[2].p,
-                "k_sample": self.k_sample}
+        return {
+            "in_dim": self.in_dim,
+            "n_classes": self.n_classes,
+            "hidden": self.fc[0].out_features,
+            "attn_dim": self.attention.c.in_features,
+            "dropout": self.fc[2].p,
+            "k_sample": self.k_sample,
+        }
 
     def forward(self, bag: torch.Tensor, label: int | None = None) -> dict[str, torch.Tensor]:
         if bag.ndim != 2 or bag.shape[1] != self.in_dim:
-            raise ValueError(f"CLAM expects a bag of shape [N, {self.in_dim}], got {list(bag.shape)}")
+            raise ValueError(
+                f"CLAM expects a bag of shape [N, {self.in_dim}], got {list(bag.shape)}"
+            )
         if bag.shape[0] == 0:
             raise ValueError("CLAM got an empty bag (0 instances)")
         h = self.fc(bag)  # (N, hidden)
@@ -51,8 +66,12 @@ class CLAMSB(nn.Module):
         attn = torch.softmax(scores, dim=0)
         pooled = attn @ h  # (hidden,)
         logits = self.classifier(pooled).unsqueeze(0)  # (1, C)
-        out = {"logits": logits, "probs": torch.softmax(logits, -1), "attention": attn,
-               "scores": scores}
+        out = {
+            "logits": logits,
+            "probs": torch.softmax(logits, -1),
+            "attention": attn,
+            "scores": scores,
+        }
         if label is not None:
             out["instance_loss"] = self.instance_loss(h, scores, label)
         return out
@@ -65,5 +84,7 @@ class CLAMSB(nn.Module):
         top = torch.topk(scores, k).indices
         bottom = torch.topk(-scores, k).indices
         x = torch.cat([h[top], h[bottom]])
-        y = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)]).to(h.device)
+        y = torch.cat([torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)]).to(
+            h.device
+        )
         return F.cross_entropy(self.instance_classifiers[label](x), y)

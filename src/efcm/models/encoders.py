@@ -41,8 +41,10 @@ def _state_dict_of(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
                 return _state_dict_of(ckpt[key], source)
         if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             return ckpt
-    raise ValueError(f"{source}: not a checkpoint (expected a state dict, or one under 'model', "
-                     "'state_dict', 'teacher' or 'student')")
+    raise ValueError(
+        f"{source}: not a checkpoint (expected a state dict, or one under 'model', "
+        "'state_dict', 'teacher' or 'student')"
+    )
 
 
 def load_weights(model: nn.Module, uri: str) -> str:
@@ -62,35 +64,49 @@ def load_weights(model: nn.Module, uri: str) -> str:
             stripped = False
             for p in _PREFIXES:
                 if k.startswith(p):
-                    k, stripped = k[len(p):], True
+                    k, stripped = k[len(p) :], True
         clean[k] = v
     own = model.state_dict()
     for k, v in clean.items():
         if k in own and own[k].shape != v.shape:
-            raise ValueError(f"{uri}: shape mismatch for {k!r}: checkpoint {tuple(v.shape)}, "
-                             f"model {tuple(own[k].shape)}")
+            raise ValueError(
+                f"{uri}: shape mismatch for {k!r}: checkpoint {tuple(v.shape)}, "
+                f"model {tuple(own[k].shape)}"
+            )
     result = model.load_state_dict(clean, strict=False)
     if result.missing_keys:
-        log.warning("%s: %d missing keys: %s", uri, len(result.missing_keys), result.missing_keys[:10])
+        log.warning(
+            "%s: %d missing keys: %s", uri, len(result.missing_keys), result.missing_keys[:10]
+        )
     if result.unexpected_keys:
-        log.warning("%s: %d unexpected keys: %s", uri, len(result.unexpected_keys),
-                    result.unexpected_keys[:10])
+        log.warning(
+            "%s: %d unexpected keys: %s",
+            uri,
+            len(result.unexpected_keys),
+            result.unexpected_keys[:10],
+        )
     return sha256_file(path)
 
 
-def build_backbone(spec: EncoderParams, *, warn_random: bool = True) -> tuple[nn.Module, str | None]:
+def build_backbone(
+    spec: EncoderParams, *, warn_random: bool = True
+) -> tuple[nn.Module, str | None]:
     """A timm model with pooled-feature output; returns (model, weights sha256 or None)."""
     try:
         model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.model_kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ValueError(f"encoder arch {spec.arch!r}: {err}") from None
     except TypeError as err:
-        raise ValueError(f"encoder {spec.arch!r}: bad model_kwargs {spec.model_kwargs}: {err}") from None
+        raise ValueError(
+            f"encoder {spec.arch!r}: bad model_kwargs {spec.model_kwargs}: {err}"
+        ) from None
     sha = None
     if spec.weights:
         sha = load_weights(model, spec.weights)
     elif warn_random:
-        log.warning("encoder %s has NO pretrained weights: random initialisation (demo only)", spec.arch)
+        log.warning(
+            "encoder %s has NO pretrained weights: random initialisation (demo only)", spec.arch
+        )
     return model, sha
 
 
@@ -138,21 +154,29 @@ class PatchTransform(nn.Module):
         super().__init__()
         self.resize = spec.resize
         self.size = spec.input_size
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False
+        )
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float()
         if self.resize and x.shape[-1] != self.resize:
-            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(self.resize, self.resize),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         h, w = x.shape[-2:]
         if h < self.size or w < self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         elif h > self.size or w > self.size:
             top, left = (h - self.size) // 2, (w - self.size) // 2
-            x = x[..., top: top + self.size, left: left + self.size]
+            x = x[..., top : top + self.size, left : left + self.size]
         return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +41,28 @@ class PatchPlan:
     coords: np.ndarray  # (N, 2) int64 level-0 top-left
 
 
-def plan_patches(slide: openslide.OpenSlide, params: PatchParams, *, mpp_override: float | None = None,
-                 name: str = "slide") -> PatchPlan:
+def plan_patches(
+    slide: openslide.OpenSlide,
+    params: PatchParams,
+    *,
+    mpp_override: float | None = None,
+    name: str = "slide",
+) -> PatchPlan:
     """mpp -> geometry -> bounded thumbnail -> tissue mask -> patch grid, for an open slide."""
     mpp = resolve_mpp(slide, override=mpp_override, default=params.default_mpp, name=name)
-    geom = geometry(list(slide.level_downsamples), list(slide.level_dimensions), mpp.value, mpp.source,
-                    params)
-    thumb, scale = read_thumbnail(slide, params.tissue.seg_downsample, params.tissue.max_thumbnail_px)
+    geom = geometry(
+        list(slide.level_downsamples), list(slide.level_dimensions), mpp.value, mpp.source, params
+    )
+    thumb, scale = read_thumbnail(
+        slide, params.tissue.seg_downsample, params.tissue.max_thumbnail_px
+    )
     mask = segment_tissue(thumb, scale, params.tissue, geom.size0)
     return PatchPlan(mpp, geom, thumb, mask, patch_coords(mask, geom, params))
 
 
-def _draw_qc(thumb: np.ndarray, mask: TissueMask, coords: np.ndarray, geom: PatchGeometry) -> np.ndarray:
+def _draw_qc(
+    thumb: np.ndarray, mask: TissueMask, coords: np.ndarray, geom: PatchGeometry
+) -> np.ndarray:
     img = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)
     sx, sy = mask.scale
     for x, y in coords:
@@ -74,17 +84,37 @@ def coords_complete(path: Path) -> bool:
         return False
 
 
-def patch_slide(entry: SlideEntry, base_dir: Path, out_dir: Path, params: PatchParams) -> dict[str, Any]:
+def patch_slide(
+    entry: SlideEntry, base_dir: Path, out_dir: Path, params: PatchParams
+) -> dict[str, Any]:
     """Segment and patch one slide; returns its status row. Never raises for a bad slide."""
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"slide_id": entry.slide_id, "status": OK, "reason": "", "mpp": "",
-                           "mpp_source": "", "patch_level": "", "n_patches": 0, "seconds": 0.0}
+    row: dict[str, Any] = {
+        "slide_id": entry.slide_id,
+        "status": OK,
+        "reason": "",
+        "mpp": "",
+        "mpp_source": "",
+        "patch_level": "",
+        "n_patches": 0,
+        "seconds": 0.0,
+    }
     try:
         with open_slide(entry.uri, base_dir=base_dir) as slide:
             grid = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
-        thumb, mask, coords, geom, mpp = grid.thumbnail, grid.mask, grid.coords, grid.geometry, grid.mpp
-        row.update(mpp=f"{mpp.value:.5g}", mpp_source=mpp.source, patch_level=geom.patch_level,
-                   n_patches=len(coords))
+        thumb, mask, coords, geom, mpp = (
+            grid.thumbnail,
+            grid.mask,
+            grid.coords,
+            grid.geometry,
+            grid.mpp,
+        )
+        row.update(
+            mpp=f"{mpp.value:.5g}",
+            mpp_source=mpp.source,
+            patch_level=geom.patch_level,
+            n_patches=len(coords),
+        )
         qc = out_dir / "qc" / f"{entry.slide_id}.png"
         qc.parent.mkdir(parents=True, exist_ok=True)
         tmp = atomic_path(qc).with_suffix(".png")
@@ -114,13 +144,26 @@ def _skip_row(entry: SlideEntry, out_dir: Path) -> dict[str, Any] | None:
         return None
     with h5py.File(path, "r") as f:
         d = f["coords"]
-        return {"slide_id": entry.slide_id, "status": OK, "reason": "already done",
-                "mpp": f"{float(d.attrs['mpp']):.5g}", "mpp_source": str(d.attrs["mpp_source"]),
-                "patch_level": int(d.attrs["patch_level"]), "n_patches": len(d), "seconds": 0.0}
+        return {
+            "slide_id": entry.slide_id,
+            "status": OK,
+            "reason": "already done",
+            "mpp": f"{float(d.attrs['mpp']):.5g}",
+            "mpp_source": str(d.attrs["mpp_source"]),
+            "patch_level": int(d.attrs["patch_level"]),
+            "n_patches": len(d),
+            "seconds": 0.0,
+        }
 
 
-def patch_manifest(manifest: Manifest, out_dir: str | Path, params: PatchParams, *, workers: int = 1,
-                   overwrite: bool = False) -> list[dict[str, Any]]:
+def patch_manifest(
+    manifest: Manifest,
+    out_dir: str | Path,
+    params: PatchParams,
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
     """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv."""
     out = Path(out_dir)
     (out / "patches").mkdir(parents=True, exist_ok=True)

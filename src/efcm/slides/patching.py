@@ -39,8 +39,13 @@ class PatchGeometry:
     dimensions: tuple[int, int]  # level-0 (w, h)
 
 
-def geometry(level_downsamples: list[float], level_dimensions: list[tuple[int, int]], mpp: float,
-             mpp_source: str, params: PatchParams) -> PatchGeometry:
+def geometry(
+    level_downsamples: list[float],
+    level_dimensions: list[tuple[int, int]],
+    mpp: float,
+    mpp_source: str,
+    params: PatchParams,
+) -> PatchGeometry:
     factor = params.target_mpp / mpp  # level-0 px per target px
     size0 = max(1, round(params.patch_size * factor))
     step0 = max(1, round(params.step * factor))
@@ -48,9 +53,19 @@ def geometry(level_downsamples: list[float], level_dimensions: list[tuple[int, i
     ok = np.nonzero(ds <= factor * 1.01)[0]
     level = int(ok[np.argmax(ds[ok])]) if len(ok) else 0
     read_size = max(1, round(size0 / ds[level]))
-    return PatchGeometry(params.patch_size, params.target_mpp, mpp, mpp_source, size0, step0, level,
-                         float(ds[level]), read_size, tuple(level_dimensions[level]),
-                         tuple(level_dimensions[0]))
+    return PatchGeometry(
+        params.patch_size,
+        params.target_mpp,
+        mpp,
+        mpp_source,
+        size0,
+        step0,
+        level,
+        float(ds[level]),
+        read_size,
+        tuple(level_dimensions[level]),
+        tuple(level_dimensions[0]),
+    )
 
 
 def patch_coords(mask: TissueMask, geom: PatchGeometry, params: PatchParams) -> np.ndarray:
@@ -80,8 +95,14 @@ def patch_coords(mask: TissueMask, geom: PatchGeometry, params: PatchParams) -> 
         keep = sample(contour, cx, cy)
     else:  # CLAM's four_pt: points half-way between the centre and the corners
         shift = geom.size0 / 4
-        pts = [sample(contour, cx + dx, cy + dy) for dx in (-shift, shift) for dy in (-shift, shift)]
-        keep = np.logical_or.reduce(pts) if params.contour_fn == "four_pt" else np.logical_and.reduce(pts)
+        pts = [
+            sample(contour, cx + dx, cy + dy) for dx in (-shift, shift) for dy in (-shift, shift)
+        ]
+        keep = (
+            np.logical_or.reduce(pts)
+            if params.contour_fn == "four_pt"
+            else np.logical_and.reduce(pts)
+        )
     keep &= ~sample(holes, cx, cy)
     if params.min_tissue_fraction > 0 and keep.any():
         integral = np.pad(mask.raster.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
@@ -101,13 +122,21 @@ def write_coords(path: Path, coords: np.ndarray, geom: PatchGeometry, name: str)
     tmp = atomic_path(path)
     with h5py.File(tmp, "w") as f:
         d = f.create_dataset("coords", data=coords.astype(np.int64))
-        d.attrs.update({
-            "patch_size": geom.patch_size, "patch_level": geom.patch_level,
-            "downsample": np.array([geom.downsample, geom.downsample]),
-            "level_dim": np.array(geom.level_dim), "name": name,
-            "mpp": geom.mpp, "mpp_source": geom.mpp_source, "read_size": geom.read_size,
-            "target_mpp": geom.target_mpp, "size0": geom.size0, "step0": geom.step0,
-        })
+        d.attrs.update(
+            {
+                "patch_size": geom.patch_size,
+                "patch_level": geom.patch_level,
+                "downsample": np.array([geom.downsample, geom.downsample]),
+                "level_dim": np.array(geom.level_dim),
+                "name": name,
+                "mpp": geom.mpp,
+                "mpp_source": geom.mpp_source,
+                "read_size": geom.read_size,
+                "target_mpp": geom.target_mpp,
+                "size0": geom.size0,
+                "step0": geom.step0,
+            }
+        )
     os.replace(tmp, path)
 
 
@@ -139,8 +168,12 @@ def read_coords(path: str | Path) -> CoordsFile:
     if "read_size" in a:
         read_size = int(a["read_size"])
     else:
-        log.warning("%s: no efcm attributes (a CLAM/TRIDENT file): reading %d px at level %d",
-                    path, patch_size, level)
+        log.warning(
+            "%s: no efcm attributes (a CLAM/TRIDENT file): reading %d px at level %d",
+            path,
+            patch_size,
+            level,
+        )
         read_size = patch_size
     name = a.get("name", path.stem)
     name = name.decode() if isinstance(name, bytes) else str(name)

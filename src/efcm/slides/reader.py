@@ -69,8 +69,13 @@ def _tiff_mpp(props: dict[str, str]) -> float | None:
     return per_um / xres if per_um else None
 
 
-def resolve_mpp(slide: openslide.OpenSlide, *, override: float | None = None,
-                default: float | None = None, name: str = "slide") -> Mpp:
+def resolve_mpp(
+    slide: openslide.OpenSlide,
+    *,
+    override: float | None = None,
+    default: float | None = None,
+    name: str = "slide",
+) -> Mpp:
     """Microns per pixel at level 0; first match wins, and the source is recorded.
 
     Order: explicit override -> OpenSlide's mpp property -> TIFF resolution tags -> objective power
@@ -110,8 +115,9 @@ def best_level(slide: openslide.OpenSlide, downsample: float) -> int:
     return int(ok[np.argmax(ds[ok])]) if len(ok) else 0
 
 
-def read_thumbnail(slide: openslide.OpenSlide, downsample: float, max_px: int
-                   ) -> tuple[np.ndarray, tuple[float, float]]:
+def read_thumbnail(
+    slide: openslide.OpenSlide, downsample: float, max_px: int
+) -> tuple[np.ndarray, tuple[float, float]]:
     """RGB thumbnail at about `downsample`, longest side at most `max_px`, in bounded memory.
 
     Returns:
@@ -132,12 +138,15 @@ def read_thumbnail(slide: openslide.OpenSlide, downsample: float, max_px: int
             x0, y0 = round(lx / scale), round(ly / scale)
             x1, y1 = min(tw, round((lx + cw) / scale)), min(th, round((ly + ch) / scale))
             if x1 > x0 and y1 > y0:
-                out[y0:y1, x0:x1] = cv2.resize(tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+                out[y0:y1, x0:x1] = cv2.resize(
+                    tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA
+                )
     return out, (w0 / tw, h0 / th)
 
 
-def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int,
-             size: tuple[int, int]) -> np.ndarray:
+def read_rgb(
+    slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]
+) -> np.ndarray:
     """read_region composited on white (transparent = outside the scanned area) -> (h, w, 3) uint8."""
     rgba = np.asarray(slide.read_region(location, level, size))
     rgb = rgba[..., :3].astype(np.uint16)

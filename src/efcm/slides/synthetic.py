@@ -60,8 +60,16 @@ class _Scene:
             for _ in range(int(rng.integers(2, 5))):
                 cx, cy = rng.uniform(0.25, 0.75) * mw, rng.uniform(0.25, 0.75) * mh
                 ax, ay = rng.uniform(0.12, 0.25) * mw, rng.uniform(0.12, 0.25) * mh
-                cv2.ellipse(tissue, (int(cx), int(cy)), (int(ax), int(ay)),
-                            float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+                cv2.ellipse(
+                    tissue,
+                    (int(cx), int(cy)),
+                    (int(ax), int(ay)),
+                    float(rng.uniform(0, 180)),
+                    0,
+                    360,
+                    1.0,
+                    -1,
+                )
         self.tissue = self._roughen(tissue, rng)
         tumour = np.zeros_like(tissue)
         if spec.tumour and spec.tissue:
@@ -77,8 +85,13 @@ class _Scene:
         for name in spec.ink:
             alpha = np.zeros((mh, mw), np.float32)
             x0 = int(rng.uniform(0.05, 0.15) * mw)
-            pts = np.array([[x0 + int(rng.uniform(-3, 3)), int(y)]
-                            for y in np.linspace(0.15 * mh, 0.85 * mh, 8)], np.int32)
+            pts = np.array(
+                [
+                    [x0 + int(rng.uniform(-3, 3)), int(y)]
+                    for y in np.linspace(0.15 * mh, 0.85 * mh, 8)
+                ],
+                np.int32,
+            )
             cv2.polylines(alpha, [pts], False, 1.0, max(2, mw // 60))
             self.ink_alpha = np.maximum(self.ink_alpha, alpha)
             self.ink[alpha > 0] = _INK[name]
@@ -86,8 +99,11 @@ class _Scene:
     @staticmethod
     def _roughen(field: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         h, w = field.shape
-        noise = cv2.resize(rng.standard_normal((max(h // 8, 2), max(w // 8, 2))).astype(np.float32),
-                           (w, h), interpolation=cv2.INTER_CUBIC)
+        noise = cv2.resize(
+            rng.standard_normal((max(h // 8, 2), max(w // 8, 2))).astype(np.float32),
+            (w, h),
+            interpolation=cv2.INTER_CUBIC,
+        )
         smooth = cv2.GaussianBlur(field, (0, 0), max(h, w) / 100 + 1)
         return np.clip(smooth + 0.15 * noise, 0, 1) if field.any() else field
 
@@ -121,8 +137,17 @@ class _Scene:
             img = (1 - a) * img + a * ink
         return np.clip(img, 0, 255).astype(np.uint8)
 
-    def _draw_nuclei(self, img: np.ndarray, x: int, y: int, w: int, h: int, ds: float,
-                     tissue: np.ndarray, tumour: np.ndarray) -> np.ndarray:
+    def _draw_nuclei(
+        self,
+        img: np.ndarray,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        ds: float,
+        tissue: np.ndarray,
+        tumour: np.ndarray,
+    ) -> np.ndarray:
         x0, y0 = x * ds, y * ds  # level-0 origin of the region
         c0x, c0y = int(x0 // _CELL) - 1, int(y0 // _CELL) - 1
         c1x, c1y = int((x0 + w * ds) // _CELL) + 1, int((y0 + h * ds) // _CELL) + 1
@@ -132,7 +157,7 @@ class _Scene:
                 if cx < 0 or cy < 0:
                     continue
                 rng = np.random.default_rng([self.spec.seed, 11, cx, cy])
-                pts = rng.uniform(0, _CELL, (40, 2)) + (cx * _CELL, cy * _CELL)
+                pts = (*rng.uniform(0, _CELL, (40, 2)), cx * _CELL, cy * _CELL)
                 radii = rng.uniform(3.0, 5.0, 40)
                 shade = rng.normal(0, 10, (40, 3))
                 for i, (px, py) in enumerate(pts):
@@ -194,13 +219,25 @@ def write_slide(path: str | Path, spec: SlideSpec) -> dict[str, np.ndarray]:
                 **level_extra,
             )
     tmp.replace(path)
-    return {"tissue": (scene.tissue > 0.5).astype(np.uint8), "tumour": (scene.tumour > 0.5).astype(np.uint8)}
+    return {
+        "tissue": (scene.tissue > 0.5).astype(np.uint8),
+        "tumour": (scene.tumour > 0.5).astype(np.uint8),
+    }
 
 
-def write_demo_dataset(out_dir: str | Path, n_slides: int = 16, *, seed: int = 0, size: int = 4096,
-                       mpp: float = 0.5, levels: int = 3, level_factor: int = 4,
-                       slides_per_case: int = 2, tumour_fraction: float = 0.5,
-                       classes: tuple[str, str] = ("normal", "tumour")) -> Path:
+def write_demo_dataset(
+    out_dir: str | Path,
+    n_slides: int = 16,
+    *,
+    seed: int = 0,
+    size: int = 4096,
+    mpp: float = 0.5,
+    levels: int = 3,
+    level_factor: int = 4,
+    slides_per_case: int = 2,
+    tumour_fraction: float = 0.5,
+    classes: tuple[str, str] = ("normal", "tumour"),
+) -> Path:
     """Write the demo dataset: slides/, masks/ (tumour ground truth PNGs) and manifest.csv.
 
     Slides of one case share the label, so patient-level splits have something to respect. URIs in
@@ -220,12 +257,25 @@ def write_demo_dataset(out_dir: str | Path, n_slides: int = 16, *, seed: int = 0
     for i in range(n_slides):
         case = i // slides_per_case
         slide_id = f"slide_{i:03d}"
-        spec = SlideSpec(width=size, height=size, mpp=mpp, levels=levels, level_factor=level_factor,
-                         tumour=bool(case_is_tumour[case]), seed=seed * 100_003 + i)
+        spec = SlideSpec(
+            width=size,
+            height=size,
+            mpp=mpp,
+            levels=levels,
+            level_factor=level_factor,
+            tumour=bool(case_is_tumour[case]),
+            seed=seed * 100_003 + i,
+        )
         masks = write_slide(out / "slides" / f"{slide_id}.tif", spec)
         cv2.imwrite(str(out / "masks" / f"{slide_id}.png"), masks["tumour"] * 255)
-        rows.append({"slide_id": slide_id, "case_id": f"case_{case:03d}",
-                     "uri": f"slides/{slide_id}.tif", "label": classes[int(spec.tumour)]})
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "case_id": f"case_{case:03d}",
+                "uri": f"slides/{slide_id}.tif",
+                "label": classes[int(spec.tumour)],
+            }
+        )
         log.info("wrote %s (%s)", slide_id, rows[-1]["label"])
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as f:

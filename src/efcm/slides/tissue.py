@@ -54,8 +54,9 @@ class TissueMask:
         return m
 
 
-def segment_tissue(thumbnail: np.ndarray, scale: tuple[float, float], params: TissueParams,
-                   ref_patch_px: float) -> TissueMask:
+def segment_tissue(
+    thumbnail: np.ndarray, scale: tuple[float, float], params: TissueParams, ref_patch_px: float
+) -> TissueMask:
     """Find tissue on an RGB thumbnail.
 
     Args:
@@ -71,7 +72,9 @@ def segment_tissue(thumbnail: np.ndarray, scale: tuple[float, float], params: Ti
     else:
         _, binary = cv2.threshold(sat, params.sthresh, 255, cv2.THRESH_BINARY)
     if params.close > 0:
-        binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, np.ones((params.close, params.close), np.uint8))
+        binary = cv2.morphologyEx(
+            binary, cv2.MORPH_CLOSE, np.ones((params.close, params.close), np.uint8)
+        )
     ref_area = ref_patch_px**2 / (scale[0] * scale[1])  # thumbnail px^2
     min_area, min_hole = params.min_area * ref_area, params.min_hole_area * ref_area
     contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)

@@ -1,0 +1,207 @@
+"""One function per pipeline stage: paths + validated params in, files out.
+
+The adapters (cli.py, the KFP components, dvc.yaml through the CLI) each make ONE call here, so a stage
+behaves the same wherever it runs. Stage names match params.yaml, dvc.yaml, components/ and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from efcm.config import ConfigError, Params
+from efcm.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+class BatchFailed(RuntimeError):
+    """Every slide of a batch failed (some failures are reported in status.csv, not raised)."""
+
+
+def _check_batch(rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    ok = sum(r["status"] == "ok" for r in rows)
+    log.info("%s: %d/%d slides ok", what, ok, len(rows))
+    if rows and ok == 0:
+        reasons = "; ".join(f"{r['slide_id']}: {r['reason']}" for r in rows[:3])
+        raise BatchFailed(f"{what}: every slide failed ({reasons})")
+    return rows
+
+
+def demo_data(
+    out_dir: str | Path, params: Params, *, n_slides: int | None = None, seed: int | None = None
+) -> Path:
+    """Write the synthetic demo dataset; returns its manifest path."""
+    from efcm.slides.synthetic import write_demo_dataset
+
+    d = params.demo_data
+    return write_demo_dataset(
+        out_dir,
+        n_slides or d.slides,
+        seed=params.seed if seed is None else seed,
+        size=d.size,
+        mpp=d.mpp,
+        levels=d.levels,
+        level_factor=d.level_factor,
+        slides_per_case=d.slides_per_case,
+        tumour_fraction=d.tumour_fraction,
+        classes=params.dataset.classes[:2],
+    )
+
+
+def patch(
+    manifest: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    from efcm.slides.batch import patch_manifest
+
+    rows = patch_manifest(
+        read_manifest(manifest, params.dataset.classes),
+        out_dir,
+        params.patch,
+        workers=workers,
+        overwrite=overwrite,
+    )
+    return _check_batch(rows, "patch")
+
+
+def extract(
+    manifest: str | Path,
+    patches_dir: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    encoder: str = "teacher",
+    student: str | Path | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Features of every patched slide with the teacher, or with a distilled student checkpoint."""
+    from efcm.features import extract_manifest
+    from efcm.models.encoders import EncoderWithTransform, build_backbone, sha256_file
+
+    if encoder == "teacher":
+        backbone, sha = build_backbone(params.teacher)
+        model, spec = EncoderWithTransform(backbone, params.teacher), params.teacher
+    elif encoder == "student":
+        from efcm.distill import load_student
+
+        if not student:
+            raise ConfigError(
+                "extract with the student encoder needs the student checkpoint (distill)"
+            )
+        net, spec = load_student(student)
+        model, sha = EncoderWithTransform(net, spec), sha256_file(student)
+    else:
+        raise ConfigError(f"encoder must be 'teacher' or 'student', got {encoder!r}")
+    import torch
+
+    if torch.cuda.is_available():
+        model = model.cuda()
+    attrs = {
+        "encoder": encoder,
+        "arch": spec.arch,
+        "weights_sha256": sha or "random-init",
+        "input_size": spec.input_size,
+    }
+    rows = extract_manifest(
+        model,
+        read_manifest(manifest, params.dataset.classes),
+        patches_dir,
+        out_dir,
+        params.extract,
+        attrs,
+        overwrite=overwrite,
+    )
+    return _check_batch(rows, "extract")
+
+
+def distill(
+    manifest: str | Path,
+    patches_dir: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    params: Params,
+) -> dict[str, Any]:
+    from efcm.distill import distill as run
+
+    return run(
+        read_manifest(manifest, params.dataset.classes), patches_dir, teacher_dir, out_dir, params
+    )
+
+
+def splits(
+    manifest: str | Path,
+    out_path: str | Path,
+    params: Params,
+    *,
+    features_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Patient-level folds over the slides that extracted ok (when features_dir is given)."""
+    from efcm.mil import make_splits, save_json
+    from efcm.status import ok_slides
+
+    available = ok_slides(Path(features_dir) / "status.csv") if features_dir else None
+    result = make_splits(
+        read_manifest(manifest, params.dataset.classes),
+        params.dataset.classes,
+        params.train_mil.folds,
+        params.train_mil.val_fraction,
+        params.seed,
+        available,
+    )
+    save_json(Path(out_path), result)
+    return result
+
+
+def train_mil(
+    manifest: str | Path,
+    features_dir: str | Path,
+    splits_path: str | Path,
+    out_dir: str | Path,
+    params: Params,
+) -> dict[str, Any]:
+    from efcm.mil import train_mil as run
+
+    folds = json.loads(Path(splits_path).read_text())
+    return run(
+        read_manifest(manifest, params.dataset.classes), features_dir, folds, out_dir, params
+    )
+
+
+def evaluate(
+    predictions: dict[str, str | Path],
+    out_dir: str | Path,
+    params: Params,
+    *,
+    student: str | Path | None = None,
+) -> dict[str, Any]:
+    """Metrics of each named train-mil output dir; with `student`, teacher vs student cost too."""
+    from efcm.evaluate import evaluate as run
+    from efcm.evaluate import measure_efficiency
+
+    if not predictions:
+        raise ConfigError("evaluate needs at least one NAME=DIR of predictions")
+    eff = measure_efficiency(params, student) if student else None
+    return run(
+        {k: Path(v) / "predictions.csv" for k, v in predictions.items()}, out_dir, params, eff
+    )
+
+
+def export(
+    student: str | Path,
+    mil_dir: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    metrics_path: str | Path | None = None,
+) -> Path:
+    from efcm.export import export_package
+
+    metrics = json.loads(Path(metrics_path).read_text()) if metrics_path else None
+    return export_package(student, mil_dir, out_dir, params, metrics)

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny params, a tiny synthetic dataset, and the real slides in ../shared/data."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+# Overrides of params.yaml that make every stage take seconds on 2 CPU cores: 6 small slides,
+# timm's tiny test models, 2 folds.
+TINY = {
+    "demo_data": {"slides": 6, "size": 1536, "slides_per_case": 1},
+    "patch": {"target_mpp": 1.0, "patch_size": 64, "step": 64},
+    "teacher": {"arch": "test_vit", "input_size": 64, "model_kwargs": {"img_size": 64}},
+    "student": {"arch": "test_resnet", "input_size": 64},
+    "extract": {"batch_size": 32},
+    "distill": {"epochs": 1, "batch_size": 32},
+    "train_mil": {"folds": 2, "epochs": 4, "min_epochs": 1, "patience": 2, "hidden": 32,
+                  "attn_dim": 16, "k_sample": 4, "val_fraction": 0.34},
+    "evaluate": {"bootstrap": 50},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_params_dict() -> dict:
+    """params.yaml of the repo with the TINY overrides (a plain dict)."""
+    return _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 synthetic slides (3 normal, 3 tumour), written once per session; returns the manifest."""
+    from efcm.config import params_from_dict
+    from efcm.stages import demo_data
+
+    return demo_data(tmp_path_factory.mktemp("tiny_dataset"), params_from_dict(tiny_params_dict()))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test slides not available: {SHARED_DATA} is absent")
+    return SHARED_DATA
