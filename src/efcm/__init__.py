@@ -1,3 +1,3 @@
-"""EFCM: distil a pathology foundation model into a small student, fine-tune it with CLAM, serve it."""
+"""EFCM: distil a pathology foundation model into a small student, fine-tune it, serve it."""
 
 __version__ = "0.1.0"

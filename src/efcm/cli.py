@@ -1,7 +1,8 @@
 """`efcm <stage>`: the entry point of the dvc.yaml stages and of the container images.
 
 Each command parses argv, loads params, and calls one core function. Exit status: 0 when the command
-did its job (a batch with some failed slides, reported in status.csv, is a success unless every slide
+did its job (a batch with some failed slides, reported in status.csv, is a success unless every
+slide
 failed), 2 for bad usage or configuration, 1 otherwise.
 """
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from efcm import stages
-from efcm.config import ConfigError
+from efcm.config import ConfigError, Params, load_params
 from efcm.stages import BatchFailed
 
 log = logging.getLogger("efcm")

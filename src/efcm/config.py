@@ -1,7 +1,9 @@
 """params.yaml -> validated, frozen configuration models.
 
-`params.yaml` is the only place for knobs. Each top-level section is a frozen pydantic model; an unknown
-key or a value out of range raises :class:`ConfigError` naming the key (``teacher.archh: unknown key``).
+`params.yaml` is the only place for knobs. Each top-level section is a frozen pydantic model; an
+unknown
+key or a value out of range raises :class:`ConfigError` naming the key (``teacher.archh: unknown
+key``).
 Paths never live here: they come from argv, KFP artifacts or the model directory.
 """
 
@@ -85,7 +87,8 @@ class PatchParams(_Section):
 
 
 class EncoderParams(_Section):
-    """A patch encoder built by timm. `weights` is a local path or gs:// URI, or null (random init)."""
+    """A patch encoder built by timm. `weights` is a local path or gs:// URI, or null (random
+    init)."""
 
     arch: str
     weights: str | None = None
@@ -175,7 +178,8 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def params_from_dict(data: dict[str, Any] | None, source: str = "params") -> Params:
-    """Validate a params mapping (the parsed params.yaml, or the sections a KFP component receives)."""
+    """Validate a params mapping (the parsed params.yaml, or the sections a KFP component
+    receives)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -118,7 +118,8 @@ def distill(
     *,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Train the student (VFD) on cached teacher features; writes out_dir/student.pt and metrics.json."""
+    """Train the student (VFD) on cached teacher features; writes out_dir/student.pt and
+    metrics.json."""
     cfg: DistillParams = params.distill
     patches_dir, teacher_dir, out = Path(patches_dir), Path(teacher_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """What a model costs per patch: parameters, GFLOPs (torch's flop counter), patches/s, peak memory.
 
-Teacher and student are measured in one run on the same device, so their ratio means something even on
+Teacher and student are measured in one run on the same device, so their ratio means something
+even on
 a shared, noisy machine. GFLOPs are real floating-point operations (2 per multiply-add).
 """
 

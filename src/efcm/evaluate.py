@@ -1,7 +1,8 @@
 """The evaluation stage: teacher baseline vs student on the same out-of-fold slides, one table.
 
 Writes `metrics.json` (nested by model name, so DVC shows `teacher.auc`, `student.auc_ci_low`, ...),
-`roc/<model>.csv` for `dvc plots`, and `report.md`, a Markdown table with every metric and its CI and
+`roc/<model>.csv` for `dvc plots`, and `report.md`, a Markdown table with every metric and its CI
+and
 the efficiency figures (params, GFLOPs per patch, patches/s) measured in this run.
 """
 
@@ -39,7 +40,8 @@ def evaluate(
     params: Params,
     efficiency: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compare models given as {name: predictions.csv}; returns the metrics written to metrics.json."""
+    """Compare models given as {name: predictions.csv}; returns the metrics written to
+    metrics.json."""
     classes = tuple(params.dataset.classes)
     out = Path(out_dir)
     (out / "roc").mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,12 @@
 """The deployable model package, and its one loader.
 
-A package is a directory with `student.pt` (the distilled student), `clam.pt` (the slide head trained on
+A package is a directory with `student.pt` (the distilled student), `clam.pt` (the slide head
+trained on
 the student's features) and `model.json` (encoder spec and input transform, patch size, target mpp,
-feature dim, class names, strategy, metrics, versions, sha256 of every file). `load_package` is used by
-evaluation, the CLI and the predictor alike; it refuses a package whose files do not match their hashes.
+feature dim, class names, strategy, metrics, versions, sha256 of every file). `load_package` is
+used by
+evaluation, the CLI and the predictor alike; it refuses a package whose files do not match their
+hashes.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def export_package(
     params: Params,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Assemble the package from the distilled student and the student's CLAM (the fold with the lowest
+    """Assemble the package from the distilled student and the student's CLAM (the fold with the
+    lowest
     validation loss; the reported metrics are the out-of-fold estimates of all folds)."""
     mil_dir, out = Path(mil_dir), Path(out_dir)
     summary = json.loads((mil_dir / "summary.json").read_text())

@@ -126,7 +126,8 @@ def extract_manifest(
 ) -> list[dict[str, Any]]:
     """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5.
 
-    `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights hash...) go
+    `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights
+    hash...) go
     into every features h5. Writes out_dir/status.csv.
     """
     patches_dir, out = Path(patches_dir), Path(out_dir)

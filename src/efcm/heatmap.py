@@ -1,6 +1,7 @@
 """Attention heatmaps: attention -> percentile ranks -> coloured patches over the slide thumbnail.
 
-Drawn patch by patch at the thumbnail's scale, so memory is bounded by the thumbnail, never the slide.
+Drawn patch by patch at the thumbnail's scale, so memory is bounded by the thumbnail, never the
+slide.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def overlay(
     scores: np.ndarray,
     alpha: float = 0.5,
 ) -> np.ndarray:
-    """RGB (h, w, 3) uint8: the thumbnail with each patch tinted by its attention rank (jet colormap).
+    """RGB (h, w, 3) uint8: the thumbnail with each patch tinted by its attention rank (jet
+    colormap).
 
     Args:
         thumbnail: RGB (h, w, 3) uint8.

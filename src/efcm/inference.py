@@ -1,4 +1,5 @@
-"""Inference with an exported package: features -> CLAM, or a whole slide -> patches -> student -> CLAM.
+"""Inference with an exported package: features -> CLAM, or a whole slide -> patches -> student ->
+CLAM.
 
 One code path for `efcm predict` and the KServe predictor.
 """
@@ -31,7 +32,8 @@ class Prediction:
 
 
 def check_features(features: np.ndarray, dim: int) -> np.ndarray:
-    """Validate a bag: float, [N, dim], N >= 1, finite. Raises ValueError naming the expected shape."""
+    """Validate a bag: float, [N, dim], N >= 1, finite. Raises ValueError naming the expected
+    shape."""
     arr = np.asarray(features)
     if arr.dtype.kind != "f":
         raise ValueError(f"features must be floating point (FP32 or FP16), got {arr.dtype}")

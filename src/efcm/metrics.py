@@ -1,6 +1,7 @@
 """Slide-level metrics with torchmetrics, each with a seeded bootstrap confidence interval.
 
-AUC is binary AUROC for two classes and macro one-vs-rest otherwise. A bootstrap resample that holds a
+AUC is binary AUROC for two classes and macro one-vs-rest otherwise. A bootstrap resample that
+holds a
 single class (AUC undefined) is skipped; the number of usable resamples is reported.
 """
 

@@ -1,7 +1,9 @@
 """Slide-level learning: patient-level splits and CLAM training on a folder of features h5.
 
-Splits are built once from `case_id` (no patient in two sets of a fold, class ratios kept) and saved,
-so the teacher baseline and every student are trained and tested on the same folds. Each fold trains a
+Splits are built once from `case_id` (no patient in two sets of a fold, class ratios kept) and
+saved,
+so the teacher baseline and every student are trained and tested on the same folds. Each fold
+trains a
 CLAM with Adam, class-weighted sampling and early stopping on the validation loss (best state kept),
 then predicts its test slides; the out-of-fold predictions are what evaluation reads.
 """
@@ -210,7 +212,8 @@ def train_mil(
     out_dir: str | Path,
     params: Params,
 ) -> dict[str, Any]:
-    """Train one CLAM per fold; writes fold_<k>.pt, predictions.csv (out-of-fold) and summary.json."""
+    """Train one CLAM per fold; writes fold_<k>.pt, predictions.csv (out-of-fold) and
+    summary.json."""
     cfg = params.train_mil
     classes = tuple(params.dataset.classes)
     if tuple(splits["classes"]) != classes:

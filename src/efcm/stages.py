@@ -1,6 +1,7 @@
 """One function per pipeline stage: paths + validated params in, files out.
 
-The adapters (cli.py, the KFP components, dvc.yaml through the CLI) each make ONE call here, so a stage
+The adapters (cli.py, the KFP components, dvc.yaml through the CLI) each make ONE call here, so a
+stage
 behaves the same wherever it runs. Stage names match params.yaml, dvc.yaml, components/ and the CLI.
 """
 

@@ -1,4 +1,5 @@
-"""Per-slide status CSVs: one row per slide (`ok`, `no_tissue`, `unreadable`, ...) with the reason."""
+"""Per-slide status CSVs: one row per slide (`ok`, `no_tissue`, `unreadable`, ...) with the
+reason."""
 
 from __future__ import annotations
 

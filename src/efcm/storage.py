@@ -73,7 +73,8 @@ def upload(path: str | Path, uri: str) -> None:
 
 
 def local_path(uri: str, *, base_dir: str | Path | None = None) -> Path:
-    """A local path for `uri`: gs:// is staged into the cache; a relative path is taken from base_dir."""
+    """A local path for `uri`: gs:// is staged into the cache; a relative path is taken from
+    base_dir."""
     if is_gcs(uri):
         return download(uri)
     if "://" in uri:

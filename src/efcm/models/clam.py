@@ -25,7 +25,8 @@ class GatedAttention(nn.Module):
 
 
 class CLAMSB(nn.Module):
-    """Single-branch CLAM. forward(bag (N, D)) -> dict(logits (1, C), probs (1, C), attention (N,))."""
+    """Single-branch CLAM. forward(bag (N, D)) -> dict(logits (1, C), probs (1, C), attention
+    (N,))."""
 
     def __init__(
         self,
@@ -77,7 +78,8 @@ class CLAMSB(nn.Module):
         return out
 
     def instance_loss(self, h: torch.Tensor, scores: torch.Tensor, label: int) -> torch.Tensor:
-        """CE on the top-B (positive) and bottom-B (negative) attended instances of the true class."""
+        """CE on the top-B (positive) and bottom-B (negative) attended instances of the true
+        class."""
         k = min(self.k_sample, h.shape[0] // 2)
         if k == 0:
             return h.new_zeros(())

@@ -1,7 +1,8 @@
 """Patch encoders built by timm, checkpoint loading, and the input transform.
 
 The teacher is a timm backbone with its classifier removed (`num_classes=0`: pooled features). The
-student is a timm backbone plus a linear projection to the teacher's feature dimension, so its output
+student is a timm backbone plus a linear projection to the teacher's feature dimension, so its
+output
 lives in the teacher's space (what VFD trains and what CLAM reads).
 """
 
@@ -50,7 +51,8 @@ def _state_dict_of(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, uri: str) -> str:
     """Load a checkpoint (local path or gs://) into `model`; returns the file's sha256.
 
-    Strips `module.`, `backbone.` and `encoder.` prefixes, logs missing and unexpected keys, and fails
+    Strips `module.`, `backbone.` and `encoder.` prefixes, logs missing and unexpected keys, and
+    fails
     on a shape mismatch naming the key.
     """
     path = local_path(uri)
@@ -114,8 +116,10 @@ class Student(nn.Module):
     """Backbone + linear projection to the teacher's feature dimension.
 
 
-    The projection predicts *standardised* teacher features; `target_mean` / `target_std` (set from the
-    teacher features before distillation) map them back, so the output is in the teacher's space while
+    The projection predicts *standardised* teacher features; `target_mean` / `target_std` (set
+    from the
+    teacher features before distillation) map them back, so the output is in the teacher's space
+    while
     the loss weighs every teacher dimension by its spread, not by its (often large, shared) mean.
     """
 

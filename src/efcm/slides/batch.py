@@ -1,6 +1,7 @@
 """The `patch` stage over a manifest: tissue mask + patch grid per slide, a status row per slide.
 
-One bad slide never stops the batch: its error becomes a status row. Outputs are written atomically and
+One bad slide never stops the batch: its error becomes a status row. Outputs are written
+atomically and
 a rerun skips slides whose coords h5 is complete (unless `overwrite`).
 """
 
@@ -76,7 +77,8 @@ def _draw_qc(
 
 
 def coords_complete(path: Path) -> bool:
-    """A coords h5 that opens and holds a coords dataset (atomic writes make this the whole check)."""
+    """A coords h5 that opens and holds a coords dataset (atomic writes make this the whole
+    check)."""
     try:
         with h5py.File(path, "r") as f:
             return "coords" in f

@@ -1,6 +1,7 @@
 """Patch grids at a target mpp, and the coords h5 files (CLAM's layout plus our attributes).
 
-Patch size and step are given in px at `target_mpp`; the grid lives in level-0 px. A patch is read at
+Patch size and step are given in px at `target_mpp`; the grid lives in level-0 px. A patch is read
+at
 the best pyramid level not coarser than the target (`patch_level`, `read_size` px there) and resized
 to `patch_size`.
 """

@@ -40,7 +40,8 @@ def open_slide(uri: str | Path, *, base_dir: str | Path | None = None) -> opensl
 
     Raises:
         FileNotFoundError: the path does not exist.
-        SlideError: the file is not a slide OpenSlide can read (zero bytes, corrupt, unsupported, a folder).
+        SlideError: the file is not a slide OpenSlide can read (zero bytes, corrupt, unsupported,
+        a folder).
     """
     path = local_path(str(uri), base_dir=base_dir)
     if not path.exists():
@@ -102,14 +103,15 @@ def resolve_mpp(
     if default is not None:
         return Mpp(float(default), "default")
     raise SlideError(
-        f"{name}: no mpp (microns per pixel) in the slide's metadata. Supply it with an `mpp` column in "
-        "the manifest or set `patch.default_mpp` in params.yaml.",
+        f"{name}: no mpp (microns per pixel) in the slide's metadata. Supply it with an `mpp` "
+        "column in the manifest or set `patch.default_mpp` in params.yaml.",
         status="no_mpp",
     )
 
 
 def best_level(slide: openslide.OpenSlide, downsample: float) -> int:
-    """The level with the largest downsample not above `downsample` (never read coarser than asked)."""
+    """The level with the largest downsample not above `downsample` (never read coarser than
+    asked)."""
     ds = np.asarray(slide.level_downsamples)
     ok = np.nonzero(ds <= downsample * 1.01)[0]
     return int(ok[np.argmax(ds[ok])]) if len(ok) else 0
@@ -147,7 +149,8 @@ def read_thumbnail(
 def read_rgb(
     slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]
 ) -> np.ndarray:
-    """read_region composited on white (transparent = outside the scanned area) -> (h, w, 3) uint8."""
+    """read_region composited on white (transparent = outside the scanned area) -> (h, w, 3)
+    uint8."""
     rgba = np.asarray(slide.read_region(location, level, size))
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)

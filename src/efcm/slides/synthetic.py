@@ -1,9 +1,13 @@
 """Synthetic H&E-like whole-slide images for tests, demos and benchmarks.
 
-A slide is rendered tile by tile (memory stays bounded whatever its size) into a pyramidal, tiled, JPEG
-TIFF with each level as its own top-level page and the mpp in the resolution tags, which OpenSlide opens
-as vendor ``generic-tiff``. Tissue is a few smooth blobs on a near-white background: pink stroma with
-purple nuclei. "Tumour" slides carry a few regions of a distinct texture (dense, large, dark nuclei);
+A slide is rendered tile by tile (memory stays bounded whatever its size) into a pyramidal, tiled,
+JPEG
+TIFF with each level as its own top-level page and the mpp in the resolution tags, which OpenSlide
+opens
+as vendor ``generic-tiff``. Tissue is a few smooth blobs on a near-white background: pink stroma
+with
+purple nuclei. "Tumour" slides carry a few regions of a distinct texture (dense, large, dark
+nuclei);
 their ground truth is written as a mask PNG. Everything is a function of the seed.
 """
 
@@ -115,7 +119,8 @@ class _Scene:
         return cv2.remap(field, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
     def render(self, x: int, y: int, w: int, h: int, ds: float) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of the level region at (x, y), level px, where ds = level downsample."""
+        """RGB uint8 (h, w, 3) of the level region at (x, y), level px, where ds = level
+        downsample."""
         rng = np.random.default_rng([self.spec.seed, int(x * ds), int(y * ds), int(ds)])
         tissue = self._field(self.tissue, x, y, w, h, ds) > 0.5
         tumour = (self._field(self.tumour, x, y, w, h, ds) > 0.5) & tissue

@@ -2,7 +2,8 @@
 
 HSV saturation -> median blur -> threshold (fixed or Otsu) -> morphological close -> contours with
 holes (RETR_CCOMP) -> area filters. Unlike CLAM, the area thresholds are in units of the *reference
-patch area* (the configured patch at level 0), so small slides, biopsies and TMA cores keep their tissue.
+patch area* (the configured patch at level 0), so small slides, biopsies and TMA cores keep their
+tissue.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def segment_tissue(
         thumbnail: (h, w, 3) uint8 RGB.
         scale: level-0 px per thumbnail px (sx, sy).
         params: the tissue section of params.
-        ref_patch_px: side of the reference patch at level 0; area filters are multiples of its area.
+        ref_patch_px: side of the reference patch at level 0; area filters are multiples of its
+        area.
     """
     hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
     sat = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), params.mthresh)
