@@ -162,7 +162,7 @@ class _Scene:
                 if cx < 0 or cy < 0:
                     continue
                 rng = np.random.default_rng([self.spec.seed, 11, cx, cy])
-                pts = (*rng.uniform(0, _CELL, (40, 2)), cx * _CELL, cy * _CELL)
+                pts = rng.uniform(0, _CELL, (40, 2)) + np.array([cx * _CELL, cy * _CELL])
                 radii = rng.uniform(3.0, 5.0, 40)
                 shade = rng.normal(0, 10, (40, 3))
                 for i, (px, py) in enumerate(pts):

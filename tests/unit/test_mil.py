@@ -1,0 +1,132 @@
+"""CLAM, patient-level splits, metrics, export and the package loader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from efcm.config import TrainMilParams, params_from_dict
+from efcm.manifest import Manifest, SlideEntry
+from efcm.metrics import classification_metrics, roc_points
+from efcm.mil import make_splits, train_fold
+from efcm.models.clam import CLAMSB
+
+
+def test_attention_sums_to_one_and_shapes():
+    torch.manual_seed(0)
+    for c in (2, 3):
+        m = CLAMSB(16, c, hidden=8, attn_dim=4).eval()
+        out = m(torch.randn(37, 16))
+        assert out["logits"].shape == (1, c) and out["attention"].shape == (37,)
+        assert torch.isclose(out["attention"].sum(), torch.tensor(1.0))
+        assert torch.isclose(out["probs"].sum(), torch.tensor(1.0))
+
+
+def test_instance_loss_uses_min_b_and_n():
+    m = CLAMSB(4, 2, hidden=8, attn_dim=4, k_sample=8)
+    assert m(torch.randn(6, 4), label=1)["instance_loss"] > 0  # B shrinks to 3
+    assert m(torch.randn(1, 4), label=1)["instance_loss"] == 0
+
+
+def test_bad_bags_are_errors_naming_the_shape():
+    m = CLAMSB(16, 2)
+    with pytest.raises(ValueError, match=r"\[N, 16\]"):
+        m(torch.randn(5, 15))
+    with pytest.raises(ValueError, match="empty bag"):
+        m(torch.zeros(0, 16))
+
+
+def _manifest(n_cases=9, per_case=2):
+    slides = []
+    for c in range(n_cases):
+        for k in range(per_case):
+            slides.append(SlideEntry(f"s{c}_{k}", f"case{c}", "x", "tumour" if c % 3 == 0 else "normal"))
+    return Manifest(None, tuple(slides))
+
+
+def test_splits_keep_patients_together_and_classes_in_every_fold():
+    m = _manifest()
+    case = {s.slide_id: s.case_id for s in m.slides}
+    label = {s.slide_id: s.label for s in m.slides}
+    splits = make_splits(m, ("normal", "tumour"), 3, 0.25, seed=1)
+    tested = []
+    for f in splits["folds"]:
+        parts = [{case[s] for s in f[k]} for k in ("train", "val", "test")]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert {label[s] for s in f["test"]} == {"normal", "tumour"}
+        assert {label[s] for s in f["train"]} == {"normal", "tumour"}
+        tested += f["test"]
+    assert sorted(tested) == sorted(case)  # every slide tested exactly once
+    assert splits == make_splits(m, ("normal", "tumour"), 3, 0.25, seed=1)
+
+
+def test_splits_refuse_too_few_cases():
+    with pytest.raises(ValueError, match=r"has 2 case\(s\); 3 folds need at least 3"):
+        make_splits(_manifest(n_cases=4), ("normal", "tumour"), 3, 0.25, seed=0)
+
+
+def test_clam_learns_a_class_dependent_shift():
+    rng = np.random.default_rng(0)
+    bags, labels = {}, {}
+    for i in range(24):
+        y = i % 2
+        x = rng.normal(0, 1, (40, 16)).astype(np.float32)
+        if y:
+            x[:8] += 2.0  # a few "tumour" instances
+        bags[f"b{i}"], labels[f"b{i}"] = torch.from_numpy(x), y
+    ids = sorted(bags)
+    cfg = TrainMilParams(epochs=15, min_epochs=15, lr=1e-3, hidden=16, attn_dim=8)
+    model, info = train_fold(bags, labels, ids[:16], ids[16:20], 2, cfg, seed=0)
+    with torch.no_grad():
+        probs = np.stack([model(bags[s])["probs"][0].numpy() for s in ids[20:] + ids[16:20]])
+    y = np.array([labels[s] for s in ids[20:] + ids[16:20]])
+    assert classification_metrics(probs, y, 2, n_bootstrap=0)["auc"] > 0.9
+    assert info["best_epoch"] >= 1
+
+
+def test_metrics_and_bootstrap_ci():
+    y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    perfect = np.stack([1 - y, y], 1).astype(np.float32)
+    m = classification_metrics(perfect, y, 2, n_bootstrap=100, seed=0)
+    assert m["auc"] == 1 and m["acc"] == 1 and m["f1"] == 1
+    noisy = np.clip(perfect + np.random.default_rng(0).normal(0, 0.4, perfect.shape), 0, 1)
+    m = classification_metrics(noisy, y, 2, n_bootstrap=200, seed=0)
+    for k in ("acc", "auc", "f1", "balanced_acc"):
+        assert m[f"{k}_ci_low"] <= m[k] <= m[f"{k}_ci_high"]
+    roc = roc_points(noisy, y)
+    assert roc[0]["fpr"] == 0 and roc[-1]["tpr"] == 1
+
+
+def test_metrics_reject_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        classification_metrics(np.zeros((3, 3)), np.zeros(3), 2)
+
+
+def test_package_round_trip_and_tamper_detection(tmp_path):
+    from efcm.distill import save_student
+    from efcm.export import PackageError, export_package, load_package
+    from efcm.inference import predict_features
+    from efcm.mil import save_clam
+    from efcm.models.encoders import build_student
+    from tests.conftest import tiny_params_dict
+
+    params = params_from_dict(tiny_params_dict())
+    student = build_student(params.student, 64, warn_random=False)
+    save_student(tmp_path / "student.pt", student, params.student)
+    (tmp_path / "mil").mkdir()
+    save_clam(tmp_path / "mil" / "fold_0.pt", CLAMSB(64, 2, hidden=8, attn_dim=4))
+    (tmp_path / "mil" / "summary.json").write_text(json.dumps({"selected_fold": 0}))
+    pkg_dir = export_package(tmp_path / "student.pt", tmp_path / "mil", tmp_path / "pkg", params,
+                             {"student": {"auc": 0.9}})
+    pkg = load_package(pkg_dir)
+    assert pkg.classes == ["normal", "tumour"] and pkg.feature_dim == 64
+    assert pkg.meta["metrics"]["student"]["auc"] == 0.9
+    pred = predict_features(pkg, np.random.default_rng(0).normal(size=(7, 64)).astype(np.float32))
+    assert pred.probabilities.shape == (2,) and pred.attention.shape == (7,)
+    with pytest.raises(ValueError, match=r"\[N, 64\]"):
+        predict_features(pkg, np.zeros((7, 63), np.float32))
+    with open(pkg_dir / "clam.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(PackageError, match="sha256"):
+        load_package(pkg_dir)
