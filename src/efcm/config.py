@@ -190,6 +190,26 @@ def params_from_dict(data: dict[str, Any] | None, source: str = "params") -> Par
         raise ConfigError(_format_error(err, source)) from None
 
 
+def _json_numbers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def params_from_struct(sections: dict[str, Any], source: str = "params") -> Params:
+    """Params from sections that crossed a JSON / protobuf Struct boundary (KFP parameters).
+
+    Such a boundary carries every number as a double: typed fields take 64.0 for 64 anyway, but
+    free-form mappings (`model_kwargs`) would pass `img_size=64.0` on to timm, so integral floats
+    are made ints first (a typed float field takes the int back as a float).
+    """
+    return params_from_dict(_json_numbers(sections), source)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml.
 

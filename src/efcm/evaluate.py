@@ -83,6 +83,17 @@ def evaluate(
     return metrics
 
 
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """`{"teacher": {"auc": ...}}` -> `{"teacher.auc": ...}`: finite numbers only (a NaN AUC of a
+    one-class evaluation is left out; metrics.json keeps it)."""
+    flat = {}
+    for model, values in metrics.items():
+        for k, v in values.items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v):
+                flat[f"{model}.{k}"] = float(v)
+    return flat
+
+
 def report(metrics: dict[str, Any], params: Params) -> str:
     ci = round(params.evaluate.ci * 100)
     head = ["model", "slides", "params", "GFLOPs/patch", "patches/s"]

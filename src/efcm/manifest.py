@@ -84,3 +84,53 @@ def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> M
     if not slides:
         raise ValueError(f"{path}: no slides")
     return Manifest(path, tuple(slides))
+
+
+def import_manifest(
+    uri: str | Path, dest: str | Path, classes: tuple[str, ...] | None = None
+) -> Manifest:
+    """Copy a manifest (local path or gs:// URI) to `dest`, checked, with every slide URI absolute.
+
+    A relative slide URI is taken from the source manifest's folder (``slides/a.svs`` next to
+    ``gs://bkt/ds/manifest.csv`` becomes ``gs://bkt/ds/slides/a.svs``), so the copy works from any
+    folder, e.g. as a pipeline artifact. The slides themselves are referenced, never copied.
+
+    Raises:
+        FileNotFoundError: no such manifest.
+        ValueError: the manifest is invalid (see `read_manifest`), or a relative URI climbs out of
+            the bucket.
+    """
+    import os
+    import posixpath
+
+    from efcm.storage import atomic_path, is_gcs, local_path, split_gcs
+
+    src = str(uri)
+    manifest = read_manifest(local_path(src), classes)
+    if is_gcs(src):
+        bucket, blob = split_gcs(src)
+        base = posixpath.dirname(blob)
+    else:
+        base = os.path.dirname(os.path.abspath(os.path.expanduser(src)))
+    slides = []
+    for s in manifest.slides:
+        target = s.uri
+        if "://" not in s.uri and not os.path.isabs(os.path.expanduser(s.uri)):
+            if is_gcs(src):
+                rel = posixpath.normpath(posixpath.join(base, s.uri))
+                if rel == ".." or rel.startswith("../"):
+                    raise ValueError(f"{src}: uri {s.uri!r} of {s.slide_id} leaves bucket {bucket}")
+                target = f"gs://{bucket}/{rel}"
+            else:
+                target = os.path.normpath(os.path.join(base, os.path.expanduser(s.uri)))
+        slides.append(SlideEntry(s.slide_id, s.case_id, target, s.label, s.mpp))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(dest)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*REQUIRED, "mpp"])
+        for s in slides:
+            writer.writerow([s.slide_id, s.case_id, s.uri, s.label, "" if s.mpp is None else s.mpp])
+    os.replace(tmp, dest)
+    return Manifest(dest, tuple(slides))

@@ -31,6 +31,12 @@ def _check_batch(rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     return rows
 
 
+def student_checkpoint(path: str | Path) -> Path:
+    """The student checkpoint: `path` itself, or `student.pt` in a distill output directory."""
+    p = Path(path)
+    return p / "student.pt" if p.is_dir() else p
+
+
 def demo_data(
     out_dir: str | Path, params: Params, *, n_slides: int | None = None, seed: int | None = None
 ) -> Path:
@@ -96,8 +102,9 @@ def extract(
             raise ConfigError(
                 "extract with the student encoder needs the student checkpoint (distill)"
             )
-        net, spec = load_student(student)
-        model, sha = EncoderWithTransform(net, spec), sha256_file(student)
+        ckpt = student_checkpoint(student)
+        net, spec = load_student(ckpt)
+        model, sha = EncoderWithTransform(net, spec), sha256_file(ckpt)
     else:
         raise ConfigError(f"encoder must be 'teacher' or 'student', got {encoder!r}")
     import torch
@@ -188,7 +195,7 @@ def evaluate(
 
     if not predictions:
         raise ConfigError("evaluate needs at least one NAME=DIR of predictions")
-    eff = measure_efficiency(params, student) if student else None
+    eff = measure_efficiency(params, student_checkpoint(student)) if student else None
     return run(
         {k: Path(v) / "predictions.csv" for k, v in predictions.items()}, out_dir, params, eff
     )
@@ -205,4 +212,4 @@ def export(
     from efcm.export import export_package
 
     metrics = json.loads(Path(metrics_path).read_text()) if metrics_path else None
-    return export_package(student, mil_dir, out_dir, params, metrics)
+    return export_package(student_checkpoint(student), mil_dir, out_dir, params, metrics)

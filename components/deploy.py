@@ -1,0 +1,44 @@
+"""deploy: render the KServe InferenceService for the package; create or patch it unless dry_run."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def deploy(
+    package: Input[Model],
+    export: dict,
+    namespace: str,
+    serving_image: str,
+    service_account: str,
+    gpu: bool,
+    dry_run: bool,
+    inference_service: Output[Artifact],
+    ready_timeout_s: int = 600,
+):
+    """The rendered InferenceService YAML goes to `inference_service` (applied or not).
+
+    The model and InferenceService name is `export.model_name`; the package is served from its
+    artifact URI (the pipeline root must be on storage KServe downloads from, e.g. gs://). When
+    not `dry_run`, waits up to `ready_timeout_s` for it to be Ready.
+    """
+    import kserve
+
+    from efcm import config
+    from efcm.deploy import deploy as run
+
+    params = config.params_from_struct({"export": export}, "deploy")
+    run(
+        package.uri,
+        inference_service.path,
+        params.export.model_name,
+        namespace=namespace,
+        image=serving_image,
+        gpu=gpu,
+        dry_run=dry_run,
+        client_factory=kserve.KServeClient,
+        ready_timeout_s=ready_timeout_s,
+        service_account=service_account,
+    )

@@ -1,0 +1,26 @@
+"""distill: train the student on the cached teacher features (GPU)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def distill(
+    manifest: Input[Dataset],
+    patches: Input[Dataset],
+    teacher_features: Input[Dataset],
+    seed: int,
+    dataset: dict,
+    student: dict,
+    distill: dict,
+    student_model: Output[Model],
+):
+    """`student.pt` and the distillation `metrics.json` in the `student_model` directory."""
+    from efcm import config, stages
+
+    params = config.params_from_struct(
+        {"seed": seed, "dataset": dataset, "student": student, "distill": distill}, "distill"
+    )
+    stages.distill(manifest.path, patches.path, teacher_features.path, student_model.path, params)

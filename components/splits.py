@@ -1,0 +1,24 @@
+"""splits: patient-level stratified folds, shared by every model (CPU)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def splits(
+    manifest: Input[Dataset],
+    features: Input[Dataset],
+    seed: int,
+    dataset: dict,
+    train_mil: dict,
+    splits: Output[Dataset],
+):
+    """The folds (JSON) over the slides whose features were extracted ok."""
+    from efcm import config, stages
+
+    params = config.params_from_struct(
+        {"seed": seed, "dataset": dataset, "train_mil": train_mil}, "splits"
+    )
+    stages.splits(manifest.path, splits.path, params, features_dir=features.path)

@@ -1,0 +1,25 @@
+"""train_mil: CLAM per fold on a features directory, with out-of-fold predictions (GPU)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_mil(
+    manifest: Input[Dataset],
+    features: Input[Dataset],
+    splits: Input[Dataset],
+    seed: int,
+    dataset: dict,
+    train_mil: dict,
+    mil: Output[Model],
+):
+    """`fold_<k>.pt`, `predictions.csv` and `summary.json` in the `mil` directory."""
+    from efcm import config, stages
+
+    params = config.params_from_struct(
+        {"seed": seed, "dataset": dataset, "train_mil": train_mil}, "train_mil"
+    )
+    stages.train_mil(manifest.path, features.path, splits.path, mil.path, params)

@@ -1,0 +1,1 @@
+"""The EFCM Kubeflow pipeline (`pipeline.py`) and its compiler (`compile.py`)."""

@@ -1,0 +1,127 @@
+"""Compile the EFCM pipeline to IR YAML, with params.yaml as the parameter defaults.
+
+    python pipelines/compile.py [--params params.yaml] [--image IMG]
+        [--out pipelines/efcm_pipeline.yaml] [--gpu-node-selector KEY=VALUE ...]
+
+params.yaml is read through `efcm.config.load_params` (so it is validated) and each section the
+pipeline takes becomes that parameter's default, as does `seed`. No environment variable is read;
+the same inputs give the same bytes (a test checks the committed `pipelines/efcm_pipeline.yaml`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python pipelines/compile.py` puts pipelines/, not the root, first
+    sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+from kfp import compiler  # noqa: E402
+from kfp.compiler import pipeline_spec_builder  # noqa: E402
+
+from components.image import IMAGE  # noqa: E402
+from efcm.config import Params, load_params, params_from_dict, params_to_dict  # noqa: E402
+from pipelines.pipeline import SECTIONS, build_pipeline  # noqa: E402
+
+DEFAULT_OUT = ROOT / "pipelines" / "efcm_pipeline.yaml"
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def pipeline_arguments(params: Params) -> dict[str, Any]:
+    """`seed` and the pipeline's params.yaml sections, as KFP parameter values.
+
+    KFP cannot carry a null inside a struct parameter, so keys set to null are left out: every such
+    field defaults to null, which is checked here (the values must validate back to `params`).
+    """
+    data = params_to_dict(params)
+    args = {"seed": data["seed"], **{name: _without_none(data[name]) for name in SECTIONS}}
+    if params_from_dict(args).model_dump(include=set(args)) != params.model_dump(include=set(args)):
+        raise ValueError("a null in params.yaml is not the default of its key: KFP cannot pass it")
+    return args
+
+
+def pipeline_defaults(params_path: str | Path) -> dict[str, Any]:
+    """The pipeline parameter defaults from a params.yaml (validated)."""
+    return pipeline_arguments(load_params(params_path))
+
+
+def compile_pipeline(
+    out: str | Path,
+    params_path: str | Path = ROOT / "params.yaml",
+    image: str = IMAGE,
+    gpu_node_selector: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the compiled pipeline to `out`; returns its path."""
+    if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]:
+        raise ValueError(f"image {image!r} must carry an explicit tag other than :latest")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(
+        build_pipeline(image, gpu_node_selector),
+        str(out),
+        pipeline_parameters=pipeline_defaults(params_path),
+    )
+    _stable_header(out)
+    return out
+
+
+def _stable_header(path: Path) -> None:
+    """Rewrite the comment header kfp puts above the YAML in a stable key order.
+
+    kfp sorts the YAML body, but prints the struct defaults in its header in protobuf map order,
+    which changes from process to process; the header is regenerated, by kfp's own function, from
+    the sorted body.
+    """
+    lines = path.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    body = "".join(lines[start:])
+    spec = next(yaml.safe_load_all(body))
+    header = pipeline_spec_builder.extract_comments_from_pipeline_spec(
+        spec, spec["pipelineInfo"].get("description")
+    )
+    path.write_text(header + body)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    return key, value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="default: params.yaml")
+    ap.add_argument("--image", default=IMAGE, help=f"component image (default: {IMAGE})")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="default: pipelines/efcm_pipeline.yaml")
+    ap.add_argument(
+        "--gpu-node-selector",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label for the GPU stages (repeatable), e.g. "
+        "cloud.google.com/gke-accelerator=nvidia-l4",
+    )
+    args = ap.parse_args(argv)
+    try:
+        out = compile_pipeline(args.out, args.params, args.image, dict(args.gpu_node_selector))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"compile: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
