@@ -1,0 +1,169 @@
+"""`EFCMModel`: the `kserve.Model` that serves one exported package.
+
+The package is loaded once, in `load()`, by `efcm.export.load_package` (sha256-verified); a
+package that cannot be loaded raises `PackageError` there, so `efcm serve` stops at startup with one
+line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in) or
+`efcm.inference.predict_slide` (slide URI in, where `access.SlideAccessPolicy` allows it), run in a
+worker thread so health checks stay answered during a long slide. CLAM runs on the CPU (it is small
+and `predict_features` feeds it CPU tensors); the student, used for slides only, moves to the GPU
+when there is one.
+
+Errors: a malformed request is `kserve.errors.InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT) with a
+message naming the expected input [N, D]; a request before the model is ready is kserve's
+`ModelNotReady` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kserve
+import numpy as np
+import torch
+from kserve.errors import InvalidInput, ModelNotReady
+from kserve.protocol.infer_type import to_http_parameters
+
+from efcm.export import Package, PackageError, load_package
+from efcm.inference import Prediction, predict_features, predict_slide
+from efcm.serving import request as rq
+from efcm.serving.access import SlideAccessPolicy
+
+log = logging.getLogger(__name__)
+
+
+class EFCMModel(kserve.Model):
+    def __init__(
+        self,
+        name: str,
+        package_dir: str | Path,
+        *,
+        slide_access: SlideAccessPolicy | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.package_dir = Path(package_dir)
+        self.slide_access = slide_access if slide_access is not None else SlideAccessPolicy()
+        self.package: Package | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Load the package; raises PackageError (one line, no traceback needed) if it cannot."""
+        try:
+            pkg = load_package(self.package_dir)
+        except PackageError:
+            self.ready = False
+            raise
+        except Exception as err:  # torch / json / pydantic errors all mean the same: unusable
+            self.ready = False
+            raise PackageError(
+                f"{self.package_dir}: cannot load the model package ({type(err).__name__}: {err})"
+            ) from err
+        if torch.cuda.is_available():
+            pkg.encoder.to("cuda")
+        self.package = pkg
+        self.ready = True
+        log.info(
+            "model %s: package %s, %d-d features, classes %s, slide input %s",
+            self.name,
+            self.package_dir,
+            pkg.feature_dim,
+            pkg.classes,
+            "on" if self.slide_access.enabled else "off",
+        )
+        return True
+
+    def start(self) -> None:
+        # kserve's default marks every registered model ready, loaded or not.
+        self.ready = self.package is not None
+
+    def _pkg(self) -> Package:
+        if self.package is None or not self.ready:
+            raise ModelNotReady(self.name, "The model package is not loaded.")
+        return self.package
+
+    # -- metadata (GET /v2/models/<name>) --------------------------------------------------------
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        dim = self._pkg().feature_dim
+        return [{"name": rq.FEATURES, "datatype": "FP32", "shape": [-1, dim]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        n_classes = len(self._pkg().classes)
+        return [
+            {"name": rq.PROBABILITIES, "datatype": "FP32", "shape": [1, n_classes]},
+            {"name": rq.ATTENTION, "datatype": "FP32", "shape": [-1]},
+        ]
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def _run(self, pkg: Package, bag: rq.Bag) -> Prediction:
+        try:
+            if isinstance(bag, rq.FeaturesBag):
+                return predict_features(pkg, bag.features)
+            uri = self.slide_access.check(bag.uri)
+            return predict_slide(pkg, uri, mpp=bag.mpp)
+        except (ValueError, FileNotFoundError) as err:
+            if isinstance(bag, rq.FeaturesBag):
+                raise InvalidInput(f"{err}; {rq.expected(pkg.feature_dim)}") from None
+            raise InvalidInput(f"slide {bag.uri}: {err}") from None
+
+    async def predict(
+        self,
+        payload: dict[str, Any] | kserve.InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any] | kserve.InferResponse:
+        pkg = self._pkg()
+        if isinstance(payload, kserve.InferRequest):
+            try:
+                params = to_http_parameters(payload.parameters) if payload.parameters else None
+                bag = rq.v2_bag(payload.inputs, params, pkg.feature_dim)
+            except ValueError as err:
+                raise InvalidInput(str(err)) from None
+            pred = await asyncio.to_thread(self._run, pkg, bag)
+            return self._v2_response(payload, pred)
+        try:
+            bags = rq.v1_bags(payload, pkg.feature_dim)
+        except ValueError as err:
+            raise InvalidInput(str(err)) from None
+        preds = [await asyncio.to_thread(self._run, pkg, bag) for bag in bags]
+        return {"predictions": [self._v1_prediction(pkg, p) for p in preds]}
+
+    @staticmethod
+    def _v1_prediction(pkg: Package, pred: Prediction) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "label": pred.label,
+            "classes": pkg.classes,
+            "probabilities": pred.probabilities.tolist(),
+            "attention": pred.attention.tolist(),
+        }
+        if pred.coords is not None:
+            out["coords"] = pred.coords.tolist()
+        return out
+
+    def _v2_response(self, req: kserve.InferRequest, pred: Prediction) -> kserve.InferResponse:
+        tensors = [
+            (rq.PROBABILITIES, "FP32", pred.probabilities.reshape(1, -1).astype(np.float32)),
+            (rq.ATTENTION, "FP32", pred.attention.astype(np.float32)),
+        ]
+        if pred.coords is not None:
+            tensors.append((rq.COORDS, "INT64", pred.coords.astype(np.int64)))
+        outputs = []
+        for name, datatype, arr in tensors:
+            out = kserve.InferOutput(name, list(arr.shape), datatype)
+            # As a list: kserve 0.21's InferResponse.to_grpc cannot take ndarray data when it
+            # answers in raw bytes (it tests the array's truth value); to_rest / to_grpc re-encode.
+            out.set_data_from_numpy(arr, binary_data=False)
+            outputs.append(out)
+        return kserve.InferResponse(
+            response_id=req.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=outputs,
+            parameters={"label": pred.label},
+            use_binary_outputs=req.use_binary_outputs,
+            requested_outputs=req.request_outputs,
+        )

@@ -1,0 +1,140 @@
+"""Request bodies -> bags, for both protocols. Pure functions: no kserve import.
+
+v2 (Open Inference Protocol), one bag per request, either
+  input `features`: FP32 (or FP16, binary data only) of shape [N, D], N >= 1 patch features, or
+  input `slide_uri`: BYTES [1], a slide the server patches and embeds itself (the request
+  parameter `mpp` overrides the slide's mpp); only where the access policy allows it.
+v1, one bag per instance:
+  {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5}, [[...], ...]]}
+
+Everything malformed raises ValueError with a message naming the expected input; the value checks of
+the features themselves (shape, empty bag, NaN) are `efcm.inference.check_features`, called by
+`efcm.inference.predict_features`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+FEATURES = "features"
+SLIDE_URI = "slide_uri"
+PROBABILITIES = "probabilities"
+ATTENTION = "attention"
+COORDS = "coords"
+FEATURE_DATATYPES = ("FP32", "FP16")
+
+
+@dataclass(frozen=True)
+class FeaturesBag:
+    features: np.ndarray  # as sent; checked by efcm.inference.check_features
+
+
+@dataclass(frozen=True)
+class SlideBag:
+    uri: str
+    mpp: float | None = None
+
+
+Bag = FeaturesBag | SlideBag
+
+
+class V2Input(Protocol):
+    """The part of kserve's InferInput used here."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def as_numpy(self) -> np.ndarray: ...
+
+
+def expected(dim: int) -> str:
+    return f"expected input '{FEATURES}' of shape [N, {dim}] (N >= 1 patches, FP32 or FP16, finite)"
+
+
+def _mpp(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"mpp must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _v1_features(data: Any, dim: int) -> np.ndarray:
+    # JSON has no dtype: integral numbers are features too; strings, booleans, objects are not.
+    try:
+        arr = np.asarray(data)
+    except ValueError:
+        raise ValueError(f"features are not a rectangular array; {expected(dim)}") from None
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.float32)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"features must be numbers, got {arr.dtype}; {expected(dim)}")
+    return arr
+
+
+def v1_bags(body: Any, dim: int) -> list[Bag]:
+    """`{"instances": [...]}` -> one bag per instance. `body` may still be bytes: kserve leaves the
+    body undecoded when the client sent a non-JSON content type (curl -d, form posts)."""
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            raise ValueError("the request body is not JSON; " + expected(dim)) from None
+    if not isinstance(body, dict) or "instances" not in body:
+        raise ValueError(
+            'a v1 request is {"instances": [{"features": [[...], ...]}]}; ' + expected(dim)
+        )
+    instances = body["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise ValueError(f'"instances" must be a non-empty list; {expected(dim)}')
+    bags: list[Bag] = []
+    for inst in instances:
+        if isinstance(inst, dict) and FEATURES in inst:
+            bags.append(FeaturesBag(_v1_features(inst[FEATURES], dim)))
+        elif isinstance(inst, dict) and SLIDE_URI in inst:
+            uri = inst[SLIDE_URI]
+            if not isinstance(uri, str) or not uri:
+                raise ValueError(f"{SLIDE_URI} must be a non-empty string, got {uri!r}")
+            bags.append(SlideBag(uri, _mpp(inst.get("mpp"))))
+        elif isinstance(inst, list):
+            bags.append(FeaturesBag(_v1_features(inst, dim)))
+        else:
+            keys = sorted(inst) if isinstance(inst, dict) else type(inst).__name__
+            raise ValueError(
+                f"an instance needs '{FEATURES}' or '{SLIDE_URI}', got {keys}; {expected(dim)}"
+            )
+    return bags
+
+
+def v2_bag(inputs: list[V2Input], parameters: dict[str, Any] | None, dim: int) -> Bag:
+    """The inputs of one v2 request -> its bag."""
+    by_name = {i.name: i for i in inputs}
+    if FEATURES in by_name:
+        inp = by_name[FEATURES]
+        if inp.datatype not in FEATURE_DATATYPES:
+            raise ValueError(
+                f"input '{FEATURES}' has datatype {inp.datatype}, shape {list(inp.shape)}; "
+                + expected(dim)
+            )
+        try:
+            arr = inp.as_numpy()  # the declared shape; raises if the data does not fill it
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"input '{FEATURES}' data does not match its shape {list(inp.shape)} ({err}); "
+                + expected(dim)
+            ) from None
+        return FeaturesBag(arr)
+    if SLIDE_URI in by_name:
+        inp = by_name[SLIDE_URI]
+        values = inp.as_numpy().reshape(-1) if inp.datatype == "BYTES" else ()
+        if len(values) != 1:
+            raise ValueError(f"input '{SLIDE_URI}' must be BYTES of shape [1]")
+        uri = values[0]
+        uri = uri.decode("utf-8") if isinstance(uri, bytes) else str(uri)
+        return SlideBag(uri, _mpp((parameters or {}).get("mpp")))
+    raise ValueError(f"no input '{FEATURES}' (got {sorted(by_name)}); " + expected(dim))

@@ -1,0 +1,302 @@
+"""The served model: `efcm serve` in a subprocess (real kserve ModelServer, REST + gRPC), called
+with kserve's own clients (v2) and plain JSON (v1)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from efcm.config import params_from_dict
+from efcm.distill import save_student
+from efcm.export import export_package, load_package
+from efcm.inference import predict_features
+from efcm.mil import save_clam
+from efcm.models.clam import CLAMSB
+from efcm.models.encoders import build_student
+from tests.conftest import tiny_params_dict
+
+pytestmark = pytest.mark.integration
+
+DIM = 24  # the student's output = CLAM's input width
+MODEL = "efcm"
+
+
+def build_package(out: Path, dim: int = DIM) -> Path:
+    """A real package (tiny random student + CLAM) the way `efcm export` writes it, in ~0.1 s."""
+    params = params_from_dict(tiny_params_dict())
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    student = build_student(params.student, dim, warn_random=False)
+    save_student(out / "student.pt", student, params.student)
+    mil = out / "train_mil"
+    mil.mkdir(exist_ok=True)
+    n_classes = len(params.dataset.classes)
+    save_clam(mil / "fold_0.pt", CLAMSB(dim, n_classes, hidden=16, attn_dim=8, k_sample=2))
+    (mil / "summary.json").write_text(json.dumps({"selected_fold": 0}))
+    return export_package(out / "student.pt", mil, out / "package", params)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _efcm_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("efcm")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "efcm.cli"]
+
+
+@dataclass
+class Server:
+    url: str
+    grpc: str
+    package: Path
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_package(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    http_port, grpc_port = _free_port(), _free_port()
+    log = tmp_path_factory.mktemp("serving-log") / "server.log"
+    cmd = [
+        *_efcm_cmd(),
+        "serve",
+        str(package),
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--model-name",
+        MODEL,
+    ]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"efcm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"efcm serve not ready after 90 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield Server(url, f"127.0.0.1:{grpc_port}", package, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _bag(n: int = 7, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def _v2_infer(server: Server, x: np.ndarray, datatype: str = "FP32", *, binary: bool = False):
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    async def call():
+        inp = InferInput("features", list(x.shape), datatype)
+        inp.set_data_from_numpy(x, binary_data=binary)
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
+        try:
+            return await client.infer(server.url, InferRequest(MODEL, [inp]), model_name=MODEL)
+        finally:
+            await client.close()
+
+    return asyncio.run(call())
+
+
+def _v2_json(server: Server, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=30)
+
+
+def _v1(server: Server, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/models/{MODEL}:predict", json=body, timeout=30)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_v2_infer_returns_probabilities_and_attention_equal_to_core(server, binary):
+    x = _bag(7)
+    res = _v2_infer(server, x, binary=binary)
+    out = {o.name: o for o in res.outputs}
+    probs, attn = out["probabilities"].as_numpy(), out["attention"].as_numpy()
+    assert out["probabilities"].datatype == "FP32" and out["attention"].datatype == "FP32"
+    assert probs.shape == (1, 2) and attn.shape == (7,)
+    assert probs.sum() == pytest.approx(1, abs=1e-5)
+    assert attn.sum() == pytest.approx(1, abs=1e-5)
+    expected = predict_features(load_package(server.package), x)
+    np.testing.assert_allclose(probs[0], expected.probabilities, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attn, expected.attention, rtol=1e-5, atol=1e-6)
+    assert res.parameters["label"] == expected.label
+
+
+def test_v2_accepts_fp16_binary_features(server):
+    x = _bag(5).astype(np.float16)
+    out = {o.name: o.as_numpy() for o in _v2_infer(server, x, "FP16", binary=True).outputs}
+    expected = predict_features(load_package(server.package), x.astype(np.float32))
+    np.testing.assert_allclose(out["probabilities"][0], expected.probabilities, atol=1e-5)
+
+
+def test_grpc_infer_matches_rest(server):
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    x = _bag(6, seed=3)
+
+    async def call():
+        inp = InferInput("features", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        client = InferenceGRPCClient(server.grpc, timeout=30)
+        try:
+            return await client.infer(InferRequest(MODEL, [inp]))
+        finally:
+            await client.close()
+
+    grpc_out = {o.name: o.as_numpy() for o in asyncio.run(call()).outputs}
+    rest_out = {o.name: o.as_numpy() for o in _v2_infer(server, x).outputs}
+    np.testing.assert_allclose(grpc_out["probabilities"], rest_out["probabilities"], atol=1e-6)
+    np.testing.assert_allclose(grpc_out["attention"], rest_out["attention"], atol=1e-6)
+
+
+def test_v1_json_predictions(server):
+    bags = [_bag(4, seed=1), _bag(9, seed=2)]
+    res = _v1(server, {"instances": [{"features": b.tolist()} for b in bags]})
+    assert res.status_code == 200, res.text
+    preds = res.json()["predictions"]
+    assert len(preds) == 2
+    pkg = load_package(server.package)
+    for bag, pred in zip(bags, preds, strict=True):
+        expected = predict_features(pkg, bag)
+        assert pred["label"] == expected.label
+        assert len(pred["attention"]) == len(bag)
+        np.testing.assert_allclose(pred["probabilities"], expected.probabilities, atol=1e-6)
+        np.testing.assert_allclose(pred["attention"], expected.attention, atol=1e-6)
+
+
+def test_v2_metadata_declares_the_features_input(server):
+    meta = httpx.get(f"{server.url}/v2/models/{MODEL}", timeout=10).json()
+    inputs = {i["name"]: i for i in meta["inputs"]}
+    outputs = {o["name"]: o for o in meta["outputs"]}
+    assert inputs["features"] == {"name": "features", "datatype": "FP32", "shape": [-1, DIM]}
+    assert outputs["probabilities"]["shape"] == [1, 2]
+    assert outputs["attention"]["shape"] == [-1]
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/ready", timeout=10).json()["ready"]
+
+
+def _features(x, datatype="FP32", shape=None, name="features") -> dict:
+    arr = np.asarray(x)
+    return {
+        "inputs": [
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(arr.shape) if shape is None else shape,
+                "data": arr.reshape(-1).tolist(),
+            }
+        ]
+    }
+
+
+BAD_REQUESTS = {
+    "v2-wrong-width": ("v2", _features(_bag(3, dim=DIM + 1))),
+    "v2-wrong-rank": ("v2", _features(_bag(1).reshape(-1))),
+    "v2-rank-3": ("v2", _features(_bag(4).reshape(2, 2, DIM))),
+    "v2-int32": ("v2", _features(np.ones((3, DIM), np.int32), "INT32")),
+    "v2-fp64": ("v2", _features(_bag(3).astype(np.float64), "FP64")),
+    "v2-empty-bag": ("v2", _features(np.zeros((0, DIM), np.float32))),
+    "v2-data-shorter-than-shape": ("v2", _features(_bag(2), shape=[3, DIM])),
+    "v2-missing-input": ("v2", _features(_bag(3), name="patches")),
+    "v2-no-inputs": ("v2", {"id": "x"}),
+    "v1-wrong-width": ("v1", {"instances": [{"features": _bag(2, dim=5).tolist()}]}),
+    "v1-empty-bag": ("v1", {"instances": [{"features": []}]}),
+    "v1-strings": ("v1", {"instances": [{"features": [["a"] * DIM]}]}),
+    "v1-no-instances": ("v1", {"features": _bag(2).tolist()}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_malformed_request_is_400_naming_the_shape_and_server_keeps_serving(server, case):
+    protocol, body = BAD_REQUESTS[case]
+    res = (_v2_json if protocol == "v2" else _v1)(server, body)
+    assert res.status_code == 400, res.text
+    error = res.json()["error"]
+    if case != "v2-no-inputs":  # rejected by kserve's request schema, before the model
+        assert f"[N, {DIM}]" in error, error
+    assert "Traceback" not in res.text
+    assert _v1(server, {"instances": [{"features": _bag(3).tolist()}]}).status_code == 200
+
+
+def test_nan_features_are_400(server):
+    x = _bag(3)
+    x[1, 2] = np.nan
+    with pytest.raises(httpx.HTTPStatusError) as err:
+        _v2_infer(server, x, binary=True)
+    assert err.value.response.status_code == 400
+    assert "NaN" in err.value.response.json()["error"]
+    # v1 JSON with a NaN literal
+    body = '{"instances": [{"features": [[NaN' + ", 0" * (DIM - 1) + "]]}]}"
+    res = httpx.post(
+        f"{server.url}/v1/models/{MODEL}:predict",
+        content=body,
+        headers={"content-type": "text/plain"},
+        timeout=30,
+    )
+    assert res.status_code == 400 and "NaN" in res.json()["error"], res.text
+
+
+def test_slide_input_is_refused_unless_allowed(server):
+    res = _v1(server, {"instances": [{"slide_uri": "/etc/passwd"}]})
+    assert res.status_code == 400
+    assert "disabled" in res.json()["error"]
+
+
+def test_unloadable_package_fails_at_startup_with_one_line(tmp_path, package):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in package.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    with (bad / "clam.pt").open("ab") as fh:
+        fh.write(b"tampered")
+    proc = subprocess.run(
+        [
+            *_efcm_cmd(),
+            "serve",
+            str(bad),
+            "--http-port",
+            str(_free_port()),
+            "--grpc-port",
+            str(_free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+    assert proc.returncode == 1
+    assert "sha256" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
