@@ -25,8 +25,16 @@ TINY = {
     "student": {"arch": "test_resnet", "input_size": 64},
     "extract": {"batch_size": 32},
     "distill": {"epochs": 1, "batch_size": 32},
-    "train_mil": {"folds": 2, "epochs": 4, "min_epochs": 1, "patience": 2, "hidden": 32,
-                  "attn_dim": 16, "k_sample": 4, "val_fraction": 0.34},
+    "train_mil": {
+        "folds": 2,
+        "epochs": 4,
+        "min_epochs": 1,
+        "patience": 2,
+        "hidden": 32,
+        "attn_dim": 16,
+        "k_sample": 4,
+        "val_fraction": 0.34,
+    },
     "evaluate": {"bootstrap": 50},
 }
 

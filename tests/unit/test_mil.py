@@ -41,7 +41,9 @@ def _manifest(n_cases=9, per_case=2):
     slides = []
     for c in range(n_cases):
         for k in range(per_case):
-            slides.append(SlideEntry(f"s{c}_{k}", f"case{c}", "x", "tumour" if c % 3 == 0 else "normal"))
+            slides.append(
+                SlideEntry(f"s{c}_{k}", f"case{c}", "x", "tumour" if c % 3 == 0 else "normal")
+            )
     return Manifest(None, tuple(slides))
 
 
@@ -117,8 +119,13 @@ def test_package_round_trip_and_tamper_detection(tmp_path):
     (tmp_path / "mil").mkdir()
     save_clam(tmp_path / "mil" / "fold_0.pt", CLAMSB(64, 2, hidden=8, attn_dim=4))
     (tmp_path / "mil" / "summary.json").write_text(json.dumps({"selected_fold": 0}))
-    pkg_dir = export_package(tmp_path / "student.pt", tmp_path / "mil", tmp_path / "pkg", params,
-                             {"student": {"auc": 0.9}})
+    pkg_dir = export_package(
+        tmp_path / "student.pt",
+        tmp_path / "mil",
+        tmp_path / "pkg",
+        params,
+        {"student": {"auc": 0.9}},
+    )
     pkg = load_package(pkg_dir)
     assert pkg.classes == ["normal", "tumour"] and pkg.feature_dim == 64
     assert pkg.meta["metrics"]["student"]["auc"] == 0.9

@@ -79,7 +79,9 @@ def test_extraction_is_batch_size_invariant_and_resumes(patched, tmp_path):
     model = EncoderWithTransform(backbone, TINY.teacher).eval()
     m = read_manifest(manifest)
     a = extract_manifest(model, m, pdir, tmp_path / "a", ExtractParams(batch_size=1), {"arch": "t"})
-    b = extract_manifest(model, m, pdir, tmp_path / "b", ExtractParams(batch_size=64), {"arch": "t"})
+    b = extract_manifest(
+        model, m, pdir, tmp_path / "b", ExtractParams(batch_size=64), {"arch": "t"}
+    )
     assert all(r["status"] == "ok" for r in a + b)
     for s in m.slides:
         fa, ca = read_features(tmp_path / "a" / "features" / f"{s.slide_id}.h5")
@@ -98,11 +100,16 @@ def test_extraction_with_workers_matches(patched, tmp_path):
     m = read_manifest(manifest)
     m1 = type(m)(m.path, m.slides[:1])
     extract_manifest(model, m1, pdir, tmp_path / "w0", ExtractParams(num_workers=0), {})
-    extract_manifest(model, m1, pdir, tmp_path / "w2", ExtractParams(num_workers=2, batch_size=8), {})
+    extract_manifest(
+        model, m1, pdir, tmp_path / "w2", ExtractParams(num_workers=2, batch_size=8), {}
+    )
     sid = m.slides[0].slide_id
-    np.testing.assert_allclose(read_features(tmp_path / "w0" / "features" / f"{sid}.h5")[0],
-                               read_features(tmp_path / "w2" / "features" / f"{sid}.h5")[0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        read_features(tmp_path / "w0" / "features" / f"{sid}.h5")[0],
+        read_features(tmp_path / "w2" / "features" / f"{sid}.h5")[0],
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_student_outputs_teacher_space():
@@ -116,8 +123,12 @@ def test_vfd_brings_the_student_closer_to_the_teacher(patched, tmp_path):
     from efcm import stages
 
     manifest, pdir = patched
-    params = params_from_dict({**tiny_params_dict(), "distill": {"epochs": 3, "batch_size": 16,
-                                                                 "lr": 0.003, "val_fraction": 0.34}})
+    params = params_from_dict(
+        {
+            **tiny_params_dict(),
+            "distill": {"epochs": 3, "batch_size": 16, "lr": 0.003, "val_fraction": 0.34},
+        }
+    )
     stages.extract(manifest, pdir, tmp_path / "teacher", params)
     m = stages.distill(manifest, pdir, tmp_path / "teacher", tmp_path / "distill", params)
     losses = [h["train_loss"] for h in m["history"]]
