@@ -200,3 +200,13 @@ def test_serving_image_entrypoint_is_efcm_serve():
     text = (DOCKER / "Dockerfile.serving").read_text()
     assert 'ENTRYPOINT ["efcm", "serve"]' in text
     assert '".[serve]"' in text
+
+
+def test_static_inferenceservice_is_the_deploy_renderers_output():
+    """manifests/inferenceservice.yaml comes from efcm.deploy (one renderer for both)."""
+    from pipelines.render_manifests import render
+
+    committed = (MANIFESTS / "inferenceservice.yaml").read_text()
+    assert committed == render(), (
+        "manifests/inferenceservice.yaml is stale: run `python pipelines/render_manifests.py`"
+    )
