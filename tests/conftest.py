@@ -20,7 +20,7 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 # timm's tiny test models, 2 folds.
 TINY = {
     "demo_data": {"slides": 6, "size": 1536, "slides_per_case": 1},
-    "patch": {"target_mpp": 1.0, "patch_size": 64, "step": 64},
+    "patch": {"target_mpp": 1.0, "patch_size": 64, "step": 64, "max_upsample": 64},
     "teacher": {"arch": "test_vit", "input_size": 64, "model_kwargs": {"img_size": 64}},
     "student": {"arch": "test_resnet", "input_size": 64},
     "extract": {"batch_size": 32},
@@ -72,3 +72,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test slides not available: {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """gcp-storage-emulator on 127.0.0.1 (a free port, in memory), for the whole session."""
+    from tests import gcs
+
+    with gcs.emulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh emulator bucket; `STORAGE_EMULATOR_HOST` points at it and `EFCM_CACHE_DIR` is private
+    to the test (tmp_path/"gcs-cache"); efcm's download counters start at zero."""
+    import uuid
+
+    from efcm import storage
+    from tests import gcs
+
+    gcs.use_emulator(monkeypatch, gcs_emulator, tmp_path / "gcs-cache")
+    storage.reset_download_stats()
+    return gcs.create_bucket(gcs_emulator, f"efcm-test-{uuid.uuid4().hex[:12]}")

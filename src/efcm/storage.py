@@ -1,18 +1,91 @@
-"""Where files live: local paths and gs:// objects staged into a local cache.
+"""Where files live: local paths, and gs:// objects staged into a local cache.
 
-A gs:// object is downloaded once into the cache directory (`EFCM_CACHE_DIR`, default
-``~/.cache/efcm``) under its bucket/object path, and reused while its size and generation match.
+A gs:// slide is downloaded once into the cache directory (`EFCM_CACHE_DIR`, default
+``~/.cache/efcm``) and reused while the object's generation matches: a later call costs one
+metadata request and no bytes. Layout of the cache::
+
+    <cache>/gcs/<bucket>/<object>             the staged bytes, under the object's own name
+    <cache>/gcs-meta/<bucket>/<object>.json   generation, size and mtime of the staged file
+    <cache>/gcs-meta/<bucket>/<object>.lock   held (flock) while one process stages the object
+    <cache>/gcs-meta/<bucket>/<object>.*.part bytes in flight (unique per process, then renamed)
+
+A download goes to a temporary name and is renamed into place only when complete (size and the
+library's CRC32C check), and its record is written after the rename, so a killed download never
+looks complete. Workers staging the same object take turns on the lock: one downloads, the others
+then find it current and reuse it. Metadata requests and downloads retry transient errors
+(google-cloud-storage's `DEFAULT_RETRY`: 408/429/5xx and connection errors, exponential
+backoff); an interrupted download resumes from the bytes it has.
+
+Multi-file slides are staged as a whole:
+
+- ``gs://b/d/x.mrxs``: the ``.mrxs`` file and everything under its sibling folder ``gs://b/d/x/``
+  (Slidedat.ini, Index.dat, Data*.dat); OpenSlide then opens the local ``.mrxs``.
+- ``gs://b/d/series/`` (a trailing slash, or a name that only exists as a folder): every object
+  under the prefix, e.g. a DICOM WSI series. OpenSlide opens a DICOM series by any one of its files
+  (it scans that file's folder for the same Series Instance UID), so `local_path` returns one
+  ``.dcm`` file of the staged folder. One series per folder.
+
 Works against the real GCS API and against an emulator (`STORAGE_EMULATOR_HOST`).
+`download_stats()` counts what this process downloaded and reused (tests assert on it).
 """
 
 from __future__ import annotations
 
+import functools
+import glob
+import json
 import logging
 import os
-import tempfile
-from pathlib import Path
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+TIMEOUT = 60.0  # seconds per HTTP request (connect / between bytes)
+METADATA_DEADLINE = 120.0  # seconds of retrying a metadata GET or a listing
+DOWNLOAD_DEADLINE = 1800.0  # seconds of retrying one object's download (slides are GBs)
+
+
+@dataclass(frozen=True)
+class DownloadStats:
+    """What this process staged from gs:// since the last reset."""
+
+    objects: int = 0  # objects downloaded
+    bytes: int = 0  # bytes downloaded
+    reused: int = 0  # objects found current in the cache (no bytes moved)
+
+
+_stats = DownloadStats()
+_stats_lock = threading.Lock()
+
+
+def download_stats() -> DownloadStats:
+    """Objects and bytes this process downloaded, and objects it reused, since the last reset.
+
+    Per process: downloads made by worker processes are counted in those processes.
+    """
+    return _stats
+
+
+def reset_download_stats() -> None:
+    global _stats
+    with _stats_lock:
+        _stats = DownloadStats()
+
+
+def _count(objects: int = 0, nbytes: int = 0, reused: int = 0) -> None:
+    global _stats
+    with _stats_lock:
+        _stats = DownloadStats(
+            _stats.objects + objects, _stats.bytes + nbytes, _stats.reused + reused
+        )
 
 
 def is_gcs(uri: str) -> bool:
@@ -20,7 +93,11 @@ def is_gcs(uri: str) -> bool:
 
 
 def split_gcs(uri: str) -> tuple[str, str]:
-    """gs://bucket/a/b -> (bucket, a/b)."""
+    """gs://bucket/a/b -> (bucket, a/b).
+
+    Raises:
+        ValueError: not a gs:// URI, or no bucket or no object name.
+    """
     if not is_gcs(uri):
         raise ValueError(f"not a gs:// URI: {uri!r}")
     bucket, _, blob = uri[5:].partition("/")
@@ -34,55 +111,266 @@ def cache_dir() -> Path:
 
 
 def gcs_client():
-    """A google-cloud-storage client; anonymous against an emulator."""
+    """A google-cloud-storage client (one per process and endpoint); anonymous against an
+    emulator."""
+    return _client(os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST") or "")
+
+
+@functools.lru_cache(maxsize=4)
+def _client(pid: int, emulator: str):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
+    if emulator:
         return storage.Client(project="efcm-local", credentials=AnonymousCredentials())
     return storage.Client()
 
 
+def _retry(deadline: float):
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_timeout(deadline)
+
+
 def download(uri: str, dest_root: Path | None = None) -> Path:
-    """Stage a gs:// object locally (once); returns the local path."""
-    bucket_name, name = split_gcs(uri)
-    dest = (dest_root or cache_dir()) / "gcs" / bucket_name / name
-    blob = gcs_client().bucket(bucket_name).get_blob(name)
+    """Stage a gs:// slide (or any object) into the local cache, once; returns its local path.
+
+    An object -> its local file. ``.mrxs`` -> the local ``.mrxs`` file, with its sibling data
+    folder staged beside it. A folder (``gs://b/series/``, or a name that exists only as a
+    prefix) -> the local folder holding every object under it. Objects whose generation and size
+    match the cache are reused without downloading.
+
+    Args:
+        uri: ``gs://bucket/object``, ``gs://bucket/slide.mrxs`` or ``gs://bucket/folder/``.
+        dest_root: the cache directory (default `cache_dir()`).
+
+    Raises:
+        ValueError: not a gs:// URI, no bucket or object name, or an object name that cannot be a
+            local path (``..``, empty segments).
+        FileNotFoundError: no such object (or folder, or MRXS data folder); names the URI.
+        PermissionError: the credentials may not read it.
+    """
+    from google.api_core import exceptions as gexc
+
+    bucket, name = split_gcs(uri)
+    root = Path(dest_root) if dest_root is not None else cache_dir()
+    _check_name(uri, name)
+    for attempt in range(2):
+        try:
+            if name.endswith("/"):
+                return _stage_folder(uri, bucket, name, root)
+            if name.lower().endswith(".mrxs"):
+                return _stage_mrxs(uri, bucket, name, root)
+            return _stage_object(uri, bucket, name, root)
+        except gexc.NotFound as err:
+            # the generation we listed was replaced while we downloaded it: look again, once
+            if attempt:
+                raise FileNotFoundError(f"no such object: {uri} ({err.message})") from None
+            log.info("%s changed while staging; retrying with its new generation", uri)
+        except (gexc.Forbidden, gexc.Unauthorized) as err:
+            raise PermissionError(f"access denied to {uri}: {err.message}") from None
+    raise AssertionError("unreachable")
+
+
+def _check_name(uri: str, name: str) -> None:
+    parts = name.rstrip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"gs:// object name cannot be staged as a local path: {uri!r}")
+
+
+def _stage_object(uri: str, bucket: str, name: str, root: Path) -> Path:
+    blob = (
+        gcs_client().bucket(bucket).get_blob(name, retry=_retry(METADATA_DEADLINE), timeout=TIMEOUT)
+    )
+    if blob is None:
+        if _list(uri, bucket, name + "/", max_results=1, placeholders=True):
+            return _stage_folder(uri, bucket, name + "/", root)  # a folder named without '/'
+        raise FileNotFoundError(f"no such object: {uri}")
+    return _stage_blob(blob, root)
+
+
+def _stage_mrxs(uri: str, bucket: str, name: str, root: Path) -> Path:
+    blob = (
+        gcs_client().bucket(bucket).get_blob(name, retry=_retry(METADATA_DEADLINE), timeout=TIMEOUT)
+    )
     if blob is None:
         raise FileNotFoundError(f"no such object: {uri}")
-    marker = dest.with_name(dest.name + ".generation")
-    if dest.is_file() and marker.is_file() and marker.read_text() == str(blob.generation):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    os.close(fd)
+    data_prefix = name[: -len(".mrxs")] + "/"
+    data = _list(uri, bucket, data_prefix)
+    if not data:
+        raise FileNotFoundError(
+            f"{uri}: MRXS slide without its data folder gs://{bucket}/{data_prefix}"
+        )
+    for b in data:
+        _stage_blob(b, root)
+    _prune(root, bucket, data_prefix, {b.name for b in data})
+    return _stage_blob(blob, root)
+
+
+def _stage_folder(uri: str, bucket: str, prefix: str, root: Path) -> Path:
+    blobs = _list(uri, bucket, prefix)
+    if not blobs:
+        raise FileNotFoundError(f"no objects under {uri}")
+    for b in blobs:
+        _check_name(f"gs://{bucket}/{b.name}", b.name)
+        _stage_blob(b, root)
+    _prune(root, bucket, prefix, {b.name for b in blobs})
+    return _data_path(root, bucket, prefix)
+
+
+def _list(
+    uri: str, bucket: str, prefix: str, max_results: int | None = None, placeholders: bool = False
+) -> list[Any]:
+    """The objects under `prefix`; folder placeholders (names ending in '/') only if asked."""
+    from google.api_core import exceptions as gexc
+
     try:
-        blob.download_to_filename(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    marker.write_text(str(blob.generation))
-    log.info("downloaded %s (%d bytes)", uri, dest.stat().st_size)
+        it = gcs_client().list_blobs(
+            bucket,
+            prefix=prefix,
+            max_results=max_results,
+            retry=_retry(METADATA_DEADLINE),
+            timeout=TIMEOUT,
+        )
+        return [b for b in it if placeholders or not b.name.endswith("/")]
+    except gexc.NotFound:
+        raise FileNotFoundError(f"no such object: {uri} (no bucket {bucket!r})") from None
+
+
+def _data_path(root: Path, bucket: str, name: str) -> Path:
+    return root / "gcs" / bucket / PurePosixPath(name)
+
+
+def _meta_path(root: Path, bucket: str, name: str, suffix: str) -> Path:
+    p = root / "gcs-meta" / bucket / PurePosixPath(name)
+    return p.with_name(p.name + suffix)
+
+
+def _record(dest: Path, generation: int, size: int) -> dict[str, int]:
+    return {"generation": int(generation), "size": int(size), "mtime_ns": dest.stat().st_mtime_ns}
+
+
+def _is_current(dest: Path, meta: Path, generation: int, size: int) -> bool:
+    """The staged file is this generation of the object, complete and untouched since."""
+    try:
+        rec = json.loads(meta.read_text())
+        return rec == _record(dest, generation, size) and dest.stat().st_size == size
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock between processes (no-op where flock does not exist)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: unique temp names + rename still hold
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _stage_blob(blob: Any, root: Path) -> Path:
+    """Download one listed/fetched object unless the cache already holds its generation."""
+    bucket, name = blob.bucket.name, blob.name
+    uri = f"gs://{bucket}/{name}"
+    # read before downloading: the download overwrites them from response headers (if any)
+    generation, size = int(blob.generation), int(blob.size)
+    dest = _data_path(root, bucket, name)
+    meta = _meta_path(root, bucket, name, ".json")
+    if _is_current(dest, meta, generation, size):
+        _count(reused=1)
+        return dest
+    with _locked(_meta_path(root, bucket, name, ".lock")):
+        if _is_current(dest, meta, generation, size):  # another worker staged it while we waited
+            _count(reused=1)
+            return dest
+        _remove_stale_parts(meta.parent, dest.name)
+        t0 = time.perf_counter()
+        tmp = _meta_path(root, bucket, name, f".{os.getpid()}.{secrets.token_hex(4)}.part")
+        try:
+            # `blob` carries its generation, so these bytes are exactly the version we checked
+            blob.download_to_filename(str(tmp), retry=_retry(DOWNLOAD_DEADLINE), timeout=TIMEOUT)
+            got = tmp.stat().st_size
+            if got != size:
+                raise OSError(f"{uri}: downloaded {got} bytes, expected {size}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _write_json(meta, _record(dest, generation, size))
+    _count(objects=1, nbytes=size)
+    log.info(
+        "downloaded %s (generation %s, %d bytes, %.1f s)",
+        uri,
+        generation,
+        size,
+        time.perf_counter() - t0,
+    )
     return dest
+
+
+def _remove_stale_parts(folder: Path, name: str) -> None:
+    """Bytes left by a killed download of this object (we hold its lock: no one else writes)."""
+    part = re.compile(rf"{re.escape(name)}\.\d+\.[0-9a-f]{{8}}\.part")
+    for p in folder.glob(f"{glob.escape(name)}.*.part"):
+        if part.fullmatch(p.name):
+            log.info("removing %s: left by an interrupted download", p)
+            p.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, bucket: str, prefix: str, keep: Iterable[str]) -> None:
+    """Remove staged files under `prefix` whose objects are gone (a series must not gain stale
+    files)."""
+    folder = _data_path(root, bucket, prefix)
+    keep_paths = {_data_path(root, bucket, n) for n in keep}
+    for p in folder.rglob("*"):
+        if p.is_file() and p not in keep_paths:
+            log.info("removing %s: its object is gone from gs://%s/%s", p, bucket, prefix)
+            p.unlink(missing_ok=True)
+            rel = p.relative_to(root / "gcs" / bucket).as_posix()
+            _meta_path(root, bucket, rel, ".json").unlink(missing_ok=True)
+
+
+def dicom_series_file(folder: Path) -> Path:
+    """The file OpenSlide should open for a DICOM series folder: its first ``.dcm`` file (any file
+    of the series opens the whole series); the folder itself when it has none."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+    return files[0] if files else Path(folder)
 
 
 def upload(path: str | Path, uri: str) -> None:
     bucket_name, name = split_gcs(uri)
-    gcs_client().bucket(bucket_name).blob(name).upload_from_filename(str(path))
+    gcs_client().bucket(bucket_name).blob(name).upload_from_filename(str(path), timeout=TIMEOUT)
 
 
 def local_path(uri: str, *, base_dir: str | Path | None = None) -> Path:
-    """A local path for `uri`: gs:// is staged into the cache; a relative path is taken from
-    base_dir."""
+    """A local path for `uri`, ready for OpenSlide or `open`.
+
+    gs:// is staged into the cache (see `download`); a relative path is taken from `base_dir`.
+    A folder holding a DICOM series (staged or local) becomes one of its ``.dcm`` files.
+    """
     if is_gcs(uri):
-        return download(uri)
-    if "://" in uri:
+        p = download(uri)
+    elif "://" in uri:
         raise ValueError(f"unsupported URI scheme: {uri!r} (use a local path or gs://)")
-    p = Path(uri).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = Path(base_dir) / p
-    return p
+    else:
+        p = Path(uri).expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = Path(base_dir) / p
+    return dicom_series_file(p) if p.is_dir() else p
 
 
 def atomic_path(path: Path) -> Path:
