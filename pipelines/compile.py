@@ -43,7 +43,7 @@ def pipeline_arguments(params: Params) -> dict[str, Any]:
     KFP cannot carry a null inside a struct parameter, so keys set to null are left out: every such
     field defaults to null, which is checked here (the values must validate back to `params`).
     """
-    data = params_to_dict(params)
+    data = params_to_dict(params, compact=True)
     args = {"seed": data["seed"], **{name: _without_none(data[name]) for name in SECTIONS}}
     if params_from_dict(args).model_dump(include=set(args)) != params.model_dump(include=set(args)):
         raise ValueError("a null in params.yaml is not the default of its key: KFP cannot pass it")

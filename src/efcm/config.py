@@ -48,24 +48,70 @@ class DemoDataParams(_Section):
     tumour_fraction: float = Field(0.5, gt=0, lt=1, description="share of slides labelled tumour")
 
 
+# Tissue presets: CLAM's segmentation settings, with area filters in units of the reference patch
+# (the configured patch at level 0, not CLAM's fixed 512 level-0 px), so that small slides,
+# biopsies and TMA cores keep their tissue. Keys given next to `preset` override it.
+TISSUE_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "sthresh": 8,
+        "mthresh": 7,
+        "close": 4,
+        "use_otsu": False,
+        "min_area": 4.0,
+        "min_hole_area": 1.0,
+        "max_n_holes": 8,
+    },
+    "tcga": {
+        "sthresh": 8,
+        "mthresh": 7,
+        "close": 4,
+        "use_otsu": False,
+        "min_area": 16.0,
+        "min_hole_area": 4.0,
+        "max_n_holes": 8,
+    },
+    "biopsy": {
+        "sthresh": 15,
+        "mthresh": 11,
+        "close": 2,
+        "use_otsu": False,
+        "min_area": 1.0,
+        "min_hole_area": 1.0,
+        "max_n_holes": 2,
+    },
+}
+
+
 class TissueParams(_Section):
     """CLAM-equivalent tissue segmentation on a thumbnail (see efcm.slides.tissue)."""
 
-    seg_downsample: float = Field(
-        16.0, ge=1, description="wanted thumbnail downsample (level-0 px per px)"
+    preset: Literal["default", "tcga", "biopsy"] = "default"
+    seg_patch_px: float = Field(
+        16.0, ge=2, description="thumbnail px per patch side: sets the segmentation scale"
     )
     max_thumbnail_px: int = Field(
         4096, ge=256, description="longest thumbnail side, whatever the slide"
     )
-    sthresh: int = Field(
-        8, ge=0, le=255, description="saturation threshold (ignored with use_otsu)"
-    )
+    sthresh: int = Field(8, ge=0, le=255, description="saturation threshold (unless use_otsu)")
     mthresh: int = Field(7, ge=1, description="median blur kernel (odd)")
     use_otsu: bool = False
     close: int = Field(4, ge=0, description="morphological closing kernel, px of the thumbnail")
-    min_area: float = Field(1.0, ge=0, description="min tissue area, in reference patch areas")
-    min_hole_area: float = Field(0.5, ge=0, description="min hole area, in reference patch areas")
+    min_area: float = Field(4.0, ge=0, description="min tissue area, in reference patch areas")
+    min_hole_area: float = Field(1.0, ge=0, description="min hole area, in reference patch areas")
     max_n_holes: int = Field(8, ge=0)
+    filter_ink: bool = Field(True, description="remove pen marks (green, blue, red, black ink)")
+    black_value: int = Field(50, ge=0, le=255, description="HSV value below this is not tissue")
+    white_value: int = Field(235, ge=0, le=255, description="brighter and grey is not tissue")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", "default")
+        if name not in TISSUE_PRESETS:
+            return data  # the Literal reports the bad name
+        return {**TISSUE_PRESETS[name], **data}
 
     @model_validator(mode="after")
     def _odd_blur(self) -> TissueParams:
@@ -83,6 +129,12 @@ class PatchParams(_Section):
     contour_fn: Literal["four_pt", "four_pt_hard", "center"] = "four_pt"
     min_tissue_fraction: float = Field(0.0, ge=0, le=1)
     default_mpp: float | None = Field(None, gt=0, description="used when a slide has no mpp")
+    max_upsample: float = Field(
+        2.0, ge=1, description="refuse slides whose mpp is coarser than target_mpp x this"
+    )
+    fail_on: Literal["all", "any", "never"] = Field(
+        "all", description="the batch fails (exit 1) when all / any / never a slide fails"
+    )
     tissue: TissueParams = TissueParams()
 
 
@@ -227,6 +279,16 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params_from_dict(data, str(path))
 
 
-def params_to_dict(params: Params) -> dict[str, Any]:
-    """JSON-compatible dict of every section (tuples become lists)."""
-    return params.model_dump(mode="json")
+def params_to_dict(params: Params, *, compact: bool = False) -> dict[str, Any]:
+    """JSON-compatible dict of every section (tuples become lists).
+
+    With `compact`, tissue keys whose value is the preset's are left out, so that the dict keeps
+    the meaning of params.yaml: changing `preset` (in the KFP UI, say) changes them too.
+    """
+    data = params.model_dump(mode="json")
+    if compact:
+        tissue = data["patch"]["tissue"]
+        for key, value in TISSUE_PRESETS[tissue["preset"]].items():
+            if tissue.get(key) == value:
+                del tissue[key]
+    return data

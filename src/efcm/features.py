@@ -156,6 +156,10 @@ def extract_manifest(
             continue
         try:
             coords = read_coords(coords_path)
+            if len(coords.coords) == 0:
+                row.update(status="no_tissue", reason="its coords file has no patches")
+                rows.append(row)
+                continue
             sp = SlidePatches(entry.uri, coords, manifest.base_dir)
             feats = extract_slide(model, sp, params)
             sp.close()

@@ -22,12 +22,19 @@ class BatchFailed(RuntimeError):
     """Every slide of a batch failed (some failures are reported in status.csv, not raised)."""
 
 
-def _check_batch(rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
-    ok = sum(r["status"] == "ok" for r in rows)
-    log.info("%s: %d/%d slides ok", what, ok, len(rows))
-    if rows and ok == 0:
-        reasons = "; ".join(f"{r['slide_id']}: {r['reason']}" for r in rows[:3])
-        raise BatchFailed(f"{what}: every slide failed ({reasons})")
+def _check_batch(
+    rows: list[dict[str, Any]], what: str, fail_on: str = "all"
+) -> list[dict[str, Any]]:
+    """Raise BatchFailed when `fail_on` says so: `all` slides failed (default), `any` failed, or
+    `never`. Failed slides are in the status CSV either way."""
+    failed = [r for r in rows if r["status"] != "ok"]
+    log.info("%s: %d/%d slides ok", what, len(rows) - len(failed), len(rows))
+    for r in failed:
+        log.warning("%s: %s %s: %s", what, r["slide_id"], r["status"], r["reason"])
+    if failed and (fail_on == "any" or (fail_on == "all" and len(failed) == len(rows))):
+        reasons = "; ".join(f"{r['slide_id']}: {r['reason']}" for r in failed[:3])
+        which = "every slide" if len(failed) == len(rows) else f"{len(failed)} slide(s)"
+        raise BatchFailed(f"{what}: {which} failed ({reasons})")
     return rows
 
 
@@ -75,7 +82,7 @@ def patch(
         workers=workers,
         overwrite=overwrite,
     )
-    return _check_batch(rows, "patch")
+    return _check_batch(rows, "patch", params.patch.fail_on)
 
 
 def extract(

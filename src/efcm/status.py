@@ -11,6 +11,7 @@ from typing import Any
 from efcm.storage import atomic_path
 
 OK = "ok"
+NO_TISSUE = "no_tissue"
 
 
 def write_status(path: Path, rows: list[dict[str, Any]]) -> None:

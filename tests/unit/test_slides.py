@@ -1,5 +1,6 @@
 """Synthetic slides, the reader, tissue segmentation, the patch grid and the patch batch."""
 
+import json
 from pathlib import Path
 
 import h5py
@@ -96,8 +97,11 @@ def test_slide_without_tissue_is_reported_not_raised(tmp_path):
     row = patch_slide(
         SlideEntry("blank", "c", str(tmp_path / "blank.tif"), "normal"), Path("/"), tmp_path, P64
     )
-    assert row["status"] == "no_tissue"
-    assert not (tmp_path / "patches" / "blank.h5").exists()
+    assert row["status"] == "no_tissue" and "no tissue" in row["reason"]
+    # an empty coords file (so a rerun skips the slide), the QC PNG and an empty GeoJSON
+    assert len(read_coords(tmp_path / "patches" / "blank.h5").coords) == 0
+    assert (tmp_path / "qc" / "blank.png").is_file()
+    assert json.loads((tmp_path / "qc" / "blank.geojson").read_text())["features"] == []
 
 
 def test_slide_without_mpp_fails_with_how_to_unless_given(tmp_path):
@@ -132,7 +136,7 @@ def test_bad_files_get_status_rows_and_the_batch_goes_on(tmp_path, tiny_dataset)
     assert rows["good"]["status"] == "ok"
     assert rows["zero"]["status"] == "unreadable" and "empty" in rows["zero"]["reason"]
     assert rows["random"]["status"] == "unreadable"
-    assert "directory" in rows["folder"]["reason"]
+    assert "is a directory" in rows["folder"]["reason"]
     assert rows["missing"]["status"] == "missing"
     status = (tmp_path / "out" / "status.csv").read_text()
     assert status.count("\n") == 6

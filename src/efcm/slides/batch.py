@@ -7,7 +7,9 @@ a rerun skips slides whose coords h5 is complete (unless `overwrite`).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -24,8 +26,8 @@ from efcm.config import PatchParams
 from efcm.manifest import Manifest, SlideEntry
 from efcm.slides.patching import PatchGeometry, geometry, patch_coords, write_coords
 from efcm.slides.reader import Mpp, SlideError, open_slide, read_thumbnail, resolve_mpp
-from efcm.slides.tissue import TissueMask, segment_tissue
-from efcm.status import OK, write_status
+from efcm.slides.tissue import TissueMask, segment_tissue, to_geojson
+from efcm.status import NO_TISSUE, OK, write_status
 from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -51,11 +53,20 @@ def plan_patches(
 ) -> PatchPlan:
     """mpp -> geometry -> bounded thumbnail -> tissue mask -> patch grid, for an open slide."""
     mpp = resolve_mpp(slide, override=mpp_override, default=params.default_mpp, name=name)
+    if mpp.value > params.target_mpp * params.max_upsample:
+        raise SlideError(
+            f"{name}: slide resolution {mpp.value:.4g} um/px ({mpp.source}) is coarser than the "
+            f"target {params.target_mpp} um/px by more than patch.max_upsample="
+            f"{params.max_upsample} (patches would be upsampled "
+            f"{mpp.value / params.target_mpp:.1f}x)",
+            status="too_coarse",
+        )
     geom = geometry(
         list(slide.level_downsamples), list(slide.level_dimensions), mpp.value, mpp.source, params
     )
+    # the segmentation scale follows the patch: one patch spans `seg_patch_px` thumbnail px
     thumb, scale = read_thumbnail(
-        slide, params.tissue.seg_downsample, params.tissue.max_thumbnail_px
+        slide, geom.size0 / params.tissue.seg_patch_px, params.tissue.max_thumbnail_px
     )
     mask = segment_tissue(thumb, scale, params.tissue, geom.size0)
     return PatchPlan(mpp, geom, thumb, mask, patch_coords(mask, geom, params))
@@ -86,10 +97,32 @@ def coords_complete(path: Path) -> bool:
         return False
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def write_qc(out_dir: Path, slide_id: str, plan: PatchPlan) -> None:
+    """qc/<id>.png (thumbnail, tissue contours in green, holes in red, patch grid in blue) and
+    qc/<id>.geojson (the contours in level-0 px, for QuPath)."""
+    ok, png = cv2.imencode(".png", _draw_qc(plan.thumbnail, plan.mask, plan.coords, plan.geometry))
+    if not ok:
+        raise ValueError(f"{slide_id}: QC PNG encoding failed")
+    _write_atomic(out_dir / "qc" / f"{slide_id}.png", png.tobytes())
+    geo = to_geojson(plan.mask, {"slide_id": slide_id})
+    _write_atomic(out_dir / "qc" / f"{slide_id}.geojson", json.dumps(geo).encode())
+
+
 def patch_slide(
     entry: SlideEntry, base_dir: Path, out_dir: Path, params: PatchParams
 ) -> dict[str, Any]:
-    """Segment and patch one slide; returns its status row. Never raises for a bad slide."""
+    """Segment and patch one slide; returns its status row. Never raises for a bad slide.
+
+    Writes patches/<id>.h5 (also for a slide without tissue: zero rows, so a rerun skips it), and
+    the QC PNG and GeoJSON.
+    """
     t0 = time.perf_counter()
     row: dict[str, Any] = {
         "slide_id": entry.slide_id,
@@ -103,36 +136,31 @@ def patch_slide(
     }
     try:
         with open_slide(entry.uri, base_dir=base_dir) as slide:
-            grid = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
-        thumb, mask, coords, geom, mpp = (
-            grid.thumbnail,
-            grid.mask,
-            grid.coords,
-            grid.geometry,
-            grid.mpp,
-        )
+            plan = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
         row.update(
-            mpp=f"{mpp.value:.5g}",
-            mpp_source=mpp.source,
-            patch_level=geom.patch_level,
-            n_patches=len(coords),
+            mpp=f"{plan.mpp.value:.5g}",
+            mpp_source=plan.mpp.source,
+            patch_level=plan.geometry.patch_level,
+            n_patches=len(plan.coords),
         )
-        qc = out_dir / "qc" / f"{entry.slide_id}.png"
-        qc.parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic_path(qc).with_suffix(".png")
-        cv2.imwrite(str(tmp), _draw_qc(thumb, mask, coords, geom))
-        tmp.replace(qc)
-        if len(coords) == 0:
-            row.update(status="no_tissue", reason="no tissue patches found (see the QC thumbnail)")
+        write_qc(out_dir, entry.slide_id, plan)
+        if len(plan.coords) == 0:
+            row.update(status=NO_TISSUE, reason="no tissue patches found (see the QC thumbnail)")
             log.warning("%s: no tissue patches found", entry.slide_id)
-        else:
-            write_coords(out_dir / "patches" / f"{entry.slide_id}.h5", coords, geom, entry.slide_id)
+        path = out_dir / "patches" / f"{entry.slide_id}.h5"
+        write_coords(path, plan.coords, plan.geometry, entry.slide_id)
     except SlideError as err:
         row.update(status=err.status, reason=str(err))
         log.warning("%s: %s", entry.slide_id, err)
     except FileNotFoundError as err:
         row.update(status="missing", reason=str(err))
         log.warning("%s: %s", entry.slide_id, err)
+    except PermissionError as err:
+        row.update(status="forbidden", reason=str(err))
+        log.warning("%s: %s", entry.slide_id, err)
+    except openslide.OpenSlideError as err:  # opened, but a tile cannot be decoded: truncated
+        row.update(status="unreadable", reason=f"{entry.uri}: corrupt or truncated slide ({err})")
+        log.warning("%s: %s", entry.slide_id, row["reason"])
     except Exception as err:  # one bad slide never stops the batch
         row.update(status="error", reason=f"{type(err).__name__}: {err}")
         log.exception("%s: unexpected error", entry.slide_id)
@@ -148,7 +176,7 @@ def _skip_row(entry: SlideEntry, out_dir: Path) -> dict[str, Any] | None:
         d = f["coords"]
         return {
             "slide_id": entry.slide_id,
-            "status": OK,
+            "status": OK if len(d) else NO_TISSUE,
             "reason": "already done",
             "mpp": f"{float(d.attrs['mpp']):.5g}",
             "mpp_source": str(d.attrs["mpp_source"]),
@@ -156,6 +184,25 @@ def _skip_row(entry: SlideEntry, out_dir: Path) -> dict[str, Any] | None:
             "n_patches": len(d),
             "seconds": 0.0,
         }
+
+
+def remove_stale_parts(folder: Path) -> int:
+    """Delete temporary files (`.<name>.<pid>.part`) left by a killed run; returns how many.
+    A file whose writer is still alive is kept."""
+    removed = 0
+    for part in folder.glob(".*.part"):
+        try:
+            pid = int(part.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # its writer is alive
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        part.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def patch_manifest(
@@ -169,6 +216,9 @@ def patch_manifest(
     """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv."""
     out = Path(out_dir)
     (out / "patches").mkdir(parents=True, exist_ok=True)
+    for folder in (out / "patches", out / "qc"):
+        if folder.is_dir() and (n := remove_stale_parts(folder)):
+            log.info("removed %d half-written file(s) of an interrupted run in %s", n, folder)
     rows: dict[str, dict[str, Any]] = {}
     todo = []
     for entry in manifest.slides:

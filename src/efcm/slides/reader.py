@@ -47,7 +47,7 @@ def open_slide(uri: str | Path, *, base_dir: str | Path | None = None) -> opensl
     if not path.exists():
         raise FileNotFoundError(f"slide not found: {uri}")
     if path.is_dir():
-        raise SlideError(f"{uri}: is a directory, not a slide file")
+        raise SlideError(f"{uri}: is a directory with no .dcm files, not a slide")
     if path.stat().st_size == 0:
         raise SlideError(f"{uri}: empty file (0 bytes)")
     try:

@@ -84,11 +84,16 @@ class _Scene:
                 cv2.circle(tumour, (int(xs[i]), int(ys[i])), int(r), 1.0, -1)
             tumour = self._roughen(tumour, rng) * (self.tissue > 0.5)
         self.tumour = tumour.astype(np.float32)
+        self._noise = np.random.default_rng([spec.seed, 13]).normal(0, 1, (TILE, TILE, 1))
         self.ink = np.zeros((mh, mw, 3), np.float32)
         self.ink_alpha = np.zeros((mh, mw), np.float32)
-        for name in spec.ink:
+        # pen strokes run down the left edge of the tissue, a little apart from it and each other
+        cols = np.nonzero((self.tissue > 0.5).any(0))[0]
+        left = int(cols[0]) if len(cols) else mw // 2
+        width = max(2, mw // 60)
+        for k, name in enumerate(spec.ink):
             alpha = np.zeros((mh, mw), np.float32)
-            x0 = int(rng.uniform(0.05, 0.15) * mw)
+            x0 = max(width, left - (k + 1) * 3 * width)
             pts = np.array(
                 [
                     [x0 + int(rng.uniform(-3, 3)), int(y)]
@@ -96,7 +101,7 @@ class _Scene:
                 ],
                 np.int32,
             )
-            cv2.polylines(alpha, [pts], False, 1.0, max(2, mw // 60))
+            cv2.polylines(alpha, [pts], False, 1.0, width)
             self.ink_alpha = np.maximum(self.ink_alpha, alpha)
             self.ink[alpha > 0] = _INK[name]
 
@@ -122,6 +127,9 @@ class _Scene:
         """RGB uint8 (h, w, 3) of the level region at (x, y), level px, where ds = level
         downsample."""
         rng = np.random.default_rng([self.spec.seed, int(x * ds), int(y * ds), int(ds)])
+        if self._is_background(x, y, w, h, ds):  # most of a big slide: skip the per-pixel work
+            bg = _BACKGROUND + self._noise[:h, :w] * 2.0
+            return np.clip(bg, 0, 255).astype(np.uint8)
         tissue = self._field(self.tissue, x, y, w, h, ds) > 0.5
         tumour = (self._field(self.tumour, x, y, w, h, ds) > 0.5) & tissue
         img = np.empty((h, w, 3), np.float32)
@@ -141,6 +149,15 @@ class _Scene:
             a = np.clip(ink_a * 1.5, 0, 1)
             img = (1 - a) * img + a * ink
         return np.clip(img, 0, 255).astype(np.uint8)
+
+    def _is_background(self, x: int, y: int, w: int, h: int, ds: float) -> bool:
+        f = ds / MASK_DOWNSAMPLE
+        x0, y0 = max(int(x * f) - 2, 0), max(int(y * f) - 2, 0)
+        x1, y1 = int((x + w) * f) + 3, int((y + h) * f) + 3
+        return (
+            self.tissue[y0:y1, x0:x1].max(initial=0) < 0.45
+            and self.ink_alpha[y0:y1, x0:x1].max(initial=0) == 0
+        )
 
     def _draw_nuclei(
         self,
@@ -190,7 +207,8 @@ def _tiles(scene: _Scene, lw: int, lh: int, ds: float) -> Iterator[np.ndarray]:
 
 
 def write_slide(path: str | Path, spec: SlideSpec) -> dict[str, np.ndarray]:
-    """Write one synthetic slide; returns its masks at 1/MASK_DOWNSAMPLE scale (`tissue`, `tumour`).
+    """Write one synthetic slide; returns its masks at 1/MASK_DOWNSAMPLE scale (`tissue`, `tumour`,
+    `ink`).
 
     The file is written under a temporary name and renamed, so a killed writer leaves no half slide.
     """
@@ -225,6 +243,7 @@ def write_slide(path: str | Path, spec: SlideSpec) -> dict[str, np.ndarray]:
             )
     tmp.replace(path)
     return {
+        "ink": (scene.ink_alpha > 0).astype(np.uint8),
         "tissue": (scene.tissue > 0.5).astype(np.uint8),
         "tumour": (scene.tumour > 0.5).astype(np.uint8),
     }

@@ -55,6 +55,35 @@ class TissueMask:
         return m
 
 
+def ink_mask(thumbnail: np.ndarray, params: TissueParams) -> np.ndarray:
+    """uint8 (h, w): 1 where the thumbnail is not tissue though it is saturated or dark: pen marks
+    (green, blue, red ink), black marker, and near-white grey background.
+
+    Hue windows (OpenCV hue, 0-180) keep clear of H&E: eosin is pink-magenta (hue ~150-175,
+    moderate saturation), haematoxylin purple (~125-160); green ink is ~35-90, blue ink ~95-124,
+    red ink is red (<= 8 or >= 176) and far more saturated than eosin.
+    """
+    hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    ink = np.zeros(h.shape, bool)
+    if params.filter_ink:
+        green = (h >= 35) & (h <= 90) & (s > 60) & (v > 40)
+        blue = (h >= 95) & (h <= 124) & (s > 90) & (v > 40)
+        red = ((h <= 8) | (h >= 176)) & (s > 150) & (v > 60)
+        ink = green | blue | red
+    ink = ink.astype(np.uint8)
+    if ink.any():
+        # the JPEG-blurred rim of a stroke is less saturated than its core: widen the mask a little
+        ink = cv2.dilate(ink, np.ones((3, 3), np.uint8))
+    # dark and grey-white on median-blurred channels, as the saturation test: pale tissue has
+    # scattered near-grey pixels that must not punch holes into it
+    vb = cv2.medianBlur(np.ascontiguousarray(v), params.mthresh)
+    sb = cv2.medianBlur(np.ascontiguousarray(s), params.mthresh)
+    dark = vb < params.black_value
+    grey_white = (vb > params.white_value) & (sb < 12)
+    return (ink.astype(bool) | dark | grey_white).astype(np.uint8)
+
+
 def segment_tissue(
     thumbnail: np.ndarray, scale: tuple[float, float], params: TissueParams, ref_patch_px: float
 ) -> TissueMask:
@@ -65,7 +94,7 @@ def segment_tissue(
         scale: level-0 px per thumbnail px (sx, sy).
         params: the tissue section of params.
         ref_patch_px: side of the reference patch at level 0; area filters are multiples of its
-        area.
+            area.
     """
     hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
     sat = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), params.mthresh)
@@ -73,10 +102,10 @@ def segment_tissue(
         _, binary = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     else:
         _, binary = cv2.threshold(sat, params.sthresh, 255, cv2.THRESH_BINARY)
+    binary[ink_mask(thumbnail, params) > 0] = 0
     if params.close > 0:
-        binary = cv2.morphologyEx(
-            binary, cv2.MORPH_CLOSE, np.ones((params.close, params.close), np.uint8)
-        )
+        kernel = np.ones((params.close, params.close), np.uint8)
+        binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel)
     ref_area = ref_patch_px**2 / (scale[0] * scale[1])  # thumbnail px^2
     min_area, min_hole = params.min_area * ref_area, params.min_hole_area * ref_area
     contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
@@ -92,3 +121,31 @@ def segment_tissue(
             kept.append(contours[i])
             kept_holes.append([h for h in holes if cv2.contourArea(h) > min_hole])
     return TissueMask(kept, kept_holes, scale, thumbnail.shape[:2])
+
+
+def to_geojson(mask: TissueMask, properties: dict | None = None) -> dict:
+    """The tissue contours as a GeoJSON FeatureCollection in level-0 px (QuPath opens it): one
+    Polygon per tissue region, its holes as interior rings."""
+    sx, sy = mask.scale
+
+    def ring(c: np.ndarray) -> list[list[float]]:
+        pts = [[round(float(x) * sx, 1), round(float(y) * sy, 1)] for x, y in c.reshape(-1, 2)]
+        return [*pts, pts[0]] if pts and pts[0] != pts[-1] else pts
+
+    features = []
+    for contour, holes in zip(mask.contours, mask.holes, strict=True):
+        if len(contour) < 3:
+            continue
+        rings = [ring(contour)] + [ring(h) for h in holes if len(h) >= 3]
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tissue"},
+                    **(properties or {}),
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}

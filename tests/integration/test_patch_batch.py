@@ -1,0 +1,235 @@
+"""`efcm patch` as a lab runs it: real slides of several scanners, bad files, a killed batch."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from efcm.cli import main
+from efcm.config import PatchParams, TissueParams
+from efcm.manifest import SlideEntry, read_manifest
+from efcm.slides.batch import patch_manifest, patch_slide
+from efcm.slides.patching import read_coords
+from efcm.slides.synthetic import SlideSpec, write_slide
+from tests.conftest import ROOT, tiny_params_dict
+
+pytestmark = pytest.mark.integration
+
+P64 = PatchParams(target_mpp=1.0, patch_size=64, step=64)
+
+
+def _outputs_exist(out: Path, sid: str) -> None:
+    assert (out / "patches" / f"{sid}.h5").is_file(), f"{sid}: no coords h5"
+    assert (out / "qc" / f"{sid}.png").stat().st_size > 0, f"{sid}: no QC PNG"
+    geo = json.loads((out / "qc" / f"{sid}.geojson").read_text())
+    assert geo["type"] == "FeatureCollection"
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "expect"),
+    [
+        ("CMU-1-Small-Region.svs", PatchParams(), "ok"),
+        # fluorescence (DAPI) on black: no H&E tissue, and it must not crash
+        ("test3-DAPI-2-387.ndpi", PatchParams(), {"ok", "no_tissue"}),
+        # a 29 um/px DICOM overview, patched at a resolution it has
+        (
+            "multiframe_camelyon_challenge_image.dcm",
+            PatchParams(target_mpp=32.0, patch_size=16, step=16),
+            "ok",
+        ),
+    ],
+)
+def test_real_slides_give_coords_qc_and_geojson(shared_data, tmp_path, name, params, expect):
+    sid = name.split(".")[0]
+    row = patch_slide(
+        SlideEntry(sid, "c", str(shared_data / "wsi" / name), "normal"), Path("/"), tmp_path, params
+    )
+    assert row["status"] in ({expect} if isinstance(expect, str) else expect), row
+    assert row["mpp_source"] == "openslide"
+    _outputs_exist(tmp_path, sid)
+    with h5py.File(tmp_path / "patches" / f"{sid}.h5") as f:
+        assert f["coords"].attrs["mpp_source"] == "openslide"
+
+
+def test_ndpi_pyramid_level_is_chosen_for_the_target(shared_data, tmp_path):
+    """0.228 um/px at level 0, 7 levels: 1.0 um/px patches are read at level 2 (downsample 4)."""
+    from efcm.slides.patching import geometry
+    from efcm.slides.reader import open_slide, resolve_mpp
+
+    with open_slide(shared_data / "wsi" / "test3-DAPI-2-387.ndpi") as s:
+        assert s.level_count == 7
+        mpp = resolve_mpp(s)
+        g = geometry(
+            list(s.level_downsamples),
+            list(s.level_dimensions),
+            mpp.value,
+            mpp.source,
+            PatchParams(target_mpp=1.0, patch_size=256),
+        )
+    assert g.patch_level == 2 and g.read_size == round(256 * 1.0 / 0.22818 / 4)
+
+
+def test_cmu_biopsy_preset_is_within_20_percent_of_clam(shared_data, tmp_path):
+    """CLAM's create_patches_fp with the bwh_biopsy preset keeps 50 patches of 256 px at
+    0.5 um/px on this slide."""
+    params = PatchParams(tissue=TissueParams(preset="biopsy"))
+    row = patch_slide(
+        SlideEntry("cmu", "c", str(shared_data / "wsi/CMU-1-Small-Region.svs"), "normal"),
+        Path("/"),
+        tmp_path,
+        params,
+    )
+    assert 40 <= row["n_patches"] <= 60, row
+
+
+def test_bad_files_each_get_a_reason_and_the_batch_completes(shared_data, tmp_path, tiny_dataset):
+    real = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    data = real.read_bytes()
+    (tmp_path / "truncated.svs").write_bytes(data[: len(data) // 3])
+    shutil.copy(shared_data / "tiles/misc/stardist_histo.jpg", tmp_path / "photo.tif")
+    shutil.copy(shared_data / "tiles/histolab_thumbnails/tcga-lung-rgb.png", tmp_path / "png.tif")
+    (tmp_path / "zero.svs").write_bytes(b"")
+    (tmp_path / "random.svs").write_bytes(np.random.default_rng(1).bytes(100_000))
+    (tmp_path / "a_dir.svs").mkdir()
+    good = read_manifest(tiny_dataset).slides[0]
+    rows = [
+        "slide_id,case_id,uri,label",
+        f"good,c0,{tiny_dataset.parent / good.uri},{good.label}",
+        f"real,c1,{real},normal",
+    ]
+    rows += [
+        f"{n},c{i + 2},{n}.{ext},normal"
+        for i, (n, ext) in enumerate(
+            [
+                ("truncated", "svs"),
+                ("png", "tif"),
+                ("photo", "tif"),
+                ("zero", "svs"),
+                ("random", "svs"),
+                ("a_dir", "svs"),
+                ("absent", "svs"),
+            ]
+        )
+    ]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    params = PatchParams(target_mpp=1.0, patch_size=64, step=64)
+    out = {
+        r["slide_id"]: r
+        for r in patch_manifest(
+            read_manifest(tmp_path / "m.csv"), tmp_path / "out", params, workers=2
+        )
+    }
+    assert out["good"]["status"] == "ok" and out["real"]["status"] == "ok"
+    for sid in ("truncated", "png", "photo", "zero", "random", "a_dir"):
+        assert out[sid]["status"] == "unreadable", out[sid]
+        assert out[sid]["reason"], sid
+    assert out["absent"]["status"] == "missing"
+    assert "truncated" in out["truncated"]["reason"] or "corrupt" in out["truncated"]["reason"]
+    assert "empty file" in out["zero"]["reason"]
+    assert "not a slide format" in out["png"]["reason"]
+    status = (tmp_path / "out" / "status.csv").read_text().splitlines()
+    assert len(status) == 10 and status[0].startswith("slide_id,status,reason,mpp,mpp_source")
+
+
+def test_fail_on_policy(tmp_path, tiny_dataset, tiny_params_file):
+    (tmp_path / "bad.svs").write_bytes(b"x" * 10)
+    good = read_manifest(tiny_dataset).slides[0]
+    (tmp_path / "m.csv").write_text(
+        "slide_id,case_id,uri,label\n"
+        f"good,c0,{tiny_dataset.parent / good.uri},{good.label}\nbad,c1,bad.svs,normal\n"
+    )
+    args = ["patch", "--manifest", str(tmp_path / "m.csv"), "--params"]
+    assert main([*args, str(tiny_params_file), "--out", str(tmp_path / "a")]) == 0
+    strict = yaml.safe_load(tiny_params_file.read_text())
+    strict["patch"]["fail_on"] = "any"
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(strict))
+    assert main([*args, str(tmp_path / "strict.yaml"), "--out", str(tmp_path / "b")]) == 1
+
+
+def test_killed_batch_resumes_without_half_files_or_redoing_slides(tmp_path):
+    """SIGKILL mid-batch, then rerun: no half-written h5, finished slides untouched."""
+    n = 8
+    lines = ["slide_id,case_id,uri,label"]
+    for i in range(n):
+        write_slide(tmp_path / f"s{i}.tif", SlideSpec(4096, 4096, seed=100 + i))
+        lines.append(f"s{i},c{i},s{i}.tif,normal")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    params = tiny_params_dict()
+    params["patch"].update({"target_mpp": 0.5, "patch_size": 32, "step": 16})  # slow-ish grid
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "efcm.cli",
+        "patch",
+        "--manifest",
+        str(tmp_path / "m.csv"),
+        "--out",
+        str(out),
+        "--params",
+        str(tmp_path / "params.yaml"),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "patches").glob("s*.h5"))) < 2:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "patches").glob("s*.h5"))
+    assert 2 <= len(done) < n, "the kill did not land mid-batch"
+    for p in done:  # whatever exists under its final name is complete
+        assert len(read_coords(p).coords) > 0
+    before = {p.name: p.stat().st_mtime_ns for p in done}
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    after = sorted((out / "patches").glob("s*.h5"))
+    assert len(after) == n
+    for p in done:
+        assert p.stat().st_mtime_ns == before[p.name], f"{p.name} was redone"
+    assert not list((out / "patches").glob("*.part")), "half-written files left behind"
+    status = (out / "status.csv").read_text()
+    assert status.count("already done") == len(done)
+
+
+def test_clam_layout_coords_are_accepted_by_efcm_extract(tmp_path, tiny_dataset):
+    """A coords h5 with only CLAM's attributes (patch_size, patch_level) extracts features."""
+    from efcm import stages
+    from efcm.config import params_from_dict
+    from efcm.features import read_features
+
+    params = params_from_dict(tiny_params_dict())
+    m = read_manifest(tiny_dataset)
+    sid = m.slides[0].slide_id
+    (tmp_path / "patches" / "patches").mkdir(parents=True)
+    with h5py.File(tmp_path / "patches" / "patches" / f"{sid}.h5", "w") as f:
+        d = f.create_dataset("coords", data=np.array([[512, 512], [640, 512], [512, 640]]))
+        d.attrs["patch_size"] = 64
+        d.attrs["patch_level"] = 0
+    one = tmp_path / "one.csv"
+    s = m.slides[0]
+    one.write_text(
+        f"slide_id,case_id,uri,label\n{sid},{s.case_id},{tiny_dataset.parent / s.uri},{s.label}\n"
+    )
+    rows = stages.extract(one, tmp_path / "patches", tmp_path / "features", params)
+    assert rows[0]["status"] == "ok"
+    feats, coords = read_features(tmp_path / "features" / "features" / f"{sid}.h5")
+    assert feats.shape == (3, 64) and coords.tolist()[0] == [512, 512]
+
+
+def test_demo_params_file_is_used_by_the_cli_default(tmp_path, monkeypatch):
+    """`--params` defaults to ./params.yaml (DESIGN section 10)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    assert main(["demo-data", str(tmp_path / "d"), "--slides", "2"]) == 0
+    assert len(read_manifest(tmp_path / "d" / "manifest.csv").slides) == 2
