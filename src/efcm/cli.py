@@ -34,7 +34,12 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 def cmd_patch(args: argparse.Namespace) -> None:
     stages.patch(
-        args.manifest, args.out, _params(args), workers=args.workers, overwrite=args.overwrite
+        args.manifest,
+        args.out,
+        _params(args),
+        workers=args.workers,
+        overwrite=args.overwrite,
+        mpp_overrides=args.mpp_overrides,
     )
 
 
@@ -135,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--overwrite", action="store_true", help="redo slides that are already done")
+    p.add_argument("--mpp-overrides", metavar="CSV", help="slide_id,mpp: wins over the slides' mpp")
 
     p = add("extract", cmd_extract, "patch features with the teacher or the distilled student")
     p.add_argument("--manifest", required=True)

@@ -134,3 +134,37 @@ def import_manifest(
             writer.writerow([s.slide_id, s.case_id, s.uri, s.label, "" if s.mpp is None else s.mpp])
     os.replace(tmp, dest)
     return Manifest(dest, tuple(slides))
+
+
+def apply_mpp_overrides(manifest: Manifest, path: str | Path) -> Manifest:
+    """Apply an override CSV (`slide_id, mpp`): its mpp wins over the manifest's column and over
+    the slide's own metadata (recorded as source `override`).
+
+    Raises:
+        ValueError: a missing column, a bad mpp, or a slide_id that is not in the manifest.
+    """
+    from dataclasses import replace
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mpp override CSV not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"slide_id", "mpp"} <= set(reader.fieldnames or []):
+            raise ValueError(f"{path}: needs the columns slide_id, mpp")
+        rows = list(reader)
+    known = {s.slide_id for s in manifest.slides}
+    overrides: dict[str, float] = {}
+    for i, row in enumerate(rows, start=2):
+        sid, raw = (row["slide_id"] or "").strip(), (row["mpp"] or "").strip()
+        if sid not in known:
+            raise ValueError(f"{path}:{i}: slide_id {sid!r} is not in the manifest {manifest.path}")
+        try:
+            mpp = float(raw)
+        except ValueError:
+            raise ValueError(f"{path}:{i}: mpp {raw!r} of {sid} is not a number") from None
+        if mpp <= 0:
+            raise ValueError(f"{path}:{i}: mpp of {sid} must be > 0, got {mpp}")
+        overrides[sid] = mpp
+    slides = tuple(replace(s, mpp=overrides.get(s.slide_id, s.mpp)) for s in manifest.slides)
+    return Manifest(manifest.path, slides)

@@ -72,11 +72,18 @@ def patch(
     *,
     workers: int = 1,
     overwrite: bool = False,
+    mpp_overrides: str | Path | None = None,
 ) -> list[dict[str, Any]]:
+    """Tissue + patch grid for every slide; `mpp_overrides` is a CSV (`slide_id, mpp`) that wins
+    over the manifest and the slides' metadata."""
+    from efcm.manifest import apply_mpp_overrides
     from efcm.slides.batch import patch_manifest
 
+    slides = read_manifest(manifest, params.dataset.classes)
+    if mpp_overrides:
+        slides = apply_mpp_overrides(slides, mpp_overrides)
     rows = patch_manifest(
-        read_manifest(manifest, params.dataset.classes),
+        slides,
         out_dir,
         params.patch,
         workers=workers,

@@ -181,3 +181,59 @@ def test_real_svs_gives_tissue_patches(shared_data, tmp_path):
     assert (cf.coords[:, 0] + cf.read_size <= w).all() and (
         cf.coords[:, 1] + cf.read_size <= h
     ).all()
+
+
+class _FakeSlide:
+    def __init__(self, props):
+        self.properties = props
+
+
+@pytest.mark.parametrize(
+    ("props", "override", "default", "expected"),
+    [
+        (
+            {
+                "openslide.mpp-x": "0.25",
+                "tiff.XResolution": "20000",
+                "tiff.ResolutionUnit": "centimeter",
+            },
+            None,
+            None,
+            (0.25, "openslide"),
+        ),
+        (
+            {"tiff.XResolution": "20000", "tiff.ResolutionUnit": "centimeter"},
+            None,
+            None,
+            (0.5, "tiff"),
+        ),
+        ({"tiff.XResolution": "50800", "tiff.ResolutionUnit": "inch"}, None, None, (0.5, "tiff")),
+        ({"openslide.objective-power": "40"}, None, 1.0, (0.25, "objective_power")),
+        ({"tiff.ResolutionUnit": "none", "tiff.XResolution": "1"}, None, 0.3, (0.3, "default")),
+        ({"openslide.mpp-x": "0.25"}, 0.5, None, (0.5, "override")),
+    ],
+)
+def test_mpp_resolution_order(props, override, default, expected):
+    mpp = resolve_mpp(_FakeSlide(props), override=override, default=default)
+    assert (round(mpp.value, 6), mpp.source) == expected
+
+
+def test_no_mpp_anywhere_is_an_error_with_the_how_to():
+    with pytest.raises(SlideError, match=r"mpp.*column in the manifest.*patch\.default_mpp"):
+        resolve_mpp(_FakeSlide({}), name="s1")
+
+
+def test_override_csv_wins_and_is_checked(tmp_path, tiny_dataset):
+    from efcm.manifest import apply_mpp_overrides
+
+    m = read_manifest(tiny_dataset)
+    sid = m.slides[0].slide_id
+    (tmp_path / "o.csv").write_text(f"slide_id,mpp\n{sid},0.25\n")
+    m2 = apply_mpp_overrides(m, tmp_path / "o.csv")
+    assert m2.slides[0].mpp == 0.25 and m2.slides[1].mpp is None
+    rows = patch_manifest(m2, tmp_path / "out", P64)
+    assert rows[0]["mpp_source"] == "override" and rows[0]["mpp"] == "0.25"
+    assert rows[1]["mpp_source"] == "openslide"
+    (tmp_path / "bad.csv").write_text("slide_id,mpp\nnope,0.5\n")
+    with pytest.raises(ValueError, match="'nope' is not in the manifest"):
+        apply_mpp_overrides(m, tmp_path / "bad.csv")
