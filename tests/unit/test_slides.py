@@ -160,6 +160,22 @@ def test_clam_layout_coords_are_read_with_fallback(tmp_path):
     assert cf.read_size == 256 and cf.patch_size == 256 and len(cf.coords) == 2
 
 
+def test_trident_layout_coords_are_read_at_level0(tmp_path):
+    path = tmp_path / "trident.h5"
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("coords", data=np.array([[0, 0], [512, 0]], np.int64))
+        d.attrs.update(
+            {
+                "patch_size": 256,
+                "patch_size_level0": 512,
+                "level0_magnification": 40,
+                "target_magnification": 20,
+            }
+        )
+    cf = read_coords(path)
+    assert (cf.patch_level, cf.read_size, cf.patch_size) == (0, 512, 256)
+
+
 def test_open_slide_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.svs"):
         open_slide(tmp_path / "nope.svs")

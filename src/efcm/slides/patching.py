@@ -153,8 +153,12 @@ class CoordsFile:
 
 
 def read_coords(path: str | Path) -> CoordsFile:
-    """Read a coords h5. Files without our attributes (CLAM, TRIDENT) fall back to reading
-    `patch_size` px at `patch_level`, which is what CLAM itself does."""
+    """Read a coords h5: ours, CLAM's or TRIDENT's.
+
+    Without our `read_size`, a file with TRIDENT's `patch_size_level0` is read at level 0 with that
+    size (then resized to `patch_size`); a CLAM file is read as CLAM does, `patch_size` px at
+    `patch_level`. Either fallback is logged.
+    """
     path = Path(path)
     with h5py.File(path, "r") as f:
         if "coords" not in f:
@@ -168,14 +172,22 @@ def read_coords(path: str | Path) -> CoordsFile:
     level = int(a.get("patch_level", 0))
     if "read_size" in a:
         read_size = int(a["read_size"])
-    else:
+    elif "patch_size_level0" in a:
+        level, read_size = 0, int(a["patch_size_level0"])
         log.warning(
-            "%s: no efcm attributes (a CLAM/TRIDENT file): reading %d px at level %d",
+            "%s: a TRIDENT file: reading %d px at level 0, resized to %d",
+            path,
+            read_size,
+            patch_size,
+        )
+    else:
+        read_size = patch_size
+        log.warning(
+            "%s: a CLAM file (no efcm attributes): reading %d px at level %d",
             path,
             patch_size,
             level,
         )
-        read_size = patch_size
     name = a.get("name", path.stem)
     name = name.decode() if isinstance(name, bytes) else str(name)
     return CoordsFile(coords, level, read_size, patch_size, name)
