@@ -38,6 +38,16 @@ class Manifest:
         return {s.slide_id: classes.index(s.label) for s in self.slides}
 
 
+def _parse_mpp(raw: str, where: str, sid: str) -> float:
+    try:
+        mpp = float(raw)
+    except ValueError:
+        raise ValueError(f"{where}: mpp {raw!r} of {sid} is not a number") from None
+    if not mpp > 0:
+        raise ValueError(f"{where}: mpp of {sid} must be > 0, got {mpp}")
+    return mpp
+
+
 def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> Manifest:
     """Read and check a manifest.
 
@@ -70,15 +80,8 @@ def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> M
         label = (row["label"] or "").strip()
         if classes is not None and label not in classes:
             raise ValueError(f"{path}:{i}: label {label!r} of {sid} is not one of {list(classes)}")
-        mpp = None
         raw = (row.get("mpp") or "").strip()
-        if raw:
-            try:
-                mpp = float(raw)
-            except ValueError:
-                raise ValueError(f"{path}:{i}: mpp {raw!r} of {sid} is not a number") from None
-            if mpp <= 0:
-                raise ValueError(f"{path}:{i}: mpp of {sid} must be > 0, got {mpp}")
+        mpp = _parse_mpp(raw, f"{path}:{i}", sid) if raw else None
         case = (row["case_id"] or "").strip() or sid
         slides.append(SlideEntry(sid, case, (row["uri"] or "").strip(), label, mpp))
     if not slides:
@@ -159,12 +162,6 @@ def apply_mpp_overrides(manifest: Manifest, path: str | Path) -> Manifest:
         sid, raw = (row["slide_id"] or "").strip(), (row["mpp"] or "").strip()
         if sid not in known:
             raise ValueError(f"{path}:{i}: slide_id {sid!r} is not in the manifest {manifest.path}")
-        try:
-            mpp = float(raw)
-        except ValueError:
-            raise ValueError(f"{path}:{i}: mpp {raw!r} of {sid} is not a number") from None
-        if mpp <= 0:
-            raise ValueError(f"{path}:{i}: mpp of {sid} must be > 0, got {mpp}")
-        overrides[sid] = mpp
+        overrides[sid] = _parse_mpp(raw, f"{path}:{i}", sid)
     slides = tuple(replace(s, mpp=overrides.get(s.slide_id, s.mpp)) for s in manifest.slides)
     return Manifest(manifest.path, slides)
