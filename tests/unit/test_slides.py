@@ -253,3 +253,22 @@ def test_override_csv_wins_and_is_checked(tmp_path, tiny_dataset):
     (tmp_path / "bad.csv").write_text("slide_id,mpp\nnope,0.5\n")
     with pytest.raises(ValueError, match="'nope' is not in the manifest"):
         apply_mpp_overrides(m, tmp_path / "bad.csv")
+
+
+def test_transparent_pixels_read_as_white_background():
+    from PIL import Image
+
+    from efcm.slides.reader import read_rgb
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:2] = (200, 100, 50, 255)  # scanned
+    rgba[2:] = (0, 0, 0, 0)  # outside the scanned area
+
+    class Fake:
+        def read_region(self, location, level, size):
+            return Image.fromarray(rgba, "RGBA")
+
+    out = read_rgb(Fake(), (0, 0), 0, (4, 4))
+    assert out[0, 0].tolist() == [200, 100, 50] and out[3, 3].tolist() == [255, 255, 255]
+    rgba[2:] = (200, 100, 50, 255)
+    assert read_rgb(Fake(), (0, 0), 0, (4, 4))[3, 3].tolist() == [200, 100, 50]

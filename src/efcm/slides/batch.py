@@ -107,7 +107,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def write_qc(out_dir: Path, slide_id: str, plan: PatchPlan) -> None:
     """qc/<id>.png (thumbnail, tissue contours in green, holes in red, patch grid in blue) and
     qc/<id>.geojson (the contours in level-0 px, for QuPath)."""
-    ok, png = cv2.imencode(".png", _draw_qc(plan.thumbnail, plan.mask, plan.coords, plan.geometry))
+    qc = _draw_qc(plan.thumbnail, plan.mask, plan.coords, plan.geometry)
+    ok, png = cv2.imencode(".png", qc, [cv2.IMWRITE_PNG_COMPRESSION, 1])  # fast, still lossless
     if not ok:
         raise ValueError(f"{slide_id}: QC PNG encoding failed")
     _write_atomic(out_dir / "qc" / f"{slide_id}.png", png.tobytes())

@@ -152,6 +152,9 @@ def read_rgb(
     """read_region composited on white (transparent = outside the scanned area) -> (h, w, 3)
     uint8."""
     rgba = np.asarray(slide.read_region(location, level, size))
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:  # the common case: fully scanned, nothing to composite
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
     rgb = rgba[..., :3].astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    return ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
+    a = alpha[..., None].astype(np.uint16)
+    return ((rgb * a + 255 * (255 - a)) // 255).astype(np.uint8)
