@@ -64,23 +64,29 @@ def ink_mask(thumbnail: np.ndarray, params: TissueParams) -> np.ndarray:
     red ink is red (<= 8 or >= 176) and far more saturated than eosin.
     """
     hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
+    return _not_tissue(hsv, _blurred_saturation(hsv, params), params)
+
+
+def _blurred_saturation(hsv: np.ndarray, params: TissueParams) -> np.ndarray:
+    return cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), params.mthresh)
+
+
+def _not_tissue(hsv: np.ndarray, sat_blurred: np.ndarray, params: TissueParams) -> np.ndarray:
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    ink = np.zeros(h.shape, bool)
+    ink = np.zeros(h.shape, np.uint8)
     if params.filter_ink:
         green = (h >= 35) & (h <= 90) & (s > 60) & (v > 40)
         blue = (h >= 95) & (h <= 124) & (s > 90) & (v > 40)
         red = ((h <= 8) | (h >= 176)) & (s > 150) & (v > 60)
-        ink = green | blue | red
-    ink = ink.astype(np.uint8)
+        ink = (green | blue | red).astype(np.uint8)
     if ink.any():
         # the JPEG-blurred rim of a stroke is less saturated than its core: widen the mask a little
         ink = cv2.dilate(ink, np.ones((3, 3), np.uint8))
-    # dark and grey-white on median-blurred channels, as the saturation test: pale tissue has
-    # scattered near-grey pixels that must not punch holes into it
-    vb = cv2.medianBlur(np.ascontiguousarray(v), params.mthresh)
-    sb = cv2.medianBlur(np.ascontiguousarray(s), params.mthresh)
+    # dark and grey-white on smoothed channels, as the saturation test: pale tissue has scattered
+    # near-grey pixels that must not punch holes into it (a box mean of the value is enough here)
+    vb = cv2.blur(np.ascontiguousarray(v), (params.mthresh, params.mthresh))
     dark = vb < params.black_value
-    grey_white = (vb > params.white_value) & (sb < 12)
+    grey_white = (vb > params.white_value) & (sat_blurred < 12)
     return (ink.astype(bool) | dark | grey_white).astype(np.uint8)
 
 
@@ -97,12 +103,12 @@ def segment_tissue(
             area.
     """
     hsv = cv2.cvtColor(thumbnail, cv2.COLOR_RGB2HSV)
-    sat = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), params.mthresh)
+    sat = _blurred_saturation(hsv, params)
     if params.use_otsu:
         _, binary = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     else:
         _, binary = cv2.threshold(sat, params.sthresh, 255, cv2.THRESH_BINARY)
-    binary[ink_mask(thumbnail, params) > 0] = 0
+    binary[_not_tissue(hsv, sat, params) > 0] = 0
     if params.close > 0:
         kernel = np.ones((params.close, params.close), np.uint8)
         binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel)
