@@ -32,6 +32,12 @@ def main() -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="efcm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copytree(
+        ROOT / "src" / "efcm",
+        work / "src" / "efcm",
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     shutil.copy(args.params, work / "params.yaml")
     env = {
         **os.environ,
@@ -46,6 +52,7 @@ def main() -> None:
         run("git", "init", "-q")
     if not (work / ".dvc").exists():
         run("dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvcignore", work / ".dvcignore")
     stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     seconds = {}
     for stage in stages:

@@ -31,9 +31,13 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copytree(
+        ROOT / "src" / "efcm", work / "src" / "efcm", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
     _run(["git", "init", "-q"], work)
     _run(["dvc", "init", "-q"], work)
+    shutil.copy(ROOT / ".dvcignore", work / ".dvcignore")  # __pycache__ is not a code change
 
     _run(["dvc", "repro"], work)
 
@@ -56,3 +60,6 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     assert "Running stage" not in second, second
     status = _run(["dvc", "status"], work)
     assert "up to date" in status, status
+    with open(work / "src/efcm/mil.py", "a") as f:  # a code change is a change
+        f.write("\n# edited\n")
+    assert "changed deps" in _run(["dvc", "status", "train_mil_teacher"], work)
