@@ -138,19 +138,47 @@ class PatchParams(_Section):
     tissue: TissueParams = TissueParams()
 
 
-class EncoderParams(_Section):
-    """A patch encoder built by timm. `weights` is a local path or gs:// URI, or null (random
-    init)."""
+# Encoder presets: the teachers and students the methods are specified with. Keys given next to
+# `preset` override it (e.g. `weights`, the checkpoint).
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    # BROW: ViT-B/16, CLS token (timm's default pooling), 768-d; 256 px read, centre-crop 224
+    "brow": {"arch": "vit_base_patch16_224", "input_size": 224, "resize": 256},
+    # UNI: ViT-L/16, 1024-d, layer-scale init as released
+    "uni": {
+        "arch": "vit_large_patch16_224",
+        "input_size": 224,
+        "resize": 224,
+        "model_kwargs": {"init_values": 1e-5},
+    },
+    # the MCM-KD teacher: EfficientNetV2-L, 1280-d
+    "efficientnetv2_l": {"arch": "tf_efficientnetv2_l", "input_size": 224, "resize": 224},
+    "resnet18": {"arch": "resnet18", "input_size": 224, "resize": 224},
+    # CLAM's encoder: ResNet-50 cut after layer3, average-pooled, 1024-d
+    "resnet50_trunc": {"arch": "resnet50_trunc", "input_size": 224, "resize": 224},
+}
 
+
+class EncoderParams(_Section):
+    """A patch encoder built by timm (`arch`, any timm name) or a `preset` (see ENCODER_PRESETS).
+    `weights` is a local path or gs:// URI of a checkpoint, or null (random init, demo only)."""
+
+    preset: Literal["brow", "uni", "efficientnetv2_l", "resnet18", "resnet50_trunc"] | None = None
     arch: str
     weights: str | None = None
     input_size: int = Field(224, ge=16)
     resize: int | None = Field(
-        None, ge=16, description="resize the read patch to this before the crop"
+        None, ge=16, description="resize the read patch to this before the centre crop"
     )
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in ENCODER_PRESETS:
+            return {**ENCODER_PRESETS[data["preset"]], **data}
+        return data
 
 
 class ExtractParams(_Section):
@@ -159,17 +187,47 @@ class ExtractParams(_Section):
     float16: bool = False
 
 
+class FpdParams(_Section):
+    """Feature Projection Distillation: frozen shallow student CNN + trainable TransScan."""
+
+    shallow_stage: int = Field(
+        3, ge=1, le=5, description="the student's feature stage the projection reads (timm index)"
+    )
+    embed_dim: int = Field(256, ge=8)
+    depth: int = Field(2, ge=1, description="transformer layers over the spatial tokens")
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(2.0, gt=0)
+    sk_reduction: int = Field(4, ge=1, description="channel reduction of the branch attention")
+
+
+class McmParams(_Section):
+    """Masked Context Modelling: s x s windows of neighbouring patches, some masked."""
+
+    window: int = Field(4, ge=2, description="s: windows of s x s neighbouring patches")
+    mask_ratio: float = Field(0.5, gt=0, lt=1)
+    min_valid: float = Field(0.5, gt=0, le=1, description="share of a window that must be tissue")
+    embed_dim: int = Field(256, ge=8)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+
+
 class DistillParams(_Section):
-    method: Literal["vfd"] = "vfd"
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(64, ge=1)
+    method: Literal["vfd", "fpd", "mcm"] = "vfd"
+    epochs: int = Field(2, ge=1, description="MCM-KD is specified with 1")
+    batch_size: int = Field(64, ge=1, description="patches per step (MCM: windows per step)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    loss: Literal["mse", "l1", "cosine", "mse_cosine"] = "mse_cosine"
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up, then cosine")
+    loss: Literal["mse", "l1", "cosine", "mse_cosine"] = Field(
+        "mse_cosine", description="VFD and FPD (MCM-KD uses L1 on the masked positions)"
+    )
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     val_fraction: float = Field(
         0.2, ge=0, lt=1, description="share of slides held out for validation"
     )
     num_workers: int = Field(0, ge=0)
+    fpd: FpdParams = FpdParams()
+    mcm: McmParams = McmParams()
 
 
 class TrainMilParams(_Section):
@@ -282,13 +340,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def params_to_dict(params: Params, *, compact: bool = False) -> dict[str, Any]:
     """JSON-compatible dict of every section (tuples become lists).
 
-    With `compact`, tissue keys whose value is the preset's are left out, so that the dict keeps
-    the meaning of params.yaml: changing `preset` (in the KFP UI, say) changes them too.
+    With `compact`, keys whose value is their preset's (tissue, teacher, student) are left out, so
+    that the dict keeps the meaning of params.yaml: changing `preset` (in the KFP UI, say) changes
+    them too.
     """
     data = params.model_dump(mode="json")
     if compact:
-        tissue = data["patch"]["tissue"]
-        for key, value in TISSUE_PRESETS[tissue["preset"]].items():
-            if tissue.get(key) == value:
-                del tissue[key]
+        sections = [(data["patch"]["tissue"], TISSUE_PRESETS)]
+        sections += [(data[name], ENCODER_PRESETS) for name in ("teacher", "student")]
+        for section, presets in sections:
+            preset = presets.get(section.get("preset"), {})
+            for key, value in preset.items():
+                if section.get(key) == (list(value) if isinstance(value, tuple) else value):
+                    del section[key]
     return data

@@ -1,15 +1,26 @@
-"""Feature distillation. VFD: the whole student (backbone + linear projection to the teacher dim) is
-trained to regress the teacher's features.
+"""Feature distillation of the teacher into the student: VFD, FPD (+ TransScan) or MCM-KD.
 
-Targets are the teacher features already extracted (cached h5), so the teacher never runs here.
-Validation on held-out slides reports the mean cosine similarity and MSE between student output and
-teacher features, before training (the undistilled student) and after every epoch.
+`distill.method` picks one (see efcm.models.students and efcm.models.mcm):
+- vfd: the whole student (backbone + linear projection) regresses the teacher's feature of each
+  patch;
+- fpd: only the TransScan projection on the frozen shallow student CNN is trained;
+- mcm: s x s windows of neighbouring patches, a share masked; the student + context transformer
+  predict the teacher's features of the masked positions (L1 on those only).
+
+Targets are the teacher features already extracted (cached h5): the teacher never runs here. They
+are standardised per dimension (mean and std of the training slides). AdamW with a linear warm-up
+then cosine schedule, mixed precision on CUDA, a checkpoint after every epoch (a rerun resumes from
+it when the configuration is the same). Validation on held-out slides, before training (the
+undistilled student) and after every epoch: mean cosine similarity and MSE of the student's output
+against the teacher's features (for MCM: of the masked-position predictions).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,22 +28,37 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from efcm.config import DistillParams, EncoderParams, Params
+from efcm.config import DistillParams, Params
 from efcm.features import device_of, read_features
 from efcm.manifest import Manifest
-from efcm.models.encoders import EncoderWithTransform, Student, build_student
+from efcm.models.encoders import PatchTransform, build_backbone
+from efcm.models.mcm import MaskedContextModel, grid_windows, masked_l1, random_mask
+from efcm.models.students import (
+    BackboneStudent,
+    DistilledStudent,
+    build_fpd,
+    build_vfd,
+    load_student,
+    save_student,
+)
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
 from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
+__all__ = ["distill", "load_student", "save_student"]
+
+
+# -- data -----------------------------------------------------------------------------------------
+
 
 class PairDataset(Dataset):
-    """(patch uint8 (S, S, 3), teacher feature (D,)) over many slides."""
+    """(patch uint8 (S, S, 3), teacher feature (D,)) over many slides (VFD, FPD)."""
 
     def __init__(self, slides: list[SlidePatches], targets: list[np.ndarray]) -> None:
         self.slides = slides
@@ -47,20 +73,42 @@ class PairDataset(Dataset):
         return torch.from_numpy(self.slides[s].read(i)), torch.from_numpy(self.targets[s][i])
 
 
-def distill_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    cos = 1 - F.cosine_similarity(pred, target, dim=-1).mean()
-    if kind == "mse":
-        return F.mse_loss(pred, target)
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    if kind == "cosine":
-        return cos
-    return F.mse_loss(pred, target) + cos  # mse_cosine
+class WindowDataset(Dataset):
+    """s x s windows (MCM): patches uint8 (n, S, S, 3), targets (n, D), valid (n,) bool."""
+
+    def __init__(
+        self, slides: list[SlidePatches], targets: list[np.ndarray], window: int, min_valid: float
+    ) -> None:
+        self.slides, self.targets = slides, targets
+        self.items: list[tuple[int, np.ndarray]] = []
+        for s, sp in enumerate(slides):
+            step0 = sp.coords.step0
+            if step0 is None:
+                raise ValueError(
+                    f"{sp.coords.name}: its coords are not a regular grid (MCM needs "
+                    "neighbouring patches)"
+                )
+            for w in grid_windows(sp.coords.coords, step0, window, min_valid):
+                self.items.append((s, w))
+        size = slides[0].coords.patch_size if slides else 0
+        self.blank = np.zeros((size, size, 3), np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, idx = self.items[k]
+        valid = idx >= 0
+        patches = np.stack([self.slides[s].read(int(i)) if i >= 0 else self.blank for i in idx])
+        dim = self.targets[s].shape[1]
+        targets = np.zeros((len(idx), dim), np.float32)
+        targets[valid] = self.targets[s][idx[valid]]
+        return torch.from_numpy(patches), torch.from_numpy(targets), torch.from_numpy(valid)
 
 
-def _pairs(
+def _slides(
     manifest: Manifest, slide_ids: list[str], patches_dir: Path, teacher_dir: Path
-) -> PairDataset:
+) -> tuple[list[SlidePatches], list[np.ndarray]]:
     by_id = {s.slide_id: s for s in manifest.slides}
     slides, targets = [], []
     for sid in slide_ids:
@@ -72,41 +120,146 @@ def _pairs(
             )
         slides.append(SlidePatches(by_id[sid].uri, cf, manifest.base_dir))
         targets.append(feats)
-    return PairDataset(slides, targets)
-
-
-@torch.no_grad()
-def validate(model: EncoderWithTransform, loader: DataLoader) -> dict[str, float]:
-    """Mean cosine similarity and MSE of student output vs teacher features, in the teacher's space.
-
-    `centered_cosine` subtracts the teacher's mean feature first: raw cosine is inflated by the mean
-    direction that every patch shares, the centred one shows whether the variation is matched.
-    """
-    model.eval()
-    device = device_of(model)
-    mean = model.encoder.target_mean
-    cos, ccos, mse, n = 0.0, 0.0, 0.0, 0
-    for x, y in loader:
-        p = model(x.to(device)).float()
-        y = y.to(device)
-        cos += F.cosine_similarity(p, y, dim=-1).sum().item()
-        ccos += F.cosine_similarity(p - mean, y - mean, dim=-1).sum().item()
-        mse += F.mse_loss(p, y, reduction="none").mean(-1).sum().item()
-        n += len(x)
-    n = max(n, 1)
-    return {"cosine": cos / n, "centered_cosine": ccos / n, "mse": mse / n, "n_patches": n}
+    return slides, targets
 
 
 def split_slides(
     slide_ids: list[str], val_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
     ids = sorted(slide_ids)
-    rng = np.random.default_rng(seed)
-    rng.shuffle(ids)
-    n_val = round(len(ids) * val_fraction) if len(ids) > 1 else 0
+    np.random.default_rng(seed).shuffle(ids)
+    n_val = 0
     if val_fraction > 0 and len(ids) > 1:
-        n_val = max(1, n_val)
+        n_val = max(1, round(len(ids) * val_fraction))
     return ids[n_val:], ids[:n_val]
+
+
+# -- the model being trained ----------------------------------------------------------------------
+
+
+def distill_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    cos = 1 - F.cosine_similarity(pred, target, dim=-1).mean()
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "cosine":
+        return cos
+    return F.mse_loss(pred, target) + cos  # mse_cosine
+
+
+class Trainee(nn.Module):
+    """What one distillation step trains, with the method's loss. Targets are standardised."""
+
+    def __init__(self, params: Params, teacher_dim: int) -> None:
+        super().__init__()
+        cfg: DistillParams = params.distill
+        self.method, self.cfg = cfg.method, cfg
+        self.transform = PatchTransform(params.student)
+        self.register_buffer("mean", torch.zeros(teacher_dim))
+        self.register_buffer("std", torch.ones(teacher_dim))
+        if cfg.method == "vfd":
+            self.student: nn.Module = build_vfd(params.student, teacher_dim)
+        elif cfg.method == "fpd":
+            self.student = build_fpd(params.student, teacher_dim, cfg.fpd)
+        else:
+            backbone, _ = build_backbone(params.student)
+            self.student = MaskedContextModel(
+                backbone,
+                teacher_dim,
+                window=cfg.mcm.window,
+                embed_dim=cfg.mcm.embed_dim,
+                depth=cfg.mcm.depth,
+                heads=cfg.mcm.heads,
+            )
+
+    def set_target_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-6))
+        if isinstance(self.student, DistilledStudent):
+            self.student.set_target_stats(self.mean, self.std)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def _windows(self, patches: torch.Tensor) -> torch.Tensor:
+        b, n = patches.shape[:2]
+        x = self.transform(patches.flatten(0, 1))
+        return x.view(b, n, *x.shape[1:])  # (B, n, 3, H, W)
+
+    def loss(
+        self, batch: tuple[torch.Tensor, ...], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if self.method == "mcm":
+            patches, targets, valid = batch
+            mask = random_mask(valid, self.cfg.mcm.mask_ratio, generator)
+            pred = self.student(self._windows(patches), valid, mask)
+            return masked_l1(pred, (targets - self.mean) / self.std, mask)
+        x, y = batch
+        pred = self.student.standardised(self.transform(x))
+        return distill_loss(pred, (y - self.mean) / self.std, self.cfg.loss)
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, seed: int) -> dict[str, float]:
+        """Cosine (raw and centred on the teacher mean) and MSE in the teacher's space."""
+        self.eval()
+        dev = device_of(self)
+        g = torch.Generator().manual_seed(seed)  # the same masks every time
+        cos = ccos = mse = 0.0
+        n = 0
+        for batch in loader:
+            batch = [t.to(dev) for t in batch]
+            if self.method == "mcm":
+                patches, targets, valid = batch
+                mask = random_mask(valid, self.cfg.mcm.mask_ratio, g)
+                pred = self.student(self._windows(patches), valid, mask)[mask]
+                pred, y = pred.float() * self.std + self.mean, targets[mask]
+            else:
+                x, y = batch
+                pred = self.student(self.transform(x)).float()
+            cos += F.cosine_similarity(pred, y, dim=-1).sum().item()
+            ccos += F.cosine_similarity(pred - self.mean, y - self.mean, dim=-1).sum().item()
+            mse += F.mse_loss(pred, y, reduction="none").mean(-1).sum().item()
+            n += len(y)
+        n = max(n, 1)
+        return {"cosine": cos / n, "centered_cosine": ccos / n, "mse": mse / n, "n": n}
+
+    def exported(self) -> nn.Module:
+        """The student as deployed: for MCM the backbone alone (transformer, predictor dropped)."""
+        if isinstance(self.student, MaskedContextModel):
+            return BackboneStudent(self.student.backbone)
+        return self.student
+
+
+def warmup_cosine(
+    opt: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _fingerprint(params: Params, teacher_dim: int, train_ids: list[str]) -> str:
+    blob = json.dumps(
+        {
+            "distill": params.distill.model_dump(mode="json"),
+            "student": params.student.model_dump(mode="json"),
+            "seed": params.seed,
+            "teacher_dim": teacher_dim,
+            "train": train_ids,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- the stage ------------------------------------------------------------------------------------
 
 
 def distill(
@@ -118,9 +271,9 @@ def distill(
     *,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Train the student (VFD) on cached teacher features; writes out_dir/student.pt and
-    metrics.json."""
-    cfg: DistillParams = params.distill
+    """Train the student on cached teacher features; writes out_dir/student.pt (the exported
+    student), metrics.json, and checkpoint.pt after every epoch (resumed by a rerun)."""
+    cfg = params.distill
     patches_dir, teacher_dir, out = Path(patches_dir), Path(teacher_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)
@@ -132,95 +285,122 @@ def distill(
     if not available:
         raise ValueError(f"no teacher features in {teacher_dir / 'features'}: run extract first")
     train_ids, val_ids = split_slides(available, cfg.val_fraction, params.seed)
-    train = _pairs(manifest, train_ids, patches_dir, teacher_dir)
-    teacher_dim = train.targets[0].shape[1]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    student = build_student(params.student, teacher_dim)
-    all_targets = torch.from_numpy(np.concatenate(train.targets))
-    student.set_target_stats(all_targets.mean(0), all_targets.std(0))
-    model = EncoderWithTransform(student, params.student).to(dev)
-    g = torch.Generator().manual_seed(params.seed)
-    loader = DataLoader(
-        train,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=g,
-        num_workers=cfg.num_workers,
-        drop_last=len(train) > cfg.batch_size,
-    )
+    train_slides, train_targets = _slides(manifest, train_ids, patches_dir, teacher_dir)
+    teacher_dim = train_targets[0].shape[1]
+
+    def dataset(slides: list[SlidePatches], targets: list[np.ndarray]) -> Dataset:
+        if cfg.method == "mcm":
+            return WindowDataset(slides, targets, cfg.mcm.window, cfg.mcm.min_valid)
+        return PairDataset(slides, targets)
+
+    train = dataset(train_slides, train_targets)
+    if len(train) == 0:
+        raise ValueError(
+            f"distill ({cfg.method}): no training items in {len(train_ids)} slides"
+            + (" (no window has enough tissue patches)" if cfg.method == "mcm" else "")
+        )
     val_loader = None
     if val_ids:
-        val_loader = DataLoader(
-            _pairs(manifest, val_ids, patches_dir, teacher_dir),
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-        )
-    opt = torch.optim.AdamW(model.encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = max(1, cfg.epochs * len(loader))
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1
-    )
+        val = dataset(*_slides(manifest, val_ids, patches_dir, teacher_dir))
+        if len(val):
+            val_loader = DataLoader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = Trainee(params, teacher_dim)
+    all_targets = torch.from_numpy(np.concatenate(train_targets))
+    model.set_target_stats(all_targets.mean(0), all_targets.std(0))
+    model.to(dev)
+    steps_per_epoch = max(1, len(train) // cfg.batch_size)
+    opt = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, cfg.warmup_fraction)
+    amp = dev.type == "cuda" and cfg.amp
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+
+    ckpt_path, fingerprint = out / "checkpoint.pt", _fingerprint(params, teacher_dim, train_ids)
     history: list[dict[str, Any]] = []
-    before = validate(model, val_loader) if val_loader else None
-    if before:
-        log.info("undistilled student: val cosine %.4f mse %.4f", before["cosine"], before["mse"])
-    for epoch in range(cfg.epochs):
+    start, before = 0, None
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            sched.load_state_dict(ckpt["sched"])
+            start, history, before = ckpt["epoch"], ckpt["history"], ckpt["before"]
+            log.info("distill: resuming after epoch %d from %s", start, ckpt_path)
+        else:
+            log.info("distill: %s is from another configuration: starting over", ckpt_path)
+    if start == 0 and val_loader is not None:
+        before = model.evaluate(val_loader, params.seed)
+        log.info("undistilled student (%s): val %s", cfg.method, before)
+
+    for epoch in range(start, cfg.epochs):
         model.train()
+        g = torch.Generator().manual_seed(params.seed * 1000 + epoch)  # same order after a resume
+        loader = DataLoader(
+            train,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            generator=g,
+            num_workers=cfg.num_workers,
+            drop_last=len(train) > cfg.batch_size,
+            pin_memory=dev.type == "cuda",
+        )
         total, n = 0.0, 0
-        for x, y in tqdm(
-            loader, desc=f"distill {epoch + 1}/{cfg.epochs}", disable=None, leave=False
+        for batch in tqdm(
+            loader, desc=f"distill {cfg.method} {epoch + 1}/{cfg.epochs}", disable=None, leave=False
         ):
-            pred = student.standardised(model.transform(x.to(dev)))
-            loss = distill_loss(
-                pred, (y.to(dev) - student.target_mean) / student.target_std, cfg.loss
-            )
+            batch = [t.to(dev, non_blocking=True) for t in batch]
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+                loss = model.loss(batch, g)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
-            total += loss.item() * len(x)
-            n += len(x)
+            total += loss.item() * len(batch[0])
+            n += len(batch[0])
         rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(n, 1)}
-        if val_loader:
+        if val_loader is not None:
             rec.update(
-                {f"val_{k}": v for k, v in validate(model, val_loader).items() if k != "n_patches"}
+                {
+                    f"val_{k}": v
+                    for k, v in model.evaluate(val_loader, params.seed).items()
+                    if k != "n"
+                }
             )
         history.append(rec)
-        log.info("distill epoch %d: %s", epoch + 1, rec)
-    save_student(out / "student.pt", model.encoder, params.student)
+        log.info("distill %s epoch %d: %s", cfg.method, epoch + 1, rec)
+        tmp = atomic_path(ckpt_path)
+        torch.save(
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "history": history,
+                "before": before,
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt_path)
+
+    student = model.exported().cpu()
+    save_student(out / "student.pt", student, params.student, fpd=cfg.fpd)
     metrics = {
         "method": cfg.method,
         "teacher_dim": teacher_dim,
+        "student_dim": int(student.out_dim),
+        "student_in_teacher_space": bool(student.teacher_space),
+        "trainable_params": sum(p.numel() for p in model.trainable()),
         "train_slides": train_ids,
         "val_slides": val_ids,
         "history": history,
         "val_before": before,
         "val_after": history[-1] if history else None,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    tmp = atomic_path(out / "metrics.json")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / "metrics.json")
     return metrics
-
-
-def save_student(path: Path, student: Student, spec: EncoderParams) -> None:
-    tmp = atomic_path(path)
-    torch.save(
-        {
-            "format": "efcm.student/1",
-            "spec": spec.model_dump(mode="json"),
-            "out_dim": student.out_dim,
-            "state_dict": student.state_dict(),
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
-
-
-def load_student(path: str | Path) -> tuple[Student, EncoderParams]:
-    """Load a student saved by `save_student`; returns (student in eval mode, its encoder spec)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "efcm.student/1":
-        raise ValueError(f"{path}: not an efcm student checkpoint")
-    spec = EncoderParams.model_validate({**ckpt["spec"], "weights": None})
-    student = build_student(spec, int(ckpt["out_dim"]), warn_random=False)
-    student.load_state_dict(ckpt["state_dict"])
-    return student.eval(), spec

@@ -25,7 +25,7 @@ from efcm.export import export_package, load_package
 from efcm.inference import predict_features
 from efcm.mil import save_clam
 from efcm.models.clam import CLAMSB
-from efcm.models.encoders import build_student
+from efcm.models.students import build_vfd
 from tests.conftest import tiny_params_dict
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def build_package(out: Path, dim: int = DIM) -> Path:
     params = params_from_dict(tiny_params_dict())
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
-    student = build_student(params.student, dim, warn_random=False)
+    student = build_vfd(params.student, dim, warn_random=False)
     save_student(out / "student.pt", student, params.student)
     mil = out / "train_mil"
     mil.mkdir(exist_ok=True)

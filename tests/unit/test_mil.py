@@ -110,11 +110,11 @@ def test_package_round_trip_and_tamper_detection(tmp_path):
     from efcm.export import PackageError, export_package, load_package
     from efcm.inference import predict_features
     from efcm.mil import save_clam
-    from efcm.models.encoders import build_student
+    from efcm.models.students import build_vfd
     from tests.conftest import tiny_params_dict
 
     params = params_from_dict(tiny_params_dict())
-    student = build_student(params.student, 64, warn_random=False)
+    student = build_vfd(params.student, 64, warn_random=False)
     save_student(tmp_path / "student.pt", student, params.student)
     (tmp_path / "mil").mkdir()
     save_clam(tmp_path / "mil" / "fold_0.pt", CLAMSB(64, 2, hidden=8, attn_dim=4))

@@ -13,9 +13,9 @@ from efcm.models.encoders import (
     EncoderWithTransform,
     PatchTransform,
     build_backbone,
-    build_student,
     load_weights,
 )
+from efcm.models.students import build_vfd
 from efcm.slides.batch import patch_manifest
 from tests.conftest import tiny_params_dict
 
@@ -113,7 +113,7 @@ def test_extraction_with_workers_matches(patched, tmp_path):
 
 
 def test_student_outputs_teacher_space():
-    s = build_student(EncoderParams(arch="test_resnet"), out_dim=64, warn_random=False)
+    s = build_vfd(EncoderParams(arch="test_resnet"), out_dim=64, warn_random=False)
     s.set_target_stats(torch.full((64,), 3.0), torch.full((64,), 2.0))
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(s(x), s.standardised(x) * 2 + 3)

@@ -1,9 +1,7 @@
 """Patch encoders built by timm, checkpoint loading, and the input transform.
 
 The teacher is a timm backbone with its classifier removed (`num_classes=0`: pooled features). The
-student is a timm backbone plus a linear projection to the teacher's feature dimension, so its
-output
-lives in the teacher's space (what VFD trains and what CLAM reads).
+students built on these backbones are in `efcm.models.students`.
 """
 
 from __future__ import annotations
@@ -90,18 +88,53 @@ def load_weights(model: nn.Module, uri: str) -> str:
     return sha256_file(path)
 
 
+class StageFeatures(nn.Module):
+    """A timm CNN cut after one feature stage, average-pooled: (B, 3, H, W) -> (B, C).
+
+    `resnet50_trunc` is ResNet-50 cut after layer3 (1024-d), the encoder CLAM uses. Its state dict
+    has the full model's key names, so a standard ResNet-50 checkpoint loads (the dropped layer4
+    and fc are reported as unexpected keys).
+    """
+
+    def __init__(self, arch: str, stage: int, **kwargs: Any) -> None:
+        super().__init__()
+        self.body = timm.create_model(
+            arch, pretrained=False, features_only=True, out_indices=(stage,), **kwargs
+        )
+        self.num_features = int(self.body.feature_info.channels()[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)[0].mean((2, 3))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.body.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.body.load_state_dict(state, strict=strict, assign=assign)
+
+
+# architectures that are not plain timm names
+_CUSTOM = {"resnet50_trunc": ("resnet50", 3)}
+
+
+def create_timm(arch: str, **kwargs: Any) -> nn.Module:
+    """timm.create_model(arch, pretrained=False, num_classes=0) with clear errors."""
+    try:
+        if arch in _CUSTOM:
+            base, stage = _CUSTOM[arch]
+            return StageFeatures(base, stage, **kwargs)
+        return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ValueError(f"encoder arch {arch!r}: {err}") from None
+    except TypeError as err:
+        raise ValueError(f"encoder {arch!r}: bad model_kwargs {kwargs}: {err}") from None
+
+
 def build_backbone(
     spec: EncoderParams, *, warn_random: bool = True
 ) -> tuple[nn.Module, str | None]:
     """A timm model with pooled-feature output; returns (model, weights sha256 or None)."""
-    try:
-        model = timm.create_model(spec.arch, pretrained=False, num_classes=0, **spec.model_kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ValueError(f"encoder arch {spec.arch!r}: {err}") from None
-    except TypeError as err:
-        raise ValueError(
-            f"encoder {spec.arch!r}: bad model_kwargs {spec.model_kwargs}: {err}"
-        ) from None
+    model = create_timm(spec.arch, **spec.model_kwargs)
     sha = None
     if spec.weights:
         sha = load_weights(model, spec.weights)
@@ -110,41 +143,6 @@ def build_backbone(
             "encoder %s has NO pretrained weights: random initialisation (demo only)", spec.arch
         )
     return model, sha
-
-
-class Student(nn.Module):
-    """Backbone + linear projection to the teacher's feature dimension.
-
-
-    The projection predicts *standardised* teacher features; `target_mean` / `target_std` (set
-    from the
-    teacher features before distillation) map them back, so the output is in the teacher's space
-    while
-    the loss weighs every teacher dimension by its spread, not by its (often large, shared) mean.
-    """
-
-    def __init__(self, backbone: nn.Module, out_dim: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.proj = nn.Linear(backbone.num_features, out_dim)
-        self.out_dim = out_dim
-        self.register_buffer("target_mean", torch.zeros(out_dim))
-        self.register_buffer("target_std", torch.ones(out_dim))
-
-    def set_target_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.target_mean.copy_(mean)
-        self.target_std.copy_(std.clamp_min(1e-6))
-
-    def standardised(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone(x))  # (B, 3, H, W) -> (B, out_dim), standardised space
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.standardised(x) * self.target_std + self.target_mean  # teacher space
-
-
-def build_student(spec: EncoderParams, out_dim: int, *, warn_random: bool = True) -> Student:
-    backbone, _ = build_backbone(spec, warn_random=warn_random)
-    return Student(backbone, out_dim)
 
 
 def feature_dim(model: nn.Module) -> int:

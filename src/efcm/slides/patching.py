@@ -150,6 +150,14 @@ class CoordsFile:
     read_size: int  # px at patch_level
     patch_size: int  # px handed to the transform
     name: str
+    step0: int | None = None  # grid step in level-0 px (None: not a regular grid we know of)
+
+
+def grid_step(coords: np.ndarray) -> int | None:
+    """The step of a regular patch grid, from the coords alone (for files without `step0`)."""
+    steps = [np.diff(np.unique(coords[:, k])) for k in (0, 1)] if len(coords) > 1 else []
+    steps = [d[d > 0].min() for d in steps if (d > 0).any()]
+    return int(min(steps)) if steps else None
 
 
 def read_coords(path: str | Path) -> CoordsFile:
@@ -190,4 +198,5 @@ def read_coords(path: str | Path) -> CoordsFile:
         )
     name = a.get("name", path.stem)
     name = name.decode() if isinstance(name, bytes) else str(name)
-    return CoordsFile(coords, level, read_size, patch_size, name)
+    step0 = int(a["step0"]) if "step0" in a else grid_step(coords)
+    return CoordsFile(coords, level, read_size, patch_size, name, step0)

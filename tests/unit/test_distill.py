@@ -1,0 +1,219 @@
+"""The three distillation methods: VFD, FPD (+ TransScan), MCM-KD."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from efcm.config import params_from_dict
+from efcm.distill import Trainee
+from efcm.models.mcm import grid_windows, masked_l1, random_mask
+from efcm.models.students import BackboneStudent, FPDStudent, load_student, save_student
+from efcm.models.transscan import SelectiveKernel, TransScan
+from tests.conftest import tiny_params_dict
+
+D = 16  # teacher dim of these tests
+
+
+def _params(method: str, **distill):
+    p = tiny_params_dict()
+    p["distill"] = {
+        **p["distill"],
+        "method": method,
+        **distill,
+        "fpd": {"shallow_stage": 2, "embed_dim": 32, "depth": 1, "heads": 2},
+        "mcm": {"window": 2, "embed_dim": 32, "depth": 1, "heads": 2},
+    }
+    return params_from_dict(p)
+
+
+def _batch(method: str, rng: np.random.Generator):
+    if method == "mcm":
+        patches = torch.from_numpy(rng.integers(0, 255, (3, 4, 64, 64, 3), dtype=np.uint8))
+        targets = torch.from_numpy(rng.normal(size=(3, 4, D)).astype(np.float32))
+        valid = torch.tensor([[True] * 4, [True, True, True, False], [True] * 4])
+        return [patches, targets, valid]
+    x = torch.from_numpy(rng.integers(0, 255, (6, 64, 64, 3), dtype=np.uint8))
+    return [x, torch.from_numpy(rng.normal(size=(6, D)).astype(np.float32))]
+
+
+@pytest.mark.parametrize("method", ["vfd", "fpd", "mcm"])
+def test_each_method_lowers_its_loss_on_a_fixed_batch(method):
+    torch.manual_seed(0)
+    model = Trainee(_params(method), D)
+    batch = _batch(method, np.random.default_rng(0))
+    opt = torch.optim.Adam(model.trainable(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        g = torch.Generator().manual_seed(1)  # the same masks each step
+        loss = model.loss(batch, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_fpd_trains_only_the_projection():
+    torch.manual_seed(0)
+    model = Trainee(_params("fpd"), D)
+    assert isinstance(model.student, FPDStudent)
+    shallow = {k: v.clone() for k, v in model.student.shallow.state_dict().items()}
+    proj = {k: v.clone() for k, v in model.student.projection.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable(), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model.loss(_batch("fpd", np.random.default_rng(1)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, v in model.student.shallow.state_dict().items():  # weights AND BatchNorm statistics
+        assert torch.equal(v, shallow[k]), f"frozen {k} changed"
+    assert any(
+        not torch.equal(v, proj[k]) for k, v in model.student.projection.state_dict().items()
+    )
+    n_trainable = sum(p.numel() for p in model.trainable())
+    assert n_trainable == sum(p.numel() for p in model.student.projection.parameters())
+
+
+def test_selective_kernel_fuses_two_dilations_by_branch_attention():
+    sk = SelectiveKernel(8, reduction=2)
+    assert [b[0].dilation for b in sk.branches] == [(1, 1), (2, 2)]
+    out = sk(torch.randn(2, 8, 5, 5))
+    assert out.shape == (2, 8, 5, 5)
+    assert torch.allclose(sk.last_attention.sum(1), torch.ones(2, 8))
+    assert TransScan(8, 24, embed_dim=16, depth=1, heads=2)(torch.randn(3, 8, 4, 6)).shape == (
+        3,
+        24,
+    )
+
+
+def test_mcm_masks_the_configured_fraction_of_valid_positions():
+    valid = torch.ones(64, 16, dtype=torch.bool)
+    valid[:, 12:] = False  # 12 valid positions per window
+    mask = random_mask(valid, 0.5, torch.Generator().manual_seed(0))
+    assert (mask.sum(1) == 6).all()
+    assert not (mask & ~valid).any()
+    assert len({tuple(m.tolist()) for m in mask}) > 1  # random per window
+
+
+def test_mcm_loss_ignores_unmasked_positions():
+    torch.manual_seed(0)
+    model = Trainee(_params("mcm"), D).eval()
+    patches, targets, valid = _batch("mcm", np.random.default_rng(2))
+    mask = random_mask(valid, 0.5, torch.Generator().manual_seed(3))
+    changed = targets.clone()
+    changed[~mask] += 100.0  # only the unmasked targets change
+    with torch.no_grad():
+        pred = model.student(model._windows(patches), valid, mask)
+        a = masked_l1(pred, targets, mask)
+        b = masked_l1(pred, changed, mask)
+        c = masked_l1(pred, targets + 100.0, mask)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mcm_student_exported_alone_has_no_context_model(tmp_path):
+    params = _params("mcm")
+    model = Trainee(params, D)
+    student = model.exported()
+    assert isinstance(student, BackboneStudent) and not student.teacher_space
+    save_student(tmp_path / "s.pt", student, params.student)
+    loaded, _ = load_student(tmp_path / "s.pt")
+    keys = set(loaded.state_dict())
+    assert not any("encoder" in k or "predictor" in k or "mask_token" in k for k in keys)
+    x = torch.randn(2, 3, 64, 64)
+    out = loaded(x)
+    assert (
+        out.shape == (2, loaded.out_dim) and loaded.out_dim == model.student.backbone.num_features
+    )
+    assert torch.allclose(out, model.student.backbone.eval()(x), atol=1e-6)
+
+
+def test_grid_windows_group_neighbouring_patches():
+    step = 100
+    pts = [(x * step, y * step) for y in range(4) for x in range(5) if (x, y) != (1, 1)]
+    coords = np.array(pts) + 7
+    wins = grid_windows(coords, step, 2, min_valid=0.5)
+    index = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    first = wins[0]  # the top-left window: (0,0) (1,0) (0,1) and the hole at (1,1)
+    assert first.tolist() == [index[(7, 7)], index[(107, 7)], index[(7, 107)], -1]
+    for w in wins:
+        pos = coords[w[w >= 0]]
+        assert (pos.max(0) - pos.min(0) <= step).all()  # neighbours only
+    assert len(grid_windows(coords, step, 2, min_valid=1.0)) < len(wins)
+
+
+@pytest.mark.parametrize("method", ["fpd", "mcm"])
+def test_distill_stage_runs_each_method(method, tiny_dataset, tmp_path):
+    from efcm import stages
+
+    params = _params(method, epochs=1, batch_size=8)
+    stages.patch(tiny_dataset, tmp_path / "p", params)
+    stages.extract(tiny_dataset, tmp_path / "p", tmp_path / "t", params)
+    m = stages.distill(tiny_dataset, tmp_path / "p", tmp_path / "t", tmp_path / "d", params)
+    assert m["method"] == method and m["val_before"] and m["val_after"]
+    student, _ = load_student(tmp_path / "d" / "student.pt")
+    assert m["student_in_teacher_space"] == (method == "fpd") == student.teacher_space
+    assert m["student_dim"] == student.out_dim
+    rows = stages.extract(
+        tiny_dataset,
+        tmp_path / "p",
+        tmp_path / "s",
+        params,
+        encoder="student",
+        student=tmp_path / "d",
+    )
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_a_killed_distillation_resumes_from_its_checkpoint(tiny_dataset, tmp_path):
+    from efcm import stages
+
+    params = _params("vfd", epochs=4, batch_size=4)
+    stages.patch(tiny_dataset, tmp_path / "p", params)
+    stages.extract(tiny_dataset, tmp_path / "p", tmp_path / "t", params)
+    raw = tiny_params_dict()
+    raw["distill"].update(epochs=4, batch_size=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [
+        sys.executable,
+        "-m",
+        "efcm.cli",
+        "distill",
+        "--manifest",
+        str(tiny_dataset),
+        "--patches",
+        str(tmp_path / "p"),
+        "--teacher-features",
+        str(tmp_path / "t"),
+        "--out",
+        str(tmp_path / "d"),
+        "--params",
+        str(tmp_path / "params.yaml"),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    ckpt = tmp_path / "d" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if (tmp_path / "d" / "student.pt").exists():
+        pytest.fail("the run finished before it could be killed: make it longer")
+    done = torch.load(ckpt, weights_only=False)["epoch"]
+    assert 1 <= done < 4
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resuming after epoch {done}" in out.stderr
+    import json
+
+    history = json.loads((tmp_path / "d" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
