@@ -91,3 +91,41 @@ def compare(
         "param_ratio": round(t["params"] / s["params"], 3),
         "flop_ratio": round(t["gflops_per_patch"] / max(s["gflops_per_patch"], 1e-12), 3),
     }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """`compare(...)` as a Markdown table (teacher and student rows) plus a line of ratios.
+
+    Peak memory is a column only where a profile has it (CUDA).
+    """
+    rows = [(name, report[name]) for name in ("teacher", "student") if name in report]
+    memory = any("peak_memory_mb" in p for _, p in rows)
+    head = ["model", "params", "GFLOPs/patch", "patches/s", "input", "batch", "device"]
+    if memory:
+        head.append("peak memory (MB)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, p in rows:
+        cells = [
+            name,
+            f"{p['params'] / 1e6:.2f} M",
+            f"{p['gflops_per_patch']:.3f}",
+            f"{p['patches_per_s']:.1f}",
+            f"{p['input_size']} px",
+            str(p["batch_size"]),
+            str(p["device"]),
+        ]
+        if memory:
+            cells.append(f"{p['peak_memory_mb']:.1f}" if "peak_memory_mb" in p else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    ratios = [
+        f"{report[key]}x {what}"
+        for key, what in (
+            ("student_teacher_speedup", "the patches/s"),
+            ("param_ratio", "fewer parameters"),
+            ("flop_ratio", "fewer GFLOPs per patch"),
+        )
+        if key in report
+    ]
+    if ratios:
+        lines += ["", "Student vs teacher: " + ", ".join(ratios) + " (measured in one run)."]
+    return "\n".join(lines) + "\n"

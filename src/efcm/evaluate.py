@@ -127,9 +127,13 @@ def report(metrics: dict[str, Any], params: Params) -> str:
 
 
 def measure_efficiency(
-    params: Params, student_ckpt: str | Path, batch_size: int = 16, min_seconds: float = 1.0
+    params: Params,
+    student_ckpt: str | Path,
+    batch_size: int | None = None,
+    min_seconds: float = 1.0,
 ) -> dict[str, Any]:
-    """Teacher vs the distilled student, in one run on this machine's default device."""
+    """Teacher vs the distilled student, in one run on this machine's default device, at the
+    extraction batch size (`extract.batch_size`) unless given."""
     import torch
 
     from efcm.distill import load_student
@@ -143,6 +147,6 @@ def measure_efficiency(
         params.teacher.input_size,
         student.to(dev),
         spec.input_size,
-        batch_size,
+        batch_size or params.extract.batch_size,
         min_seconds=min_seconds,
     )

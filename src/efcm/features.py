@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from efcm.config import ExtractParams
 from efcm.manifest import Manifest
+from efcm.slides.batch import remove_stale_parts
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
 from efcm.status import OK, write_status
@@ -131,6 +132,7 @@ def extract_manifest(
     into every features h5. Writes out_dir/status.csv.
     """
     patches_dir, out = Path(patches_dir), Path(out_dir)
+    remove_stale_parts(out / "features")  # half-written files of a killed run
     model.eval()
     rows = []
     for entry in tqdm(manifest.slides, desc="extract", unit="slide", disable=None):
