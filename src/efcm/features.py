@@ -22,11 +22,10 @@ from tqdm import tqdm
 
 from efcm.config import ExtractParams
 from efcm.manifest import Manifest
-from efcm.slides.batch import remove_stale_parts
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
 from efcm.status import OK, write_status
-from efcm.storage import atomic_path
+from efcm.storage import atomic_path, remove_stale_parts
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +64,10 @@ def embed_batches(
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
-            out.append(model(batch).float().cpu())
+            out.append(model(batch).float())  # stays on the device: no sync per batch
             bar.update(len(batch))
     bar.close()
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def extract_slide(model: nn.Module, patches: SlidePatches, params: ExtractParams) -> np.ndarray:

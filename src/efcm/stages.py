@@ -103,10 +103,13 @@ def extract(
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Features of every patched slide with the teacher, or with a distilled student checkpoint."""
+    import torch
+
     from efcm.features import extract_manifest
     from efcm.models.encoders import EncoderWithTransform, build_backbone, sha256_file
 
     if encoder == "teacher":
+        torch.manual_seed(params.seed)  # a random-init (demo) teacher is the same on every run
         backbone, sha = build_backbone(params.teacher)
         model, spec = EncoderWithTransform(backbone, params.teacher), params.teacher
     elif encoder == "student":
@@ -121,14 +124,13 @@ def extract(
         model, sha = EncoderWithTransform(net, spec), sha256_file(ckpt)
     else:
         raise ConfigError(f"encoder must be 'teacher' or 'student', got {encoder!r}")
-    import torch
-
+    model = model.to(memory_format=torch.channels_last)
     if torch.cuda.is_available():
         model = model.cuda()
     attrs = {
         "encoder": encoder,
         "arch": spec.arch,
-        "weights_sha256": sha or "random-init",
+        "weights_sha256": sha or f"random-init (seed {params.seed})",
         "input_size": spec.input_size,
     }
     rows = extract_manifest(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from efcm.slides.patching import PatchGeometry, geometry, patch_coords, write_co
 from efcm.slides.reader import Mpp, SlideError, open_slide, read_thumbnail, resolve_mpp
 from efcm.slides.tissue import TissueMask, segment_tissue, to_geojson
 from efcm.status import NO_TISSUE, OK, write_status
-from efcm.storage import atomic_path
+from efcm.storage import atomic_path, remove_stale_parts
 
 log = logging.getLogger(__name__)
 
@@ -185,25 +184,6 @@ def _skip_row(entry: SlideEntry, out_dir: Path) -> dict[str, Any] | None:
             "n_patches": len(d),
             "seconds": 0.0,
         }
-
-
-def remove_stale_parts(folder: Path) -> int:
-    """Delete temporary files (`.<name>.<pid>.part`) left by a killed run; returns how many.
-    A file whose writer is still alive is kept."""
-    removed = 0
-    for part in folder.glob(".*.part"):
-        try:
-            pid = int(part.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # its writer is alive
-        except (ValueError, ProcessLookupError):
-            pass
-        except PermissionError:
-            continue
-        part.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 def patch_manifest(
