@@ -1,9 +1,8 @@
 """The evaluation stage: teacher baseline vs student on the same out-of-fold slides, one table.
 
-Writes `metrics.json` (nested by model name, so DVC shows `teacher.auc`, `student.auc_ci_low`, ...),
-`roc/<model>.csv` for `dvc plots`, and `report.md`, a Markdown table with every metric and its CI
-and
-the efficiency figures (params, GFLOPs per patch, patches/s) measured in this run.
+Writes `metrics.json` (nested by model name, so DVC shows `teacher.auc`, `student.auc_ci_low`,
+...), `roc/<model>.csv` for `dvc plots`, `efficiency.json` (teacher vs student cost, measured in
+this run), and `report.md`: a Markdown table with every metric and its CI, and the cost table.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from efcm.config import Params
-from efcm.efficiency import compare
+from efcm.efficiency import compare, markdown_table
 from efcm.metrics import METRICS, classification_metrics, roc_points
 from efcm.mil import read_predictions, save_json
 from efcm.storage import atomic_path
@@ -79,7 +78,12 @@ def evaluate(
             if k in efficiency
         }
     save_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(report(metrics, params))
+    text = report(metrics, params)
+    if efficiency:
+        save_json(out / "efficiency.json", efficiency)
+        text += "\n## Cost per patch (teacher vs student, one run, this machine)\n\n"
+        text += markdown_table(efficiency) + "\n"
+    (out / "report.md").write_text(text)
     return metrics
 
 

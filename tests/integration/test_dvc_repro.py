@@ -53,6 +53,10 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     for name in ("teacher", "student"):
         roc = (work / f"runs/evaluate/roc/{name}.csv").read_text().splitlines()
         assert roc[0] == "fpr,tpr,threshold" and len(roc) >= 3
+    report = (work / "runs/evaluate/report.md").read_text()
+    assert "| teacher |" in report and "Cost per patch" in report
+    eff = json.loads((work / "runs/evaluate/efficiency.json").read_text())
+    assert eff["teacher"]["params"] > 0 and eff["student_teacher_speedup"] > 0
     pkg = load_package(work / "runs/package")
     assert pkg.classes == ["normal", "tumour"] and pkg.meta["metrics"]["student"]["n"] == 6
 

@@ -170,8 +170,20 @@ def test_distill_stage_runs_each_method(method, tiny_dataset, tmp_path):
         student=tmp_path / "d",
     )
     assert all(r["status"] == "ok" for r in rows)
+    # the rest of the chain takes the student's features, whatever their width
+    stages.splits(tiny_dataset, tmp_path / "splits.json", params, features_dir=tmp_path / "s")
+    stages.train_mil(tiny_dataset, tmp_path / "s", tmp_path / "splits.json", tmp_path / "m", params)
+    pkg_dir = stages.export(tmp_path / "d", tmp_path / "m", tmp_path / "pkg", params)
+    from efcm.export import load_package
+    from efcm.inference import predict_features
+
+    pkg = load_package(pkg_dir)
+    assert pkg.feature_dim == student.out_dim and pkg.meta["distill_method"] == method
+    pred = predict_features(pkg, np.zeros((5, student.out_dim), np.float32))
+    assert pred.probabilities.shape == (2,)
 
 
+@pytest.mark.integration
 def test_a_killed_distillation_resumes_from_its_checkpoint(tiny_dataset, tmp_path):
     from efcm import stages
 
