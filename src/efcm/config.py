@@ -231,7 +231,13 @@ class DistillParams(_Section):
 
 
 class TrainMilParams(_Section):
-    model: Literal["clam_sb"] = "clam_sb"
+    model: Literal["clam_sb", "clam_mb"] = "clam_sb"
+    instance_loss: Literal["ce", "svm"] = Field(
+        "ce", description="instance clustering loss: cross-entropy or smooth top-1 SVM"
+    )
+    subtyping: bool = Field(
+        False, description="also pseudo-label out-of-class instances (for subtype problems)"
+    )
     folds: int = Field(3, ge=2)
     epochs: int = Field(40, ge=1)
     min_epochs: int = Field(10, ge=0)
@@ -246,6 +252,20 @@ class TrainMilParams(_Section):
     val_fraction: float = Field(
         0.25, gt=0, lt=1, description="share of training cases used for early stopping"
     )
+
+
+class IbParams(_Section):
+    """The variational information-bottleneck MIL head that picks each slide's top-K patches."""
+
+    k: int = Field(512, ge=1, description="patches kept per slide (all when a slide has fewer)")
+    temperature: float = Field(0.1, gt=0, description="relaxed-Bernoulli temperature")
+    samples: int = Field(10, ge=1, description="mask samples per bag and step")
+    prior: float = Field(0.1, gt=0, lt=1, description="prior keep-rate of an instance")
+    beta: float = Field(0.1, ge=0, description="weight of the information (KL) loss")
+    hidden: int = Field(128, ge=8)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
 
 
 class EvaluateParams(_Section):
@@ -269,6 +289,7 @@ class Params(_Section):
     extract: ExtractParams = ExtractParams()
     distill: DistillParams = DistillParams()
     train_mil: TrainMilParams = TrainMilParams()
+    ib: IbParams = IbParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efcm.models.transscan import sincos_2d
+from efcm.models.transscan import sincos_2d, token_transformer
 
 
 def grid_windows(coords: np.ndarray, step0: int, window: int, min_valid: float = 0.5) -> np.ndarray:
@@ -87,16 +87,7 @@ class MaskedContextModel(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("pos", sincos_2d(window, window, embed_dim), persistent=False)
-        layer = nn.TransformerEncoderLayer(
-            embed_dim,
-            heads,
-            embed_dim * 2,
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.encoder = token_transformer(embed_dim, heads, 2.0, depth)
         self.predictor = nn.Sequential(
             nn.LayerNorm(embed_dim),
             nn.Linear(embed_dim, embed_dim),

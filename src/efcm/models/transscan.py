@@ -31,6 +31,22 @@ def sincos_2d(h: int, w: int, dim: int, device: torch.device | None = None) -> t
     return torch.cat(out, 1)
 
 
+def token_transformer(
+    embed_dim: int, heads: int, mlp_ratio: float, depth: int
+) -> nn.TransformerEncoder:
+    """Pre-norm transformer encoder over (B, tokens, embed_dim), GELU, no dropout."""
+    layer = nn.TransformerEncoderLayer(
+        embed_dim,
+        heads,
+        int(embed_dim * mlp_ratio),
+        dropout=0.0,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+
 class SelectiveKernel(nn.Module):
     """Two 3x3 branches (dilation 1 and 2) fused by a softmax attention over the branches.
 
@@ -85,16 +101,7 @@ class TransScan(nn.Module):
             nn.Conv2d(in_channels, embed_dim, 1, bias=False), nn.BatchNorm2d(embed_dim)
         )
         self.sk = SelectiveKernel(embed_dim, reduction)
-        layer = nn.TransformerEncoderLayer(
-            embed_dim,
-            heads,
-            int(embed_dim * mlp_ratio),
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.encoder = token_transformer(embed_dim, heads, mlp_ratio, depth)
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, out_dim)
         self.embed_dim = embed_dim
