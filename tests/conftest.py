@@ -35,6 +35,8 @@ TINY = {
         "k_sample": 4,
         "val_fraction": 0.34,
     },
+    "ib": {"k": 16, "epochs": 3, "hidden": 16, "samples": 4},
+    "mil": {"etc": {"epochs": 1, "chunk": 16}},
     "evaluate": {"bootstrap": 50},
 }
 

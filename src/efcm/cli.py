@@ -67,6 +67,24 @@ def cmd_train_mil(args: argparse.Namespace) -> None:
     stages.train_mil(args.manifest, args.features, args.splits, args.out, _params(args))
 
 
+def cmd_reuse(args: argparse.Namespace) -> None:
+    stages.reuse(
+        args.manifest, args.teacher_mil, args.features, args.splits, args.out, _params(args)
+    )
+
+
+def cmd_etc(args: argparse.Namespace) -> None:
+    stages.etc(
+        args.manifest,
+        args.patches,
+        args.teacher_features,
+        args.student,
+        args.splits,
+        args.out,
+        _params(args),
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     preds = {}
     for item in args.predictions:
@@ -74,7 +92,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if not sep or not name:
             raise ConfigError(f"--predictions takes NAME=DIR, got {item!r}")
         preds[name] = path
-    stages.evaluate(preds, args.out, _params(args), student=args.student)
+    stages.evaluate(
+        preds,
+        args.out,
+        _params(args),
+        student=args.student,
+        manifest=args.manifest,
+        patches_dir=args.patches,
+        masks_dir=args.masks,
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -171,15 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", required=True)
     p.add_argument("--out", required=True)
 
+    p = add("reuse", cmd_reuse, "Reuse CLAM: the teacher's fold CLAMs on the student's features")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--teacher-mil", required=True, help="train-mil output dir of the teacher")
+    p.add_argument("--features", required=True, help="extract output dir of the student")
+    p.add_argument("--splits", required=True)
+    p.add_argument("--out", required=True)
+
+    p = add("etc", cmd_etc, "End2end Train CLAM on the IB top-K patches (per fold)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--patches", required=True)
+    p.add_argument("--teacher-features", required=True)
+    p.add_argument("--student", required=True, help="the distilled student (distill output)")
+    p.add_argument("--splits", required=True)
+    p.add_argument("--out", required=True)
+
     p = add("evaluate", cmd_evaluate, "teacher vs student metrics with CIs, ROC points, efficiency")
     p.add_argument(
         "--predictions",
         action="append",
         required=True,
         metavar="NAME=DIR",
-        help="a train-mil output dir, named (repeat: teacher=..., student=...)",
+        help="an output dir of train-mil or a strategy, named: teacher=DIR, and reuse=DIR, "
+        "retrain=DIR, etc=DIR for the rows student.<distill.method>.<strategy>",
     )
     p.add_argument("--student", help="student checkpoint: also measure teacher vs student cost")
+    p.add_argument("--manifest", help="with --patches and --masks: attention localisation")
+    p.add_argument("--patches", help="output dir of `efcm patch` (coords of the attention)")
+    p.add_argument("--masks", help="folder of ground-truth tumour masks, <slide_id>.png")
     p.add_argument("--out", required=True)
 
     p = add("export", cmd_export, "assemble the deployable model package")

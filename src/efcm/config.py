@@ -268,6 +268,33 @@ class IbParams(_Section):
     weight_decay: float = Field(1e-5, ge=0)
 
 
+class EtcParams(_Section):
+    """End2end Train CLAM: the student and a CLAM fine-tuned on the IB top-K bags."""
+
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-4, gt=0, description="the CLAM head's learning rate")
+    backbone_lr_factor: float = Field(0.1, gt=0, le=1, description="student lr = lr x this")
+    weight_decay: float = Field(1e-4, ge=0)
+    freeze_stages: int = Field(2, ge=0, description="student stem + this many stages frozen")
+    accumulate: int = Field(1, ge=1, description="bags per optimiser step")
+    chunk: int = Field(64, ge=1, description="patches per checkpointed forward chunk")
+    augment: bool = True
+    colour_jitter: float = Field(0.05, ge=0, lt=1)
+
+
+class MilParams(_Section):
+    """Which slide-level strategies the run compares (see efcm.strategies)."""
+
+    strategies: tuple[Literal["reuse", "retrain", "etc"], ...] = ("reuse", "retrain", "etc")
+    etc: EtcParams = EtcParams()
+
+    @model_validator(mode="after")
+    def _some(self) -> MilParams:
+        if not self.strategies or len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"strategies must be distinct and not empty, got {self.strategies}")
+        return self
+
+
 class EvaluateParams(_Section):
     bootstrap: int = Field(1000, ge=0)
     ci: float = Field(0.95, gt=0, lt=1)
@@ -280,6 +307,16 @@ class ExportParams(_Section):
 class Params(_Section):
     """All of params.yaml."""
 
+    @model_validator(mode="after")
+    def _reuse_needs_teacher_space(self) -> Params:
+        if "reuse" in self.mil.strategies and self.distill.method == "mcm":
+            raise ValueError(
+                "mil.strategies includes 'reuse' but distill.method is 'mcm': an MCM-KD student "
+                "does not output the teacher's feature space, so the teacher's CLAM cannot be "
+                "reused; drop 'reuse' or distil with vfd or fpd"
+            )
+        return self
+
     seed: int = 0
     dataset: DatasetParams = DatasetParams()
     demo_data: DemoDataParams = DemoDataParams()
@@ -290,6 +327,7 @@ class Params(_Section):
     distill: DistillParams = DistillParams()
     train_mil: TrainMilParams = TrainMilParams()
     ib: IbParams = IbParams()
+    mil: MilParams = MilParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 
@@ -303,6 +341,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif key == "<root>":  # a rule across sections: its message names the keys
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return f"invalid configuration in {source}: " + "; ".join(lines)

@@ -16,7 +16,14 @@ import numpy as np
 
 from efcm.config import Params
 from efcm.efficiency import compare, markdown_table
-from efcm.metrics import METRICS, classification_metrics, roc_points
+from efcm.manifest import Manifest
+from efcm.metrics import (
+    METRICS,
+    classification_metrics,
+    localisation_auroc,
+    mean_localisation_auroc,
+    roc_points,
+)
 from efcm.mil import read_predictions, save_json
 from efcm.storage import atomic_path
 
@@ -33,11 +40,40 @@ def _check_same_slides(preds: dict[str, tuple[np.ndarray, np.ndarray, list[str]]
             )
 
 
+def localisation(
+    mil_dir: Path, manifest: Manifest, patches_dir: Path, masks_dir: Path
+) -> float | None:
+    """Mean over the test slides with a ground-truth tumour mask (masks_dir/<slide_id>.png, any
+    resolution) of the AUROC of the CLAM attention against "patch is tumour"; None without
+    attention or masks."""
+    import cv2
+
+    from efcm.mil import read_attention
+    from efcm.slides.patching import read_coords
+    from efcm.slides.reader import open_slide
+
+    if not (mil_dir / "attention.h5").is_file():
+        return None
+    by_id = {s.slide_id: s for s in manifest.slides}
+    aurocs = {}
+    for sid, attention in read_attention(mil_dir / "attention.h5").items():
+        mask_path = masks_dir / f"{sid}.png"
+        if sid not in by_id or not mask_path.is_file():
+            continue
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        cf = read_coords(patches_dir / "patches" / f"{sid}.h5")
+        with open_slide(by_id[sid].uri, base_dir=manifest.base_dir) as slide:
+            downsample = slide.dimensions[0] / mask.shape[1]
+        aurocs[sid] = localisation_auroc(attention, cf.coords, cf.size0, mask, downsample)
+    return mean_localisation_auroc(aurocs) if aurocs else None
+
+
 def evaluate(
     predictions: dict[str, str | Path],
     out_dir: str | Path,
     params: Params,
     efficiency: dict[str, Any] | None = None,
+    localisation: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
     """Compare models given as {name: predictions.csv}; returns the metrics written to
     metrics.json."""
@@ -56,13 +92,16 @@ def evaluate(
             ci=params.evaluate.ci,
             seed=params.seed,
         )
-        if efficiency and name in efficiency:
-            e = efficiency[name]
+        role = "teacher" if name == "teacher" else "student" if name.startswith("student") else None
+        if efficiency and role in efficiency:
+            e = efficiency[role]
             m.update(
                 params=e["params"],
                 gflops_per_patch=e["gflops_per_patch"],
                 patches_per_s=e["patches_per_s"],
             )
+        if localisation and localisation.get(name) is not None:
+            m["localisation_auroc"] = localisation[name]
         metrics[name] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
         roc = out / "roc" / f"{name}.csv"
         tmp = atomic_path(roc)
@@ -101,7 +140,7 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def report(metrics: dict[str, Any], params: Params) -> str:
     ci = round(params.evaluate.ci * 100)
     head = ["model", "slides", "params", "GFLOPs/patch", "patches/s"]
-    head += [f"{m} ({ci}% CI)" for m in METRICS]
+    head += [f"{m} ({ci}% CI)" for m in METRICS] + ["attention localisation AUROC"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
         if name == "efficiency":
@@ -114,6 +153,8 @@ def report(metrics: dict[str, Any], params: Params) -> str:
             f"{m['patches_per_s']:.1f}" if "patches_per_s" in m else "-",
         ]
         cells += [f"{m[k]:.3f} [{m[k + '_ci_low']:.3f}, {m[k + '_ci_high']:.3f}]" for k in METRICS]
+        loc = m.get("localisation_auroc")
+        cells.append("-" if loc is None else f"{loc:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     eff = metrics.get("efficiency")
     if eff:

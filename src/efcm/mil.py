@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from efcm.config import Params, TrainMilParams
 from efcm.features import read_features
 from efcm.manifest import Manifest
-from efcm.models.clam import CLAMSB
+from efcm.models.clam import MODELS, CLAMBase, clam_from_config
 from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -104,19 +105,24 @@ def load_bags(features_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tenso
     return bags
 
 
-def build_clam(in_dim: int, n_classes: int, cfg: TrainMilParams) -> CLAMSB:
-    return CLAMSB(
+def build_clam(in_dim: int, n_classes: int, cfg: TrainMilParams) -> CLAMBase:
+    """CLAM-SB or CLAM-MB per `cfg.model`, with the configured instance loss and subtyping."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"train_mil.model must be one of {list(MODELS)}, got {cfg.model!r}")
+    return MODELS[cfg.model](
         in_dim,
         n_classes,
         hidden=cfg.hidden,
         attn_dim=cfg.attn_dim,
         dropout=cfg.dropout,
         k_sample=cfg.k_sample,
+        instance_loss=cfg.instance_loss,
+        subtyping=cfg.subtyping,
     )
 
 
 def _epoch_loss(
-    model: CLAMSB, bags: dict[str, torch.Tensor], labels: dict[str, int], ids: list[str]
+    model: CLAMBase, bags: dict[str, torch.Tensor], labels: dict[str, int], ids: list[str]
 ) -> float:
     model.eval()
     with torch.no_grad():
@@ -134,7 +140,7 @@ def train_fold(
     n_classes: int,
     cfg: TrainMilParams,
     seed: int,
-) -> tuple[CLAMSB, dict[str, Any]]:
+) -> tuple[CLAMBase, dict[str, Any]]:
     """Train one CLAM; returns the best (lowest validation loss) model and its history."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -174,7 +180,7 @@ def train_fold(
     return model.eval(), {"best_epoch": best_epoch, "best_val_loss": best_loss, "history": history}
 
 
-def save_clam(path: Path, model: CLAMSB, extra: dict[str, Any] | None = None) -> None:
+def save_clam(path: Path, model: CLAMBase, extra: dict[str, Any] | None = None) -> None:
     tmp = atomic_path(path)
     torch.save(
         {
@@ -188,21 +194,74 @@ def save_clam(path: Path, model: CLAMSB, extra: dict[str, Any] | None = None) ->
     os.replace(tmp, path)
 
 
-def load_clam(path: str | Path) -> CLAMSB:
+def load_clam(path: str | Path) -> CLAMBase:
+    """A CLAM-SB or CLAM-MB saved by `save_clam` (checkpoints without a model kind are SB)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "efcm.clam/1":
         raise ValueError(f"{path}: not an efcm CLAM checkpoint")
-    c = ckpt["config"]
-    model = CLAMSB(
-        int(c["in_dim"]),
-        int(c["n_classes"]),
-        hidden=int(c["hidden"]),
-        attn_dim=int(c["attn_dim"]),
-        dropout=float(c["dropout"]),
-        k_sample=int(c["k_sample"]),
-    )
+    try:
+        model = clam_from_config(ckpt["config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
+
+
+def predict_slides(
+    model: nn.Module,
+    bags: dict[str, torch.Tensor],
+    ids: list[str],
+    labels: dict[str, int],
+    fold: int,
+    classes: tuple[str, ...],
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Prediction rows (slide_id, fold, label, prob_<class>...) and the attention (N,) of each
+    slide."""
+    rows, attention = [], {}
+    with torch.no_grad():
+        for s in ids:
+            out = model(bags[s])
+            probs = out["probs"][0].numpy()
+            rows.append(
+                {
+                    "slide_id": s,
+                    "fold": fold,
+                    "label": labels[s],
+                    **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
+                }
+            )
+            attention[s] = out["attention"].numpy().astype(np.float32)
+    return rows, attention
+
+
+def write_predictions(
+    out_dir: Path, rows: list[dict[str, Any]], attention: dict[str, np.ndarray] | None = None
+) -> None:
+    """out_dir/predictions.csv (the out-of-fold predictions) and out_dir/attention.h5 (one
+    dataset per test slide, aligned with its features' coords), atomically."""
+    import h5py
+
+    pred = out_dir / "predictions.csv"
+    tmp = atomic_path(pred)
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, pred)
+    if attention:
+        path = out_dir / "attention.h5"
+        tmp = atomic_path(path)
+        with h5py.File(tmp, "w") as f:
+            for sid, a in attention.items():
+                f.create_dataset(sid, data=a)
+        os.replace(tmp, path)
+
+
+def read_attention(path: str | Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: np.asarray(v[:], np.float32) for k, v in f.items()}
 
 
 def train_mil(
@@ -225,34 +284,20 @@ def train_mil(
     labels = manifest.labels(classes)
     needed = sorted({s for f in splits["folds"] for part in f.values() for s in part})
     bags = load_bags(features_dir, needed)
-    rows, folds = [], []
+    rows, attention, folds = [], {}, []
     for k, fold in enumerate(tqdm(splits["folds"], desc="train-mil", unit="fold", disable=None)):
         model, info = train_fold(
             bags, labels, fold["train"], fold["val"], len(classes), cfg, params.seed + k
         )
         save_clam(out / f"fold_{k}.pt", model, {"fold": k, "classes": list(classes)})
-        with torch.no_grad():
-            for s in fold["test"]:
-                probs = model(bags[s])["probs"][0].numpy()
-                rows.append(
-                    {
-                        "slide_id": s,
-                        "fold": k,
-                        "label": labels[s],
-                        **{f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)},
-                    }
-                )
+        fold_rows, fold_attention = predict_slides(model, bags, fold["test"], labels, k, classes)
+        rows += fold_rows
+        attention.update(fold_attention)
         folds.append({"fold": k, **info})
         log.info(
             "fold %d: best epoch %d, val loss %.4f", k, info["best_epoch"], info["best_val_loss"]
         )
-    pred = out / "predictions.csv"
-    tmp = atomic_path(pred)
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, pred)
+    write_predictions(out, rows, attention)
     best = int(np.argmin([f["best_val_loss"] for f in folds]))
     summary = {
         "classes": list(classes),

@@ -198,23 +198,114 @@ def train_mil(
     )
 
 
+def _skipped(out_dir: str | Path, strategy: str, params: Params) -> dict[str, Any] | None:
+    """When `strategy` is not in mil.strategies, write a summary saying so (evaluation leaves the
+    row out) and return it."""
+    if strategy in params.mil.strategies:
+        return None
+    from efcm.mil import save_json
+
+    summary = {
+        "strategy": strategy,
+        "skipped": True,
+        "reason": f"{strategy!r} is not in mil.strategies {list(params.mil.strategies)}",
+    }
+    save_json(Path(out_dir) / "summary.json", summary)
+    log.info("%s: skipped (%s)", strategy, summary["reason"])
+    return summary
+
+
+def reuse(
+    manifest: str | Path,
+    teacher_mil_dir: str | Path,
+    student_features_dir: str | Path,
+    splits_path: str | Path,
+    out_dir: str | Path,
+    params: Params,
+) -> dict[str, Any]:
+    """Reuse CLAM: the teacher's fold CLAMs on the student's features."""
+    from efcm.strategies import reuse as run
+
+    if (skipped := _skipped(out_dir, "reuse", params)) is not None:
+        return skipped
+    folds = json.loads(Path(splits_path).read_text())
+    return run(
+        read_manifest(manifest, params.dataset.classes),
+        teacher_mil_dir,
+        student_features_dir,
+        folds,
+        out_dir,
+        params,
+    )
+
+
+def etc(
+    manifest: str | Path,
+    patches_dir: str | Path,
+    teacher_features_dir: str | Path,
+    student: str | Path,
+    splits_path: str | Path,
+    out_dir: str | Path,
+    params: Params,
+) -> dict[str, Any]:
+    """End2end Train CLAM on the IB top-K patches, then re-extraction and a new CLAM."""
+    from efcm.strategies import etc as run
+
+    if (skipped := _skipped(out_dir, "etc", params)) is not None:
+        return skipped
+    folds = json.loads(Path(splits_path).read_text())
+    return run(
+        read_manifest(manifest, params.dataset.classes),
+        patches_dir,
+        teacher_features_dir,
+        student_checkpoint(student),
+        folds,
+        out_dir,
+        params,
+    )
+
+
 def evaluate(
     predictions: dict[str, str | Path],
     out_dir: str | Path,
     params: Params,
     *,
     student: str | Path | None = None,
+    manifest: str | Path | None = None,
+    patches_dir: str | Path | None = None,
+    masks_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Metrics of each named train-mil output dir; with `student`, teacher vs student cost too."""
-    from efcm.evaluate import evaluate as run
-    from efcm.evaluate import measure_efficiency
+    """Metrics of each named output dir of train-mil / a strategy; with `student`, teacher vs
+    student cost too; with `manifest`, `patches_dir` and `masks_dir` (ground-truth tumour masks,
+    `<slide_id>.png`), the attention localisation AUROC of the rows that saved attention.
 
-    if not predictions:
+    A strategy name (`reuse`, `retrain`, `etc`) becomes the row `student.<distill.method>.<name>`;
+    a strategy that is not in mil.strategies, or whose stage skipped it, is left out.
+    """
+    from efcm.evaluate import evaluate as run
+    from efcm.evaluate import localisation, measure_efficiency
+
+    rows: dict[str, Path] = {}
+    for name, folder in predictions.items():
+        summary = Path(folder) / "summary.json"
+        if name in ("reuse", "retrain", "etc"):
+            if name not in params.mil.strategies or (
+                summary.is_file() and json.loads(summary.read_text()).get("skipped")
+            ):
+                continue
+            name = f"student.{params.distill.method}.{name}"
+        rows[name] = Path(folder)
+    if not rows:
         raise ConfigError("evaluate needs at least one NAME=DIR of predictions")
     eff = measure_efficiency(params, student_checkpoint(student)) if student else None
-    return run(
-        {k: Path(v) / "predictions.csv" for k, v in predictions.items()}, out_dir, params, eff
-    )
+    loc = None
+    if manifest and patches_dir and masks_dir:
+        m = read_manifest(manifest, params.dataset.classes)
+        loc = {
+            name: localisation(d, m, Path(patches_dir), Path(masks_dir)) for name, d in rows.items()
+        }
+    preds = {name: d / "predictions.csv" for name, d in rows.items()}
+    return run(preds, out_dir, params, eff, loc)
 
 
 def export(

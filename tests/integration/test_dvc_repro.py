@@ -42,15 +42,18 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     _run(["dvc", "repro"], work)
 
     metrics = json.loads((work / "runs/evaluate/metrics.json").read_text())
-    for model in ("teacher", "student"):
+    rows = ["teacher", "student.vfd.reuse", "student.vfd.retrain", "student.vfd.etc"]
+    assert set(rows) <= set(metrics)
+    for row in rows:
         for key in ("auc", "auc_ci_low", "auc_ci_high", "acc", "f1", "params", "gflops_per_patch"):
-            assert key in metrics[model], f"{model}.{key} missing"
-        assert 0 <= metrics[model]["auc"] <= 1
-        assert metrics[model]["n"] == 6
+            assert key in metrics[row], f"{row}.{key} missing"
+        assert 0 <= metrics[row]["auc"] <= 1
+        assert metrics[row]["n"] == 6
+    assert 0 <= metrics["teacher"]["localisation_auroc"] <= 1
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], work).strip().splitlines()[-1])
     flat = json.dumps(shown)
-    assert '"teacher"' in flat and '"student"' in flat and '"auc"' in flat
-    for name in ("teacher", "student"):
+    assert '"teacher"' in flat and '"student.vfd.etc"' in flat and '"auc"' in flat
+    for name in rows:
         roc = (work / f"runs/evaluate/roc/{name}.csv").read_text().splitlines()
         assert roc[0] == "fpr,tpr,threshold" and len(roc) >= 3
     report = (work / "runs/evaluate/report.md").read_text()
@@ -58,7 +61,8 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     eff = json.loads((work / "runs/evaluate/efficiency.json").read_text())
     assert eff["teacher"]["params"] > 0 and eff["student_teacher_speedup"] > 0
     pkg = load_package(work / "runs/package")
-    assert pkg.classes == ["normal", "tumour"] and pkg.meta["metrics"]["student"]["n"] == 6
+    assert pkg.classes == ["normal", "tumour"]
+    assert pkg.meta["metrics"]["student.vfd.retrain"]["n"] == 6
 
     second = _run(["dvc", "repro"], work)
     assert "Running stage" not in second, second

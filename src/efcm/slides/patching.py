@@ -151,6 +151,7 @@ class CoordsFile:
     patch_size: int  # px handed to the transform
     name: str
     step0: int | None = None  # grid step in level-0 px (None: not a regular grid we know of)
+    size0: int | None = None  # patch side in level-0 px
 
 
 def grid_step(coords: np.ndarray) -> int | None:
@@ -199,4 +200,9 @@ def read_coords(path: str | Path) -> CoordsFile:
     name = a.get("name", path.stem)
     name = name.decode() if isinstance(name, bytes) else str(name)
     step0 = int(a["step0"]) if "step0" in a else grid_step(coords)
-    return CoordsFile(coords, level, read_size, patch_size, name, step0)
+    if "size0" in a:
+        size0 = int(a["size0"])
+    else:  # CLAM: patch_size px at patch_level, whose downsample it records
+        ds = np.asarray(a.get("downsample", [1.0])).reshape(-1)
+        size0 = round(read_size * float(ds[0])) if level else read_size
+    return CoordsFile(coords, level, read_size, patch_size, name, step0, size0)

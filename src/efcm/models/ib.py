@@ -1,0 +1,347 @@
+"""A variational information-bottleneck (IB) MIL head that picks each slide's top-K instances.
+
+Model: an instance encoder (Linear(D, hidden) + ReLU) embeds every instance; a linear map gives
+each instance a keep logit ``l_i``. During training, ``samples`` relaxed-Bernoulli (Concrete,
+Gumbel-sigmoid) masks are drawn per bag and step::
+
+    m_i = sigmoid((l_i + log u - log(1 - u)) / temperature),   u ~ U(0, 1)
+
+so a low temperature gives masks close to 0/1. The masked bag is the mask-weighted mean of the
+instance embeddings, and a linear bag classifier maps it to C logits. The loss is
+
+    CE(bag logits, label)  (averaged over the mask samples)
+    + beta * mean_i KL( Bernoulli(sigmoid(l_i)) || Bernoulli(prior) )
+
+so an instance is kept only when it carries class information worth its cost against the prior
+keep-rate. At evaluation no mask is sampled: the keep probability is ``sigmoid(l_i)`` and the bag
+is the keep-probability-weighted mean.
+
+The keep bias starts at 0 (keep probability 0.5, well away from the usual prior of 0.1), so
+training visibly moves it. Training (`train_ib`) runs Adam over the training bags, one bag per step
+in a seeded random order; it is deterministic on CPU for a seed.
+
+Output (`write_top_k`): ``<out>/topk/<slide_id>.h5`` with datasets ``indices`` (K,) int64 (rows of
+the slide's features / coords, by descending keep probability), ``coords`` (K, 2) int64 and
+``keep_probability`` (K,) float32, K = min(k, N). Attributes passed as ``coords_attrs`` (e.g. those
+of the slide's patches h5) are copied onto ``coords``, which makes the file itself a coords h5 that
+`efcm.slides.patching.read_coords` opens, so the top-K patches can be read from the slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from efcm.config import IbParams
+from efcm.features import read_features
+from efcm.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-6
+_MAX_Z = 20.0
+
+
+def _check_bag(bag: torch.Tensor, what: str = "bag") -> None:
+    if bag.ndim != 2 or bag.shape[0] == 0:
+        raise ValueError(f"{what}: expected a non-empty (N, D) bag, got shape {list(bag.shape)}")
+
+
+def relaxed_bernoulli(
+    logits: torch.Tensor,
+    temperature: float,
+    samples: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(samples, N) Concrete / Gumbel-sigmoid masks in (0, 1] for keep logits (N,).
+
+    The pre-sigmoid value is clipped to +-`_MAX_Z`: at a low temperature it reaches hundreds, and
+    masks (and their gradients) of 1e-40 are float32 denormals that make CPU training ~100x slower.
+    A mask of sigmoid(-20) = 2e-9 is as good as 0 for the pooled mean.
+    """
+    u = torch.rand(
+        (samples, *logits.shape), generator=generator, dtype=logits.dtype, device=logits.device
+    ).clamp(_EPS, 1 - _EPS)
+    z = (logits + torch.log(u) - torch.log1p(-u)) / temperature
+    return torch.sigmoid(z.clamp(-_MAX_Z, _MAX_Z))
+
+
+def bernoulli_kl(logits: torch.Tensor, prior: float) -> torch.Tensor:
+    """KL( Bernoulli(sigmoid(logits)) || Bernoulli(prior) ), elementwise, computed from logits."""
+    p = torch.sigmoid(logits)
+    log_p, log_q = -F.softplus(-logits), -F.softplus(logits)  # log p, log(1 - p)
+    return p * (log_p - math.log(prior)) + (1 - p) * (log_q - math.log1p(-prior))
+
+
+class IBHead(nn.Module):
+    """forward(bag (N, D)) -> dict(logits (S, C), keep_logits (N,), masks (S, N)).
+
+    In training mode S = `samples` sampled masks; in eval mode S = 1 and the mask is the keep
+    probability.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        *,
+        hidden: int = 128,
+        temperature: float = 0.1,
+        samples: int = 10,
+        prior: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not 0 < prior < 1:
+            raise ValueError(f"prior keep-rate must be in (0, 1), got {prior}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.in_dim, self.n_classes, self.hidden = in_dim, n_classes, hidden
+        self.temperature, self.samples, self.prior = float(temperature), int(samples), float(prior)
+        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
+        self.keep = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.keep.bias)  # keep probability starts near 0.5, away from the prior
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_dim": self.in_dim,
+            "n_classes": self.n_classes,
+            "hidden": self.hidden,
+            "temperature": self.temperature,
+            "samples": self.samples,
+            "prior": self.prior,
+        }
+
+    def _encode(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_bag(bag)
+        h = self.encoder(bag)  # (N, D) -> (N, hidden)
+        return h, self.keep(h).squeeze(-1)  # (N,) keep logits
+
+    def keep_logits(self, bag: torch.Tensor) -> torch.Tensor:
+        return self._encode(bag)[1]
+
+    @torch.no_grad()
+    def keep_probability(self, bag: torch.Tensor) -> torch.Tensor:
+        """(N,) sigmoid of the keep logits: no sampling, whatever the module's mode."""
+        return torch.sigmoid(self.keep_logits(bag.float()))
+
+    def forward(
+        self,
+        bag: torch.Tensor,
+        *,
+        samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        h, logits = self._encode(bag)
+        if self.training:
+            masks = relaxed_bernoulli(
+                logits, self.temperature, samples or self.samples, generator
+            )  # (S, N)
+        else:
+            masks = torch.sigmoid(logits).unsqueeze(0)  # (1, N)
+        pooled = masks @ h / (masks.sum(1, keepdim=True) + _EPS)  # (S, hidden)
+        return {"logits": self.classifier(pooled), "keep_logits": logits, "masks": masks}
+
+    def loss(
+        self,
+        bag: torch.Tensor,
+        label: int,
+        beta: float,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The IB objective of one bag: `loss` = `ce` + beta * `kl` (plus the `keep_logits`)."""
+        out = self(bag, generator=generator)
+        target = torch.full((out["logits"].shape[0],), int(label), dtype=torch.long)
+        ce = F.cross_entropy(out["logits"], target)  # mean over the mask samples
+        kl = bernoulli_kl(out["keep_logits"], self.prior).mean()
+        return {"loss": ce + beta * kl, "ce": ce, "kl": kl, "keep_logits": out["keep_logits"]}
+
+
+def build_ib(in_dim: int, n_classes: int, cfg: IbParams) -> IBHead:
+    return IBHead(
+        in_dim,
+        n_classes,
+        hidden=cfg.hidden,
+        temperature=cfg.temperature,
+        samples=cfg.samples,
+        prior=cfg.prior,
+    )
+
+
+def train_ib(
+    bags: dict[str, torch.Tensor],
+    labels: dict[str, int],
+    train_ids: list[str],
+    n_classes: int,
+    cfg: IbParams,
+    seed: int,
+) -> IBHead:
+    """Train an IB head on the bags of `train_ids` (Adam, `cfg.epochs` epochs); returns it in eval
+    mode. History (per-epoch mean loss, CE, KL and keep probability) is logged at debug level."""
+    if not train_ids:
+        raise ValueError("train_ib needs at least one training slide")
+    missing = [s for s in train_ids if s not in bags or s not in labels]
+    if missing:
+        raise ValueError(f"no bag or label for training slides {missing[:5]}")
+    for s in train_ids:
+        _check_bag(bags[s], f"slide {s}")
+        if not 0 <= labels[s] < n_classes:
+            raise ValueError(f"slide {s}: label {labels[s]} outside [0, {n_classes})")
+    dims = {int(bags[s].shape[1]) for s in train_ids}
+    if len(dims) != 1:
+        raise ValueError(f"training bags have different feature dims {sorted(dims)}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_ib(dims.pop(), n_classes, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for epoch in tqdm(range(cfg.epochs), desc="train-ib", unit="epoch", disable=None):
+        model.train()
+        sums = np.zeros(4)
+        for i in rng.permutation(len(train_ids)):
+            s = train_ids[int(i)]
+            out = model.loss(bags[s].float(), labels[s], cfg.beta, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            keep = torch.sigmoid(out["keep_logits"].detach()).mean().item()  # before the step
+            sums += [out["loss"].item(), out["ce"].item(), out["kl"].item(), keep]
+        m = sums / len(train_ids)
+        log.debug(
+            "ib epoch %d: loss %.4f ce %.4f kl %.4f keep %.3f", epoch + 1, m[0], m[1], m[2], m[3]
+        )
+    return model.eval()
+
+
+def save_ib(path: str | Path, model: IBHead, extra: dict[str, Any] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    torch.save(
+        {
+            "format": "efcm.ib/1",
+            "config": model.config(),
+            "state_dict": model.state_dict(),
+            **(extra or {}),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def load_ib(path: str | Path) -> IBHead:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "efcm.ib/1":
+        raise ValueError(f"{path}: not an efcm IB checkpoint")
+    c = ckpt["config"]
+    model = IBHead(
+        int(c["in_dim"]),
+        int(c["n_classes"]),
+        hidden=int(c["hidden"]),
+        temperature=float(c["temperature"]),
+        samples=int(c["samples"]),
+        prior=float(c["prior"]),
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def select_top_k(
+    head: IBHead, bag: torch.Tensor, coords: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The min(k, N) instances with the highest keep probability.
+
+    Returns:
+        (indices (K,) int64 by descending keep probability, ties by index; coords (K, 2) of those).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    bag = torch.as_tensor(bag)
+    _check_bag(bag)
+    coords = np.asarray(coords).reshape(-1, 2)
+    if len(coords) != len(bag):
+        raise ValueError(f"bag has {len(bag)} instances but {len(coords)} coords")
+    probs = head.keep_probability(bag)
+    order = torch.argsort(probs, descending=True, stable=True)[:k].numpy().astype(np.int64)
+    return order, coords[order]
+
+
+def write_top_k(
+    head: IBHead,
+    slide_id: str,
+    bag: torch.Tensor,
+    coords: np.ndarray,
+    out_dir: str | Path,
+    k: int,
+    coords_attrs: dict[str, Any] | None = None,
+) -> Path:
+    """Select the slide's top-K instances and write ``<out_dir>/topk/<slide_id>.h5`` atomically.
+
+    Args:
+        coords_attrs: attributes to copy onto the ``coords`` dataset (e.g. the patches h5's), so
+            `read_coords` can open the file.
+    """
+    bag = torch.as_tensor(bag)
+    try:
+        _check_bag(bag)
+    except ValueError as err:
+        raise ValueError(f"slide {slide_id}: {err}") from None
+    indices, top_coords = select_top_k(head, bag, coords, k)
+    keep = head.keep_probability(bag).numpy()[indices].astype(np.float32)
+    path = Path(out_dir) / "topk" / f"{slide_id}.h5"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("indices", data=indices)
+        d = f.create_dataset("coords", data=top_coords.astype(np.int64))
+        d.attrs.update(coords_attrs or {})
+        f.create_dataset("keep_probability", data=keep)
+        f.attrs.update({"slide_id": slide_id, "k": int(k), "n_instances": len(bag)})
+    os.replace(tmp, path)
+    return path
+
+
+def write_top_k_slides(
+    head: IBHead,
+    features_dir: str | Path,
+    slide_ids: list[str],
+    out_dir: str | Path,
+    k: int,
+    patches_dir: str | Path | None = None,
+) -> list[Path]:
+    """`write_top_k` for every slide of `features_dir`/features/<slide_id>.h5; with `patches_dir`,
+    the attributes of `patches_dir`/patches/<slide_id>.h5's ``coords`` are copied (so the top-K
+    file opens with `read_coords`)."""
+    paths = []
+    for sid in tqdm(slide_ids, desc="ib top-k", unit="slide", disable=None):
+        feats, coords = read_features(Path(features_dir) / "features" / f"{sid}.h5")
+        attrs: dict[str, Any] = {}
+        if patches_dir is not None:
+            with h5py.File(Path(patches_dir) / "patches" / f"{sid}.h5", "r") as f:
+                attrs = dict(f["coords"].attrs)
+        paths.append(write_top_k(head, sid, torch.from_numpy(feats), coords, out_dir, k, attrs))
+    return paths
+
+
+def read_top_k(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices (K,), coords (K, 2), keep_probability (K,)) from a top-K h5."""
+    with h5py.File(path, "r") as f:
+        missing = [d for d in ("indices", "coords", "keep_probability") if d not in f]
+        if missing:
+            raise ValueError(f"{path}: not a top-K h5 (missing {missing})")
+        return (
+            np.asarray(f["indices"][:], np.int64),
+            np.asarray(f["coords"][:], np.int64).reshape(-1, 2),
+            np.asarray(f["keep_probability"][:], np.float32),
+        )

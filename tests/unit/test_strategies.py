@@ -1,0 +1,105 @@
+"""The EFCM strategies: Reuse CLAM's precondition, ETC's freezing, the stage plumbing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from efcm.config import ConfigError, params_from_dict
+from efcm.manifest import read_manifest
+from efcm.models.students import build_vfd
+from efcm.slides.batch import patch_manifest
+from efcm.slides.patches import SlidePatches
+from efcm.slides.patching import read_coords
+from efcm.strategies import augment, freeze_batchnorm, freeze_early, train_etc_fold
+from tests.conftest import tiny_params_dict
+
+
+def test_reuse_with_mcm_is_a_config_error_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"mil\.strategies.*'reuse'.*distill\.method.*'mcm'"):
+        params_from_dict({"distill": {"method": "mcm"}})
+    ok = params_from_dict({"distill": {"method": "mcm"}, "mil": {"strategies": ["retrain", "etc"]}})
+    assert ok.mil.strategies == ("retrain", "etc")
+
+
+def test_augment_keeps_shape_and_changes_pixels():
+    x = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    y = augment(x, np.random.default_rng(1), 0.05)
+    assert y.shape == x.shape and y.dtype == np.uint8 and not np.array_equal(x, y)
+
+
+def test_etc_one_step_updates_only_the_unfrozen_student_layers(tiny_dataset, tmp_path):
+    """One ETC epoch on a 2-slide dataset: late stages and the projection change, the stem, the
+    first stages and every BatchNorm statistic do not."""
+    raw = tiny_params_dict()
+    raw["student"] = {"arch": "resnet10t", "input_size": 64}
+    raw["mil"]["etc"] = {"epochs": 1, "chunk": 8, "freeze_stages": 2, "lr": 0.01}
+    params = params_from_dict(raw)
+    m = read_manifest(tiny_dataset)
+    two = [s for s in m.slides if s.label == "normal"][:1] + [
+        s for s in m.slides if s.label == "tumour"
+    ][:1]
+    patch_manifest(type(m)(m.path, tuple(two)), tmp_path, params.patch)
+    slides = {
+        s.slide_id: SlidePatches(
+            s.uri, read_coords(tmp_path / "patches" / f"{s.slide_id}.h5"), m.base_dir
+        )
+        for s in two
+    }
+    topk = {sid: np.arange(min(6, len(sp))) for sid, sp in slides.items()}
+    labels = {s.slide_id: params.dataset.classes.index(s.label) for s in two}
+    torch.manual_seed(0)
+    student = build_vfd(params.student, 16, warn_random=False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trained = train_etc_fold(
+        student,
+        params.student,
+        slides,
+        topk,
+        labels,
+        list(slides),
+        params,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    after = trained.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("backbone.layer4.") for k in changed)
+    assert any(k.startswith("proj.") for k in changed)
+    frozen = [
+        k
+        for k in before
+        if k.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1.", "backbone.layer2."))
+    ]
+    assert frozen and not changed & set(frozen), sorted(changed & set(frozen))[:5]
+    bn_stats = [k for k in before if "running_" in k or "num_batches_tracked" in k]
+    assert bn_stats and not changed & set(bn_stats)
+
+
+def test_freeze_helpers():
+    params = params_from_dict({"student": {"arch": "resnet10t"}})
+    s = build_vfd(params.student, 8, warn_random=False)
+    names = freeze_early(s, 2)
+    assert names and all(
+        n.startswith(("backbone.layer3.", "backbone.layer4.", "proj.")) for n in names
+    )
+    freeze_batchnorm(s)
+    bns = [m for m in s.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training and not m.weight.requires_grad for m in bns)
+
+
+def test_skipped_strategy_leaves_its_row_out(tiny_dataset, tmp_path):
+    from efcm import stages
+
+    params = params_from_dict({**tiny_params_dict(), "mil": {"strategies": ["retrain"]}})
+    summary = stages.reuse(
+        tiny_dataset,
+        tmp_path / "t",
+        tmp_path / "f",
+        tmp_path / "s.json",
+        tmp_path / "reuse",
+        params,
+    )
+    assert summary["skipped"] and "mil.strategies" in summary["reason"]
+    assert json.loads((tmp_path / "reuse" / "summary.json").read_text())["skipped"]
