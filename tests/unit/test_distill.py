@@ -23,6 +23,8 @@ D = 16  # teacher dim of these tests
 
 def _params(method: str, **distill):
     p = tiny_params_dict()
+    if method == "mcm":  # an MCM student is not in the teacher's space: no Reuse CLAM
+        p["mil"] = {**p["mil"], "strategies": ["retrain", "etc"]}
     p["distill"] = {
         **p["distill"],
         "method": method,
