@@ -12,16 +12,30 @@ component, not its module).
 
 from components.deploy import deploy
 from components.distill import distill
+from components.etc import etc
 from components.evaluate import evaluate
 from components.export import export
 from components.extract import extract
 from components.image import IMAGE, SERVING_IMAGE
 from components.load_manifest import load_manifest
 from components.patch import patch
+from components.reuse import reuse
 from components.splits import splits
 from components.train_mil import train_mil
 
-ALL = (load_manifest, patch, extract, distill, splits, train_mil, evaluate, export, deploy)
+ALL = (
+    load_manifest,
+    patch,
+    extract,
+    distill,
+    splits,
+    train_mil,
+    reuse,
+    etc,
+    evaluate,
+    export,
+    deploy,
+)
 
 __all__ = [
     "ALL",
@@ -29,11 +43,13 @@ __all__ = [
     "SERVING_IMAGE",
     "deploy",
     "distill",
+    "etc",
     "evaluate",
     "export",
     "extract",
     "load_manifest",
     "patch",
+    "reuse",
     "splits",
     "train_mil",
 ]

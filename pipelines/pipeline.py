@@ -1,18 +1,19 @@
 """The EFCM Kubeflow pipeline: the same stages as dvc.yaml, one component each, wired by artifacts.
 
     load_manifest -> patch -> extract (teacher) -> distill -> extract (student) -> splits
-      -> train_mil (teacher), train_mil (student) -> evaluate -> export -> deploy
+      -> train_mil (teacher), train_mil (student = Retrain CLAM), reuse, etc
+      -> evaluate -> export -> deploy
 
 Parameters: `manifest_uri` (a local path or gs:// URI of the slide manifest; the slides are
 referenced, never copied), `seed` and one `dict` per params.yaml section the stages need (the
 defaults are set from params.yaml by `pipelines/compile.py`, so the KFP UI shows them and a run can
 override them), and the deploy settings. `dry_run` (default True) only renders the InferenceService.
 
-GPU stages (extract, distill, train_mil, and evaluate, which measures teacher vs student patches/s
+GPU stages (extract, distill, train_mil, etc, and evaluate, which measures teacher vs student patches/s
 and should do so on the device that extracts) ask for one `nvidia.com/gpu` (the resource name the
 KFP backend puts in the pod's limits), tolerate the `nvidia.com/gpu` taint, get a memory-backed
 /dev/shm for DataLoader workers, and take the node selector given at compile time. The other stages
-(load_manifest, patch, splits, export, deploy) run on CPU.
+(load_manifest, patch, splits, reuse, export, deploy) run on CPU.
 load_manifest and deploy are never cached: the first reads a URI whose content may change, the
 second acts on the cluster.
 """
@@ -27,7 +28,7 @@ from components.image import IMAGE, SERVING_IMAGE
 
 PIPELINE_NAME = "efcm"
 GPU_ACCELERATOR = "nvidia.com/gpu"
-GPU_STAGES = ("extract", "distill", "train_mil", "evaluate")
+GPU_STAGES = ("extract", "distill", "train_mil", "etc", "evaluate")
 # The params.yaml sections that are pipeline parameters (`seed` too, as an int).
 SECTIONS = (
     "dataset",
@@ -37,6 +38,8 @@ SECTIONS = (
     "extract",
     "distill",
     "train_mil",
+    "ib",
+    "mil",
     "evaluate",
     "export",
 )
@@ -76,6 +79,8 @@ def build_pipeline(
         extract: dict,
         distill: dict,
         train_mil: dict,
+        ib: dict,
+        mil: dict,
         evaluate: dict,
         export: dict,
         namespace: str = "efcm",
@@ -148,13 +153,46 @@ def build_pipeline(
             task.set_display_name(f"train-mil-{name}")
             mil_outputs[name] = run(task, gpu=True).outputs["mil"]
 
+        reuse_task = c.reuse(
+            manifest=manifest,
+            teacher_mil=mil_outputs["teacher"],
+            student_features=student_features,
+            splits=folds,
+            seed=seed,
+            dataset=dataset,
+            distill=distill,
+            mil=mil,
+        )
+        reused = run(reuse_task).outputs["strategy"]
+
+        etc_task = c.etc(
+            manifest=manifest,
+            patches=patches,
+            teacher_features=teacher_features,
+            student_model=student_model,
+            splits=folds,
+            seed=seed,
+            dataset=dataset,
+            distill=distill,
+            train_mil=train_mil,
+            ib=ib,
+            mil=mil,
+            extract=extract,
+        )
+        end2end = run(etc_task, gpu=True).outputs["strategy"]
+
         evaluate_task = c.evaluate(
             teacher_mil=mil_outputs["teacher"],
-            student_mil=mil_outputs["student"],
+            reuse_mil=reused,
+            retrain_mil=mil_outputs["student"],
+            etc_mil=end2end,
             student_model=student_model,
             seed=seed,
             dataset=dataset,
             teacher=teacher,
+            distill=distill,
+            mil=mil,
+            extract=extract,
             evaluate=evaluate,
         )
         evaluation = run(evaluate_task, gpu=True).outputs["evaluation"]

@@ -95,17 +95,18 @@ def test_whole_pipeline_runs_locally_with_dry_run_deploy(local_kfp, tiny_dataset
 
     # evaluate: metrics.json + the Metrics and Markdown artifacts
     metrics = json.loads((out["evaluate/evaluation"] / "metrics.json").read_text())
-    for model in ("teacher", "student"):
+    rows = ("teacher", "student.vfd.reuse", "student.vfd.retrain", "student.vfd.etc")
+    for model in rows:
         assert 0 <= metrics[model]["auc"] <= 1
     assert out["evaluate/report"].read_text().startswith("# EFCM evaluation")
     executor_output = json.loads((out["evaluate/executor_output.json"]).read_text())
     logged = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
-    assert {"teacher.auc", "student.auc", "student.auc_ci_low"} <= set(logged)
+    assert {"teacher.auc", "student.vfd.etc.auc", "student.vfd.reuse.auc_ci_low"} <= set(logged)
 
     # export: a package the one loader accepts
     package = out["export/package"]
     meta = json.loads((package / "model.json").read_text())
-    assert meta["classes"] == ["normal", "tumour"] and meta["metrics"]["student"]["n"] == 6
+    assert meta["classes"] == ["normal", "tumour"] and meta["metrics"]["student.vfd.retrain"]["n"] == 6
     assert load_package(package).feature_dim == dims["student"]
 
     # deploy (dry run): the rendered InferenceService serves that package

@@ -18,8 +18,8 @@ from tests.conftest import ROOT
 
 COMMITTED = ROOT / "pipelines" / "efcm_pipeline.yaml"
 # evaluate measures teacher vs student patches/s: on the device that extracts
-GPU_STAGES = {"extract", "distill", "train-mil", "evaluate"}
-CPU_STAGES = {"load-manifest", "patch", "splits", "export", "deploy"}
+GPU_STAGES = {"extract", "distill", "train-mil", "etc", "evaluate"}
+CPU_STAGES = {"load-manifest", "patch", "splits", "reuse", "export", "deploy"}
 
 
 def _parse(path):
@@ -75,7 +75,7 @@ def test_every_stage_is_a_task_and_gpu_stages_alone_get_an_accelerator(compiled)
     tasks = _executors_by_stage(spec)
     stages = sorted(stage for stage, *_ in tasks)
     assert stages == sorted(
-        [*CPU_STAGES, "extract", "extract", "distill", "train-mil", "train-mil", "evaluate"]
+        [*CPU_STAGES, "extract", "extract", "distill", "train-mil", "train-mil", "etc", "evaluate"]
     )
     for stage, name, label, container in tasks:
         accelerator = container.resources.accelerator
