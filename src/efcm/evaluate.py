@@ -20,11 +20,12 @@ from efcm.manifest import Manifest
 from efcm.metrics import (
     METRICS,
     classification_metrics,
+    confusion,
     localisation_auroc,
     mean_localisation_auroc,
     roc_points,
 )
-from efcm.mil import read_predictions, save_json
+from efcm.mil import read_folds, read_predictions, save_json
 from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,16 @@ def _check_same_slides(preds: dict[str, tuple[np.ndarray, np.ndarray, list[str]]
                 f"models {ref_name!r} and {name!r} were tested on different slides: "
                 "train them on the same splits"
             )
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 def localisation(
@@ -92,6 +103,16 @@ def evaluate(
             ci=params.evaluate.ci,
             seed=params.seed,
         )
+        folds = read_folds(predictions[name])
+        per_fold = [
+            classification_metrics(
+                probs[folds == f], labels[folds == f], len(classes), n_bootstrap=0
+            )
+            for f in np.unique(folds)
+        ]
+        for k in METRICS:  # the mean over folds, next to the pooled out-of-fold estimate
+            values = [pf[k] for pf in per_fold if not np.isnan(pf[k])]
+            m[f"{k}_fold_mean"] = float(np.mean(values)) if values else float("nan")
         role = "teacher" if name == "teacher" else "student" if name.startswith("student") else None
         if efficiency and role in efficiency:
             e = efficiency[role]
@@ -103,13 +124,21 @@ def evaluate(
         if localisation and localisation.get(name) is not None:
             m["localisation_auroc"] = localisation[name]
         metrics[name] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
-        roc = out / "roc" / f"{name}.csv"
-        tmp = atomic_path(roc)
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["fpr", "tpr", "threshold"])
-            w.writeheader()
-            w.writerows(roc_points(probs, labels, positive=len(classes) - 1))
-        tmp.replace(roc)
+        _write_csv(
+            out / "roc" / f"{name}.csv",
+            ["fpr", "tpr", "threshold"],
+            roc_points(probs, labels, positive=len(classes) - 1),
+        )
+        _write_csv(
+            out / "confusion" / f"{name}.csv",
+            ["actual", "predicted"],
+            [
+                {"actual": classes[a], "predicted": classes[p]}
+                for a, p in zip(labels, probs.argmax(1), strict=True)
+            ],
+        )
+        m_conf = confusion(probs, labels, len(classes))
+        metrics[name]["confusion"] = m_conf
     if efficiency:
         metrics["efficiency"] = {
             k: efficiency[k]
@@ -165,7 +194,9 @@ def report(metrics: dict[str, Any], params: Params) -> str:
             "(measured in this run, on this machine).",
         ]
     return (
-        "# EFCM evaluation\n\nOut-of-fold slide-level metrics (same folds for every model).\n\n"
+        "# EFCM evaluation\n\nSlide-level metrics of the out-of-fold predictions pooled over the "
+        "folds (the same patient-level folds for every row), with bootstrap CIs; metrics.json also "
+        "has each metric's mean over folds (`<metric>_fold_mean`) and the confusion matrix.\n\n"
         + "\n".join(lines)
         + "\n"
     )

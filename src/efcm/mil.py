@@ -321,3 +321,9 @@ def read_predictions(
     probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], np.float32)
     labels = np.array([int(r["label"]) for r in rows], np.int64)
     return probs, labels, [r["slide_id"] for r in rows]
+
+
+def read_folds(path: str | Path) -> np.ndarray:
+    """(N,) the fold of each row of a predictions.csv (in file order)."""
+    with open(path, newline="") as f:
+        return np.array([int(r["fold"]) for r in csv.DictReader(f)], np.int64)

@@ -56,6 +56,9 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     for name in rows:
         roc = (work / f"runs/evaluate/roc/{name}.csv").read_text().splitlines()
         assert roc[0] == "fpr,tpr,threshold" and len(roc) >= 3
+    assert "auc_fold_mean" in metrics["teacher"] and len(metrics["teacher"]["confusion"]) == 2
+    plots = _run(["dvc", "plots", "show", "--json"], work)
+    assert "roc" in plots and "confusion" in plots
     report = (work / "runs/evaluate/report.md").read_text()
     assert "| teacher |" in report and "Cost per patch" in report
     eff = json.loads((work / "runs/evaluate/efficiency.json").read_text())
