@@ -9,11 +9,11 @@ referenced, never copied), `seed` and one `dict` per params.yaml section the sta
 defaults are set from params.yaml by `pipelines/compile.py`, so the KFP UI shows them and a run can
 override them), and the deploy settings. `dry_run` (default True) only renders the InferenceService.
 
-GPU stages (extract, distill, train_mil, etc, and evaluate, which measures teacher vs student patches/s
-and should do so on the device that extracts) ask for one `nvidia.com/gpu` (the resource name the
-KFP backend puts in the pod's limits), tolerate the `nvidia.com/gpu` taint, get a memory-backed
-/dev/shm for DataLoader workers, and take the node selector given at compile time. The other stages
-(load_manifest, patch, splits, reuse, export, deploy) run on CPU.
+GPU stages (extract, distill, train_mil, etc, and evaluate, which measures teacher vs student
+patches/s and should do so on the device that extracts) ask for one `nvidia.com/gpu` (the resource
+name the KFP backend puts in the pod's limits), tolerate the `nvidia.com/gpu` taint, get a
+memory-backed /dev/shm for DataLoader workers, and take the node selector given at compile time.
+The other stages (load_manifest, patch, splits, reuse, export, deploy) run on CPU.
 load_manifest and deploy are never cached: the first reads a URI whose content may change, the
 second acts on the cluster.
 """

@@ -113,9 +113,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from efcm.inference import predict_slide
 
     pkg = load_package(args.package)
-    pred = predict_slide(pkg, args.slide, mpp=args.mpp, heatmap=bool(args.heatmap))
+    pred = predict_slide(
+        pkg,
+        args.slide,
+        mpp=args.mpp,
+        heatmap=bool(args.heatmap),
+        gallery_k=args.gallery_k if args.gallery else 0,
+    )
     if args.heatmap:
         Path(args.heatmap).write_bytes(pred.heatmap_png)
+    if args.gallery:
+        Path(args.gallery).write_bytes(pred.gallery_png)
     print(
         json.dumps(
             {
@@ -237,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package")
     p.add_argument("slide")
     p.add_argument("--heatmap", metavar="OUT.png", help="also write the attention heatmap")
+    p.add_argument("--gallery", metavar="OUT.png", help="also write the top/bottom patch gallery")
+    p.add_argument("--gallery-k", type=int, default=8, help="patches per gallery row (8)")
     p.add_argument("--mpp", type=float, help="override the slide's mpp")
 
     p = add("serve", cmd_serve, "serve a package with KServe (v1 + v2 REST, gRPC)")

@@ -62,12 +62,16 @@ def export_package(
     params: Params,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Assemble the package from the distilled student and the student's CLAM (the fold with the
-    lowest
-    validation loss; the reported metrics are the out-of-fold estimates of all folds)."""
+    """Assemble the package from a strategy's output dir (train-mil = Retrain CLAM, reuse, etc):
+    its CLAM of the fold with the lowest validation loss, and the student: the distilled one, or
+    for ETC that fold's fine-tuned student. The recorded metrics are the out-of-fold estimates."""
     mil_dir, out = Path(mil_dir), Path(out_dir)
     summary = json.loads((mil_dir / "summary.json").read_text())
+    if summary.get("skipped"):
+        raise PackageError(f"{mil_dir}: {summary.get('reason', 'skipped')}: nothing to export")
     fold = int(summary["selected_fold"])
+    if (mil_dir / f"student_fold_{fold}.pt").is_file():  # ETC fine-tuned the student per fold
+        student_ckpt = mil_dir / f"student_fold_{fold}.pt"
     student, spec = load_student(student_ckpt)
     clam = load_clam(mil_dir / f"fold_{fold}.pt")
     if clam.in_dim != student.out_dim:
@@ -84,7 +88,7 @@ def export_package(
         "format": FORMAT,
         "name": params.export.model_name,
         "classes": list(params.dataset.classes),
-        "strategy": "retrain",
+        "strategy": summary.get("strategy", "retrain"),
         "distill_method": params.distill.method,
         "encoder": spec.model_dump(mode="json"),
         "teacher": {"arch": params.teacher.arch, "weights": params.teacher.weights},

@@ -15,7 +15,7 @@ import torch
 from efcm.config import PatchParams
 from efcm.export import Package
 from efcm.features import embed_batches
-from efcm.heatmap import encode_png, overlay
+from efcm.heatmap import encode_png, gallery, overlay
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile
@@ -29,6 +29,7 @@ class Prediction:
     label: str
     coords: np.ndarray | None = None  # (N, 2) int64 level-0 top-left, for slide input
     heatmap_png: bytes | None = None
+    gallery_png: bytes | None = None  # the top-k and bottom-k attended patches
 
 
 def check_features(features: np.ndarray, dim: int) -> np.ndarray:
@@ -63,8 +64,11 @@ def predict_slide(
     mpp: float | None = None,
     batch_size: int = 64,
     heatmap: bool = False,
+    gallery_k: int = 0,
 ) -> Prediction:
-    """Patch the slide with the packaged settings, embed every patch with the student, run CLAM."""
+    """Patch the slide with the packaged settings, embed every patch with the student, run CLAM;
+    with `heatmap`, the attention overlay PNG; with `gallery_k`, a PNG of the k most and least
+    attended patches."""
     params = PatchParams.model_validate(pkg.meta["patch"])
     with open_slide(str(uri)) as slide:
         plan = plan_patches(slide, params, mpp_override=mpp, name=str(uri))
@@ -72,18 +76,23 @@ def predict_slide(
         raise SlideError(f"{uri}: no tissue found", status="no_tissue")
     g = plan.geometry
     patches = SlidePatches(
-        str(uri), CoordsFile(plan.coords, g.patch_level, g.read_size, g.patch_size, str(uri))
+        str(uri),
+        CoordsFile(
+            plan.coords, g.patch_level, g.read_size, g.patch_size, str(uri), g.step0, g.size0
+        ),
     )
     batches = (
         torch.from_numpy(patches.read_batch(range(i, min(i + batch_size, len(patches)))))
         for i in range(0, len(patches), batch_size)
     )
     feats = embed_batches(pkg.encoder, batches, total=len(patches), desc="predict")
-    patches.close()
     pred = predict_features(pkg, feats)
     pred.coords = plan.coords
     if heatmap:
         pred.heatmap_png = encode_png(
             overlay(plan.thumbnail, plan.mask.scale, plan.coords, g.size0, pred.attention)
         )
+    if gallery_k:
+        pred.gallery_png = encode_png(gallery(patches.read, pred.attention, gallery_k))
+    patches.close()
     return pred

@@ -106,7 +106,8 @@ def test_whole_pipeline_runs_locally_with_dry_run_deploy(local_kfp, tiny_dataset
     # export: a package the one loader accepts
     package = out["export/package"]
     meta = json.loads((package / "model.json").read_text())
-    assert meta["classes"] == ["normal", "tumour"] and meta["metrics"]["student.vfd.retrain"]["n"] == 6
+    assert meta["classes"] == ["normal", "tumour"]
+    assert meta["metrics"]["student.vfd.retrain"]["n"] == 6
     assert load_package(package).feature_dim == dims["student"]
 
     # deploy (dry run): the rendered InferenceService serves that package

@@ -137,3 +137,32 @@ def test_package_round_trip_and_tamper_detection(tmp_path):
         f.write(b"x")
     with pytest.raises(PackageError, match="sha256"):
         load_package(pkg_dir)
+
+
+def test_predict_slide_gives_heatmap_and_gallery_pngs(tmp_path, tiny_dataset):
+    import cv2
+
+    from efcm.distill import save_student
+    from efcm.export import export_package, load_package
+    from efcm.inference import predict_slide
+    from efcm.manifest import read_manifest
+    from efcm.mil import save_clam
+    from efcm.models.students import build_vfd
+    from tests.conftest import tiny_params_dict
+
+    params = params_from_dict(tiny_params_dict())
+    save_student(
+        tmp_path / "student.pt", build_vfd(params.student, 64, warn_random=False), params.student
+    )
+    (tmp_path / "mil").mkdir()
+    save_clam(tmp_path / "mil" / "fold_0.pt", CLAMSB(64, 2, hidden=8, attn_dim=4))
+    (tmp_path / "mil" / "summary.json").write_text(json.dumps({"selected_fold": 0}))
+    pkg = load_package(
+        export_package(tmp_path / "student.pt", tmp_path / "mil", tmp_path / "pkg", params)
+    )
+    slide = read_manifest(tiny_dataset).slides[0]
+    pred = predict_slide(pkg, tiny_dataset.parent / slide.uri, heatmap=True, gallery_k=4)
+    assert len(pred.attention) == len(pred.coords) > 4
+    for png in (pred.heatmap_png, pred.gallery_png):
+        img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None and img.ndim == 3

@@ -103,3 +103,31 @@ def test_skipped_strategy_leaves_its_row_out(tiny_dataset, tmp_path):
     )
     assert summary["skipped"] and "mil.strategies" in summary["reason"]
     assert json.loads((tmp_path / "reuse" / "summary.json").read_text())["skipped"]
+
+
+def test_export_of_an_etc_dir_packs_its_fine_tuned_student(tmp_path):
+    from efcm.export import PackageError, export_package, load_package
+    from efcm.mil import save_clam
+    from efcm.models.clam import CLAMSB
+    from efcm.models.students import save_student
+
+    params = params_from_dict(tiny_params_dict())
+    torch.manual_seed(0)
+    distilled = build_vfd(params.student, 16, warn_random=False)
+    tuned = build_vfd(params.student, 16, warn_random=False)
+    save_student(tmp_path / "distilled.pt", distilled, params.student)
+    etc_dir = tmp_path / "etc"
+    etc_dir.mkdir()
+    save_student(etc_dir / "student_fold_1.pt", tuned, params.student)
+    save_clam(etc_dir / "fold_1.pt", CLAMSB(16, 2, hidden=8, attn_dim=4))
+    (etc_dir / "summary.json").write_text(json.dumps({"selected_fold": 1, "strategy": "etc"}))
+    pkg = load_package(export_package(tmp_path / "distilled.pt", etc_dir, tmp_path / "pkg", params))
+    assert pkg.meta["strategy"] == "etc"
+    x = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    with torch.no_grad():  # the package embeds with the fine-tuned student, not the distilled one
+        assert torch.allclose(pkg.encoder(x), tuned.eval()(pkg.encoder.transform(x)))
+        assert not torch.allclose(pkg.encoder(x), distilled.eval()(pkg.encoder.transform(x)))
+    (tmp_path / "skip").mkdir()
+    (tmp_path / "skip" / "summary.json").write_text(json.dumps({"skipped": True, "reason": "r"}))
+    with pytest.raises(PackageError, match="nothing to export"):
+        export_package(tmp_path / "distilled.pt", tmp_path / "skip", tmp_path / "p2", params)
