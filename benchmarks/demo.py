@@ -73,8 +73,8 @@ def main() -> None:
         "total_seconds": round(sum(seconds.values()), 2),
         "slides": len(rows),
         "patches": sum(int(r["n_patches"]) for r in rows),
-        "teacher_auc": metrics["teacher"]["auc"],
-        "student_auc": metrics["student"]["auc"],
+        "auc": {k: v["auc"] for k, v in metrics.items() if isinstance(v, dict) and "auc" in v},
+        "teacher_localisation_auroc": metrics["teacher"].get("localisation_auroc"),
         "student_teacher_speedup": metrics.get("efficiency", {}).get("student_teacher_speedup"),
     }
     print(json.dumps(out, indent=2))
