@@ -185,14 +185,6 @@ def report(metrics: dict[str, Any], params: Params) -> str:
         loc = m.get("localisation_auroc")
         cells.append("-" if loc is None else f"{loc:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
-    eff = metrics.get("efficiency")
-    if eff:
-        lines += [
-            "",
-            f"Student vs teacher: {eff['student_teacher_speedup']}x patches/s, "
-            f"{eff['param_ratio']}x fewer parameters, {eff['flop_ratio']}x fewer FLOPs "
-            "(measured in this run, on this machine).",
-        ]
     return (
         "# EFCM evaluation\n\nSlide-level metrics of the out-of-fold predictions pooled over the "
         "folds (the same patient-level folds for every row), with bootstrap CIs; metrics.json also "

@@ -26,7 +26,7 @@ from efcm import __version__
 from efcm.config import EncoderParams, Params
 from efcm.distill import load_student
 from efcm.mil import load_clam
-from efcm.models.clam import CLAMSB
+from efcm.models.clam import CLAMBase
 from efcm.models.encoders import EncoderWithTransform, sha256_file
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Package:
     path: Path
     meta: dict[str, Any]
     encoder: EncoderWithTransform  # uint8 patches (B, S, S, 3) -> features (B, D)
-    clam: CLAMSB
+    clam: CLAMBase
 
     @property
     def classes(self) -> list[str]:

@@ -13,7 +13,9 @@
   every patch of the fold's slides and a new CLAM is trained on those features.
 
 Each strategy writes what `train_mil` writes: fold_<k>.pt, predictions.csv (out-of-fold),
-summary.json (with the selected fold), so evaluation and export read them alike.
+attention.h5, summary.json (with the selected fold), so evaluation and export read them alike;
+ETC also writes its fine-tuned students (student_fold_<k>.pt) and the IB selection of each fold
+(fold_<k>/topk/<slide_id>.h5: indices, coords, keep probabilities).
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ def etc(
     device: str | None = None,
 ) -> dict[str, Any]:
     """End2end Train CLAM, fold by fold (see the module docstring)."""
-    from efcm.models.ib import select_top_k, train_ib
+    from efcm.models.ib import read_top_k, train_ib, write_top_k
 
     patches_dir, out = Path(patches_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,9 +258,10 @@ def etc(
     for k, fold in enumerate(splits["folds"]):
         seed = params.seed + 100 * k
         ib = train_ib(teacher_bags, labels, fold["train"], len(classes), params.ib, seed)
-        topk = {
-            s: select_top_k(ib, teacher_bags[s], coords[s], params.ib.k)[0] for s in fold["train"]
-        }
+        topk = {}  # written to fold_<k>/topk/<slide_id>.h5: which patches ETC trained on
+        for s in fold["train"]:
+            path = write_top_k(ib, s, teacher_bags[s], coords[s], out / f"fold_{k}", params.ib.k)
+            topk[s] = read_top_k(path)[0]
         student, spec = load_student(student_ckpt)
         student = train_etc_fold(
             copy.deepcopy(student), spec, slides, topk, labels, fold["train"], params, seed, dev

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from efcm.export import load_package
+from efcm.models.ib import read_top_k
 from tests.conftest import ROOT, tiny_params_dict
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,6 +60,8 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     assert "auc_fold_mean" in metrics["teacher"] and len(metrics["teacher"]["confusion"]) == 2
     plots = _run(["dvc", "plots", "show", "--json"], work)
     assert "roc" in plots and "confusion" in plots
+    topk = list((work / "runs/etc").glob("fold_*/topk/*.h5"))  # ETC's IB selection, per fold
+    assert topk and len(read_top_k(topk[0])[0]) > 0
     report = (work / "runs/evaluate/report.md").read_text()
     assert "| teacher |" in report and "Cost per patch" in report
     eff = json.loads((work / "runs/evaluate/efficiency.json").read_text())
