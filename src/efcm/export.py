@@ -25,7 +25,7 @@ import torch
 from efcm import __version__
 from efcm.config import EncoderParams, Params
 from efcm.distill import load_student
-from efcm.mil import load_clam
+from efcm.mil import load_clam, read_summary
 from efcm.models.clam import CLAMBase
 from efcm.models.encoders import EncoderWithTransform, sha256_file
 
@@ -66,7 +66,7 @@ def export_package(
     its CLAM of the fold with the lowest validation loss, and the student: the distilled one, or
     for ETC that fold's fine-tuned student. The recorded metrics are the out-of-fold estimates."""
     mil_dir, out = Path(mil_dir), Path(out_dir)
-    summary = json.loads((mil_dir / "summary.json").read_text())
+    summary = read_summary(mil_dir)
     if summary.get("skipped"):
         raise PackageError(f"{mil_dir}: {summary.get('reason', 'skipped')}: nothing to export")
     fold = int(summary["selected_fold"])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from efcm.checkpoints import load_checkpoint, save_checkpoint
 from efcm.config import Params, TrainMilParams
 from efcm.features import read_features
 from efcm.manifest import Manifest
@@ -94,15 +95,22 @@ def save_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_bags(features_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tensor]:
-    bags = {}
+def load_bags_and_coords(
+    features_dir: Path, slide_ids: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """Each slide's bag (N, D) and coords (N, 2) from one read of its features h5."""
+    bags, coords = {}, {}
     for sid in slide_ids:
         path = features_dir / "features" / f"{sid}.h5"
-        feats, _ = read_features(path)
+        feats, coords[sid] = read_features(path)
         if len(feats) == 0:
             raise ValueError(f"{sid}: empty bag (0 patches) in {path}")
         bags[sid] = torch.from_numpy(feats)
-    return bags
+    return bags, coords
+
+
+def load_bags(features_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tensor]:
+    return load_bags_and_coords(features_dir, slide_ids)[0]
 
 
 def build_clam(in_dim: int, n_classes: int, cfg: TrainMilParams) -> CLAMBase:
@@ -181,24 +189,16 @@ def train_fold(
 
 
 def save_clam(path: Path, model: CLAMBase, extra: dict[str, Any] | None = None) -> None:
-    tmp = atomic_path(path)
-    torch.save(
-        {
-            "format": "efcm.clam/1",
-            "config": model.config(),
-            "state_dict": model.state_dict(),
-            **(extra or {}),
-        },
-        tmp,
+    save_checkpoint(
+        path,
+        "efcm.clam/1",
+        {"config": model.config(), "state_dict": model.state_dict(), **(extra or {})},
     )
-    os.replace(tmp, path)
 
 
 def load_clam(path: str | Path) -> CLAMBase:
     """A CLAM-SB or CLAM-MB saved by `save_clam` (checkpoints without a model kind are SB)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "efcm.clam/1":
-        raise ValueError(f"{path}: not an efcm CLAM checkpoint")
+    ckpt = load_checkpoint(path, "efcm.clam/1", "CLAM")
     try:
         model = clam_from_config(ckpt["config"])
     except ValueError as e:
@@ -321,6 +321,11 @@ def read_predictions(
     probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], np.float32)
     labels = np.array([int(r["label"]) for r in rows], np.int64)
     return probs, labels, [r["slide_id"] for r in rows]
+
+
+def read_summary(mil_dir: str | Path) -> dict[str, Any]:
+    """summary.json of a train-mil or strategy output dir."""
+    return json.loads((Path(mil_dir) / "summary.json").read_text())
 
 
 def read_folds(path: str | Path) -> np.ndarray:

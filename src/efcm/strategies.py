@@ -34,13 +34,15 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from efcm.config import ConfigError, EtcParams, Params
-from efcm.features import embed_batches, read_features
+from efcm.features import embed_batches
 from efcm.manifest import Manifest
 from efcm.mil import (
     build_clam,
     load_bags,
+    load_bags_and_coords,
     load_clam,
     predict_slides,
+    read_summary,
     save_clam,
     save_json,
     train_fold,
@@ -84,16 +86,10 @@ def reuse(
         rows += fold_rows
         attention.update(fold_attention)
     write_predictions(out, rows, attention)
-    teacher = _read_summary(teacher_mil_dir)
+    teacher = read_summary(teacher_mil_dir)
     summary = {**teacher, "strategy": "reuse"}
     save_json(out / "summary.json", summary)
     return summary
-
-
-def _read_summary(mil_dir: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((mil_dir / "summary.json").read_text())
 
 
 # -- ETC ------------------------------------------------------------------------------------------
@@ -244,10 +240,7 @@ def etc(
     labels = manifest.labels(classes)
     by_id = {s.slide_id: s for s in manifest.slides}
     needed = sorted({s for f in splits["folds"] for part in f.values() for s in part})
-    teacher_bags = load_bags(Path(teacher_features_dir), needed)
-    coords = {
-        s: read_features(Path(teacher_features_dir) / "features" / f"{s}.h5")[1] for s in needed
-    }
+    teacher_bags, coords = load_bags_and_coords(Path(teacher_features_dir), needed)
     slides = {
         s: SlidePatches(
             by_id[s].uri, read_coords(patches_dir / "patches" / f"{s}.h5"), manifest.base_dir

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from efcm.checkpoints import load_checkpoint, save_checkpoint
 from efcm.config import IbParams
 from efcm.features import read_features
 from efcm.storage import atomic_path
@@ -225,25 +226,15 @@ def train_ib(
 
 
 def save_ib(path: str | Path, model: IBHead, extra: dict[str, Any] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    torch.save(
-        {
-            "format": "efcm.ib/1",
-            "config": model.config(),
-            "state_dict": model.state_dict(),
-            **(extra or {}),
-        },
-        tmp,
+    save_checkpoint(
+        path,
+        "efcm.ib/1",
+        {"config": model.config(), "state_dict": model.state_dict(), **(extra or {})},
     )
-    os.replace(tmp, path)
 
 
 def load_ib(path: str | Path) -> IBHead:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "efcm.ib/1":
-        raise ValueError(f"{path}: not an efcm IB checkpoint")
+    ckpt = load_checkpoint(path, "efcm.ib/1", "IB")
     c = ckpt["config"]
     model = IBHead(
         int(c["in_dim"]),

@@ -14,7 +14,6 @@ while the loss weighs every teacher dimension by its spread, not by its (often l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import timm
 import torch
 from torch import nn
 
+from efcm.checkpoints import load_checkpoint, save_checkpoint
 from efcm.config import EncoderParams, FpdParams
 from efcm.models.encoders import build_backbone, load_weights
 from efcm.models.transscan import TransScan
-from efcm.storage import atomic_path
 
 FORMAT = "efcm.student/2"
 
@@ -163,26 +162,22 @@ def save_student(
         kind, config = "backbone", {}
     else:
         raise TypeError(f"not a student: {type(student).__name__}")
-    tmp = atomic_path(Path(path))
-    torch.save(
+    save_checkpoint(
+        path,
+        FORMAT,
         {
-            "format": FORMAT,
             "kind": kind,
             "spec": spec.model_dump(mode="json"),
             "out_dim": student.out_dim,
             "config": config,
             "state_dict": student.state_dict(),
         },
-        tmp,
     )
-    os.replace(tmp, path)
 
 
 def load_student(path: str | Path) -> tuple[nn.Module, EncoderParams]:
     """Load a student saved by `save_student`; returns (student in eval mode, its encoder spec)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an efcm student checkpoint ({FORMAT})")
+    ckpt = load_checkpoint(path, FORMAT, "student")
     spec = EncoderParams.model_validate({**ckpt["spec"], "weights": None})
     kind, out_dim = ckpt["kind"], int(ckpt["out_dim"])
     if kind == "vfd":
