@@ -52,6 +52,10 @@ TIMEOUT = 60.0  # seconds per HTTP request (connect / between bytes)
 METADATA_DEADLINE = 120.0  # seconds of retrying a metadata GET or a listing
 DOWNLOAD_DEADLINE = 1800.0  # seconds of retrying one object's download (slides are GBs)
 
+CACHE_DIR_ENV = "EFCM_CACHE_DIR"
+CACHE_MAX_BYTES_ENV = "EFCM_CACHE_MAX_BYTES"
+DEFAULT_CACHE_MAX_BYTES = 20 << 30  # 20 GiB of staged slides, least recently used evicted first
+
 
 @dataclass(frozen=True)
 class DownloadStats:
@@ -107,7 +111,7 @@ def split_gcs(uri: str) -> tuple[str, str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EFCM_CACHE_DIR", Path.home() / ".cache" / "efcm"))
+    return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "efcm"))
 
 
 def gcs_client():

@@ -12,7 +12,7 @@ import pytest
 
 from efcm.export import PackageError
 from efcm.serving import request as rq
-from efcm.serving.access import AccessDenied, SlideAccessPolicy
+from efcm.serving.policy import AccessDenied, SlideAccessPolicy
 from tests.integration.test_serving import DIM, build_package
 
 

@@ -3,7 +3,7 @@ Inference Protocol) REST and gRPC.
 
 This package is the only part of `efcm` that imports kserve. `model.EFCMModel` is the
 `kserve.Model`; `server.serve` is what `efcm serve` runs; `request` parses request bodies and
-`access` decides which slide URIs the server may open.
+`policy` decides which slide URIs the server may open and the limits of a request.
 
 kserve parses `sys.argv` when it is first imported (a module-level `parse_known_args` in
 `kserve.model_server`). The arguments of `efcm serve` (or of pytest) are not its arguments: an

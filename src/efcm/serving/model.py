@@ -3,7 +3,7 @@
 The package is loaded once, in `load()`, by `efcm.export.load_package` (sha256-verified); a
 package that cannot be loaded raises `PackageError` there, so `efcm serve` stops at startup with one
 line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in) or
-`efcm.inference.predict_slide` (slide URI in, where `access.SlideAccessPolicy` allows it), run in a
+`efcm.inference.predict_slide` (slide URI in, where `policy.SlideAccessPolicy` allows it), run in a
 worker thread so health checks stay answered during a long slide. CLAM runs on the CPU (it is small
 and `predict_features` feeds it CPU tensors); the student, used for slides only, moves to the GPU
 when there is one.
@@ -30,7 +30,7 @@ from kserve.protocol.infer_type import to_http_parameters
 from efcm.export import Package, PackageError, load_package
 from efcm.inference import Prediction, predict_features, predict_slide
 from efcm.serving import request as rq
-from efcm.serving.access import SlideAccessPolicy
+from efcm.serving.policy import SlideAccessPolicy
 
 log = logging.getLogger(__name__)
 

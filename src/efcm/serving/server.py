@@ -3,7 +3,7 @@ gRPC on `grpc_port`; the REST server binds 0.0.0.0).
 
 The package is loaded before the server starts: a missing or corrupt package ends `efcm serve` with
 one line on stderr and exit status 1, and the pod never turns ready. Slide-URI input is allowed only
-under the locations in `EFCM_SLIDE_URI_PREFIXES` (see `efcm.serving.access`).
+under the locations in `EFCM_SLIDE_URI_PREFIXES` (see `efcm.serving.policy`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from efcm.serving.access import SlideAccessPolicy
 from efcm.serving.model import EFCMModel
+from efcm.serving.policy import SlideAccessPolicy
 
 log = logging.getLogger(__name__)
 
