@@ -108,6 +108,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     log.info("package: %s", out)
 
 
+def cmd_gate(args: argparse.Namespace) -> None:
+    decision = stages.gate(args.metrics, args.out, _params(args))
+    print(json.dumps({"promote": decision.promote, "reason": decision.reason}))
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from efcm.export import load_package
     from efcm.inference import predict_slide
@@ -133,6 +138,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 "n_patches": len(pred.attention),
                 "attention": [round(float(x), 6) for x in pred.attention],
                 "coords": pred.coords.tolist(),
+                "timings": pred.timings,
             }
         )
     )
@@ -142,7 +148,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from efcm.serving.server import serve
 
     serve(
-        args.package, model_name=args.model_name, http_port=args.http_port, grpc_port=args.grpc_port
+        args.package,
+        model_name=args.model_name,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        allow_slides=args.allow_slides,
     )
 
 
@@ -241,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="metrics.json of evaluate, recorded in model.json")
     p.add_argument("--out", required=True)
 
+    p = add("gate", cmd_gate, "promotion gate: is the exported student good enough to deploy?")
+    p.add_argument("--metrics", required=True, help="metrics.json of evaluate")
+    p.add_argument("--out", required=True, help="folder for decision.json and decision.md")
+
     p = add("predict", cmd_predict, "predict one slide with a package; prints JSON")
     p.add_argument("package")
     p.add_argument("slide")
@@ -254,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--grpc-port", type=int, default=8081)
     p.add_argument("--model-name", default="efcm")
+    p.add_argument(
+        "--allow-slides",
+        action="append",
+        default=[],
+        metavar="DIR_OR_GS_PREFIX",
+        help="a local directory or gs://bucket/prefix/ the slide_uri input may read (repeatable; "
+        "adds to EFCM_SLIDE_URI_PREFIXES; none: slide input is refused)",
+    )
     return ap
 
 

@@ -1,12 +1,26 @@
-"""Inference with an exported package: features -> CLAM, or a whole slide -> patches -> student ->
-CLAM.
+"""Inference with an exported package: features -> CLAM; patch pixels -> student -> CLAM; or a
+whole slide -> patches -> student -> CLAM (+ heatmap).
 
-One code path for `efcm predict` and the KServe predictor.
+One code path for `efcm predict` and the KServe predictor. The limits a server sets
+(`efcm.serving.policy.ServingLimits`) are arguments here: a bag over `max_patches` or a slide over
+`max_slide_bytes` raises `LimitExceeded`, and a slide still running at `deadline` (a
+`time.monotonic()` value) stops between batches with `DeadlineExceeded`; `efcm predict` passes
+none of them.
+
+Patch reading overlaps the encoder: `read_workers` threads read and resize whole batches
+(OpenSlide and OpenCV release the GIL, and one OpenSlide handle is safe to share between threads)
+a few batches ahead of `efcm.features.embed_batches`, the extraction engine's encoder loop. Threads,
+not the engine's DataLoader worker processes: a server process runs gRPC's threads, and forking it
+per request is unsafe, while spawning workers would cost seconds per request.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +34,15 @@ from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile
 from efcm.slides.reader import SlideError, open_slide
+from efcm.storage import TooLarge, staged
+
+
+class LimitExceeded(ValueError):
+    """A request over a serving limit (patches per bag, slide bytes)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A slide that ran past its time budget; the work stopped at the next batch."""
 
 
 @dataclass
@@ -30,6 +53,8 @@ class Prediction:
     coords: np.ndarray | None = None  # (N, 2) int64 level-0 top-left, for slide input
     heatmap_png: bytes | None = None
     gallery_png: bytes | None = None  # the top-k and bottom-k attended patches
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step (slide input)
+    downloaded_bytes: int = 0  # bytes staged from gs:// for this prediction
 
 
 def check_features(features: np.ndarray, dim: int) -> np.ndarray:
@@ -47,8 +72,17 @@ def check_features(features: np.ndarray, dim: int) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def predict_features(pkg: Package, features: np.ndarray) -> Prediction:
+def _check_count(n: int, max_patches: int | None, what: str) -> None:
+    if max_patches is not None and n > max_patches:
+        raise LimitExceeded(f"{what}: {n} patches, over the limit of {max_patches} per request")
+
+
+def predict_features(
+    pkg: Package, features: np.ndarray, *, max_patches: int | None = None
+) -> Prediction:
+    """CLAM on a bag of student features [N, D]."""
     feats = check_features(features, pkg.feature_dim)
+    _check_count(len(feats), max_patches, "features")
     with torch.inference_mode():
         out = pkg.clam(torch.from_numpy(feats))
     probs = out["probs"][0].numpy().astype(np.float32)
@@ -57,42 +91,200 @@ def predict_features(pkg: Package, features: np.ndarray) -> Prediction:
     )
 
 
+def patch_size(pkg: Package) -> int:
+    """The side of the patches the package's student embeds (px at the packaged target mpp)."""
+    return int(pkg.meta["patch"]["patch_size"])
+
+
+def check_patches(patches: np.ndarray, size: int) -> np.ndarray:
+    """Validate patch pixels: uint8 [N, size, size, 3], N >= 1. Raises ValueError naming the
+    expected shape."""
+    arr = np.asarray(patches)
+    want = f"[N, {size}, {size}, 3] (N >= 1 patches, UINT8 RGB)"
+    if arr.dtype != np.uint8:
+        raise ValueError(f"patches must be UINT8, got {arr.dtype}; expected {want}")
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != (size, size, 3):
+        raise ValueError(f"patches must have shape {want}, got {list(arr.shape)}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"patches: got an empty bag; expected {want}")
+    return arr
+
+
+def _check_time(deadline: float | None, step: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"the request ran past its time budget (during {step})")
+
+
+def predict_patches(
+    pkg: Package,
+    patches: np.ndarray,
+    *,
+    batch_size: int = 64,
+    max_patches: int | None = None,
+    deadline: float | None = None,
+) -> Prediction:
+    """The student embeds patch pixels uint8 [N, S, S, 3] (S = the packaged patch size), then
+    CLAM."""
+    arr = check_patches(patches, patch_size(pkg))
+    _check_count(len(arr), max_patches, "patches")
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, len(arr), batch_size):
+            _check_time(deadline, "feature extraction")
+            yield torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size]))
+
+    feats = embed_batches(pkg.encoder, batches(), total=len(arr), desc="predict")
+    return predict_features(pkg, feats)
+
+
+def _read_ahead(
+    patches: SlidePatches, batch_size: int, workers: int, deadline: float | None
+) -> Iterator[torch.Tensor]:
+    """uint8 batches in order, read by `workers` threads up to 2 x workers batches ahead."""
+    starts = range(0, len(patches), batch_size)
+    if workers <= 0:
+        for i in starts:
+            _check_time(deadline, "patch reading")
+            yield torch.from_numpy(patches.read_batch(range(i, min(i + batch_size, len(patches)))))
+        return
+    patches.slide  # noqa: B018  (open the shared handle once, before the threads)
+    pending: deque[Future] = deque()
+    todo = iter(starts)
+    with ThreadPoolExecutor(workers, thread_name_prefix="efcm-read") as pool:
+        try:
+            for i in todo:
+                pending.append(
+                    pool.submit(patches.read_batch, range(i, min(i + batch_size, len(patches))))
+                )
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                _check_time(deadline, "feature extraction")
+                batch = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(
+                        pool.submit(
+                            patches.read_batch, range(nxt, min(nxt + batch_size, len(patches)))
+                        )
+                    )
+                yield torch.from_numpy(batch)
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def predict_slide(
     pkg: Package,
     uri: str | Path,
     *,
     mpp: float | None = None,
     batch_size: int = 64,
+    read_workers: int = 2,
     heatmap: bool = False,
     gallery_k: int = 0,
+    max_patches: int | None = None,
+    max_slide_bytes: int | None = None,
+    deadline: float | None = None,
 ) -> Prediction:
     """Patch the slide with the packaged settings, embed every patch with the student, run CLAM;
     with `heatmap`, the attention overlay PNG; with `gallery_k`, a PNG of the k most and least
-    attended patches."""
+    attended patches.
+
+    `uri` is a local path or gs:// (staged into the size-capped cache, see `efcm.storage.staged`).
+    `Prediction.timings` has the seconds of each step: download, patching (mpp, tissue, grid),
+    features (reading + student), clam, heatmap (and gallery).
+
+    Raises:
+        FileNotFoundError: no such slide.
+        SlideError: unreadable/corrupt (status `unreadable`), no mpp (`no_mpp`), no tissue
+            (`no_tissue`), too coarse.
+        LimitExceeded: over `max_slide_bytes` or `max_patches`.
+        DeadlineExceeded: still running at `deadline`.
+    """
+    uri = str(uri)
     params = PatchParams.model_validate(pkg.meta["patch"])
-    with open_slide(str(uri)) as slide:
-        plan = plan_patches(slide, params, mpp_override=mpp, name=str(uri))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        timings[step] = round(now - t0, 4)
+        t0 = now
+
+    try:
+        with staged(uri, max_bytes=max_slide_bytes) as local:
+            lap("download")
+            _check_time(deadline, "download")
+            pred = _predict_local(
+                pkg,
+                uri,
+                str(local.path),
+                params,
+                mpp,
+                batch_size,
+                read_workers,
+                heatmap,
+                gallery_k,
+                max_patches,
+                deadline,
+                lap,
+            )
+    except TooLarge as err:
+        raise LimitExceeded(f"slide {err}") from None
+    pred.timings = timings
+    pred.downloaded_bytes = local.downloaded_bytes
+    return pred
+
+
+def _predict_local(
+    pkg: Package,
+    uri: str,
+    path: str,
+    params: PatchParams,
+    mpp: float | None,
+    batch_size: int,
+    read_workers: int,
+    heatmap: bool,
+    gallery_k: int,
+    max_patches: int | None,
+    deadline: float | None,
+    lap,
+) -> Prediction:
+    try:
+        with open_slide(path) as slide:
+            plan = plan_patches(slide, params, mpp_override=mpp, name=uri)
+    except SlideError as err:  # name the slide as the client did, not by its cache path
+        raise SlideError(str(err).replace(path, uri), status=err.status) from None
+    lap("patching")
     if len(plan.coords) == 0:
         raise SlideError(f"{uri}: no tissue found", status="no_tissue")
+    _check_count(len(plan.coords), max_patches, f"slide {uri}")
     g = plan.geometry
     patches = SlidePatches(
-        str(uri),
-        CoordsFile(
-            plan.coords, g.patch_level, g.read_size, g.patch_size, str(uri), g.step0, g.size0
-        ),
+        path,
+        CoordsFile(plan.coords, g.patch_level, g.read_size, g.patch_size, uri, g.step0, g.size0),
     )
-    batches = (
-        torch.from_numpy(patches.read_batch(range(i, min(i + batch_size, len(patches)))))
-        for i in range(0, len(patches), batch_size)
-    )
-    feats = embed_batches(pkg.encoder, batches, total=len(patches), desc="predict")
-    pred = predict_features(pkg, feats)
-    pred.coords = plan.coords
-    if heatmap:
-        pred.heatmap_png = encode_png(
-            overlay(plan.thumbnail, plan.mask.scale, plan.coords, g.size0, pred.attention)
+    try:
+        feats = embed_batches(
+            pkg.encoder,
+            _read_ahead(patches, batch_size, read_workers, deadline),
+            total=len(patches),
+            desc="predict",
         )
-    if gallery_k:
-        pred.gallery_png = encode_png(gallery(patches.read, pred.attention, gallery_k))
-    patches.close()
+        lap("features")
+        pred = predict_features(pkg, feats)
+        lap("clam")
+        pred.coords = plan.coords
+        if heatmap:
+            pred.heatmap_png = encode_png(
+                overlay(plan.thumbnail, plan.mask.scale, plan.coords, g.size0, pred.attention)
+            )
+            lap("heatmap")
+        if gallery_k:
+            pred.gallery_png = encode_png(gallery(patches.read, pred.attention, gallery_k))
+            lap("gallery")
+    finally:
+        patches.close()
     return pred

@@ -25,12 +25,20 @@ Multi-file slides are staged as a whole:
   (it scans that file's folder for the same Series Instance UID), so `local_path` returns one
   ``.dcm`` file of the staged folder. One series per folder.
 
+Size cap (`staged`, used by `efcm predict` and the predictor): while a slide is used, a shared
+flock on each of its objects' ``<object>.use`` file marks it in use (its mtime is the last use).
+After staging, if the cache holds more than `EFCM_CACHE_MAX_BYTES` (default 20 GiB), the least
+recently used objects are removed (record first, then bytes) until it fits; an object whose
+``.use`` lock another request holds is never removed, so the cache can stay over the cap while
+every slide in it is in use. A later request for an evicted slide downloads it again.
+
 Works against the real GCS API and against an emulator (`STORAGE_EMULATOR_HOST`).
 `download_stats()` counts what this process downloaded and reused (tests assert on it).
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import glob
 import json
@@ -42,7 +50,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -55,6 +63,10 @@ DOWNLOAD_DEADLINE = 1800.0  # seconds of retrying one object's download (slides 
 CACHE_DIR_ENV = "EFCM_CACHE_DIR"
 CACHE_MAX_BYTES_ENV = "EFCM_CACHE_MAX_BYTES"
 DEFAULT_CACHE_MAX_BYTES = 20 << 30  # 20 GiB of staged slides, least recently used evicted first
+
+
+class TooLarge(ValueError):
+    """An object (or a multi-file slide) larger than the caller allows; nothing was downloaded."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,7 @@ def _retry(deadline: float):
     return DEFAULT_RETRY.with_timeout(deadline)
 
 
-def download(uri: str, dest_root: Path | None = None) -> Path:
+def download(uri: str, dest_root: Path | None = None, *, max_bytes: int | None = None) -> Path:
     """Stage a gs:// slide (or any object) into the local cache, once; returns its local path.
 
     An object -> its local file. ``.mrxs`` -> the local ``.mrxs`` file, with its sibling data
@@ -147,12 +159,14 @@ def download(uri: str, dest_root: Path | None = None) -> Path:
     Args:
         uri: ``gs://bucket/object``, ``gs://bucket/slide.mrxs`` or ``gs://bucket/folder/``.
         dest_root: the cache directory (default `cache_dir()`).
+        max_bytes: refuse (TooLarge, before any byte moves) a slide whose objects add up to more.
 
     Raises:
         ValueError: not a gs:// URI, no bucket or object name, or an object name that cannot be a
             local path (``..``, empty segments).
         FileNotFoundError: no such object (or folder, or MRXS data folder); names the URI.
         PermissionError: the credentials may not read it.
+        TooLarge: over `max_bytes`.
     """
     from google.api_core import exceptions as gexc
 
@@ -162,10 +176,10 @@ def download(uri: str, dest_root: Path | None = None) -> Path:
     for attempt in range(2):
         try:
             if name.endswith("/"):
-                return _stage_folder(uri, bucket, name, root)
+                return _stage_folder(uri, bucket, name, root, max_bytes)
             if name.lower().endswith(".mrxs"):
-                return _stage_mrxs(uri, bucket, name, root)
-            return _stage_object(uri, bucket, name, root)
+                return _stage_mrxs(uri, bucket, name, root, max_bytes)
+            return _stage_object(uri, bucket, name, root, max_bytes)
         except gexc.NotFound as err:
             # the generation we listed was replaced while we downloaded it: look again, once
             if attempt:
@@ -182,18 +196,27 @@ def _check_name(uri: str, name: str) -> None:
         raise ValueError(f"gs:// object name cannot be staged as a local path: {uri!r}")
 
 
-def _stage_object(uri: str, bucket: str, name: str, root: Path) -> Path:
+def _check_size(uri: str, blobs: list[Any], max_bytes: int | None) -> None:
+    total = sum(int(b.size or 0) for b in blobs)
+    if max_bytes is not None and total > max_bytes:
+        raise TooLarge(f"{uri}: {total} bytes, over the limit of {max_bytes} bytes")
+
+
+def _stage_object(
+    uri: str, bucket: str, name: str, root: Path, max_bytes: int | None = None
+) -> Path:
     blob = (
         gcs_client().bucket(bucket).get_blob(name, retry=_retry(METADATA_DEADLINE), timeout=TIMEOUT)
     )
     if blob is None:
         if _list(uri, bucket, name + "/", max_results=1, placeholders=True):
-            return _stage_folder(uri, bucket, name + "/", root)  # a folder named without '/'
+            return _stage_folder(uri, bucket, name + "/", root, max_bytes)  # named without '/'
         raise FileNotFoundError(f"no such object: {uri}")
+    _check_size(uri, [blob], max_bytes)
     return _stage_blob(blob, root)
 
 
-def _stage_mrxs(uri: str, bucket: str, name: str, root: Path) -> Path:
+def _stage_mrxs(uri: str, bucket: str, name: str, root: Path, max_bytes: int | None = None) -> Path:
     blob = (
         gcs_client().bucket(bucket).get_blob(name, retry=_retry(METADATA_DEADLINE), timeout=TIMEOUT)
     )
@@ -205,16 +228,20 @@ def _stage_mrxs(uri: str, bucket: str, name: str, root: Path) -> Path:
         raise FileNotFoundError(
             f"{uri}: MRXS slide without its data folder gs://{bucket}/{data_prefix}"
         )
+    _check_size(uri, [blob, *data], max_bytes)
     for b in data:
         _stage_blob(b, root)
     _prune(root, bucket, data_prefix, {b.name for b in data})
     return _stage_blob(blob, root)
 
 
-def _stage_folder(uri: str, bucket: str, prefix: str, root: Path) -> Path:
+def _stage_folder(
+    uri: str, bucket: str, prefix: str, root: Path, max_bytes: int | None = None
+) -> Path:
     blobs = _list(uri, bucket, prefix)
     if not blobs:
         raise FileNotFoundError(f"no objects under {uri}")
+    _check_size(uri, blobs, max_bytes)
     for b in blobs:
         _check_name(f"gs://{bucket}/{b.name}", b.name)
         _stage_blob(b, root)
@@ -288,6 +315,7 @@ def _stage_blob(blob: Any, root: Path) -> Path:
     generation, size = int(blob.generation), int(blob.size)
     dest = _data_path(root, bucket, name)
     meta = _meta_path(root, bucket, name, ".json")
+    _hold(root, bucket, name)  # inside `staged`: in use from here on, never evicted
     if _is_current(dest, meta, generation, size):
         _count(reused=1)
         return dest
@@ -310,6 +338,9 @@ def _stage_blob(blob: Any, root: Path) -> Path:
             tmp.unlink(missing_ok=True)
         _write_json(meta, _record(dest, generation, size))
     _count(objects=1, nbytes=size)
+    holder = _holder.get()
+    if holder is not None:
+        holder.downloaded_bytes += size
     log.info(
         "downloaded %s (generation %s, %d bytes, %.1f s)",
         uri,
@@ -346,6 +377,151 @@ def _prune(root: Path, bucket: str, prefix: str, keep: Iterable[str]) -> None:
             p.unlink(missing_ok=True)
             rel = p.relative_to(root / "gcs" / bucket).as_posix()
             _meta_path(root, bucket, rel, ".json").unlink(missing_ok=True)
+
+
+# -- the size cap: in-use marks and LRU eviction ----------------------------------------------
+
+
+@dataclass
+class StagedSlide:
+    """What `staged` yields: the local path OpenSlide opens, and the bytes this call downloaded
+    (0 when the cache already held the slide, and for local paths)."""
+
+    path: Path
+    downloaded_bytes: int = 0
+    _held: list[Any] = field(default_factory=list, repr=False)
+
+
+_holder: contextvars.ContextVar[StagedSlide | None] = contextvars.ContextVar(
+    "efcm_cache_holder", default=None
+)
+
+
+def cache_max_bytes() -> int:
+    """`EFCM_CACHE_MAX_BYTES` (bytes, > 0), else the default (20 GiB)."""
+    raw = os.environ.get(CACHE_MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CACHE_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{CACHE_MAX_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
+    return value
+
+
+def _hold(root: Path, bucket: str, name: str) -> None:
+    """Inside `staged`: mark the object in use (a shared flock, released when `staged` exits)."""
+    holder = _holder.get()
+    if holder is None:
+        return
+    import fcntl
+
+    use = _meta_path(root, bucket, name, ".use")
+    use.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(use, "a")  # noqa: SIM115 (closed when `staged` exits)
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    holder._held.append(fh)
+    os.utime(use)  # the last use, for LRU
+
+
+def _release(held: list[Any]) -> None:
+    import fcntl
+
+    for fh in held:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        finally:
+            fh.close()
+
+
+@contextmanager
+def staged(
+    uri: str, *, max_bytes: int | None = None, cap_bytes: int | None = None
+) -> Iterator[StagedSlide]:
+    """The local path of a slide, held in the cache for the duration of the block.
+
+    A gs:// slide is staged (see `download`) and its objects are marked in use, so that no
+    eviction removes them while the block runs; then the cache is trimmed to `cap_bytes` (default
+    `cache_max_bytes()`), least recently used first. A local path is returned as it is (its size is
+    checked against `max_bytes` too).
+
+    Raises:
+        TooLarge: the slide is over `max_bytes`.
+        and what `download` / `local_path` raise.
+    """
+    if not is_gcs(uri):
+        p = local_path(uri)
+        if max_bytes is not None and p.is_file() and p.stat().st_size > max_bytes:
+            raise TooLarge(f"{uri}: {p.stat().st_size} bytes, over the limit of {max_bytes} bytes")
+        yield StagedSlide(p)
+        return
+    holder = StagedSlide(Path())
+    token = _holder.set(holder)
+    try:
+        try:
+            p = download(uri, max_bytes=max_bytes)
+        finally:
+            _holder.reset(token)
+        holder.path = dicom_series_file(p) if p.is_dir() else p
+        evict_lru(cache_dir(), cache_max_bytes() if cap_bytes is None else cap_bytes)
+        yield holder
+    finally:
+        _release(holder._held)
+
+
+def _cache_entries(root: Path) -> list[tuple[float, int, Path, Path, Path]]:
+    """(last use, size, record, data, use-mark) of every staged object."""
+    out = []
+    meta_root, data_root = root / "gcs-meta", root / "gcs"
+    for rec in meta_root.rglob("*.json"):
+        rel = rec.relative_to(meta_root).as_posix()[: -len(".json")]
+        data = data_root / PurePosixPath(rel)
+        use = rec.with_name(rec.name[: -len(".json")] + ".use")
+        try:
+            size = int(json.loads(rec.read_text())["size"])
+            last = use.stat().st_mtime if use.exists() else rec.stat().st_mtime
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append((last, size, rec, data, use))
+    return sorted(out, key=lambda e: e[0])
+
+
+def cache_size(root: Path | None = None) -> int:
+    """Bytes of staged objects in the cache (by their records)."""
+    return sum(e[1] for e in _cache_entries(cache_dir() if root is None else root))
+
+
+def evict_lru(root: Path, cap_bytes: int) -> int:
+    """Remove least recently used staged objects until the cache holds at most `cap_bytes`;
+    objects in use (their `.use` lock held by anyone) are skipped. Returns the bytes removed."""
+    import fcntl
+
+    entries = _cache_entries(root)
+    total = sum(e[1] for e in entries)
+    removed = 0
+    for _, size, rec, data, use in entries:
+        if total <= cap_bytes:
+            break
+        with open(use, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use by a request (of this or another process)
+            try:
+                rec.unlink(missing_ok=True)  # the record first: no one takes it as current
+                data.unlink(missing_ok=True)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        log.info("cache: evicted %s (%d bytes, least recently used)", data, size)
+        total -= size
+        removed += size
+    if total > cap_bytes:
+        log.warning(
+            "cache: %d bytes over the cap of %d: every other slide is in use", total, cap_bytes
+        )
+    return removed
 
 
 def dicom_series_file(folder: Path) -> Path:

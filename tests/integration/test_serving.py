@@ -204,8 +204,17 @@ def test_v2_metadata_declares_the_features_input(server):
     inputs = {i["name"]: i for i in meta["inputs"]}
     outputs = {o["name"]: o for o in meta["outputs"]}
     assert inputs["features"] == {"name": "features", "datatype": "FP32", "shape": [-1, DIM]}
+    size = load_package(server.package).meta["patch"]["patch_size"]
+    assert inputs["patches"] == {
+        "name": "patches",
+        "datatype": "UINT8",
+        "shape": [-1, size, size, 3],
+    }
+    assert inputs["slide_uri"] == {"name": "slide_uri", "datatype": "BYTES", "shape": [1]}
     assert outputs["probabilities"]["shape"] == [1, 2]
     assert outputs["attention"]["shape"] == [-1]
+    assert outputs["label"]["datatype"] == outputs["heatmap_png"]["datatype"] == "BYTES"
+    assert outputs["coords"] == {"name": "coords", "datatype": "INT64", "shape": [-1, 2]}
     assert httpx.get(f"{server.url}/v2/models/{MODEL}/ready", timeout=10).json()["ready"]
 
 
@@ -231,7 +240,7 @@ BAD_REQUESTS = {
     "v2-fp64": ("v2", _features(_bag(3).astype(np.float64), "FP64")),
     "v2-empty-bag": ("v2", _features(np.zeros((0, DIM), np.float32))),
     "v2-data-shorter-than-shape": ("v2", _features(_bag(2), shape=[3, DIM])),
-    "v2-missing-input": ("v2", _features(_bag(3), name="patches")),
+    "v2-missing-input": ("v2", _features(_bag(3), name="pixels")),
     "v2-no-inputs": ("v2", {"id": "x"}),
     "v1-wrong-width": ("v1", {"instances": [{"features": _bag(2, dim=5).tolist()}]}),
     "v1-empty-bag": ("v1", {"instances": [{"features": []}]}),
@@ -272,7 +281,7 @@ def test_nan_features_are_400(server):
 
 def test_slide_input_is_refused_unless_allowed(server):
     res = _v1(server, {"instances": [{"slide_uri": "/etc/passwd"}]})
-    assert res.status_code == 400
+    assert res.status_code == 403
     assert "disabled" in res.json()["error"]
 
 

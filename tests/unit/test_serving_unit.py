@@ -118,8 +118,9 @@ def test_importing_the_adapter_hides_argv_from_kserve():
 def test_v2_and_v1_give_the_same_prediction(model):
     x = np.random.default_rng(0).normal(size=(5, DIM)).astype(np.float32)
     v2 = _predict(model, _infer_request(x))
-    out = {o.name: np.asarray(o.data, np.float32) for o in v2.outputs}
+    out = {o.name: np.asarray(o.data, np.float32) for o in v2.outputs if o.datatype == "FP32"}
     v1 = _predict(model, {"instances": [{"features": x.tolist()}]})["predictions"][0]
+    assert next(o.data for o in v2.outputs if o.name == "label") == [v1["label"]]
     np.testing.assert_allclose(out["probabilities"], v1["probabilities"], atol=1e-6)
     np.testing.assert_allclose(out["attention"], v1["attention"], atol=1e-6)
     assert v2.parameters["label"] == v1["label"]
@@ -185,7 +186,115 @@ def test_slide_input_where_the_policy_allows_it(package, tmp_path):
     out = {o.name: o for o in v2.outputs}
     assert out["coords"].shape == [len(pred["coords"]), 2]
     np.testing.assert_allclose(out["attention"].data, pred["attention"], atol=1e-6)
-    with pytest.raises(InvalidInput, match="outside the allowed"):
+    from efcm.serving.errors import Refused
+
+    with pytest.raises(Refused, match="outside the allowed") as err:
         _predict(m, {"instances": [{"slide_uri": str(tmp_path / "elsewhere.tif")}]})
+    assert err.value.http_status == 403
     with pytest.raises(InvalidInput, match="not found"):
         _predict(m, {"instances": [{"slide_uri": str(slide.parent / "missing.tif")}]})
+
+
+# -- policy: access and limits --------------------------------------------------------------------
+
+
+def test_access_resolves_symlinks_and_refuses_other_schemes(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.tif").write_bytes(b"x")
+    (tmp_path / "secret.tif").write_bytes(b"secret")
+    (root / "link.tif").symlink_to(tmp_path / "secret.tif")
+    policy = SlideAccessPolicy.of([str(root), "gs://lab-slides/"])
+    assert policy.check(str(root / "sub" / ".." / "a.tif")) == str(root / "a.tif")
+    for uri in (
+        str(root / "link.tif"),
+        str(root / ".." / "secret.tif"),
+        "file:///etc/passwd",
+        "http://example.com/a.svs",
+        "https://lab-slides/a.svs",
+        "s3://lab-slides/a.svs",
+        "gs://lab-slides//a.svs",
+        "gs://lab-slides-evil/a.svs",
+        "relative/a.tif",
+    ):
+        with pytest.raises(AccessDenied) as err:
+            policy.check(uri)
+        assert "secret" not in str(err.value).replace(uri, "")
+
+
+def test_access_takes_cli_prefixes_beside_the_env(tmp_path):
+    policy = SlideAccessPolicy.from_env(
+        {"EFCM_SLIDE_URI_PREFIXES": "gs://a/"}, extra=[str(tmp_path)]
+    )
+    assert policy.prefixes == ("gs://a/", str(tmp_path.resolve()))
+
+
+def test_serving_limits_from_env_with_safe_defaults():
+    from efcm.serving.policy import ServingLimits
+
+    d = ServingLimits.from_env({})
+    assert d == ServingLimits()
+    assert d.max_request_bytes == 64 << 20 and d.max_patches == 100_000
+    assert d.request_timeout_s == 300 and d.cache_max_bytes == 20 << 30
+    lim = ServingLimits.from_env(
+        {"EFCM_MAX_REQUEST_BYTES": "1000", "EFCM_MAX_PATCHES": "5", "EFCM_REQUEST_TIMEOUT_S": "2.5"}
+    )
+    assert (lim.max_request_bytes, lim.max_patches, lim.request_timeout_s) == (1000, 5, 2.5)
+    for bad in ("0", "-1", "lots"):
+        with pytest.raises(ValueError, match="EFCM_MAX_PATCHES"):
+            ServingLimits.from_env({"EFCM_MAX_PATCHES": bad})
+
+
+def test_too_many_patches_and_the_time_budget_are_refused(package):
+    from efcm.serving.errors import Refused
+    from efcm.serving.model import EFCMModel
+    from efcm.serving.policy import ServingLimits
+
+    m = EFCMModel("efcm", package, limits=ServingLimits(max_patches=4))
+    m.load()
+    with pytest.raises(Refused, match="over the limit of 4") as err:
+        _predict(m, _infer_request(np.zeros((5, DIM), np.float32)))
+    assert err.value.http_status == 413
+    m.limits = ServingLimits(request_timeout_s=1e-9)
+    with pytest.raises(Refused, match="time budget") as err:
+        _predict(m, _infer_request(np.zeros((64, 64, 64, 3), np.uint8), "UINT8", "patches"))
+    assert err.value.http_status == 504
+
+
+# -- the gs:// cache size cap ---------------------------------------------------------------------
+
+
+def _fake_staged(root: Path, name: str, size: int, age: float) -> None:
+    import json
+    import os
+    import time
+
+    data = root / "gcs" / "b" / name
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_bytes(b"x" * size)
+    meta = root / "gcs-meta" / "b" / f"{name}.json"
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"generation": 1, "size": size, "mtime_ns": 0}))
+    use = root / "gcs-meta" / "b" / f"{name}.use"
+    use.touch()
+    t = time.time() - age
+    os.utime(use, (t, t))
+
+
+def test_cache_evicts_least_recently_used_but_never_a_slide_in_use(tmp_path):
+    import fcntl
+
+    from efcm.storage import cache_size, evict_lru
+
+    for name, age in (("old.svs", 30), ("mid.svs", 20), ("new.svs", 10)):
+        _fake_staged(tmp_path, name, 100, age)
+    with open(tmp_path / "gcs-meta" / "b" / "old.svs.use", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)  # a request is reading the oldest slide
+        assert evict_lru(tmp_path, 200) == 100
+    assert (tmp_path / "gcs" / "b" / "old.svs").exists()
+    assert not (tmp_path / "gcs" / "b" / "mid.svs").exists()
+    assert not (tmp_path / "gcs-meta" / "b" / "mid.svs.json").exists()
+    assert (tmp_path / "gcs" / "b" / "new.svs").exists()
+    assert cache_size(tmp_path) == 200
+    assert evict_lru(tmp_path, 100) == 100  # released: now the oldest goes
+    assert not (tmp_path / "gcs" / "b" / "old.svs").exists()

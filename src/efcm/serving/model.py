@@ -2,21 +2,27 @@
 
 The package is loaded once, in `load()`, by `efcm.export.load_package` (sha256-verified); a
 package that cannot be loaded raises `PackageError` there, so `efcm serve` stops at startup with one
-line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in) or
-`efcm.inference.predict_slide` (slide URI in, where `policy.SlideAccessPolicy` allows it), run in a
-worker thread so health checks stay answered during a long slide. CLAM runs on the CPU (it is small
-and `predict_features` feeds it CPU tensors); the student, used for slides only, moves to the GPU
-when there is one.
+line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in),
+`predict_patches` (patch pixels in) or `predict_slide` (slide URI in, where
+`policy.SlideAccessPolicy` allows it), run in a worker thread so health checks stay answered during
+a long slide, under the `policy.ServingLimits` of the server. CLAM runs on the CPU (it is small and
+`predict_features` feeds it CPU tensors); the student moves to the GPU when there is one.
 
-Errors: a malformed request is `kserve.errors.InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT) with a
-message naming the expected input [N, D]; a request before the model is ready is kserve's
+Errors (see `efcm.serving.errors` for the gRPC codes): a malformed request, a bad tensor (wrong
+dtype, rank, width, NaN, empty bag) or a bad slide (missing, empty, corrupt, no mpp, no tissue) is
+`kserve.errors.InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT) with a message naming the input and
+what is wrong; a slide URI outside the allowed locations is 403; a bag or slide over a limit is 413;
+a request past its time budget is 504; a request before the model is ready is kserve's
 `ModelNotReady` (HTTP 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,9 +34,22 @@ from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import to_http_parameters
 
 from efcm.export import Package, PackageError, load_package
-from efcm.inference import Prediction, predict_features, predict_slide
+from efcm.inference import (
+    Prediction,
+    patch_size,
+    predict_features,
+    predict_patches,
+    predict_slide,
+)
+from efcm.serving import errors
 from efcm.serving import request as rq
-from efcm.serving.policy import SlideAccessPolicy
+from efcm.serving.policy import (
+    AccessDenied,
+    DeadlineExceeded,
+    LimitExceeded,
+    ServingLimits,
+    SlideAccessPolicy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +61,14 @@ class EFCMModel(kserve.Model):
         package_dir: str | Path,
         *,
         slide_access: SlideAccessPolicy | None = None,
+        limits: ServingLimits | None = None,
+        read_workers: int = 2,
     ) -> None:
         super().__init__(name)
         self.package_dir = Path(package_dir)
         self.slide_access = slide_access if slide_access is not None else SlideAccessPolicy()
+        self.limits = limits if limits is not None else ServingLimits()
+        self.read_workers = read_workers
         self.package: Package | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -88,28 +111,75 @@ class EFCMModel(kserve.Model):
     # -- metadata (GET /v2/models/<name>) --------------------------------------------------------
 
     def get_input_types(self) -> list[dict[str, Any]]:
-        dim = self._pkg().feature_dim
-        return [{"name": rq.FEATURES, "datatype": "FP32", "shape": [-1, dim]}]
+        pkg = self._pkg()
+        size = patch_size(pkg)
+        return [
+            {"name": rq.FEATURES, "datatype": "FP32", "shape": [-1, pkg.feature_dim]},
+            {"name": rq.PATCHES, "datatype": "UINT8", "shape": [-1, size, size, 3]},
+            {"name": rq.SLIDE_URI, "datatype": "BYTES", "shape": [1]},
+        ]
 
     def get_output_types(self) -> list[dict[str, Any]]:
         n_classes = len(self._pkg().classes)
         return [
             {"name": rq.PROBABILITIES, "datatype": "FP32", "shape": [1, n_classes]},
+            {"name": rq.LABEL, "datatype": "BYTES", "shape": [1]},
             {"name": rq.ATTENTION, "datatype": "FP32", "shape": [-1]},
+            {"name": rq.COORDS, "datatype": "INT64", "shape": [-1, 2]},
+            {"name": rq.HEATMAP_PNG, "datatype": "BYTES", "shape": [1]},
         ]
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _run(self, pkg: Package, bag: rq.Bag) -> Prediction:
+    def _run(self, pkg: Package, bag: rq.Bag, deadline: float) -> Prediction:
+        lim = self.limits
         try:
             if isinstance(bag, rq.FeaturesBag):
-                return predict_features(pkg, bag.features)
+                return predict_features(pkg, bag.features, max_patches=lim.max_patches)
+            if isinstance(bag, rq.PatchesBag):
+                return predict_patches(
+                    pkg, bag.patches, max_patches=lim.max_patches, deadline=deadline
+                )
             uri = self.slide_access.check(bag.uri)
-            return predict_slide(pkg, uri, mpp=bag.mpp)
+            return predict_slide(
+                pkg,
+                uri,
+                mpp=bag.mpp,
+                heatmap=bag.heatmap,
+                read_workers=self.read_workers,
+                max_patches=lim.max_patches,
+                max_slide_bytes=lim.max_slide_bytes,
+                deadline=deadline,
+            )
+        except AccessDenied as err:
+            raise errors.forbidden(str(err)) from None
+        except LimitExceeded as err:
+            raise errors.too_large(str(err)) from None
+        except DeadlineExceeded as err:
+            raise errors.timed_out(f"{err} of {lim.request_timeout_s:g} s") from None
         except (ValueError, FileNotFoundError) as err:
             if isinstance(bag, rq.FeaturesBag):
                 raise InvalidInput(f"{err}; {rq.expected(pkg.feature_dim)}") from None
-            raise InvalidInput(f"slide {bag.uri}: {err}") from None
+            if isinstance(bag, rq.PatchesBag):
+                raise InvalidInput(str(err)) from None
+            msg = str(err)
+            raise InvalidInput(msg if bag.uri in msg else f"slide {bag.uri}: {msg}") from None
+        except OSError as err:  # an I/O error reading an allowed slide: its name, not its bytes
+            raise InvalidInput(
+                f"slide {getattr(bag, 'uri', '')}: cannot be read ({type(err).__name__})"
+            ) from None
+
+    async def _run_within_budget(self, pkg: Package, bag: rq.Bag) -> Prediction:
+        budget = self.limits.request_timeout_s
+        deadline = time.monotonic() + budget
+        try:
+            # the worker stops by itself at its next batch past `deadline`; wait_for answers on
+            # time even when it is inside one long step (a download, a thumbnail)
+            return await asyncio.wait_for(asyncio.to_thread(self._run, pkg, bag, deadline), budget)
+        except TimeoutError:
+            raise errors.timed_out(
+                f"the request ran past its time budget of {budget:g} s"
+            ) from None
 
     async def predict(
         self,
@@ -124,13 +194,13 @@ class EFCMModel(kserve.Model):
                 bag = rq.v2_bag(payload.inputs, params, pkg.feature_dim)
             except ValueError as err:
                 raise InvalidInput(str(err)) from None
-            pred = await asyncio.to_thread(self._run, pkg, bag)
+            pred = await self._run_within_budget(pkg, bag)
             return self._v2_response(payload, pred)
         try:
             bags = rq.v1_bags(payload, pkg.feature_dim)
         except ValueError as err:
             raise InvalidInput(str(err)) from None
-        preds = [await asyncio.to_thread(self._run, pkg, bag) for bag in bags]
+        preds = [await self._run_within_budget(pkg, bag) for bag in bags]
         return {"predictions": [self._v1_prediction(pkg, p) for p in preds]}
 
     @staticmethod
@@ -143,6 +213,11 @@ class EFCMModel(kserve.Model):
         }
         if pred.coords is not None:
             out["coords"] = pred.coords.tolist()
+        if pred.heatmap_png is not None:
+            out["heatmap_png"] = base64.b64encode(pred.heatmap_png).decode("ascii")
+        if pred.timings:
+            out["timings"] = pred.timings
+            out["downloaded_bytes"] = pred.downloaded_bytes
         return out
 
     def _v2_response(self, req: kserve.InferRequest, pred: Prediction) -> kserve.InferResponse:
@@ -159,11 +234,24 @@ class EFCMModel(kserve.Model):
             # answers in raw bytes (it tests the array's truth value); to_rest / to_grpc re-encode.
             out.set_data_from_numpy(arr, binary_data=False)
             outputs.append(out)
+        outputs.insert(1, kserve.InferOutput(rq.LABEL, [1], "BYTES", data=[pred.label]))
+        if pred.heatmap_png is not None:
+            # gRPC carries bytes; JSON cannot, so REST answers the PNG base64-encoded
+            png = (
+                pred.heatmap_png
+                if req.from_grpc
+                else base64.b64encode(pred.heatmap_png).decode("ascii")
+            )
+            outputs.append(kserve.InferOutput(rq.HEATMAP_PNG, [1], "BYTES", data=[png]))
+        parameters: dict[str, Any] = {"label": pred.label, "n_patches": len(pred.attention)}
+        if pred.timings:
+            parameters["timings"] = json.dumps(pred.timings)
+            parameters["downloaded_bytes"] = int(pred.downloaded_bytes)
         return kserve.InferResponse(
             response_id=req.id or str(uuid.uuid4()),
             model_name=self.name,
             infer_outputs=outputs,
-            parameters={"label": pred.label},
+            parameters=parameters,
             use_binary_outputs=req.use_binary_outputs,
             requested_outputs=req.request_outputs,
         )

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from efcm.inference import DeadlineExceeded, LimitExceeded
 from efcm.storage import CACHE_DIR_ENV, CACHE_MAX_BYTES_ENV, DEFAULT_CACHE_MAX_BYTES
 
 SLIDE_URI_PREFIXES_ENV = "EFCM_SLIDE_URI_PREFIXES"
@@ -48,6 +49,7 @@ __all__ = [
     "REQUEST_TIMEOUT_ENV",
     "SLIDE_URI_PREFIXES_ENV",
     "AccessDenied",
+    "DeadlineExceeded",
     "LimitExceeded",
     "ServingLimits",
     "SlideAccessPolicy",
@@ -59,10 +61,6 @@ GiB = 1 << 30
 
 class AccessDenied(ValueError):
     """A slide URI the server is not allowed to open (HTTP 403, gRPC PERMISSION_DENIED)."""
-
-
-class LimitExceeded(ValueError):
-    """A request over one of the `ServingLimits` (HTTP 413, gRPC RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(frozen=True)

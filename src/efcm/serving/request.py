@@ -1,11 +1,15 @@
 """Request bodies -> bags, for both protocols. Pure functions: no kserve import.
 
-v2 (Open Inference Protocol), one bag per request, either
-  input `features`: FP32 (or FP16, binary data only) of shape [N, D], N >= 1 patch features, or
+v2 (Open Inference Protocol), one bag per request, exactly one of
+  input `features`: FP32 (or FP16, binary data only) of shape [N, D], N >= 1 patch features,
+  input `patches`: UINT8 [N, S, S, 3], patch pixels (S = the packaged patch size) the student
+  embeds, or
   input `slide_uri`: BYTES [1], a slide the server patches and embeds itself (the request
-  parameter `mpp` overrides the slide's mpp); only where the access policy allows it.
+  parameter `mpp` overrides the slide's mpp, `heatmap: true` adds the heatmap PNG); only where the
+  access policy allows it.
 v1, one bag per instance:
-  {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5}, [[...], ...]]}
+  {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5, "heatmap": true},
+   [[...], ...]]}
 
 Everything malformed raises ValueError with a message naming the expected input; the value checks of
 the features themselves (shape, empty bag, NaN) are `efcm.inference.check_features`, called by
@@ -25,7 +29,11 @@ SLIDE_URI = "slide_uri"
 PROBABILITIES = "probabilities"
 ATTENTION = "attention"
 COORDS = "coords"
+LABEL = "label"
+HEATMAP_PNG = "heatmap_png"
+PATCHES = "patches"
 FEATURE_DATATYPES = ("FP32", "FP16")
+INPUTS = (FEATURES, PATCHES, SLIDE_URI)
 
 
 @dataclass(frozen=True)
@@ -34,12 +42,18 @@ class FeaturesBag:
 
 
 @dataclass(frozen=True)
+class PatchesBag:
+    patches: np.ndarray  # as sent; checked by efcm.inference.check_patches
+
+
+@dataclass(frozen=True)
 class SlideBag:
     uri: str
     mpp: float | None = None
+    heatmap: bool = False
 
 
-Bag = FeaturesBag | SlideBag
+Bag = FeaturesBag | PatchesBag | SlideBag
 
 
 class V2Input(Protocol):
@@ -62,6 +76,27 @@ def _mpp(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"mpp must be a positive number, got {value!r}")
     return float(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"parameter '{name}' must be true or false, got {value!r}")
+
+
+def _uri(value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"input '{SLIDE_URI}' is not UTF-8 text") from None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"input '{SLIDE_URI}' must be a non-empty string, got {value!r}")
+    return value
 
 
 def _v1_features(data: Any, dim: int) -> np.ndarray:
@@ -100,7 +135,7 @@ def v1_bags(body: Any, dim: int) -> list[Bag]:
             uri = inst[SLIDE_URI]
             if not isinstance(uri, str) or not uri:
                 raise ValueError(f"{SLIDE_URI} must be a non-empty string, got {uri!r}")
-            bags.append(SlideBag(uri, _mpp(inst.get("mpp"))))
+            bags.append(SlideBag(uri, _mpp(inst.get("mpp")), _flag(inst.get("heatmap"), "heatmap")))
         elif isinstance(inst, list):
             bags.append(FeaturesBag(_v1_features(inst, dim)))
         else:
@@ -114,6 +149,23 @@ def v1_bags(body: Any, dim: int) -> list[Bag]:
 def v2_bag(inputs: list[V2Input], parameters: dict[str, Any] | None, dim: int) -> Bag:
     """The inputs of one v2 request -> its bag."""
     by_name = {i.name: i for i in inputs}
+    given = [n for n in INPUTS if n in by_name]
+    if len(given) > 1:
+        raise ValueError(f"send exactly one of the inputs {list(INPUTS)}, got {given}")
+    if PATCHES in by_name:
+        inp = by_name[PATCHES]
+        if inp.datatype != "UINT8":
+            raise ValueError(
+                f"input '{PATCHES}' has datatype {inp.datatype}, shape {list(inp.shape)}; "
+                "expected UINT8 [N, S, S, 3] patch pixels"
+            )
+        try:
+            arr = inp.as_numpy()
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"input '{PATCHES}' data does not match its shape {list(inp.shape)} ({err})"
+            ) from None
+        return PatchesBag(arr)
     if FEATURES in by_name:
         inp = by_name[FEATURES]
         if inp.datatype not in FEATURE_DATATYPES:
@@ -134,7 +186,11 @@ def v2_bag(inputs: list[V2Input], parameters: dict[str, Any] | None, dim: int) -
         values = inp.as_numpy().reshape(-1) if inp.datatype == "BYTES" else ()
         if len(values) != 1:
             raise ValueError(f"input '{SLIDE_URI}' must be BYTES of shape [1]")
-        uri = values[0]
-        uri = uri.decode("utf-8") if isinstance(uri, bytes) else str(uri)
-        return SlideBag(uri, _mpp((parameters or {}).get("mpp")))
-    raise ValueError(f"no input '{FEATURES}' (got {sorted(by_name)}); " + expected(dim))
+        params = parameters or {}
+        return SlideBag(
+            _uri(values[0]), _mpp(params.get("mpp")), _flag(params.get("heatmap"), "heatmap")
+        )
+    raise ValueError(
+        f"no input '{FEATURES}', '{PATCHES}' or '{SLIDE_URI}' (got {sorted(by_name)}); "
+        + expected(dim)
+    )
