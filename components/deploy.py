@@ -16,13 +16,17 @@ def deploy(
     gpu: bool,
     dry_run: bool,
     inference_service: Output[Artifact],
+    canary_traffic_percent: int = 100,
     ready_timeout_s: int = 600,
-):
-    """The rendered InferenceService YAML goes to `inference_service` (applied or not).
+    slide_uri_prefixes: str = "",
+) -> str:
+    """Serve the package with KServe; returns the InferenceService URL ("" on a dry run).
 
     The model and InferenceService name is `export.model_name`; the package is served from its
-    artifact URI (the pipeline root must be on storage KServe downloads from, e.g. gs://). When
-    not `dry_run`, waits up to `ready_timeout_s` for it to be Ready.
+    artifact URI (the pipeline root must be on storage KServe downloads from, e.g. gs://). Not
+    `dry_run`: creates the service, or patches it with `canary_traffic_percent` of the traffic
+    for the new package, and waits up to `ready_timeout_s` for it to be Ready (the step fails
+    past that). `inference_service` gets the YAML of the object applied (or only rendered).
     """
     import kserve
 
@@ -30,7 +34,7 @@ def deploy(
     from efcm.deploy import deploy as run
 
     params = config.params_from_struct({"export": export}, "deploy")
-    run(
+    return run(
         package.uri,
         inference_service.path,
         params.export.model_name,
@@ -39,6 +43,8 @@ def deploy(
         gpu=gpu,
         dry_run=dry_run,
         client_factory=kserve.KServeClient,
+        canary_traffic_percent=canary_traffic_percent,
         ready_timeout_s=ready_timeout_s,
         service_account=service_account,
+        slide_uri_prefixes=slide_uri_prefixes,
     )
