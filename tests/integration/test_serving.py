@@ -4,6 +4,7 @@ with kserve's own clients (v2) and plain JSON (v1)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -66,6 +67,7 @@ class Server:
     grpc: str
     package: Path
     log: Path
+    pid: int = 0
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +75,15 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_package(tmp_path_factory.mktemp("serving"))
 
 
-@pytest.fixture(scope="module")
-def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@contextlib.contextmanager
+def serve_subprocess(
+    package: Path,
+    log: Path,
+    extra_args: list[str] | tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """`efcm serve package` on free ports until the block exits; waits until it is ready."""
     http_port, grpc_port = _free_port(), _free_port()
-    log = tmp_path_factory.mktemp("serving-log") / "server.log"
     cmd = [
         *_efcm_cmd(),
         "serve",
@@ -87,9 +94,12 @@ def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         str(grpc_port),
         "--model-name",
         MODEL,
+        *extra_args,
     ]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 90
@@ -104,7 +114,7 @@ def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             if time.monotonic() > deadline:
                 pytest.fail(f"efcm serve not ready after 90 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield Server(url, f"127.0.0.1:{grpc_port}", package, log)
+        yield Server(url, f"127.0.0.1:{grpc_port}", package, log, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -112,6 +122,13 @@ def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("serving-log") / "server.log"
+    with serve_subprocess(package, log) as srv:
+        yield srv
 
 
 def _bag(n: int = 7, dim: int = DIM, seed: int = 0) -> np.ndarray:
