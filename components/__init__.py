@@ -16,15 +16,20 @@ from components.etc import etc
 from components.evaluate import evaluate
 from components.export import export
 from components.extract import extract
+from components.gate import gate
 from components.image import IMAGE, SERVING_IMAGE
-from components.load_manifest import load_manifest
 from components.patch import patch
+from components.report import report
+from components.resolve_dataset import resolve_dataset, resolve_version
 from components.reuse import reuse
+from components.shards import gather, plan_shards
 from components.splits import splits
 from components.train_mil import train_mil
 
 ALL = (
-    load_manifest,
+    resolve_version,
+    resolve_dataset,
+    plan_shards,
     patch,
     extract,
     distill,
@@ -32,7 +37,10 @@ ALL = (
     train_mil,
     reuse,
     etc,
+    gather,
     evaluate,
+    report,
+    gate,
     export,
     deploy,
 )
@@ -47,8 +55,13 @@ __all__ = [
     "evaluate",
     "export",
     "extract",
-    "load_manifest",
+    "gate",
+    "gather",
     "patch",
+    "plan_shards",
+    "report",
+    "resolve_dataset",
+    "resolve_version",
     "reuse",
     "splits",
     "train_mil",

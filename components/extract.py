@@ -16,19 +16,30 @@ def extract(
     encoder: str,
     features: Output[Dataset],
     student_model: Input[Model] | None = None,
+    shard: int = -1,
+    shard_size: int = 0,
 ):
     """`features/<slide_id>.h5` and `status.csv`; `encoder` is `teacher` or `student` (which needs
-    `student_model`, the distill output)."""
-    from efcm import config, stages
+    `student_model`, the distill output). With `shard` >= 0, only that shard's slides (as for
+    `patch`). The metadata has the slide counts by status and the start and end times."""
+    import time
 
+    from efcm import config, stages
+    from efcm.dataset import status_counts
+
+    started = time.time()
     params = config.params_from_struct(
         {"dataset": dataset, "teacher": teacher, "extract": extract}, f"extract ({encoder})"
     )
-    stages.extract(
+    rows = stages.extract(
         manifest.path,
         patches.path,
         features.path,
         params,
         encoder=encoder,
         student=getattr(student_model, "path", None),
+        shard=(shard, shard_size) if shard >= 0 else None,
+    )
+    features.metadata.update(
+        {"shard": shard, "started": started, "finished": time.time(), **status_counts(rows)}
     )

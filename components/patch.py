@@ -1,4 +1,4 @@
-"""patch: tissue segmentation + patch grid of every slide (CPU)."""
+"""patch: tissue segmentation + patch grid of every slide of the manifest, or of one shard (CPU)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -13,9 +13,26 @@ def patch(
     patch: dict,
     patches: Output[Dataset],
     workers: int = 1,
+    shard: int = -1,
+    shard_size: int = 0,
 ):
-    """`patches/<slide_id>.h5`, `qc/` and `status.csv` in the `patches` directory."""
-    from efcm import config, stages
+    """`patches/<slide_id>.h5`, `qc/` and `status.csv` in the `patches` directory; with
+    `shard` >= 0, only the slides of that shard (`shard_size` slides per shard). The artifact's
+    metadata has the slide counts by status and the start and end times (epoch s)."""
+    import time
 
+    from efcm import config, stages
+    from efcm.dataset import status_counts
+
+    started = time.time()
     params = config.params_from_struct({"dataset": dataset, "patch": patch}, "patch")
-    stages.patch(manifest.path, patches.path, params, workers=workers)
+    rows = stages.patch(
+        manifest.path,
+        patches.path,
+        params,
+        workers=workers,
+        shard=(shard, shard_size) if shard >= 0 else None,
+    )
+    patches.metadata.update(
+        {"shard": shard, "started": started, "finished": time.time(), **status_counts(rows)}
+    )

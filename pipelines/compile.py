@@ -1,10 +1,12 @@
 """Compile the EFCM pipeline to IR YAML, with params.yaml as the parameter defaults.
 
-    python pipelines/compile.py [--params params.yaml] [--image IMG]
-        [--out pipelines/efcm_pipeline.yaml] [--gpu-node-selector KEY=VALUE ...]
+    python pipelines/compile.py [--params params.yaml] [--image IMG:TAG]
+        [--out pipelines/efcm_pipeline.yaml] [--parallelism N]
 
 params.yaml is read through `efcm.config.load_params` (so it is validated) and each section the
-pipeline takes becomes that parameter's default, as does `seed`. No environment variable is read;
+pipeline takes becomes that parameter's default, as do `seed` and the `pipeline` section's
+shard_size, gpu_accelerator_type and gpu_node_selector. `pipeline.parallelism` (or
+`--parallelism`) is written into the compiled pipeline. No environment variable is read;
 the same inputs give the same bytes (a test checks the committed `pipelines/efcm_pipeline.yaml`).
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from kfp.compiler import pipeline_spec_builder  # noqa: E402
 
 from components.image import IMAGE  # noqa: E402
 from efcm.config import Params, load_params, params_from_dict, params_to_dict  # noqa: E402
-from pipelines.pipeline import SECTIONS, build_pipeline  # noqa: E402
+from pipelines.pipeline import SECTIONS, build_pipeline, pipeline_keys  # noqa: E402
 
 DEFAULT_OUT = ROOT / "pipelines" / "efcm_pipeline.yaml"
 
@@ -45,9 +47,10 @@ def pipeline_arguments(params: Params) -> dict[str, Any]:
     """
     data = params_to_dict(params, compact=True)
     args = {"seed": data["seed"], **{name: _without_none(data[name]) for name in SECTIONS}}
-    if params_from_dict(args).model_dump(include=set(args)) != params.model_dump(include=set(args)):
+    sections = set(args)
+    if params_from_dict(args).model_dump(include=sections) != params.model_dump(include=sections):
         raise ValueError("a null in params.yaml is not the default of its key: KFP cannot pass it")
-    return args
+    return {**args, **pipeline_keys(data["pipeline"])}
 
 
 def pipeline_defaults(params_path: str | Path) -> dict[str, Any]:
@@ -59,17 +62,19 @@ def compile_pipeline(
     out: str | Path,
     params_path: str | Path = ROOT / "params.yaml",
     image: str = IMAGE,
-    gpu_node_selector: Mapping[str, str] | None = None,
+    parallelism: int | None = None,
 ) -> Path:
-    """Write the compiled pipeline to `out`; returns its path."""
+    """Write the compiled pipeline to `out`; returns its path. `parallelism` defaults to
+    params.yaml's `pipeline.parallelism`."""
     if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]:
         raise ValueError(f"image {image!r} must carry an explicit tag other than :latest")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    params = load_params(params_path)
     compiler.Compiler().compile(
-        build_pipeline(image, gpu_node_selector),
+        build_pipeline(image, parallelism or params.pipeline.parallelism),
         str(out),
-        pipeline_parameters=pipeline_defaults(params_path),
+        pipeline_parameters=pipeline_arguments(params),
     )
     _stable_header(out)
     return out
@@ -92,30 +97,19 @@ def _stable_header(path: Path) -> None:
     path.write_text(header + body)
 
 
-def _key_value(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
-    return key, value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="default: params.yaml")
     ap.add_argument("--image", default=IMAGE, help=f"component image (default: {IMAGE})")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="default: pipelines/efcm_pipeline.yaml")
     ap.add_argument(
-        "--gpu-node-selector",
-        type=_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="node label for the GPU stages (repeatable), e.g. "
-        "cloud.google.com/gke-accelerator=nvidia-l4",
+        "--parallelism",
+        type=int,
+        help="shards patched and extracted at once (default: params.yaml pipeline.parallelism)",
     )
     args = ap.parse_args(argv)
     try:
-        out = compile_pipeline(args.out, args.params, args.image, dict(args.gpu_node_selector))
+        out = compile_pipeline(args.out, args.params, args.image, args.parallelism)
     except (ValueError, FileNotFoundError) as err:
         print(f"compile: {err}", file=sys.stderr)
         return 2

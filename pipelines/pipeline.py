@@ -1,35 +1,43 @@
-"""The EFCM Kubeflow pipeline: the same stages as dvc.yaml, one component each, wired by artifacts.
+"""The EFCM Kubeflow pipeline: the stages of dvc.yaml, one component each, wired by artifacts.
 
-    load_manifest -> patch -> extract (teacher) -> distill -> extract (student) -> splits
+    resolve_version -> resolve_dataset -> plan_shards
+      -> ParallelFor shard: patch -> extract (teacher)          (`shard_size` slides per shard)
+      -> gather (patches), gather (teacher features)            (dsl.Collected)
+      -> distill -> extract (student) -> splits
       -> train_mil (teacher), train_mil (student = Retrain CLAM), reuse, etc
-      -> evaluate -> export -> deploy
+      -> evaluate -> report, export -> gate -> [if promoted] deploy
 
-Parameters: `manifest_uri` (a local path or gs:// URI of the slide manifest; the slides are
-referenced, never copied), `seed` and one `dict` per params.yaml section the stages need (the
-defaults are set from params.yaml by `pipelines/compile.py`, so the KFP UI shows them and a run can
-override them), and the deploy settings. `dry_run` (default True) only renders the InferenceService.
+Data: `repo_url` + `revision` + `manifest_path` name a DVC-tracked manifest in a git repository
+(the slides are read from the DVC gs:// remote by URI, never copied); with `repo_url` empty,
+`manifest_path` is a plain manifest (local path or gs:// URI). Parameters: `seed` and one `dict` per
+params.yaml section the stages need, and the `pipeline` section's `shard_size`,
+`gpu_accelerator_type` and `gpu_node_selector`; `pipelines/compile.py` sets their defaults from
+params.yaml, so the Kubeflow UI shows them and a run can override them. The shards' parallelism is
+fixed at compile time (KFP writes it into the compiled pipeline): `pipeline.parallelism`, or
+`compile.py --parallelism`.
 
-GPU stages (extract, distill, train_mil, etc, and evaluate, which measures teacher vs student
-patches/s and should do so on the device that extracts) ask for one `nvidia.com/gpu` (the resource
-name the KFP backend puts in the pod's limits), tolerate the `nvidia.com/gpu` taint, get a
-memory-backed /dev/shm for DataLoader workers, and take the node selector given at compile time.
-The other stages (load_manifest, patch, splits, reuse, export, deploy) run on CPU.
-load_manifest and deploy are never cached: the first reads a URI whose content may change, the
-second acts on the cluster.
+Scheduling (kfp-kubernetes): the GPU stages (extract, distill, train_mil, etc, and evaluate, which
+measures teacher vs student patches/s on the device that extracts) get one accelerator of
+`gpu_accelerator_type`, the `gpu_node_selector` labels, a toleration of the `nvidia.com/gpu`
+taint, a memory-backed /dev/shm for DataLoader workers, and CPU/memory requests and a timeout
+from `RESOURCES`; the CPU stages get requests and a timeout and no GPU. The stages that read
+slides or the dataset from GCS retry. Every step is cached except resolve_version (it must see
+where a branch points now) and deploy (it acts on the cluster).
 """
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 from kfp.dsl import graph_component
 
 import components as c
 from components.image import IMAGE, SERVING_IMAGE
+from efcm.config import PipelineParams
 
 PIPELINE_NAME = "efcm"
-GPU_ACCELERATOR = "nvidia.com/gpu"
-GPU_STAGES = ("extract", "distill", "train_mil", "etc", "evaluate")
-# The params.yaml sections that are pipeline parameters (`seed` too, as an int).
+GPU_TAINT = "nvidia.com/gpu"
+# params.yaml sections that are `dict` pipeline parameters (`seed` is an int parameter).
 SECTIONS = (
     "dataset",
     "patch",
@@ -42,35 +50,64 @@ SECTIONS = (
     "mil",
     "evaluate",
     "export",
+    "deploy",
 )
+# pipeline.* keys that are pipeline parameters of their own (`parallelism` is compile-time).
+PIPELINE_KEYS = ("shard_size", "gpu_accelerator_type", "gpu_node_selector")
 
 
-def _on_gpu(task: dsl.PipelineTask, node_selector: Mapping[str, str]) -> dsl.PipelineTask:
-    task.set_accelerator_type(GPU_ACCELERATOR).set_accelerator_limit(1)
-    kubernetes.add_toleration(task, key=GPU_ACCELERATOR, operator="Exists", effect="NoSchedule")
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    for key, value in sorted(node_selector.items()):
-        kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    return task
+@dataclass(frozen=True)
+class Res:
+    """CPU / memory requests and a timeout (the pod's active deadline) of a stage."""
+
+    cpu: str
+    memory: str
+    hours: float
+    gpu: bool = False
+    retry: bool = False
+
+    @property
+    def timeout_s(self) -> int:
+        return int(self.hours * 3600)
+
+
+# Requests that fit an 8-vCPU / 32 GB GPU node (e.g. GKE g2-standard-8 with one L4) after the
+# system reservations; `retry`: reads slides or the dataset from GCS (transient errors happen).
+RESOURCES: dict[str, Res] = {
+    "resolve-version": Res("500m", "1Gi", 0.5, retry=True),
+    "resolve-dataset": Res("1", "2Gi", 2, retry=True),
+    "plan-shards": Res("500m", "1Gi", 0.5),
+    "patch": Res("4", "8Gi", 12, retry=True),
+    "extract": Res("6", "24Gi", 24, gpu=True, retry=True),
+    "gather": Res("1", "4Gi", 6),
+    "distill": Res("6", "24Gi", 48, gpu=True),
+    "splits": Res("500m", "1Gi", 0.5),
+    "train-mil": Res("4", "16Gi", 12, gpu=True),
+    "reuse": Res("2", "8Gi", 6),
+    "etc": Res("6", "24Gi", 48, gpu=True, retry=True),
+    "evaluate": Res("4", "16Gi", 6, gpu=True),
+    "report": Res("1", "4Gi", 2),
+    "gate": Res("500m", "1Gi", 0.5),
+    "export": Res("1", "4Gi", 1),
+    "deploy": Res("500m", "1Gi", 1),
+}
+GPU_STAGES = tuple(name for name, r in RESOURCES.items() if r.gpu)
 
 
 def build_pipeline(
-    image: str = IMAGE, gpu_node_selector: Mapping[str, str] | None = None
+    image: str = IMAGE, parallelism: int = PipelineParams().parallelism
 ) -> graph_component.GraphComponent:
-    """The pipeline, every component running `image`, GPU stages on `gpu_node_selector` nodes.
+    """The pipeline, every component running `image`, `parallelism` shards at a time.
 
     The graph is traced when it is built, so the image is set on each task here (components keep
     the `IMAGE` they were declared with).
     """
-    selector = dict(gpu_node_selector or {})
-
-    def run(task: dsl.PipelineTask, *, gpu: bool = False) -> dsl.PipelineTask:
-        task.set_container_image(image)
-        return _on_gpu(task, selector) if gpu else task
+    if parallelism < 1:
+        raise ValueError(f"parallelism must be >= 1, got {parallelism}")
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
     def efcm_pipeline(
-        manifest_uri: str,
+        manifest_path: str,
         seed: int,
         dataset: dict,
         patch: dict,
@@ -83,62 +120,132 @@ def build_pipeline(
         mil: dict,
         evaluate: dict,
         export: dict,
+        deploy: dict,
+        shard_size: int,
+        gpu_accelerator_type: str,
+        gpu_node_selector: dict,
+        repo_url: str = "",
+        revision: str = "main",
         namespace: str = "efcm",
         serving_image: str = SERVING_IMAGE,
         serving_service_account: str = "efcm-serving",
         serve_on_gpu: bool = False,
-        dry_run: bool = True,
+        canary_traffic_percent: int = 100,
+        ready_timeout_s: int = 600,
+        slide_uri_prefixes: str = "",
+        dry_run: bool = False,
     ):
-        manifest_task = run(c.load_manifest(manifest_uri=manifest_uri, dataset=dataset))
-        manifest_task.set_caching_options(False)
-        manifest = manifest_task.outputs["manifest"]
+        def run(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+            res = RESOURCES[stage]
+            task.set_container_image(image)
+            task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+            kubernetes.set_timeout(task, res.timeout_s)
+            if res.retry:
+                task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+            if res.gpu:
+                task.set_accelerator_type(gpu_accelerator_type).set_accelerator_limit(1)
+                # kfp 2.17 leaves a parameter used only as the accelerator type out of the
+                # inputs of a ParallelFor's sub-DAG (the task inside then cannot resolve it);
+                # declaring it a channel input of the task puts it there.
+                task._channel_inputs.append(gpu_accelerator_type)
+                kubernetes.add_node_selector_json(task, gpu_node_selector)
+                kubernetes.add_toleration(
+                    task, key=GPU_TAINT, operator="Exists", effect="NoSchedule"
+                )
+                kubernetes.empty_dir_mount(
+                    task, volume_name="dshm", mount_path="/dev/shm", medium="Memory"
+                )
+            return task
 
-        patches = run(c.patch(manifest=manifest, dataset=dataset, patch=patch)).outputs["patches"]
+        version = run(
+            c.resolve_version(repo_url=repo_url, revision=revision, manifest_path=manifest_path),
+            "resolve-version",
+        ).set_caching_options(False)
+        manifest = run(
+            c.resolve_dataset(
+                repo_url=repo_url,
+                revision=revision,
+                manifest_path=manifest_path,
+                version=version.output,
+                dataset=dataset,
+            ),
+            "resolve-dataset",
+        ).outputs["manifest"]
 
-        extract_teacher = c.extract(
-            manifest=manifest,
-            patches=patches,
-            dataset=dataset,
-            teacher=teacher,
-            extract=extract,
-            encoder="teacher",
-        )
+        shards = run(c.plan_shards(manifest=manifest, shard_size=shard_size), "plan-shards")
+        with dsl.ParallelFor(shards.output, parallelism=parallelism, name="shards") as shard:
+            shard_patch = run(
+                c.patch(
+                    manifest=manifest,
+                    dataset=dataset,
+                    patch=patch,
+                    shard=shard,
+                    shard_size=shard_size,
+                ),
+                "patch",
+            )
+            shard_extract = run(
+                c.extract(
+                    manifest=manifest,
+                    patches=shard_patch.outputs["patches"],
+                    dataset=dataset,
+                    teacher=teacher,
+                    extract=extract,
+                    encoder="teacher",
+                    shard=shard,
+                    shard_size=shard_size,
+                ).set_display_name("extract-teacher"),
+                "extract",
+            )
+        patches = run(
+            c.gather(shards=dsl.Collected(shard_patch.outputs["patches"])).set_display_name(
+                "gather-patches"
+            ),
+            "gather",
+        ).outputs["merged"]
         teacher_features = run(
-            extract_teacher.set_display_name("extract-teacher"), gpu=True
-        ).outputs["features"]
+            c.gather(shards=dsl.Collected(shard_extract.outputs["features"])).set_display_name(
+                "gather-teacher-features"
+            ),
+            "gather",
+        ).outputs["merged"]
 
-        distill_task = c.distill(
-            manifest=manifest,
-            patches=patches,
-            teacher_features=teacher_features,
-            seed=seed,
-            dataset=dataset,
-            student=student,
-            distill=distill,
-        )
-        student_model = run(distill_task, gpu=True).outputs["student_model"]
+        student_model = run(
+            c.distill(
+                manifest=manifest,
+                patches=patches,
+                teacher_features=teacher_features,
+                seed=seed,
+                dataset=dataset,
+                student=student,
+                distill=distill,
+            ),
+            "distill",
+        ).outputs["student_model"]
 
-        extract_student = c.extract(
-            manifest=manifest,
-            patches=patches,
-            dataset=dataset,
-            teacher=teacher,
-            extract=extract,
-            encoder="student",
-            student_model=student_model,
-        )
         student_features = run(
-            extract_student.set_display_name("extract-student"), gpu=True
+            c.extract(
+                manifest=manifest,
+                patches=patches,
+                dataset=dataset,
+                teacher=teacher,
+                extract=extract,
+                encoder="student",
+                student_model=student_model,
+            ).set_display_name("extract-student"),
+            "extract",
         ).outputs["features"]
 
-        splits_task = c.splits(
-            manifest=manifest,
-            features=teacher_features,
-            seed=seed,
-            dataset=dataset,
-            train_mil=train_mil,
-        )
-        folds = run(splits_task).outputs["splits"]
+        folds = run(
+            c.splits(
+                manifest=manifest,
+                features=teacher_features,
+                seed=seed,
+                dataset=dataset,
+                train_mil=train_mil,
+            ),
+            "splits",
+        ).outputs["splits"]
 
         mil_outputs = {}
         for name, features in (("teacher", teacher_features), ("student", student_features)):
@@ -149,78 +256,102 @@ def build_pipeline(
                 seed=seed,
                 dataset=dataset,
                 train_mil=train_mil,
-            )
-            task.set_display_name(f"train-mil-{name}")
-            mil_outputs[name] = run(task, gpu=True).outputs["mil"]
+            ).set_display_name(f"train-mil-{name}")
+            mil_outputs[name] = run(task, "train-mil").outputs["mil"]
 
-        reuse_task = c.reuse(
-            manifest=manifest,
-            teacher_mil=mil_outputs["teacher"],
-            student_features=student_features,
-            splits=folds,
-            seed=seed,
-            dataset=dataset,
-            distill=distill,
-            mil=mil,
-        )
-        reused = run(reuse_task).outputs["strategy"]
+        reused = run(
+            c.reuse(
+                manifest=manifest,
+                teacher_mil=mil_outputs["teacher"],
+                student_features=student_features,
+                splits=folds,
+                seed=seed,
+                dataset=dataset,
+                distill=distill,
+                mil=mil,
+            ),
+            "reuse",
+        ).outputs["strategy"]
 
-        etc_task = c.etc(
-            manifest=manifest,
-            patches=patches,
-            teacher_features=teacher_features,
-            student_model=student_model,
-            splits=folds,
-            seed=seed,
-            dataset=dataset,
-            distill=distill,
-            train_mil=train_mil,
-            ib=ib,
-            mil=mil,
-            extract=extract,
-        )
-        end2end = run(etc_task, gpu=True).outputs["strategy"]
+        end2end = run(
+            c.etc(
+                manifest=manifest,
+                patches=patches,
+                teacher_features=teacher_features,
+                student_model=student_model,
+                splits=folds,
+                seed=seed,
+                dataset=dataset,
+                distill=distill,
+                train_mil=train_mil,
+                ib=ib,
+                mil=mil,
+                extract=extract,
+            ),
+            "etc",
+        ).outputs["strategy"]
 
-        evaluate_task = c.evaluate(
-            teacher_mil=mil_outputs["teacher"],
-            reuse_mil=reused,
-            retrain_mil=mil_outputs["student"],
-            etc_mil=end2end,
-            student_model=student_model,
-            seed=seed,
-            dataset=dataset,
-            teacher=teacher,
-            distill=distill,
-            mil=mil,
-            extract=extract,
-            evaluate=evaluate,
-        )
-        evaluation = run(evaluate_task, gpu=True).outputs["evaluation"]
+        evaluation = run(
+            c.evaluate(
+                teacher_mil=mil_outputs["teacher"],
+                reuse_mil=reused,
+                retrain_mil=mil_outputs["student"],
+                etc_mil=end2end,
+                student_model=student_model,
+                seed=seed,
+                dataset=dataset,
+                teacher=teacher,
+                distill=distill,
+                mil=mil,
+                extract=extract,
+                evaluate=evaluate,
+            ),
+            "evaluate",
+        ).outputs["evaluation"]
 
-        export_task = c.export(
-            student_model=student_model,
-            student_mil=mil_outputs["student"],
-            evaluation=evaluation,
-            dataset=dataset,
-            patch=patch,
-            teacher=teacher,
-            distill=distill,
-            export=export,
+        run(
+            c.report(patches=patches, student_mil=mil_outputs["student"], dataset=dataset),
+            "report",
         )
-        package = run(export_task).outputs["package"]
 
-        deploy_task = c.deploy(
-            package=package,
-            export=export,
-            namespace=namespace,
-            serving_image=serving_image,
-            service_account=serving_service_account,
-            gpu=serve_on_gpu,
-            dry_run=dry_run,
-        )
-        run(deploy_task).set_caching_options(False)
+        package = run(
+            c.export(
+                student_model=student_model,
+                student_mil=mil_outputs["student"],
+                evaluation=evaluation,
+                dataset=dataset,
+                patch=patch,
+                teacher=teacher,
+                distill=distill,
+                export=export,
+            ),
+            "export",
+        ).outputs["package"]
+
+        promote = run(c.gate(evaluation=evaluation, distill=distill, deploy=deploy), "gate")
+        with dsl.If(promote.outputs["Output"] == True, name="promoted"):  # noqa: E712
+            run(
+                c.deploy(
+                    package=package,
+                    export=export,
+                    namespace=namespace,
+                    serving_image=serving_image,
+                    service_account=serving_service_account,
+                    gpu=serve_on_gpu,
+                    dry_run=dry_run,
+                    canary_traffic_percent=canary_traffic_percent,
+                    ready_timeout_s=ready_timeout_s,
+                    slide_uri_prefixes=slide_uri_prefixes,
+                ),
+                "deploy",
+            ).set_caching_options(False)
 
     return efcm_pipeline
+
+
+def pipeline_keys(section: Mapping) -> dict:
+    """The `pipeline` section's keys that are pipeline parameters."""
+    return {k: section[k] for k in PIPELINE_KEYS}
 
 
 efcm_pipeline = build_pipeline()

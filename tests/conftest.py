@@ -38,6 +38,7 @@ TINY = {
     "ib": {"k": 16, "epochs": 3, "hidden": 16, "samples": 4},
     "mil": {"etc": {"epochs": 1, "chunk": 16}},
     "evaluate": {"bootstrap": 50},
+    "pipeline": {"shard_size": 3, "parallelism": 2},  # the 6 slides in 2 shards, both at once
 }
 
 

@@ -304,6 +304,27 @@ class ExportParams(_Section):
     model_name: str = Field("efcm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
+class DeployParams(_Section):
+    """The promotion gate (efcm.gate): the exported student (Retrain CLAM) is deployed only when
+    its AUROC is >= the teacher's minus `max_auc_drop` and > `min_auc`."""
+
+    max_auc_drop: float = Field(0.05, ge=0, le=1)
+    min_auc: float = Field(0.5, ge=0, le=1)
+
+
+class PipelineParams(_Section):
+    """Kubeflow only (dvc repro runs every slide in one process): slides per shard of the
+    patch -> teacher-extract fan-out, how many shards run at once (fixed at compile time: KFP
+    writes it into the compiled pipeline), and where the GPU stages run."""
+
+    shard_size: int = Field(64, ge=1)
+    parallelism: int = Field(4, ge=1)
+    gpu_accelerator_type: str = Field("nvidia.com/gpu", min_length=1)
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    )
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -330,6 +351,8 @@ class Params(_Section):
     mil: MilParams = MilParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    deploy: DeployParams = DeployParams()
+    pipeline: PipelineParams = PipelineParams()
 
 
 SECTIONS: tuple[str, ...] = tuple(Params.model_fields)

@@ -8,6 +8,7 @@ this run), and `report.md`: a Markdown table with every metric and its CI, and t
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,26 @@ def evaluate(
         text += markdown_table(efficiency) + "\n"
     (out / "report.md").write_text(text)
     return metrics
+
+
+def classification_curves(
+    eval_dir: str | Path, row: str
+) -> tuple[tuple[list[float], list[float], list[float]] | None, list[list[int]] | None]:
+    """(fpr, tpr, thresholds) of `roc/<row>.csv` and the confusion matrix of `row` in
+    metrics.json, as written by `evaluate`; None for what the row does not have (a skipped
+    strategy). Thresholds above 1 (sklearn's `inf` first point) are clipped to 1."""
+    out = Path(eval_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    confusion = metrics.get(row, {}).get("confusion")
+    roc_path = out / "roc" / f"{row}.csv"
+    if not roc_path.is_file():
+        return None, confusion
+    with open(roc_path, newline="") as f:
+        points = [
+            (float(r["fpr"]), float(r["tpr"]), float(r["threshold"])) for r in csv.DictReader(f)
+        ]
+    fpr, tpr, thr = (list(v) for v in zip(*points, strict=True)) if points else ([], [], [])
+    return (fpr, tpr, [min(t, 1.0) for t in thr]), confusion
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def import_manifest(
     import os
     import posixpath
 
-    from efcm.storage import atomic_path, is_gcs, local_path, split_gcs
+    from efcm.storage import is_gcs, local_path, split_gcs
 
     src = str(uri)
     manifest = read_manifest(local_path(src), classes)
@@ -127,6 +128,16 @@ def import_manifest(
             else:
                 target = os.path.normpath(os.path.join(base, os.path.expanduser(s.uri)))
         slides.append(SlideEntry(s.slide_id, s.case_id, target, s.label, s.mpp))
+    return write_manifest(dest, slides)
+
+
+def write_manifest(dest: str | Path, slides: Iterable[SlideEntry]) -> Manifest:
+    """Write `slides` as a manifest CSV at `dest` (atomically); returns it."""
+    import os
+
+    from efcm.storage import atomic_path
+
+    slides = tuple(slides)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(dest)
@@ -136,7 +147,7 @@ def import_manifest(
         for s in slides:
             writer.writerow([s.slide_id, s.case_id, s.uri, s.label, "" if s.mpp is None else s.mpp])
     os.replace(tmp, dest)
-    return Manifest(dest, tuple(slides))
+    return Manifest(dest, slides)
 
 
 def apply_mpp_overrides(manifest: Manifest, path: str | Path) -> Manifest:

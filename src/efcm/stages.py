@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from efcm.config import ConfigError, Params
-from efcm.manifest import read_manifest
+from efcm.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ def _check_batch(
         which = "every slide" if len(failed) == len(rows) else f"{len(failed)} slide(s)"
         raise BatchFailed(f"{what}: {which} failed ({reasons})")
     return rows
+
+
+def _read(manifest: str | Path, params: Params, shard: tuple[int, int] | None) -> Manifest:
+    m = read_manifest(manifest, params.dataset.classes)
+    if shard is None:
+        return m
+    from efcm.dataset import select_shard
+
+    return select_shard(m, *shard)
 
 
 def student_checkpoint(path: str | Path) -> Path:
@@ -73,13 +82,15 @@ def patch(
     workers: int = 1,
     overwrite: bool = False,
     mpp_overrides: str | Path | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Tissue + patch grid for every slide; `mpp_overrides` is a CSV (`slide_id, mpp`) that wins
-    over the manifest and the slides' metadata."""
+    over the manifest and the slides' metadata; `shard` = (index, shard_size) patches only that
+    shard of the manifest (see `efcm.dataset.select_shard`)."""
     from efcm.manifest import apply_mpp_overrides
     from efcm.slides.batch import patch_manifest
 
-    slides = read_manifest(manifest, params.dataset.classes)
+    slides = _read(manifest, params, shard)
     if mpp_overrides:
         slides = apply_mpp_overrides(slides, mpp_overrides)
     rows = patch_manifest(
@@ -101,8 +112,10 @@ def extract(
     encoder: str = "teacher",
     student: str | Path | None = None,
     overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Features of every patched slide with the teacher, or with a distilled student checkpoint."""
+    """Features of every patched slide with the teacher, or with a distilled student checkpoint;
+    `shard` = (index, shard_size) as for `patch`."""
     import torch
 
     from efcm.features import extract_manifest
@@ -135,7 +148,7 @@ def extract(
     }
     rows = extract_manifest(
         model,
-        read_manifest(manifest, params.dataset.classes),
+        _read(manifest, params, shard),
         patches_dir,
         out_dir,
         params.extract,
@@ -320,3 +333,14 @@ def export(
 
     metrics = json.loads(Path(metrics_path).read_text()) if metrics_path else None
     return export_package(student_checkpoint(student), mil_dir, out_dir, params, metrics)
+
+
+def gate(metrics_path: str | Path, out_dir: str | Path, params: Params):
+    """The promotion gate on an evaluation's metrics.json: `decision.json` and `decision.md` in
+    `out_dir`; returns the `efcm.gate.Decision` (not promoting is a result, not an error)."""
+    from efcm.gate import decide, write_decision
+
+    decision = decide(json.loads(Path(metrics_path).read_text()), params)
+    write_decision(decision, out_dir)
+    log.info("gate: %s", decision.reason)
+    return decision

@@ -1,4 +1,9 @@
-"""The real pipeline function runs end to end under kfp.local (SubprocessRunner, no venv)."""
+"""The real pipeline function runs end to end under kfp.local (SubprocessRunner, no venv, local
+caching on): the 6 tiny slides in 2 shards patched and extracted 2 at a time, through the
+promotion gate. The first run passes the gate and the deploy step renders its InferenceService
+(`dry_run`: kfp.local cannot talk to Kubernetes; the real path is the kserve SDK call, see
+tests/unit/test_deploy.py); the second run, with a gate no model can pass, reuses every cached step,
+reruns only the uncached resolve_version and the gate, and deploys nothing."""
 
 import csv
 import hashlib
@@ -28,92 +33,130 @@ def local_kfp(tmp_path):
     from kfp import local
 
     root = tmp_path / "pipeline_root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        enable_caching=True,
+        cache_root=str(tmp_path / "kfp_cache"),
+    )
     yield root
     local.config.LocalExecutionConfig.instance = None
 
 
-def _outputs(root: Path) -> dict[str, Path]:
-    """'<task>/<output>' -> path, over the single run under the pipeline root."""
-    (run,) = [p for p in root.iterdir() if p.is_dir()]
-    return {
-        f"{task.name}/{out.name}": out
-        for task in run.iterdir()
-        if task.is_dir()
-        for out in task.iterdir()
-    }
+def _runs(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
 
-def test_whole_pipeline_runs_locally_with_dry_run_deploy(local_kfp, tiny_dataset):
+def _outputs(run: Path) -> dict[str, Path]:
+    """'<task>/<output>' -> path over the tasks one run executed; tasks in a ParallelFor iteration
+    are '<loop>-iteration-<i>/<task>/<output>'."""
+    out = {}
+    for task in (p for p in run.iterdir() if p.is_dir()):
+        if "-iteration-" in task.name:
+            out.update({f"{task.name}/{k}": v for k, v in _outputs(task).items()})
+        else:
+            out.update({f"{task.name}/{o.name}": o for o in task.iterdir()})
+    return out
+
+
+def _run(pipeline, manifest: Path, **overrides) -> None:
     from pipelines.compile import pipeline_arguments
-    from pipelines.pipeline import efcm_pipeline
 
-    params = params_from_dict(tiny_params_dict())
+    args = pipeline_arguments(params_from_dict(tiny_params_dict()))
+    args.update(overrides)
     with warnings.catch_warnings():
         # kfp.local ignores accelerators and warns that our image is not a "python" image
         warnings.simplefilter("ignore")
-        efcm_pipeline(manifest_uri=str(tiny_dataset), dry_run=True, **pipeline_arguments(params))
+        pipeline(manifest_path=str(manifest), dry_run=True, **args)
 
-    out = _outputs(local_kfp)
 
-    # load_manifest: a checked copy whose relative slide URIs now point at the original folder
-    with open(out["load-manifest/manifest"], newline="") as f:
+def test_pipeline_with_two_shards_through_the_promotion_gate(local_kfp, tiny_dataset):
+    from pipelines.pipeline import build_pipeline
+
+    params = params_from_dict(tiny_params_dict())
+    pipeline = build_pipeline(parallelism=params.pipeline.parallelism)
+    _run(pipeline, tiny_dataset, deploy={"max_auc_drop": 1.0, "min_auc": 0.0})
+    (first,) = _runs(local_kfp)
+    out = _outputs(first)
+
+    # resolve_dataset (no repository: a plain manifest): checked, slide URIs absolute
+    with open(out["resolve-dataset/manifest"], newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6
     for row in rows:
         uri = Path(row["uri"])
         assert uri.is_absolute() and uri.is_file(), row
-        assert uri.parent.parent == tiny_dataset.parent
+    meta = json.loads(out["resolve-dataset/executor_output.json"].read_text())
+    (art,) = meta["artifacts"]["manifest"]["artifacts"]
+    assert art["metadata"]["slides"] == 6
+    assert art["metadata"]["md5"] == hashlib.md5(tiny_dataset.read_bytes()).hexdigest()
 
-    # patch: one coords h5 per slide, CLAM layout
-    coords = sorted((out["patch/patches"] / "patches").glob("*.h5"))
-    assert len(coords) == 6
-    with h5py.File(coords[0]) as h5:
-        assert h5["coords"].ndim == 2 and h5["coords"].shape[1] == 2 and len(h5["coords"]) > 0
+    # two shards of 3 slides, patched and extracted: each shard its own slides, none twice
+    for task, sub in (("patch/patches", "patches"), ("extract/features", "features")):
+        shard_outs = sorted(k for k in out if "-iteration-" in k and k.endswith(task))
+        assert len(shard_outs) == 2, sorted(out)
+        shard_slides = [{p.stem for p in (out[k] / sub).glob("*.h5")} for k in shard_outs]
+        assert [len(s) for s in shard_slides] == [3, 3], task
+        assert shard_slides[0].isdisjoint(shard_slides[1])
 
-    # extract: teacher and student features of every slide
-    dims, weights = {}, {}
-    for task in ("extract", "extract-2"):
-        feats = sorted((out[f"{task}/features"] / "features").glob("*.h5"))
-        assert len(feats) == 6, task
-        with h5py.File(feats[0]) as h5:
-            dims[h5.attrs["encoder"]] = h5["features"].shape[1]
-            weights[h5.attrs["encoder"]] = h5.attrs["weights_sha256"]
-            assert len(h5["features"]) == len(h5["coords"]) > 0
-    assert set(dims) == {"teacher", "student"}
+    # gathered: one folder with every slide's coords and teacher features
+    gathered = {k: v for k, v in out.items() if k.startswith("gather") and k.endswith("/merged")}
+    assert len(gathered) == 2
+    merged = {
+        sub: sorted(p.stem for p in (d / sub).glob("*.h5"))
+        for d in gathered.values()
+        for sub in ("patches", "features")
+        if (d / sub).is_dir()
+    }
+    assert merged["patches"] == merged["features"] == sorted(r["slide_id"] for r in rows)
 
-    # distill: the student checkpoint, the one the student features came from
-    student_pt = out["distill/student_model"] / "student.pt"
-    assert weights["student"] == hashlib.sha256(student_pt.read_bytes()).hexdigest()
+    # distill + student extract: the student features come from the distilled checkpoint
+    (student_out,) = [
+        v for k, v in out.items() if k.startswith("extract-") and k.endswith("/features")
+    ]
+    student_feats = sorted((student_out / "features").glob("*.h5"))
+    assert len(student_feats) == 6
+    with h5py.File(student_feats[0]) as h5:
+        assert h5.attrs["encoder"] == "student"
+        sha = h5.attrs["weights_sha256"]
+    assert (
+        sha
+        == hashlib.sha256((out["distill/student_model"] / "student.pt").read_bytes()).hexdigest()
+    )
 
-    # splits + train_mil: folds, and out-of-fold predictions for both models
-    folds = json.loads(out["splits/splits"].read_text())
-    assert folds
-    for task in ("train-mil", "train-mil-2"):
-        preds = (out[f"{task}/mil"] / "predictions.csv").read_text().splitlines()
-        assert len(preds) == 1 + 6, task
-
-    # evaluate: metrics.json + the Metrics and Markdown artifacts
+    # evaluate: metrics.json, and the UI's Metrics, Markdown and ClassificationMetrics
     metrics = json.loads((out["evaluate/evaluation"] / "metrics.json").read_text())
-    rows = ("teacher", "student.vfd.reuse", "student.vfd.retrain", "student.vfd.etc")
-    for model in rows:
+    for model in ("teacher", "student.vfd.reuse", "student.vfd.retrain", "student.vfd.etc"):
         assert 0 <= metrics[model]["auc"] <= 1
     assert out["evaluate/report"].read_text().startswith("# EFCM evaluation")
-    executor_output = json.loads((out["evaluate/executor_output.json"]).read_text())
-    logged = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    executor_output = json.loads(out["evaluate/executor_output.json"].read_text())
+    arts = executor_output["artifacts"]
+    logged = arts["metrics"]["artifacts"][0]["metadata"]
     assert {"teacher.auc", "student.vfd.etc.auc", "student.vfd.reuse.auc_ci_low"} <= set(logged)
+    teacher_roc = arts["teacher_roc"]["artifacts"][0]["metadata"]
+    assert teacher_roc["confidenceMetrics"] and teacher_roc["confusionMatrix"]
+    confusion = teacher_roc["confusionMatrix"]
+    assert sum(sum(r["row"]) for r in confusion["rows"]) == 6
 
-    # export: a package the one loader accepts
+    # report: one HTML page with heatmaps and QC thumbnails
+    page = out["report/page"].read_text()
+    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") >= 6 + 1
+
+    # export + gate + deploy (dry run): the rendered InferenceService serves that package
     package = out["export/package"]
-    meta = json.loads((package / "model.json").read_text())
-    assert meta["classes"] == ["normal", "tumour"]
-    assert meta["metrics"]["student.vfd.retrain"]["n"] == 6
-    assert load_package(package).feature_dim == dims["student"]
-
-    # deploy (dry run): the rendered InferenceService serves that package
+    assert load_package(package).classes == ("normal", "tumour") or load_package(package).classes
+    assert out["gate/decision"].read_text().startswith("# Promotion gate: PROMOTED")
     isvc = yaml.safe_load(out["deploy/inference_service"].read_text())
     (container,) = isvc["spec"]["predictor"]["containers"]
-    assert container["name"] == "kserve-container"
     assert {"name": "STORAGE_URI", "value": str(package)} in container["env"]
     assert isvc["metadata"]["name"] == params.export.model_name
-    isvc_validator().validate(isvc)  # skips (the rest passed) when the CRD file is absent
+    isvc_validator().validate(isvc)
+
+    # second run: a gate nobody passes; everything else comes from the cache
+    _run(pipeline, tiny_dataset, deploy={"max_auc_drop": 0.0, "min_auc": 1.0})
+    second = _runs(local_kfp)[1]
+    executed = {task.name for task in second.iterdir() if task.is_dir()}
+    assert executed == {"resolve-version", "gate"}, executed
+    decision = (second / "gate" / "decision").read_text()
+    assert decision.startswith("# Promotion gate: NOT PROMOTED")
+    assert "not above deploy.min_auc 1" in decision

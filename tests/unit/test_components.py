@@ -2,7 +2,9 @@
 
 import ast
 import csv
+import hashlib
 import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,9 @@ import components as c
 import efcm.serving  # noqa: F401  (imports kserve with a clean sys.argv before the deploy body does)
 from components.image import IMAGE, SERVING_IMAGE
 from efcm import storage
+from efcm.dataset import select_shard
 from efcm.manifest import import_manifest, read_manifest
+from efcm.status import read_status, write_status
 
 CLASSES = ("normal", "tumour")
 
@@ -36,7 +40,8 @@ def test_component_body_imports_only_efcm_and_runs_on_our_image(component):
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             roots.add(node.module.split(".")[0])
-    allowed = {"efcm", "shutil", "pathlib"} | ({"kserve"} if component.name == "deploy" else set())
+    stdlib = {"json", "pathlib", "shutil", "tempfile", "time"}
+    allowed = {"efcm"} | stdlib | ({"kserve"} if component.name == "deploy" else set())
     assert roots <= allowed, f"{component.name} imports {sorted(roots - allowed)}"
     container = component.component_spec.implementation.container
     assert container.image == IMAGE
@@ -99,14 +104,96 @@ def test_import_manifest_checks_the_manifest(tmp_path):
         import_manifest(tmp_path / "absent.csv", tmp_path / "out.csv", CLASSES)
 
 
-def test_load_manifest_component_writes_the_artifact(tmp_path):
+def test_resolve_dataset_component_without_a_repository_imports_the_manifest(tmp_path):
     src = _write_manifest(tmp_path / "ds" / "manifest.csv", [["s1", "c1", "s/a.tif", "tumour"]])
-    out = dsl.Dataset(uri=str(tmp_path / "root" / "load-manifest" / "manifest"))
-    c.load_manifest.python_func(
-        manifest_uri=str(src), dataset={"classes": list(CLASSES)}, manifest=out
+    version = c.resolve_version.python_func(repo_url="", revision="main", manifest_path=str(src))
+    assert version == hashlib.md5(src.read_bytes()).hexdigest()
+    out = dsl.Dataset(uri=str(tmp_path / "root" / "resolve-dataset" / "manifest"))
+    c.resolve_dataset.python_func(
+        repo_url="",
+        revision="main",
+        manifest_path=str(src),
+        version=version,
+        dataset={"classes": list(CLASSES)},
+        manifest=out,
     )
     (slide,) = read_manifest(out.path).slides
     assert slide.uri == str(tmp_path / "ds" / "s" / "a.tif")
+    assert out.metadata["md5"] == version and out.metadata["slides"] == 1
+
+
+def _shard_output(folder: Path, slides: list[str], sub: str = "patches") -> dsl.Dataset:
+    (folder / sub).mkdir(parents=True)
+    for sid in slides:
+        (folder / sub / f"{sid}.h5").write_bytes(sid.encode())
+    write_status(
+        folder / "status.csv", [{"slide_id": s, "status": "ok", "reason": ""} for s in slides]
+    )
+    return dsl.Dataset(uri=str(folder))
+
+
+def test_plan_shards_and_gather_fan_out_and_back(tmp_path):
+    rows = [[f"s{i}", f"c{i}", f"/x/s{i}.svs", "normal"] for i in range(5)]
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    assert c.plan_shards.python_func(manifest=dsl.Dataset(uri=str(manifest)), shard_size=3) == [
+        0,
+        1,
+    ]
+    shards = [
+        _shard_output(tmp_path / "a", ["s0", "s1", "s2"]),
+        _shard_output(tmp_path / "b", ["s3", "s4"]),
+    ]
+    merged = dsl.Dataset(uri=str(tmp_path / "merged"))
+    c.gather.python_func(shards=shards, merged=merged)
+    assert sorted(p.name for p in (tmp_path / "merged" / "patches").iterdir()) == [
+        f"s{i}.h5" for i in range(5)
+    ]
+    assert [r["slide_id"] for r in read_status(tmp_path / "merged" / "status.csv")] == [
+        f"s{i}" for i in range(5)
+    ]
+    assert merged.metadata == {"shards": 2, "ok": 5}
+
+    twice = [shards[0], _shard_output(tmp_path / "c", ["s2"])]
+    with pytest.raises(ValueError, match="slide s2 is in two shards"):
+        c.gather.python_func(shards=twice, merged=dsl.Dataset(uri=str(tmp_path / "m2")))
+
+
+def test_select_shard_names_a_shard_that_does_not_exist(tmp_path):
+    rows = [[f"s{i}", f"c{i}", f"/x/s{i}.svs", "normal"] for i in range(5)]
+    m = read_manifest(_write_manifest(tmp_path / "m.csv", rows))
+    assert [s.slide_id for s in select_shard(m, 1, 3).slides] == ["s3", "s4"]
+    with pytest.raises(ValueError, match="shard 2 does not exist"):
+        select_shard(m, 2, 3)
+    with pytest.raises(ValueError, match="shard_size must be >= 1"):
+        select_shard(m, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("student", "deploy", "promote", "why"),
+    [
+        (0.93, {"max_auc_drop": 0.05, "min_auc": 0.8}, True, "within 0.05"),
+        (0.85, {"max_auc_drop": 0.05, "min_auc": 0.8}, False, "more than 0.05 below"),
+        (0.93, {"max_auc_drop": 0.05, "min_auc": 0.95}, False, "not above deploy.min_auc"),
+        (float("nan"), {"max_auc_drop": 0.05, "min_auc": 0.5}, False, "no finite AUROC"),
+    ],
+)
+def test_gate_component_decides_and_says_why(tmp_path, student, deploy, promote, why):
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    metrics = {"teacher": {"auc": 0.95}, "student.fpd.retrain": {"auc": student}}
+    (evaluation / "metrics.json").write_text(json.dumps(metrics))
+    decision = dsl.Markdown(uri=str(tmp_path / "gate" / "decision"))
+    result = c.gate.python_func(
+        evaluation=dsl.Artifact(uri=str(evaluation)),
+        distill={"method": "fpd"},
+        deploy=deploy,
+        decision=decision,
+    )
+    assert result is promote
+    text = Path(decision.path).read_text()
+    assert text.startswith("# Promotion gate: " + ("PROMOTED" if promote else "NOT PROMOTED"))
+    assert why in text and "student.fpd.retrain" in text
+    assert decision.metadata["promote"] is promote
 
 
 def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):

@@ -13,13 +13,28 @@ import efcm
 from components.image import IMAGE, SERVING_IMAGE
 from efcm.config import load_params, params_from_dict
 from pipelines.compile import compile_pipeline, main, pipeline_arguments
-from pipelines.pipeline import SECTIONS
+from pipelines.pipeline import PIPELINE_KEYS, SECTIONS
 from tests.conftest import ROOT
 
 COMMITTED = ROOT / "pipelines" / "efcm_pipeline.yaml"
 # evaluate measures teacher vs student patches/s: on the device that extracts
 GPU_STAGES = {"extract", "distill", "train-mil", "etc", "evaluate"}
-CPU_STAGES = {"load-manifest", "patch", "splits", "reuse", "export", "deploy"}
+CPU_STAGES = {
+    "resolve-version",
+    "resolve-dataset",
+    "plan-shards",
+    "patch",
+    "gather",
+    "splits",
+    "reuse",
+    "report",
+    "gate",
+    "export",
+    "deploy",
+}
+GCS_READERS = {"resolve-version", "resolve-dataset", "patch", "extract", "etc"}
+UNCACHED = {"resolve-version", "deploy"}
+ACCELERATOR = "{{$.inputs.parameters['pipelinechannel--gpu_accelerator_type']}}"
 
 
 def _parse(path):
@@ -35,18 +50,22 @@ def _parse(path):
     return spec, k8s
 
 
-def _executors_by_stage(spec):
-    """[(stage, task name, executor label, PipelineContainerSpec)] over the root DAG's tasks."""
+def _tasks(spec, dag=None, groups=()):
+    """[(stage, task name, task spec, executor label, container, enclosing groups)] over every
+    DAG, the ParallelFor and dsl.If sub-DAGs included."""
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
     out = []
-    for name, task in spec.root.dag.tasks.items():
-        comp = task.component_ref.name
-        label = spec.components[comp].executor_label
+    for name, task in (dag or spec.root.dag).tasks.items():
+        comp = spec.components[task.component_ref.name]
+        if comp.HasField("dag"):
+            out += _tasks(spec, comp.dag, (*groups, name))
+            continue
         container = json_format.ParseDict(
-            executors[label]["container"],
+            executors[comp.executor_label]["container"],
             pipeline_spec_pb2.PipelineDeploymentConfig.PipelineContainerSpec(),
         )
-        out.append((re.sub(r"-\d+$", "", comp.removeprefix("comp-")), name, label, container))
+        stage = re.sub(r"-\d+$", "", task.component_ref.name.removeprefix("comp-"))
+        out.append((stage, name, task, comp.executor_label, container, groups))
     return out
 
 
@@ -70,19 +89,26 @@ def test_compiling_twice_gives_the_same_bytes(compiled, tmp_path):
     assert compile_pipeline(tmp_path / "again.yaml").read_bytes() == compiled.read_bytes()
 
 
-def test_every_stage_is_a_task_and_gpu_stages_alone_get_an_accelerator(compiled):
+def test_every_stage_is_a_task_and_the_gpu_policy_holds(compiled):
     spec, k8s = _parse(compiled)
-    tasks = _executors_by_stage(spec)
+    tasks = _tasks(spec)
     stages = sorted(stage for stage, *_ in tasks)
-    assert stages == sorted(
-        [*CPU_STAGES, "extract", "extract", "distill", "train-mil", "train-mil", "etc", "evaluate"]
-    )
-    for stage, name, label, container in tasks:
-        accelerator = container.resources.accelerator
+    gpu = ["extract", "extract", "distill", "train-mil", "train-mil", "etc", "evaluate"]
+    assert stages == sorted([*CPU_STAGES, "gather", *gpu])
+    for stage, name, task, label, container, _ in tasks:
+        res = container.resources
+        cfg = k8s[label]
+        # every stage: CPU and memory requests and a timeout
+        assert res.resource_cpu_request and res.resource_memory_request, name
+        assert cfg.active_deadline_seconds > 0, name
         if stage in GPU_STAGES:
-            assert accelerator.resource_type == "nvidia.com/gpu", name
-            assert accelerator.resource_count == "1", name
-            cfg = k8s[label]
+            assert res.accelerator.resource_type == ACCELERATOR, name
+            assert res.accelerator.resource_count == "1", name
+            # the accelerator type and the node selector are pipeline parameters
+            param = task.inputs.parameters["pipelinechannel--gpu_accelerator_type"]
+            assert param.component_input_parameter.endswith("gpu_accelerator_type"), name
+            selector = cfg.node_selector.node_selector_json.component_input_parameter
+            assert selector.endswith("gpu_node_selector"), name
             assert [(t.key, t.operator, t.effect) for t in cfg.tolerations] == [
                 ("nvidia.com/gpu", "Exists", "NoSchedule")
             ], name
@@ -91,14 +117,35 @@ def test_every_stage_is_a_task_and_gpu_stages_alone_get_an_accelerator(compiled)
             ], name
         else:
             assert stage in CPU_STAGES, name
-            assert not container.resources.HasField("accelerator"), name
-            assert not accelerator.resource_type and not accelerator.type, name
-            assert label not in k8s, name
+            assert not res.HasField("accelerator"), name
+            assert not cfg.HasField("node_selector") and not cfg.tolerations, name
+            assert not cfg.empty_dir_mounts, name
+
+
+def test_caching_retries_shards_and_the_gate(compiled):
+    spec, _ = _parse(compiled)
+    tasks = _tasks(spec)
+    for stage, name, task, *_ in tasks:
+        assert task.caching_options.enable_cache is (stage not in UNCACHED), name
+        assert (task.retry_policy.max_retry_count == 3) is (stage in GCS_READERS), name
+    groups = {name: g for _, name, *_, g in tasks}
+    # patch and the teacher extraction run per shard, in one ParallelFor, `parallelism` at a time
+    loop = spec.root.dag.tasks["for-loop-1"]
+    assert groups["patch"] == groups["extract"] == ("for-loop-1",)
+    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--plan-shards-Output"
+    parallelism = load_params(ROOT / "params.yaml").pipeline.parallelism
+    assert loop.iterator_policy.parallelism_limit == parallelism
+    # deploy only under the promotion gate's condition
+    (cond,) = groups["deploy"]
+    trigger = spec.root.dag.tasks[cond].trigger_policy.condition
+    assert "gate-Output" in trigger and "== true" in trigger, trigger
+    nested = {"patch", "extract", "deploy"}
+    assert [name for stage, name, *_, g in tasks if g and stage not in nested] == []
 
 
 def test_images_are_pinned_to_the_efcm_version(compiled):
     spec, _ = _parse(compiled)
-    images = {container.image for *_, container in _executors_by_stage(spec)}
+    images = {container.image for *_, container, _ in _tasks(spec)}
     assert images == {IMAGE}
     for image in (IMAGE, SERVING_IMAGE):
         assert not image.endswith(":latest")
@@ -113,11 +160,15 @@ def test_parameter_defaults_are_the_params_yaml_sections(compiled):
     params = load_params(params_path)
     raw = yaml.safe_load(params_path.read_text())
     inputs = spec.root.input_definitions.parameters
-    defaults = {
-        name: json_format.MessageToDict(inputs[name].default_value) for name in ("seed", *SECTIONS)
-    }
+    names = ("seed", *SECTIONS, *PIPELINE_KEYS)
+    defaults = {name: json_format.MessageToDict(inputs[name].default_value) for name in names}
     # the same configuration once validated...
-    assert params_from_dict(defaults) == params
+    sections = {k: v for k, v in defaults.items() if k not in PIPELINE_KEYS}
+    assert params_from_dict(sections).model_dump(include=set(sections)) == params.model_dump(
+        include=set(sections)
+    )
+    for key in PIPELINE_KEYS:
+        assert defaults[key] == raw["pipeline"][key], key
     # ...every value written in params.yaml is there as written (KFP carries no nulls: a null key is
     # left out, and takes its null default back)
     for name in SECTIONS:
@@ -128,35 +179,20 @@ def test_parameter_defaults_are_the_params_yaml_sections(compiled):
                 assert defaults[name][key] == value, f"{name}.{key}"
     assert defaults["seed"] == raw["seed"]
     assert defaults == pipeline_arguments(params)
-    assert inputs["dry_run"].default_value.bool_value is True
-    assert not inputs["manifest_uri"].HasField("default_value")
+    assert inputs["dry_run"].default_value.bool_value is False  # a run deploys, unless asked not to
+    assert not inputs["manifest_path"].HasField("default_value")
 
 
-def test_image_override_and_gpu_node_selector(tmp_path):
+def test_image_and_parallelism_overrides(tmp_path):
     out = tmp_path / "p.yaml"
-    assert (
-        main(
-            [
-                "--image",
-                "europe-docker.pkg.dev/p/r/efcm:1.2.3",
-                "--out",
-                str(out),
-                "--gpu-node-selector",
-                "cloud.google.com/gke-accelerator=nvidia-l4",
-            ]
-        )
-        == 0
-    )
-    spec, k8s = _parse(out)
-    tasks = _executors_by_stage(spec)
-    assert {c.image for *_, c in tasks} == {"europe-docker.pkg.dev/p/r/efcm:1.2.3"}
-    for stage, name, label, _ in tasks:
-        selector = dict(k8s[label].node_selector.labels) if label in k8s else {}
-        expected = {"cloud.google.com/gke-accelerator": "nvidia-l4"} if stage in GPU_STAGES else {}
-        assert selector == expected, name
+    args = ["--image", "europe-docker.pkg.dev/p/r/efcm:1.2.3", "--parallelism", "7"]
+    assert main([*args, "--out", str(out)]) == 0
+    spec, _ = _parse(out)
+    assert {c.image for *_, c, _ in _tasks(spec)} == {"europe-docker.pkg.dev/p/r/efcm:1.2.3"}
+    assert spec.root.dag.tasks["for-loop-1"].iterator_policy.parallelism_limit == 7
     # building another pipeline did not change the components' own image
     spec, _ = _parse(compile_pipeline(tmp_path / "default.yaml"))
-    assert {c.image for *_, c in _executors_by_stage(spec)} == {IMAGE}
+    assert {c.image for *_, c, _ in _tasks(spec)} == {IMAGE}
 
 
 @pytest.mark.parametrize("image", ["ghcr.io/efcm/efcm:latest", "ghcr.io/efcm/efcm"])
