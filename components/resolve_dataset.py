@@ -2,7 +2,8 @@
 
 `resolve_version` runs uncached and turns the revision asked for (a branch, a tag, a commit) into
 the commit it names now; `resolve_dataset` is cached on that commit, so a run on `main` picks up
-new data while a rerun of the same commit reuses every cached step after it.
+new data while a rerun of the same commit reuses every cached step after it. These two adapters
+are where the DVC API is called (the core, `efcm.dataset`, never imports DVC).
 """
 
 from kfp import dsl
@@ -13,10 +14,19 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def resolve_version(repo_url: str, revision: str, manifest_path: str) -> str:
-    """The commit `revision` names in `repo_url` now (or the md5 of a plain manifest)."""
-    from efcm.dataset import resolve_version as run
+    """The commit `revision` names in `repo_url` now (or, with no repository, the md5 of the
+    manifest at `manifest_path`)."""
+    from dvc.repo import Repo
 
-    return run(repo_url, revision, manifest_path)
+    from efcm.dataset import manifest_md5, open_error
+
+    if not repo_url:
+        return manifest_md5(manifest_path)
+    try:
+        with Repo.open(repo_url, rev=revision or None, uninitialized=True) as repo:
+            return repo.scm.resolve_rev(revision or "HEAD")
+    except Exception as err:  # clone failures, unknown revisions, ...: one message naming both
+        raise open_error(repo_url, revision, err) from None
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -32,10 +42,61 @@ def resolve_dataset(
     resolved to its gs:// object in the DVC remote; its metadata records the repository, the
     revision asked for, the commit and the manifest's DVC md5. With `repo_url` empty,
     `manifest_path` is a plain manifest (local path or gs:// URI)."""
+    from pathlib import Path
+
+    from dvc.repo import Repo
+    from dvc_data.index import StorageKeyError
+
     from efcm import config
+    from efcm.dataset import open_error
     from efcm.dataset import resolve_dataset as run
 
     params = config.params_from_struct({"dataset": dataset}, "resolve_dataset")
-    meta = run(repo_url, version or revision, manifest_path, manifest.path, params.dataset.classes)
-    meta["revision"] = revision
+
+    class DvcRepo:
+        """`efcm.dataset.VersionedRepo` over `dvc.repo.Repo` at one commit."""
+
+        def __init__(self, repo: Repo, url: str, commit: str) -> None:
+            self.repo, self.url, self.commit = repo, url, commit
+
+        def is_file(self, path: str) -> bool:
+            return self.repo.dvcfs.isfile(path)
+
+        def fetch(self, path: str, dest: Path) -> None:
+            self.repo.dvcfs.get_file(path, str(dest))
+
+        def md5(self, path: str) -> str | None:
+            info = self.repo.dvcfs.info(path)
+            return info.get("md5") if info.get("isdvc") or info.get("dvc_info") else None
+
+        def storage_url(self, path: str) -> str | None:
+            try:
+                index, entry = self.repo.get_data_index_entry(path)
+            except Exception:  # not an output of this repository
+                return None
+            try:
+                remote_fs, remote_path = index.storage_map.get_remote(entry)
+            except (StorageKeyError, ValueError):
+                raise LookupError(
+                    "the repository has no DVC remote (`dvc remote add -d`)"
+                ) from None
+            return remote_fs.unstrip_protocol(remote_path)
+
+    rev = version or revision
+    if not repo_url:
+        meta = run(None, revision, manifest_path, manifest.path, params.dataset.classes)
+    else:
+        try:
+            repo = Repo.open(repo_url, rev=rev or None, uninitialized=True)
+            commit = repo.scm.resolve_rev(rev or "HEAD")
+        except Exception as err:
+            raise open_error(repo_url, rev, err) from None
+        with repo:
+            meta = run(
+                DvcRepo(repo, repo_url, commit),
+                revision,
+                manifest_path,
+                manifest.path,
+                params.dataset.classes,
+            )
     manifest.metadata.update(meta)

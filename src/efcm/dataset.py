@@ -3,12 +3,13 @@ the shards' outputs again.
 
 A dataset is a git repository tracked with DVC: the slide manifest (`dvc add data/manifest.csv`)
 and the slides (`dvc add data/slides`), pushed to a gs:// remote. `resolve_dataset` reads the
-manifest at one git revision from the remote with the DVC API and rewrites every slide URI to the
-slide's object in the remote (`gs://<remote>/files/md5/ab/cdef...`): the pipeline reads the slides
+manifest at one git revision through a `VersionedRepo` (the resolve_dataset KFP component backs it
+with the DVC API: the core never imports DVC) and rewrites every slide URI to the slide's object in
+the remote (`gs://<remote>/files/md5/ab/cdef...`): the pipeline reads the slides
 where DVC stored them, by URI, and never copies them through its steps. Slide URIs that are already
 absolute (gs:// or a local path) are kept as they are.
 
-Without a repository (`repo_url` empty), `path` is a plain manifest (a local path or gs:// URI),
+Without a repository, `path` is a plain manifest (a local path or gs:// URI),
 imported as `efcm.manifest.import_manifest` does.
 """
 
@@ -22,7 +23,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from efcm.manifest import Manifest, SlideEntry, import_manifest, read_manifest, write_manifest
 from efcm.status import read_status, write_status
@@ -45,114 +46,112 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _open_repo(repo_url: str, revision: str):
-    from dvc.repo import Repo
+class VersionedRepo(Protocol):
+    """A data repository at one revision, as `resolve_dataset` needs it. The KFP component gives it
+    one backed by `dvc.repo.Repo` (the core never imports DVC); paths are relative to the
+    repository's root."""
 
-    try:
-        return Repo.open(repo_url, rev=revision or None, subrepos=True, uninitialized=True)
-    except Exception as err:  # dvc/scmrepo raise many types: clone, unknown revision, ...
-        raise DatasetError(
-            f"cannot open {repo_url} at revision {revision or 'HEAD'!r}: "
-            f"{type(err).__name__}: {err}"
-        ) from None
+    url: str
+    commit: str  # the revision, resolved to a commit
 
+    def is_file(self, path: str) -> bool: ...
 
-def resolve_version(repo_url: str, revision: str, path: str) -> str:
-    """A key that changes exactly when the data may have: the commit `revision` points at in
-    `repo_url` now, or, with no repository, the md5 of the manifest at `path`.
+    def fetch(self, path: str, dest: Path) -> None:
+        """Copy the file (from the DVC remote when DVC tracks it) to the local `dest`."""
 
-    The pipeline runs this step uncached and caches the dataset read on its result, so a run that
-    asks for a branch gets the branch's latest data, and one that names a commit reuses its cache.
-    """
-    if not repo_url:
-        return _md5(local_path(path))
-    with _open_repo(repo_url, revision) as repo:
-        return repo.scm.get_rev()
+    def md5(self, path: str) -> str | None:
+        """DVC's md5 of a tracked file; None for a file in git only."""
+
+    def storage_url(self, path: str) -> str | None:
+        """Where the DVC remote stores the tracked file (`gs://remote/files/md5/ab/cdef...`);
+        None when DVC does not track it. Raises LookupError when there is no remote."""
 
 
-def _slide_url(repo: Any, repo_url: str, commit: str, manifest_path: str, s: SlideEntry) -> str:
+def open_error(url: str, revision: str, err: Exception) -> DatasetError:
+    """The error for a repository that cannot be opened at a revision (clone failure, unknown
+    revision, ...)."""
+    return DatasetError(
+        f"cannot open {url} at revision {revision or 'HEAD'!r}: {type(err).__name__}: {err}"
+    )
+
+
+def manifest_md5(path: str) -> str:
+    """The md5 of a manifest (local path or gs:// URI) as stored."""
+    return _md5(local_path(path))
+
+
+def _slide_url(repo: VersionedRepo, manifest_path: str, s: SlideEntry) -> str:
     """The storage URL of a slide named relative to the manifest's folder in the repository."""
-    from dvc_data.index import StorageKeyError
-
     rel = posixpath.normpath(posixpath.join(posixpath.dirname(manifest_path), s.uri))
-    where = f"{repo_url}@{commit[:12]}: slide {s.slide_id} ({s.uri})"
+    where = f"{repo.url}@{repo.commit[:12]}: slide {s.slide_id} ({s.uri})"
     if rel == ".." or rel.startswith("../"):
         raise DatasetError(f"{where} lies outside the repository")
     try:
-        index, entry = repo.get_data_index_entry(rel)
-    except Exception:
-        tracked = repo.dvcfs.exists(rel)
-        raise DatasetError(
-            f"{where} is {'in git but not tracked by DVC' if tracked else 'not in the repository'}"
-            f": `dvc add` the slides and `dvc push` them"
-        ) from None
-    try:
-        remote_fs, remote_path = index.storage_map.get_remote(entry)
-    except (StorageKeyError, ValueError):
-        raise DatasetError(
-            f"{where}: the repository has no DVC remote (`dvc remote add -d`)"
-        ) from None
-    return remote_fs.unstrip_protocol(remote_path)
+        url = repo.storage_url(rel)
+    except LookupError as err:
+        raise DatasetError(f"{where}: {err}") from None
+    if url is None:
+        state = "in git but not tracked by DVC" if repo.is_file(rel) else "not in the repository"
+        raise DatasetError(f"{where} is {state}: `dvc add` the slides and `dvc push` them")
+    return url
 
 
 def resolve_dataset(
-    repo_url: str,
+    repo: VersionedRepo | None,
     revision: str,
     path: str,
     dest: str | Path,
     classes: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Write the manifest `path` of `repo_url` at `revision` to `dest`, every slide URI resolved
-    to its DVC storage URL; returns the metadata of the result: the commit, the manifest's DVC md5
-    and the number of slides.
+    """Write the manifest `path` of `repo` (at the revision it was opened at, asked for as
+    `revision`) to `dest`, every relative slide URI resolved to its DVC storage URL; returns the
+    metadata of the result: the repository, the revision asked for, its commit, the manifest's DVC
+    md5 and the number of slides. With no `repo`, `path` is a plain manifest (local or gs://),
+    imported with its relative URIs made absolute.
 
     Raises:
-        DatasetError: the repository, revision or manifest cannot be read, or a slide is not
-            tracked by DVC.
+        DatasetError: the manifest cannot be read, or a slide is not tracked by DVC.
         ValueError: the manifest itself is invalid (see `efcm.manifest.read_manifest`).
     """
-    if not repo_url:
+    if repo is None:
         manifest = import_manifest(path, dest, classes)
         return {
             "repo_url": "",
             "revision": "",
             "commit": "",
             "path": path,
-            "md5": _md5(local_path(path)),  # of the manifest as stored, as DVC computes it
+            "md5": manifest_md5(path),  # of the manifest as stored, as DVC computes it
+            "dvc_tracked": False,
             "slides": len(manifest.slides),
         }
-    with _open_repo(repo_url, revision) as repo:
-        commit = repo.scm.get_rev()
-        fs = repo.dvcfs
-        where = f"{repo_url}@{commit[:12]}: {path}"
-        if not fs.isfile(path):
-            raise DatasetError(f"{where}: no such manifest in the repository")
-        info = fs.info(path)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "manifest.csv"
-            try:
-                fs.get_file(path, str(local))
-            except Exception as err:
-                raise DatasetError(
-                    f"{where}: cannot fetch it from the DVC remote ({type(err).__name__}: {err}); "
-                    "was it `dvc push`ed?"
-                ) from None
-            md5 = info.get("md5") or _md5(local)
-            manifest = read_manifest(local, classes)
-        slides = []
-        for s in manifest.slides:
-            uri = s.uri
-            if "://" not in uri and not os.path.isabs(uri):
-                uri = _slide_url(repo, repo_url, commit, path, s)
-            slides.append(SlideEntry(s.slide_id, s.case_id, uri, s.label, s.mpp))
+    where = f"{repo.url}@{repo.commit[:12]}: {path}"
+    if not repo.is_file(path):
+        raise DatasetError(f"{where}: no such manifest in the repository")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "manifest.csv"
+        try:
+            repo.fetch(path, local)
+        except Exception as err:  # any backend error: say what and where
+            raise DatasetError(
+                f"{where}: cannot fetch it ({type(err).__name__}: {err}); was it `dvc push`ed?"
+            ) from None
+        dvc_md5 = repo.md5(path)
+        md5 = dvc_md5 or _md5(local)
+        manifest = read_manifest(local, classes)
+    slides = []
+    for s in manifest.slides:
+        uri = s.uri
+        if "://" not in uri and not os.path.isabs(uri):
+            uri = _slide_url(repo, path, s)
+        slides.append(SlideEntry(s.slide_id, s.case_id, uri, s.label, s.mpp))
     write_manifest(dest, slides)
     return {
-        "repo_url": repo_url,
+        "repo_url": repo.url,
         "revision": revision,
-        "commit": commit,
+        "commit": repo.commit,
         "path": path,
         "md5": md5,
-        "dvc_tracked": bool(info.get("isdvc") or info.get("dvc_info")),
+        "dvc_tracked": dvc_md5 is not None,
         "slides": len(slides),
     }
 

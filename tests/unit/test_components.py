@@ -41,7 +41,9 @@ def test_component_body_imports_only_efcm_and_runs_on_our_image(component):
         elif isinstance(node, ast.ImportFrom):
             roots.add(node.module.split(".")[0])
     stdlib = {"json", "pathlib", "shutil", "tempfile", "time"}
-    allowed = {"efcm"} | stdlib | ({"kserve"} if component.name == "deploy" else set())
+    adapters = {"deploy": {"kserve"}, "resolve-dataset": {"dvc", "dvc_data"}}
+    adapters["resolve-version"] = {"dvc"}
+    allowed = {"efcm"} | stdlib | adapters.get(component.name, set())
     assert roots <= allowed, f"{component.name} imports {sorted(roots - allowed)}"
     container = component.component_spec.implementation.container
     assert container.image == IMAGE
