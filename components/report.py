@@ -8,10 +8,9 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def report(patches: Input[Dataset], student_mil: Input[Model], dataset: dict, page: Output[HTML]):
-    """`efcm.report.html_report`: the exported model's (Retrain CLAM's) out-of-fold attention
-    heatmaps and every slide's patching status and QC thumbnail, in one self-contained page."""
-    from efcm import config
-    from efcm.report import html_report
+    """The exported model's (Retrain CLAM's) out-of-fold attention heatmaps and every slide's
+    patching status and QC thumbnail, in one self-contained page (`efcm.stages.report`)."""
+    from efcm import config, stages
 
     params = config.params_from_struct({"dataset": dataset}, "report")
-    html_report(patches.path, student_mil.path, page.path, params.dataset.classes)
+    stages.report(patches.path, student_mil.path, page.path, params)

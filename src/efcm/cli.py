@@ -108,6 +108,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     log.info("package: %s", out)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    log.info("report: %s", stages.report(args.patches, args.mil, args.out, _params(args)))
+
+
 def cmd_gate(args: argparse.Namespace) -> None:
     decision = stages.gate(args.metrics, args.out, _params(args))
     print(json.dumps({"promote": decision.promote, "reason": decision.reason}))
@@ -250,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mil", required=True, help="train-mil output dir of the student")
     p.add_argument("--metrics", help="metrics.json of evaluate, recorded in model.json")
     p.add_argument("--out", required=True)
+
+    p = add("report", cmd_report, "HTML page: attention heatmaps and patching QC of a run")
+    p.add_argument("--patches", required=True, help="output dir of `efcm patch`")
+    p.add_argument("--mil", required=True, help="a train-mil or strategy output dir")
+    p.add_argument("--out", required=True, help="the HTML file to write")
 
     p = add("gate", cmd_gate, "promotion gate: is the exported student good enough to deploy?")
     p.add_argument("--metrics", required=True, help="metrics.json of evaluate")

@@ -344,3 +344,11 @@ def gate(metrics_path: str | Path, out_dir: str | Path, params: Params):
     write_decision(decision, out_dir)
     log.info("gate: %s", decision.reason)
     return decision
+
+
+def report(patches_dir: str | Path, mil_dir: str | Path, out: str | Path, params: Params) -> Path:
+    """The run's HTML page: attention heatmaps of `mil_dir`'s out-of-fold predictions over the
+    patching QC thumbnails, and every slide's patching status (see `efcm.report`)."""
+    from efcm.report import html_report
+
+    return html_report(patches_dir, mil_dir, out, params.dataset.classes)

@@ -66,6 +66,11 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     assert "| teacher |" in report and "Cost per patch" in report
     eff = json.loads((work / "runs/evaluate/efficiency.json").read_text())
     assert eff["teacher"]["params"] > 0 and eff["student_teacher_speedup"] > 0
+    decision = json.loads((work / "runs/gate/decision.json").read_text())
+    assert decision["student"] == "student.vfd.retrain" and isinstance(decision["promote"], bool)
+    assert decision["student_auc"] == metrics["student.vfd.retrain"]["auc"]
+    page = (work / "runs/report/index.html").read_text()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
     pkg = load_package(work / "runs/package")
     assert pkg.classes == ["normal", "tumour"]
     assert pkg.meta["metrics"]["student.vfd.retrain"]["n"] == 6

@@ -207,3 +207,43 @@ def test_invalid_params_file_is_refused(tmp_path, capsys):
     bad.write_text("teacher:\n  archh: vit\n")
     assert main(["--params", str(bad), "--out", str(tmp_path / "p.yaml")]) == 2
     assert "teacher.archh" in capsys.readouterr().err
+
+
+# dvc.yaml stage -> the KFP task (display name) that runs the same `efcm.stages` function
+DVC_TWIN = {
+    "patch": "patch",
+    "extract_teacher": "extract-teacher",
+    "distill": "distill",
+    "extract_student": "extract-student",
+    "splits": "splits",
+    "train_mil_teacher": "train-mil-teacher",
+    "train_mil_student": "train-mil-student",
+    "reuse": "reuse",
+    "etc": "etc",
+    "evaluate": "evaluate",
+    "report": "report",
+    "gate": "gate",
+    "export": "export",
+}
+
+
+def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
+    """Same stages (demo_data is local only; resolve, shards, gather and deploy are cluster
+    only) and every params.yaml section a DVC stage depends on reaches its KFP task."""
+    spec, _ = _parse(compiled)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) - {"demo_data"} == set(DVC_TWIN)
+    by_display = {}
+    for _, name, task, *_ in _tasks(spec):
+        by_display[task.task_info.name or name] = (name, task)
+    for stage, display in DVC_TWIN.items():
+        assert display in by_display, f"dvc stage {stage}: no KFP task {display}"
+        _, task = by_display[display]
+        sections = {p.split(".")[0] for p in stages[stage].get("params", [])}
+        given = {
+            k.removeprefix("pipelinechannel--")
+            for k, v in task.inputs.parameters.items()
+            if v.component_input_parameter
+        }
+        missing = {s for s in sections if s not in given and s != "seed"}
+        assert not missing, f"{stage}: KFP task {display} lacks params {sorted(missing)}"
