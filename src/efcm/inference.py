@@ -266,13 +266,15 @@ def _predict_local(
         path,
         CoordsFile(plan.coords, g.patch_level, g.read_size, g.patch_size, uri, g.step0, g.size0),
     )
+    reader = _read_ahead(patches, batch_size, read_workers, deadline)
     try:
-        feats = embed_batches(
-            pkg.encoder,
-            _read_ahead(patches, batch_size, read_workers, deadline),
-            total=len(patches),
-            desc="predict",
-        )
+        try:
+            feats = embed_batches(pkg.encoder, reader, total=len(patches), desc="predict")
+        finally:
+            # A consumer that raised leaves the generator suspended, its pool still reading:
+            # close() runs its `finally` (cancel what is queued, wait for what runs) before the
+            # slide handle those threads share is closed below.
+            reader.close()
         lap("features")
         pred = predict_features(pkg, feats)
         lap("clam")

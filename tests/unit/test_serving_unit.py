@@ -298,3 +298,66 @@ def test_cache_evicts_least_recently_used_but_never_a_slide_in_use(tmp_path):
     assert cache_size(tmp_path) == 200
     assert evict_lru(tmp_path, 100) == 100  # released: now the oldest goes
     assert not (tmp_path / "gcs" / "b" / "old.svs").exists()
+
+
+# -- slide prediction: reader threads and errors --------------------------------------------------
+
+
+def _slide(tmp_path: Path, name: str = "s.tif", size: int = 1024) -> Path:
+    from efcm.slides.synthetic import SlideSpec, write_slide
+
+    path = tmp_path / "slides" / name
+    write_slide(path, SlideSpec(size, size, mpp=1.0, levels=2, seed=1))
+    return path
+
+
+def test_an_encoder_failure_stops_the_patch_readers_before_the_slide_is_closed(
+    package, tmp_path, monkeypatch
+):
+    import dataclasses
+    import threading
+    import time
+
+    import torch
+
+    from efcm.export import load_package
+    from efcm.inference import predict_slide
+    from efcm.slides.patches import SlidePatches
+
+    slide = _slide(tmp_path)
+    closed = threading.Event()
+    reads_after_close: list[int] = []
+    read_batch, close = SlidePatches.read_batch, SlidePatches.close
+
+    def slow_read_batch(self, indices):
+        time.sleep(0.05)  # reads still in flight when the encoder fails
+        if closed.is_set():
+            reads_after_close.append(len(indices))
+        return read_batch(self, indices)
+
+    def recording_close(self):
+        closed.set()
+        close(self)
+
+    monkeypatch.setattr(SlidePatches, "read_batch", slow_read_batch)
+    monkeypatch.setattr(SlidePatches, "close", recording_close)
+
+    class FailsOnSecondBatch(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("encoder failed on batch 2")
+            return torch.zeros(len(x), DIM)
+
+    pkg = dataclasses.replace(load_package(package), encoder=FailsOnSecondBatch())
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="encoder failed on batch 2"):
+        predict_slide(pkg, slide, batch_size=2, read_workers=2)
+    readers = [
+        t for t in threading.enumerate() if t not in before and t.name.startswith("efcm-read")
+    ]
+    assert closed.is_set()
+    assert readers == []  # joined before predict_slide returned
+    assert reads_after_close == []
