@@ -19,6 +19,7 @@ def deploy(
     canary_traffic_percent: int = 100,
     ready_timeout_s: int = 600,
     slide_uri_prefixes: str = "",
+    gpu_node_selector: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
 ) -> str:
     """Serve the package with KServe; returns the InferenceService URL ("" on a dry run).
 
@@ -47,4 +48,5 @@ def deploy(
         ready_timeout_s=ready_timeout_s,
         service_account=service_account,
         slide_uri_prefixes=slide_uri_prefixes,
+        node_selector=gpu_node_selector or None,
     )

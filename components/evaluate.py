@@ -70,7 +70,7 @@ def evaluate(
     shutil.copyfile(Path(evaluation.path) / "report.md", report.path)
     rows = {"teacher": teacher_roc}
     for strategy, out in (("reuse", reuse_roc), ("retrain", retrain_roc), ("etc", etc_roc)):
-        rows[f"student.{params.distill.method}.{strategy}"] = out
+        rows[stages.row_name(params, strategy)] = out
     for row, out in rows.items():
         roc, confusion = classification_curves(evaluation.path, row)
         if roc is not None:

@@ -14,6 +14,7 @@ def extract(
     teacher: dict,
     extract: dict,
     encoder: str,
+    seed: int,
     features: Output[Dataset],
     student_model: Input[Model] | None = None,
     shard: int = -1,
@@ -29,7 +30,8 @@ def extract(
 
     started = time.time()
     params = config.params_from_struct(
-        {"dataset": dataset, "teacher": teacher, "extract": extract}, f"extract ({encoder})"
+        {"seed": seed, "dataset": dataset, "teacher": teacher, "extract": extract},
+        f"extract ({encoder})",
     )
     rows = stages.extract(
         manifest.path,

@@ -15,9 +15,16 @@ def plan_shards(manifest: Input[Dataset], shard_size: int) -> list:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def gather(shards: Input[list[Dataset]], merged: Output[Dataset]):
-    """One output folder (and one status.csv) from the shards' patch or extract folders."""
-    from efcm.dataset import merge_outputs, status_counts
+def gather(
+    shards: Input[list[Dataset]], stage: str, dataset: dict, patch: dict, merged: Output[Dataset]
+):
+    """One output folder (and one status.csv) from the shards' `stage` (patch or extract)
+    folders; fails as the unsharded stage would (`patch.fail_on` for patch, every slide failed for
+    extract)."""
+    from efcm import config, stages
+    from efcm.dataset import status_counts
 
-    rows = merge_outputs([s.path for s in shards], merged.path)
+    params = config.params_from_struct({"dataset": dataset, "patch": patch}, f"gather ({stage})")
+    fail_on = params.patch.fail_on if stage == "patch" else "all"
+    rows = stages.gather([s.path for s in shards], merged.path, stage, fail_on)
     merged.metadata.update({"shards": len(shards), **status_counts(rows)})

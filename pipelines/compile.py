@@ -28,6 +28,7 @@ from kfp.compiler import pipeline_spec_builder  # noqa: E402
 
 from components.image import IMAGE  # noqa: E402
 from efcm.config import Params, load_params, params_from_dict, params_to_dict  # noqa: E402
+from efcm.deploy import check_image_tag  # noqa: E402
 from pipelines.pipeline import SECTIONS, build_pipeline, pipeline_keys  # noqa: E402
 
 DEFAULT_OUT = ROOT / "pipelines" / "efcm_pipeline.yaml"
@@ -66,13 +67,12 @@ def compile_pipeline(
 ) -> Path:
     """Write the compiled pipeline to `out`; returns its path. `parallelism` defaults to
     params.yaml's `pipeline.parallelism`."""
-    if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]:
-        raise ValueError(f"image {image!r} must carry an explicit tag other than :latest")
+    check_image_tag(image, "component image")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     params = load_params(params_path)
     compiler.Compiler().compile(
-        build_pipeline(image, parallelism or params.pipeline.parallelism),
+        build_pipeline(image, params.pipeline.parallelism if parallelism is None else parallelism),
         str(out),
         pipeline_parameters=pipeline_arguments(params),
     )

@@ -192,21 +192,28 @@ def build_pipeline(
                     teacher=teacher,
                     extract=extract,
                     encoder="teacher",
+                    seed=seed,
                     shard=shard,
                     shard_size=shard_size,
                 ).set_display_name("extract-teacher"),
                 "extract",
             )
         patches = run(
-            c.gather(shards=dsl.Collected(shard_patch.outputs["patches"])).set_display_name(
-                "gather-patches"
-            ),
+            c.gather(
+                shards=dsl.Collected(shard_patch.outputs["patches"]),
+                stage="patch",
+                dataset=dataset,
+                patch=patch,
+            ).set_display_name("gather-patches"),
             "gather",
         ).outputs["merged"]
         teacher_features = run(
-            c.gather(shards=dsl.Collected(shard_extract.outputs["features"])).set_display_name(
-                "gather-teacher-features"
-            ),
+            c.gather(
+                shards=dsl.Collected(shard_extract.outputs["features"]),
+                stage="extract",
+                dataset=dataset,
+                patch=patch,
+            ).set_display_name("gather-teacher-features"),
             "gather",
         ).outputs["merged"]
 
@@ -231,6 +238,7 @@ def build_pipeline(
                 teacher=teacher,
                 extract=extract,
                 encoder="student",
+                seed=seed,
                 student_model=student_model,
             ).set_display_name("extract-student"),
             "extract",
@@ -342,6 +350,7 @@ def build_pipeline(
                     canary_traffic_percent=canary_traffic_percent,
                     ready_timeout_s=ready_timeout_s,
                     slide_uri_prefixes=slide_uri_prefixes,
+                    gpu_node_selector=gpu_node_selector,
                 ),
                 "deploy",
             ).set_caching_options(False)

@@ -211,10 +211,12 @@ def _copy_tree(src: Path, dst: Path) -> None:
         if item.is_dir():
             _copy_tree(item, dst / item.name)
         elif not item.name.endswith(".part"):
+            target = dst / item.name
+            target.unlink(missing_ok=True)  # a retried gather writes over its own first try
             try:  # the same filesystem (kfp.local, a workspace PVC): no copy at all
-                os.link(item, dst / item.name)
+                os.link(item, target)
             except OSError:
-                shutil.copyfile(item, dst / item.name)
+                shutil.copyfile(item, target)
 
 
 def status_counts(rows: Iterable[dict[str, str]]) -> dict[str, int]:

@@ -67,6 +67,7 @@ from typing import Any
 
 import yaml
 
+from efcm.config import PipelineParams
 from efcm.serving.policy import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
@@ -92,8 +93,9 @@ HTTP_PORT, GRPC_PORT = 8080, 8081
 READY_PATH, LIVE_PATH = "/v2/health/ready", "/v2/health/live"
 GPU_RESOURCE = "nvidia.com/gpu"
 # GKE labels its GPU nodes with the accelerator type (the project runs on GKE: see manifests/);
-# elsewhere pass e.g. {"nvidia.com/gpu.present": "true"} (NVIDIA's GPU feature discovery).
-DEFAULT_GPU_NODE_SELECTOR: Mapping[str, str] = {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+# elsewhere pass e.g. {"nvidia.com/gpu.present": "true"} (NVIDIA's GPU feature discovery). The
+# default is params.yaml's `pipeline.gpu_node_selector` default: the pipeline's GPU stages'.
+DEFAULT_GPU_NODE_SELECTOR: Mapping[str, str] = PipelineParams().gpu_node_selector
 RUN_AS_USER = 10001  # the unprivileged user of the images (docker/)
 CACHE_VOLUME, CACHE_MOUNT = "efcm-cache", "/var/cache/efcm"
 TMP_VOLUME, TMP_MOUNT, TMP_SIZE = "tmp", "/tmp", "1Gi"
@@ -107,6 +109,15 @@ _CANARY_DROPPED = ("maxReplicas", "scaleMetric", "scaleMetricType", "scaleTarget
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GiB = 1 << 30
+
+
+def check_image_tag(image: str, what: str = "image") -> str:
+    """`image` when it names an explicit tag other than `:latest` (a digest also pins it);
+    raises ValueError naming `what` otherwise."""
+    last = image.rsplit("/", 1)[-1] if image else ""
+    if not image or image.endswith(":latest") or (":" not in last and "@" not in last):
+        raise ValueError(f"{what} {image!r} must carry an explicit tag other than :latest")
+    return image
 
 
 def _mode(deployment_mode: str) -> str:
@@ -195,8 +206,7 @@ def inference_service(
         )
     if not storage_uri:
         raise ValueError("storage_uri is empty: nothing to serve")
-    if not image or image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]:
-        raise ValueError(f"serving image {image!r} must carry an explicit tag other than :latest")
+    check_image_tag(image, "serving image")
     if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
         raise ValueError(
             f"need 0 <= min_replicas <= max_replicas, max_replicas >= 1; "

@@ -56,7 +56,9 @@ def _auc(metrics: dict[str, Any], row: str) -> float | None:
 
 
 def exported_row(params: Params) -> str:
-    return f"student.{params.distill.method}.{EXPORTED_STRATEGY}"
+    from efcm.stages import row_name
+
+    return row_name(params, EXPORTED_STRATEGY)
 
 
 def decide(metrics: dict[str, Any], params: Params) -> Decision:

@@ -24,6 +24,7 @@ import numpy as np
 
 from efcm.heatmap import encode_png, overlay
 from efcm.mil import read_attention
+from efcm.slides.patching import read_coords
 from efcm.status import read_status
 
 _STYLE = (
@@ -56,11 +57,13 @@ def _heatmap(patches_dir: Path, sid: str, attention: np.ndarray) -> np.ndarray |
     coords_path = patches_dir / "patches" / f"{sid}.h5"
     if thumb is None or not coords_path.is_file():
         return None
-    with h5py.File(coords_path, "r") as f:
-        d = f["coords"]
-        coords = d[:]
-        size0 = int(d.attrs["size0"])
-        width0, height0 = np.asarray(d.attrs["level_dim"]) * np.asarray(d.attrs["downsample"])
+    cf = read_coords(coords_path)
+    with h5py.File(coords_path, "r") as f:  # the slide's size: our coords files record it
+        attrs = f["coords"].attrs
+        if "level_dim" not in attrs or "downsample" not in attrs or cf.size0 is None:
+            return None  # a CLAM / TRIDENT coords file: no heatmap, the QC part still shows
+        width0, height0 = np.asarray(attrs["level_dim"]) * np.asarray(attrs["downsample"])
+    coords, size0 = cf.coords, int(cf.size0)
     if len(coords) != len(attention) or len(coords) == 0:
         return None
     scale = (width0 / thumb.shape[1], height0 / thumb.shape[0])

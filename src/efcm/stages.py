@@ -47,6 +47,11 @@ def _read(manifest: str | Path, params: Params, shard: tuple[int, int] | None) -
     return select_shard(m, *shard)
 
 
+def row_name(params: Params, strategy: str) -> str:
+    """The evaluation row of a student strategy: `student.<distill.method>.<strategy>`."""
+    return f"student.{params.distill.method}.{strategy}"
+
+
 def student_checkpoint(path: str | Path) -> Path:
     """The student checkpoint: `path` itself, or `student.pt` in a distill output directory."""
     p = Path(path)
@@ -100,7 +105,8 @@ def patch(
         workers=workers,
         overwrite=overwrite,
     )
-    return _check_batch(rows, "patch", params.patch.fail_on)
+    # a shard is part of a batch: `fail_on` is applied to the whole batch, by `gather`
+    return _check_batch(rows, "patch", "never" if shard else params.patch.fail_on)
 
 
 def extract(
@@ -155,7 +161,18 @@ def extract(
         attrs,
         overwrite=overwrite,
     )
-    return _check_batch(rows, "extract")
+    return _check_batch(rows, "extract", "never" if shard else "all")
+
+
+def gather(
+    shards: list[str | Path], out_dir: str | Path, what: str, fail_on: str = "all"
+) -> list[dict[str, Any]]:
+    """Merge the shards' patch or extract output folders into `out_dir` (see
+    `efcm.dataset.merge_outputs`), then apply `fail_on` to the whole batch, as an unsharded
+    `patch` / `extract` does (a shard alone never fails the run for its failed slides)."""
+    from efcm.dataset import merge_outputs
+
+    return _check_batch(merge_outputs(shards, out_dir), what, fail_on)
 
 
 def distill(
@@ -306,7 +323,7 @@ def evaluate(
                 summary.is_file() and json.loads(summary.read_text()).get("skipped")
             ):
                 continue
-            name = f"student.{params.distill.method}.{name}"
+            name = row_name(params, name)
         rows[name] = Path(folder)
     if not rows:
         raise ConfigError("evaluate needs at least one NAME=DIR of predictions")

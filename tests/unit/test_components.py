@@ -17,6 +17,7 @@ from components.image import IMAGE, SERVING_IMAGE
 from efcm import storage
 from efcm.dataset import select_shard
 from efcm.manifest import import_manifest, read_manifest
+from efcm.stages import BatchFailed
 from efcm.status import read_status, write_status
 
 CLASSES = ("normal", "tumour")
@@ -124,14 +125,23 @@ def test_resolve_dataset_component_without_a_repository_imports_the_manifest(tmp
     assert out.metadata["md5"] == version and out.metadata["slides"] == 1
 
 
-def _shard_output(folder: Path, slides: list[str], sub: str = "patches") -> dsl.Dataset:
-    (folder / sub).mkdir(parents=True)
+def _shard_output(folder: Path, slides: list[str], status: str = "ok") -> dsl.Dataset:
+    (folder / "patches").mkdir(parents=True)
     for sid in slides:
-        (folder / sub / f"{sid}.h5").write_bytes(sid.encode())
-    write_status(
-        folder / "status.csv", [{"slide_id": s, "status": "ok", "reason": ""} for s in slides]
-    )
+        (folder / "patches" / f"{sid}.h5").write_bytes(sid.encode())
+    rows = [
+        {"slide_id": s, "status": status, "reason": "" if status == "ok" else "bad"} for s in slides
+    ]
+    write_status(folder / "status.csv", rows)
     return dsl.Dataset(uri=str(folder))
+
+
+def _gather(shards, out: Path, **patch) -> dsl.Dataset:
+    merged = dsl.Dataset(uri=str(out))
+    c.gather.python_func(
+        shards=shards, stage="patch", dataset={"classes": list(CLASSES)}, patch=patch, merged=merged
+    )
+    return merged
 
 
 def test_plan_shards_and_gather_fan_out_and_back(tmp_path):
@@ -145,8 +155,7 @@ def test_plan_shards_and_gather_fan_out_and_back(tmp_path):
         _shard_output(tmp_path / "a", ["s0", "s1", "s2"]),
         _shard_output(tmp_path / "b", ["s3", "s4"]),
     ]
-    merged = dsl.Dataset(uri=str(tmp_path / "merged"))
-    c.gather.python_func(shards=shards, merged=merged)
+    merged = _gather(shards, tmp_path / "merged")
     assert sorted(p.name for p in (tmp_path / "merged" / "patches").iterdir()) == [
         f"s{i}.h5" for i in range(5)
     ]
@@ -154,10 +163,25 @@ def test_plan_shards_and_gather_fan_out_and_back(tmp_path):
         f"s{i}" for i in range(5)
     ]
     assert merged.metadata == {"shards": 2, "ok": 5}
+    # a retried gather writes over its own first try
+    assert _gather(shards, tmp_path / "merged").metadata == {"shards": 2, "ok": 5}
 
     twice = [shards[0], _shard_output(tmp_path / "c", ["s2"])]
     with pytest.raises(ValueError, match="slide s2 is in two shards"):
-        c.gather.python_func(shards=twice, merged=dsl.Dataset(uri=str(tmp_path / "m2")))
+        _gather(twice, tmp_path / "m2")
+
+
+def test_a_failed_shard_fails_the_run_only_as_the_whole_batch_would(tmp_path):
+    """patch.fail_on applies to the gathered batch: one shard of bad slides is not a failed run
+    (fail_on: all), but is with fail_on: any; every slide failing fails it."""
+    good = _shard_output(tmp_path / "good", ["s0", "s1"])
+    bad = _shard_output(tmp_path / "bad", ["s2"], status="unreadable")
+    merged = _gather([good, bad], tmp_path / "all", fail_on="all")
+    assert merged.metadata == {"shards": 2, "ok": 2, "unreadable": 1}
+    with pytest.raises(BatchFailed, match=r"patch: 1 slide\(s\) failed \(s2: bad\)"):
+        _gather([good, bad], tmp_path / "any", fail_on="any")
+    with pytest.raises(BatchFailed, match="every slide failed"):
+        _gather([bad], tmp_path / "none", fail_on="all")
 
 
 def test_select_shard_names_a_shard_that_does_not_exist(tmp_path):

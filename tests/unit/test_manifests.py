@@ -329,7 +329,7 @@ def test_inferenceservice_is_production_ready(builds, variant):
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
     # autoscaling
-    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 3)  # as the README says
     assert predictor["scaleMetric"] and predictor["scaleTarget"] > 0
     # the serving policy, parsed back by the server's own reader
     env = {e["name"]: e["value"] for e in container["env"]}
