@@ -16,6 +16,7 @@ per request is unsafe, while spawning workers would cost seconds per request.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import openslide
 import torch
 
 from efcm.config import PatchParams
@@ -35,6 +37,8 @@ from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile
 from efcm.slides.reader import SlideError, open_slide
 from efcm.storage import TooLarge, staged
+
+log = logging.getLogger(__name__)
 
 
 class LimitExceeded(ValueError):
@@ -197,8 +201,8 @@ def predict_slide(
 
     Raises:
         FileNotFoundError: no such slide.
-        SlideError: unreadable/corrupt (status `unreadable`), no mpp (`no_mpp`), no tissue
-            (`no_tissue`), too coarse.
+        SlideError: unreadable/corrupt, at open or at any tile read (status `unreadable`), no
+            mpp (`no_mpp`), no tissue (`no_tissue`), too coarse.
         LimitExceeded: over `max_slide_bytes` or `max_patches`.
         DeadlineExceeded: still running at `deadline`.
     """
@@ -257,6 +261,8 @@ def _predict_local(
             plan = plan_patches(slide, params, mpp_override=mpp, name=uri)
     except SlideError as err:  # name the slide as the client did, not by its cache path
         raise SlideError(str(err).replace(path, uri), status=err.status) from None
+    except openslide.OpenSlideError as err:  # opened, but a tile cannot be decoded
+        raise _corrupt(uri, err) from None
     lap("patching")
     if len(plan.coords) == 0:
         raise SlideError(f"{uri}: no tissue found", status="no_tissue")
@@ -287,6 +293,18 @@ def _predict_local(
         if gallery_k:
             pred.gallery_png = encode_png(gallery(patches.read, pred.attention, gallery_k))
             lap("gallery")
+    except openslide.OpenSlideError as err:  # a reader thread's, re-raised by the generator
+        raise _corrupt(uri, err) from None
     finally:
         patches.close()
     return pred
+
+
+def _corrupt(uri: str, err: Exception) -> SlideError:
+    # OpenSlide's own text names the local (cache) file and libjpeg/libtiff internals: logged,
+    # not sent to the client
+    log.warning("%s: %s: %s", uri, type(err).__name__, err)
+    return SlideError(
+        f"{uri}: corrupt or unreadable slide ({type(err).__name__}: a tile cannot be read)",
+        status="unreadable",
+    )

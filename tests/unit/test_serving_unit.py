@@ -361,3 +361,43 @@ def test_an_encoder_failure_stops_the_patch_readers_before_the_slide_is_closed(
     assert closed.is_set()
     assert readers == []  # joined before predict_slide returned
     assert reads_after_close == []
+
+
+def _corrupt_tiles(slide: Path) -> Path:
+    """A slide that opens (its header and its smallest level, which OpenSlide hashes on open, are
+    intact) but whose level-0 tiles in the middle are zeroed: reading them fails in libjpeg.
+    Truncating the file does not give this: tifffile writes the smallest level last, so any cut
+    breaks opening."""
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages[0]
+        tiles = list(zip(page.dataoffsets, page.databytecounts, strict=True))
+    with open(slide, "r+b") as f:
+        for offset, count in tiles[len(tiles) // 4 : 3 * len(tiles) // 4]:
+            f.seek(offset)
+            f.write(b"\0" * count)
+    return slide
+
+
+def test_a_slide_with_corrupt_tiles_is_invalid_input_not_a_500(package, tmp_path):
+    from kserve.errors import InvalidInput
+
+    from efcm.serving.model import EFCMModel
+
+    slide = _corrupt_tiles(_slide(tmp_path, "corrupt.tif"))
+    m = EFCMModel("efcm", package, slide_access=SlideAccessPolicy.of([str(slide.parent)]))
+    m.load()
+    with pytest.raises(InvalidInput, match="corrupt or unreadable") as err:
+        _predict(m, {"instances": [{"slide_uri": str(slide)}]})
+    assert str(slide) in str(err.value) and "JPEG" not in str(err.value)
+
+
+def test_efcm_predict_reports_a_corrupt_slide_in_one_line(package, tmp_path, capsys):
+    from efcm.cli import main
+
+    slide = _corrupt_tiles(_slide(tmp_path, "corrupt.tif"))
+    assert main(["predict", str(package), str(slide)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("efcm predict: ") and "corrupt or unreadable slide" in err[-1]
+    assert "Traceback" not in "\n".join(err)
