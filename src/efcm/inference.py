@@ -259,8 +259,8 @@ def _predict_local(
     try:
         with open_slide(path) as slide:
             plan = plan_patches(slide, params, mpp_override=mpp, name=uri)
-    except SlideError as err:  # name the slide as the client did, not by its cache path
-        raise SlideError(str(err).replace(path, uri), status=err.status) from None
+    except SlideError as err:
+        raise _as_sent(err, path, uri) from None
     except openslide.OpenSlideError as err:  # opened, but a tile cannot be decoded
         raise _corrupt(uri, err) from None
     lap("patching")
@@ -293,11 +293,18 @@ def _predict_local(
         if gallery_k:
             pred.gallery_png = encode_png(gallery(patches.read, pred.attention, gallery_k))
             lap("gallery")
+    except SlideError as err:  # the handle the readers open lazily
+        raise _as_sent(err, path, uri) from None
     except openslide.OpenSlideError as err:  # a reader thread's, re-raised by the generator
         raise _corrupt(uri, err) from None
     finally:
         patches.close()
     return pred
+
+
+def _as_sent(err: SlideError, path: str, uri: str) -> SlideError:
+    # name the slide as the client did (its gs:// URI), not by its local cache path
+    return SlideError(str(err).replace(path, uri), status=err.status)
 
 
 def _corrupt(uri: str, err: Exception) -> SlideError:

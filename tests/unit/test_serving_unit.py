@@ -401,3 +401,49 @@ def test_efcm_predict_reports_a_corrupt_slide_in_one_line(package, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("efcm predict: ") and "corrupt or unreadable slide" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def _gs_model(package, monkeypatch, local: Path):
+    """A model allowed to read gs://lab/slides/, whose staging yields `local` (as the cache would
+    after a download)."""
+    from contextlib import contextmanager
+
+    import efcm.inference
+    from efcm.serving.model import EFCMModel
+    from efcm.storage import StagedSlide
+
+    @contextmanager
+    def staged(uri, **kwargs):
+        yield StagedSlide(local, downloaded_bytes=local.stat().st_size)
+
+    monkeypatch.setattr(efcm.inference, "staged", staged)
+    m = EFCMModel("efcm", package, slide_access=SlideAccessPolicy.of(["gs://lab/slides/"]))
+    m.load()
+    return m
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random-bytes", "corrupt-tiles"])
+def test_bad_gs_slides_are_named_by_their_gs_uri_without_openslide_internals(
+    package, tmp_path, monkeypatch, damage
+):
+    from kserve.errors import InvalidInput
+
+    cache = tmp_path / "cache" / "gcs" / "lab" / "slides"
+    local = _slide(tmp_path, "s.tif")
+    if damage == "truncated":  # the smallest level, hashed on open, loses its last bytes
+        data = local.read_bytes()
+        local.write_bytes(data[:-100])
+    elif damage == "random-bytes":
+        local.write_bytes(np.random.default_rng(0).bytes(200_000))
+    else:
+        _corrupt_tiles(local)
+    cache.mkdir(parents=True)
+    local = local.rename(cache / "s.tif")
+    m = _gs_model(package, monkeypatch, local)
+    uri = "gs://lab/slides/s.tif"
+    with pytest.raises(InvalidInput) as err:
+        _predict(m, {"instances": [{"slide_uri": uri}]})
+    msg = str(err.value)
+    assert uri in msg
+    assert str(tmp_path) not in msg and "cache" not in msg
+    assert "Short read" not in msg and "JPEG" not in msg  # OpenSlide's own text stays in the log

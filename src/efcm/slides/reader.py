@@ -55,7 +55,11 @@ def open_slide(uri: str | Path, *, base_dir: str | Path | None = None) -> opensl
     except openslide.OpenSlideUnsupportedFormatError:
         raise SlideError(f"{uri}: not a slide format OpenSlide can read") from None
     except openslide.OpenSlideError as err:
-        raise SlideError(f"{uri}: corrupt or unreadable slide ({err})") from None
+        # OpenSlide's text can name other files (an MRXS data file, a DICOM instance): logged only
+        log.warning("%s: %s: %s", uri, type(err).__name__, err)
+        raise SlideError(
+            f"{uri}: corrupt or unreadable slide ({type(err).__name__}: cannot open)"
+        ) from None
 
 
 def _tiff_mpp(props: dict[str, str]) -> float | None:
