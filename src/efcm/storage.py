@@ -27,10 +27,12 @@ Multi-file slides are staged as a whole:
 
 Size cap (`staged`, used by `efcm predict` and the predictor): while a slide is used, a shared
 flock on each of its objects' ``<object>.use`` file marks it in use (its mtime is the last use).
-After staging, if the cache holds more than `EFCM_CACHE_MAX_BYTES` (default 20 GiB), the least
-recently used objects are removed (record first, then bytes) until it fits; an object whose
-``.use`` lock another request holds is never removed, so the cache can stay over the cap while
-every slide in it is in use. A later request for an evicted slide downloads it again.
+Before an object of known size (its metadata's) is downloaded, the least recently used objects
+are removed (record first, then bytes) until the cache holds at most the cap minus that size, so
+the volume needs the cap, not the cap plus a slide in flight; after staging the cache is trimmed to
+the cap again. The cap is `EFCM_CACHE_MAX_BYTES` (default 20 GiB) or the caller's `cap_bytes`. An
+object whose ``.use`` lock another request holds is never removed, so the cache can stay over the
+cap while every slide in it is in use. A later request for an evicted slide downloads it again.
 
 Works against the real GCS API and against an emulator (`STORAGE_EMULATOR_HOST`).
 `download_stats()` counts what this process downloaded and reused (tests assert on it).
@@ -324,6 +326,10 @@ def _stage_blob(blob: Any, root: Path) -> Path:
             _count(reused=1)
             return dest
         _remove_stale_parts(meta.parent, dest.name)
+        holder = _holder.get()
+        if holder is not None and holder.cap_bytes is not None:
+            # room first: the cache volume must hold the cap, not the cap plus this download
+            evict_lru(root, holder.cap_bytes - size)
         t0 = time.perf_counter()
         tmp = _meta_path(root, bucket, name, f".{os.getpid()}.{secrets.token_hex(4)}.part")
         try:
@@ -338,7 +344,6 @@ def _stage_blob(blob: Any, root: Path) -> Path:
             tmp.unlink(missing_ok=True)
         _write_json(meta, _record(dest, generation, size))
     _count(objects=1, nbytes=size)
-    holder = _holder.get()
     if holder is not None:
         holder.downloaded_bytes += size
     log.info(
@@ -389,6 +394,7 @@ class StagedSlide:
 
     path: Path
     downloaded_bytes: int = 0
+    cap_bytes: int | None = field(default=None, repr=False)  # the cache cap while staging
     _held: list[Any] = field(default_factory=list, repr=False)
 
 
@@ -443,9 +449,10 @@ def staged(
     """The local path of a slide, held in the cache for the duration of the block.
 
     A gs:// slide is staged (see `download`) and its objects are marked in use, so that no
-    eviction removes them while the block runs; then the cache is trimmed to `cap_bytes` (default
-    `cache_max_bytes()`), least recently used first. A local path is returned as it is (its size is
-    checked against `max_bytes` too).
+    eviction removes them while the block runs. The cache is kept to `cap_bytes` (default
+    `cache_max_bytes()`), least recently used first: before each download it is trimmed to
+    `cap_bytes` minus the object's size, and after staging to `cap_bytes`. A local path is
+    returned as it is (its size is checked against `max_bytes` too).
 
     Raises:
         TooLarge: the slide is over `max_bytes`.
@@ -457,7 +464,8 @@ def staged(
             raise TooLarge(f"{uri}: {p.stat().st_size} bytes, over the limit of {max_bytes} bytes")
         yield StagedSlide(p)
         return
-    holder = StagedSlide(Path())
+    cap = cache_max_bytes() if cap_bytes is None else cap_bytes
+    holder = StagedSlide(Path(), cap_bytes=cap)
     token = _holder.set(holder)
     try:
         try:
@@ -465,7 +473,7 @@ def staged(
         finally:
             _holder.reset(token)
         holder.path = dicom_series_file(p) if p.is_dir() else p
-        evict_lru(cache_dir(), cache_max_bytes() if cap_bytes is None else cap_bytes)
+        evict_lru(cache_dir(), cap)
         yield holder
     finally:
         _release(holder._held)

@@ -447,3 +447,52 @@ def test_bad_gs_slides_are_named_by_their_gs_uri_without_openslide_internals(
     assert uri in msg
     assert str(tmp_path) not in msg and "cache" not in msg
     assert "Short read" not in msg and "JPEG" not in msg  # OpenSlide's own text stays in the log
+
+
+class _FakeBlob:
+    """The part of a google-cloud-storage Blob that staging uses; records the cache's size when
+    its download starts."""
+
+    def __init__(self, root: Path, name: str, size: int) -> None:
+        from types import SimpleNamespace
+
+        self.root, self.name, self.size, self.generation = root, name, size, 7
+        self.bucket = SimpleNamespace(name="b")
+        self.cache_at_download: int | None = None
+        self.present_at_download: list[str] = []
+
+    def download_to_filename(self, path: str, **_) -> None:
+        from efcm.storage import cache_size
+
+        self.cache_at_download = cache_size(self.root)
+        self.present_at_download = sorted(p.name for p in (self.root / "gcs" / "b").iterdir())
+        Path(path).write_bytes(b"y" * self.size)
+
+
+def _fake_gcs(monkeypatch, blob: _FakeBlob) -> None:
+    from types import SimpleNamespace
+
+    from efcm import storage
+
+    bucket = SimpleNamespace(get_blob=lambda name, **_: blob if name == blob.name else None)
+    client = SimpleNamespace(bucket=lambda name: bucket)
+    monkeypatch.setattr(storage, "gcs_client", lambda: client)
+    monkeypatch.setenv("EFCM_CACHE_DIR", str(blob.root))
+
+
+def test_cache_makes_room_for_a_download_before_it_starts(tmp_path, monkeypatch):
+    import fcntl
+
+    from efcm.storage import cache_size, staged
+
+    for name, age in (("old.svs", 30), ("mid.svs", 20), ("new.svs", 10)):
+        _fake_staged(tmp_path, name, 100, age)
+    blob = _FakeBlob(tmp_path, "incoming.svs", 100)
+    _fake_gcs(monkeypatch, blob)
+    with open(tmp_path / "gcs-meta" / "b" / "old.svs.use", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)  # a request is reading the oldest slide
+        with staged("gs://b/incoming.svs", cap_bytes=300) as s:
+            assert s.downloaded_bytes == 100
+    assert blob.cache_at_download == 200  # cap - incoming size, before a byte moved
+    assert blob.present_at_download == ["new.svs", "old.svs"]  # mid went; old was in use
+    assert cache_size(tmp_path) == 300
