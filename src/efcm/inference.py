@@ -189,13 +189,15 @@ def predict_slide(
     gallery_k: int = 0,
     max_patches: int | None = None,
     max_slide_bytes: int | None = None,
+    cache_max_bytes: int | None = None,
     deadline: float | None = None,
 ) -> Prediction:
     """Patch the slide with the packaged settings, embed every patch with the student, run CLAM;
     with `heatmap`, the attention overlay PNG; with `gallery_k`, a PNG of the k most and least
     attended patches.
 
-    `uri` is a local path or gs:// (staged into the size-capped cache, see `efcm.storage.staged`).
+    `uri` is a local path or gs:// (staged into the cache, capped at `cache_max_bytes`, default
+    `EFCM_CACHE_MAX_BYTES`; see `efcm.storage.staged`).
     `Prediction.timings` has the seconds of each step: download, patching (mpp, tissue, grid),
     features (reading + student), clam, heatmap (and gallery).
 
@@ -218,7 +220,7 @@ def predict_slide(
         t0 = now
 
     try:
-        with staged(uri, max_bytes=max_slide_bytes) as local:
+        with staged(uri, max_bytes=max_slide_bytes, cap_bytes=cache_max_bytes) as local:
             lap("download")
             _check_time(deadline, "download")
             pred = _predict_local(

@@ -50,7 +50,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -403,9 +403,11 @@ _holder: contextvars.ContextVar[StagedSlide | None] = contextvars.ContextVar(
 )
 
 
-def cache_max_bytes() -> int:
-    """`EFCM_CACHE_MAX_BYTES` (bytes, > 0), else the default (20 GiB)."""
-    raw = os.environ.get(CACHE_MAX_BYTES_ENV, "").strip()
+def cache_max_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """`EFCM_CACHE_MAX_BYTES` (bytes, > 0) of `environ` (default `os.environ`), else the default
+    (20 GiB). The one parser of that variable: `efcm.serving.policy.ServingLimits` reads it here.
+    """
+    raw = (os.environ if environ is None else environ).get(CACHE_MAX_BYTES_ENV, "").strip()
     if not raw:
         return DEFAULT_CACHE_MAX_BYTES
     try:

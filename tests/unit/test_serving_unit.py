@@ -496,3 +496,38 @@ def test_cache_makes_room_for_a_download_before_it_starts(tmp_path, monkeypatch)
     assert blob.cache_at_download == 200  # cap - incoming size, before a byte moved
     assert blob.present_at_download == ["new.svs", "old.svs"]  # mid went; old was in use
     assert cache_size(tmp_path) == 300
+
+
+def test_the_servers_cache_cap_is_the_one_staging_uses(package, tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import efcm.inference
+    from efcm.serving.model import EFCMModel
+    from efcm.serving.policy import ServingLimits
+    from efcm.storage import StagedSlide, cache_max_bytes
+
+    slide = _slide(tmp_path)
+    caps: list[int | None] = []
+
+    @contextmanager
+    def staged(uri, *, max_bytes=None, cap_bytes=None):
+        caps.append(cap_bytes)
+        yield StagedSlide(slide)
+
+    monkeypatch.setattr(efcm.inference, "staged", staged)
+    m = EFCMModel(
+        "efcm",
+        package,
+        slide_access=SlideAccessPolicy.of(["gs://lab/slides/"]),
+        limits=ServingLimits(cache_max_bytes=12345),
+    )
+    m.load()
+    _predict(m, {"instances": [{"slide_uri": "gs://lab/slides/s.tif"}]})
+    assert caps == [12345]
+    # one parser of EFCM_CACHE_MAX_BYTES: the server's limits and `efcm predict` read it alike
+    env = {"EFCM_CACHE_MAX_BYTES": "4096"}
+    assert ServingLimits.from_env(env).cache_max_bytes == cache_max_bytes(env) == 4096
+    assert ServingLimits.from_env({}).cache_max_bytes == cache_max_bytes({}) == 20 << 30
+    for bad in ("0", "lots"):
+        with pytest.raises(ValueError, match="EFCM_CACHE_MAX_BYTES"):
+            ServingLimits.from_env({"EFCM_CACHE_MAX_BYTES": bad})

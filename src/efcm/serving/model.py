@@ -149,6 +149,7 @@ class EFCMModel(kserve.Model):
                 read_workers=self.read_workers,
                 max_patches=lim.max_patches,
                 max_slide_bytes=lim.max_slide_bytes,
+                cache_max_bytes=lim.cache_max_bytes,
                 deadline=deadline,
             )
         except AccessDenied as err:

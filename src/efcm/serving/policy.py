@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from efcm.inference import DeadlineExceeded, LimitExceeded
-from efcm.storage import CACHE_DIR_ENV, CACHE_MAX_BYTES_ENV, DEFAULT_CACHE_MAX_BYTES
+from efcm.storage import (
+    CACHE_DIR_ENV,
+    CACHE_MAX_BYTES_ENV,
+    DEFAULT_CACHE_MAX_BYTES,
+)
+from efcm.storage import (
+    cache_max_bytes as cache_max_bytes_from_env,
+)
 
 SLIDE_URI_PREFIXES_ENV = "EFCM_SLIDE_URI_PREFIXES"
 MAX_REQUEST_BYTES_ENV = "EFCM_MAX_REQUEST_BYTES"
@@ -104,7 +111,7 @@ class ServingLimits:
             max_patches=num(MAX_PATCHES_ENV, d.max_patches, int),
             max_slide_bytes=num(MAX_SLIDE_BYTES_ENV, d.max_slide_bytes, int),
             request_timeout_s=num(REQUEST_TIMEOUT_ENV, d.request_timeout_s, float),
-            cache_max_bytes=num(CACHE_MAX_BYTES_ENV, d.cache_max_bytes, int),
+            cache_max_bytes=cache_max_bytes_from_env(env),  # the parser `efcm predict` uses too
         )
 
 
