@@ -106,13 +106,25 @@ def test_slide_access_rejects_other_schemes_in_config():
 # -- the model ------------------------------------------------------------------------------------
 
 
-def test_importing_the_adapter_hides_argv_from_kserve():
+@pytest.mark.parametrize("module", ["efcm.serving.model", "efcm.serving.server"])
+def test_importing_the_adapter_hides_argv_from_kserve(module):
     # kserve parses sys.argv on import: an ambiguous option prefix would exit the process.
-    code = "import efcm.serving; print('ok')"
+    code = f"import {module}, sys; assert 'kserve' in sys.modules; print('ok')"
     proc = subprocess.run(
         [sys.executable, "-c", code, "--enable", "--max"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_the_deploy_step_reads_the_serving_policy_without_kserve_or_torch():
+    # efcm.deploy takes the env var names and ServingLimits from efcm.serving.policy
+    code = (
+        "import sys, efcm.deploy, efcm.serving.policy, efcm.serving; "
+        "print(sorted(m for m in ('kserve', 'torch') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_v2_and_v1_give_the_same_prediction(model):

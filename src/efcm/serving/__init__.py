@@ -5,20 +5,8 @@ This package is the only part of `efcm` that imports kserve. `model.EFCMModel` i
 `kserve.Model`; `server.serve` is what `efcm serve` runs; `request` parses request bodies and
 `policy` decides which slide URIs the server may open and the limits of a request.
 
-kserve parses `sys.argv` when it is first imported (a module-level `parse_known_args` in
-`kserve.model_server`). The arguments of `efcm serve` (or of pytest) are not its arguments: an
-ambiguous prefix there ends the process with an argparse error. So kserve is imported here, once,
-with `sys.argv` reduced to the program name; `server.serve` passes its options explicitly.
+Importing this package (or `policy`, which `efcm.deploy` reads for the env var names and
+`ServingLimits`, or `request`) imports neither kserve nor torch: the package re-exports nothing,
+and only `model` and `server` import kserve, through `efcm.serving._kserve` (which hides
+`sys.argv` from kserve's import-time argument parsing).
 """
-
-from __future__ import annotations
-
-import sys
-
-_argv = sys.argv
-sys.argv = _argv[:1]
-try:
-    import kserve  # noqa: F401  (imported for its side effect; see the module docstring)
-finally:
-    sys.argv = _argv
-del _argv

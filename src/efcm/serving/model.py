@@ -18,6 +18,9 @@ a request past its time budget is 504; a request before the model is ready is ks
 
 from __future__ import annotations
 
+from efcm.serving import _kserve  # noqa: F401  (first: hides sys.argv from kserve)
+
+# isort: split
 import asyncio
 import base64
 import json
@@ -35,6 +38,8 @@ from kserve.protocol.infer_type import to_http_parameters
 
 from efcm.export import Package, PackageError, load_package
 from efcm.inference import (
+    DeadlineExceeded,
+    LimitExceeded,
     Prediction,
     patch_size,
     predict_features,
@@ -43,13 +48,7 @@ from efcm.inference import (
 )
 from efcm.serving import errors
 from efcm.serving import request as rq
-from efcm.serving.policy import (
-    AccessDenied,
-    DeadlineExceeded,
-    LimitExceeded,
-    ServingLimits,
-    SlideAccessPolicy,
-)
+from efcm.serving.policy import AccessDenied, ServingLimits, SlideAccessPolicy
 
 log = logging.getLogger(__name__)
 

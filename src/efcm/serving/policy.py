@@ -31,7 +31,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from efcm.inference import DeadlineExceeded, LimitExceeded
 from efcm.storage import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
@@ -56,8 +55,6 @@ __all__ = [
     "REQUEST_TIMEOUT_ENV",
     "SLIDE_URI_PREFIXES_ENV",
     "AccessDenied",
-    "DeadlineExceeded",
-    "LimitExceeded",
     "ServingLimits",
     "SlideAccessPolicy",
 ]

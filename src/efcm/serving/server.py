@@ -12,6 +12,9 @@ answers RESOURCE_EXHAUSTED past it), and its send limit is at least 64 MiB.
 
 from __future__ import annotations
 
+from efcm.serving import _kserve  # noqa: F401  (first: hides sys.argv from kserve)
+
+# isort: split
 import logging
 from pathlib import Path
 
