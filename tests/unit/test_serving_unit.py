@@ -543,3 +543,122 @@ def test_the_servers_cache_cap_is_the_one_staging_uses(package, tmp_path, monkey
     for bad in ("0", "lots"):
         with pytest.raises(ValueError, match="EFCM_CACHE_MAX_BYTES"):
             ServingLimits.from_env({"EFCM_CACHE_MAX_BYTES": bad})
+
+
+# -- slide workers: bounded, and never in the way of features requests ----------------------------
+
+
+class _GatedSlides:
+    """Stands in for predict_slide: each call blocks until `gate` is set, then runs the real one."""
+
+    def __init__(self, monkeypatch) -> None:
+        import threading
+
+        import efcm.serving.model
+        from efcm.inference import predict_slide
+
+        self.gate, self.running = threading.Event(), threading.Semaphore(0)
+        real = predict_slide
+
+        def gated(*args, **kwargs):
+            self.running.release()
+            self.gate.wait()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(efcm.serving.model, "predict_slide", gated)
+
+    async def started(self) -> None:
+        await asyncio.to_thread(self.running.acquire)
+
+
+def test_busy_slide_workers_answer_503_while_features_are_still_served(
+    package, tmp_path, monkeypatch
+):
+    from efcm.serving.errors import Refused
+    from efcm.serving.model import EFCMModel
+    from efcm.serving.policy import ServingLimits
+
+    slide = _slide(tmp_path)
+    gated = _GatedSlides(monkeypatch)
+    m = EFCMModel(
+        "efcm",
+        package,
+        slide_access=SlideAccessPolicy.of([str(slide.parent)]),
+        limits=ServingLimits(max_concurrent_slides=1),
+    )
+    m.load()
+    slide_req = {"instances": [{"slide_uri": str(slide)}]}
+
+    async def scenario():
+        first = asyncio.create_task(m.predict(slide_req))
+        await gated.started()  # the one slide worker is busy
+        feats = await m.predict({"instances": [[[0.5] * DIM] * 3]})
+        with pytest.raises(Refused, match="busy") as busy:
+            await m.predict(slide_req)
+        gated.gate.set()
+        return feats, busy.value, await first
+
+    feats, busy, first = asyncio.run(scenario())
+    assert len(feats["predictions"][0]["attention"]) == 3
+    assert busy.http_status == 503 and busy.status_code.name == "UNAVAILABLE"
+    assert len(first["predictions"][0]["coords"]) > 0
+
+
+def test_a_slide_past_its_budget_keeps_its_worker_until_it_stops(package, tmp_path, monkeypatch):
+    from efcm.serving.errors import Refused
+    from efcm.serving.model import EFCMModel
+    from efcm.serving.policy import ServingLimits
+
+    slide = _slide(tmp_path)
+    gated = _GatedSlides(monkeypatch)
+    m = EFCMModel(
+        "efcm",
+        package,
+        slide_access=SlideAccessPolicy.of([str(slide.parent)]),
+        limits=ServingLimits(max_concurrent_slides=1, request_timeout_s=0.5),
+    )
+    m.load()
+    slide_req = {"instances": [{"slide_uri": str(slide)}]}
+
+    async def scenario():
+        with pytest.raises(Refused) as late:
+            await m.predict(slide_req)  # the worker is held at the gate past the budget
+        with pytest.raises(Refused) as busy:
+            await m.predict(slide_req)  # its thread still runs: no second one is started
+        gated.gate.set()
+        while m.slides_busy:  # the abandoned worker stops at its deadline check
+            await asyncio.sleep(0.01)
+        return late.value, busy.value
+
+    late, busy = asyncio.run(scenario())
+    assert (late.http_status, busy.http_status) == (504, 503)
+    m.limits = ServingLimits(max_concurrent_slides=1)
+    pred = _predict(m, slide_req)["predictions"][0]  # the worker is free again
+    assert len(pred["coords"]) > 0
+
+
+def test_a_v1_request_has_one_budget_and_an_instance_cap(package, tmp_path, monkeypatch):
+    import efcm.serving.model
+    from efcm.inference import predict_slide
+    from efcm.serving.errors import Refused
+    from efcm.serving.model import EFCMModel
+
+    deadlines: list[float] = []
+
+    def recording(*args, **kwargs):
+        deadlines.append(kwargs["deadline"])
+        return predict_slide(*args, **kwargs)
+
+    monkeypatch.setattr(efcm.serving.model, "predict_slide", recording)
+    slide = _slide(tmp_path)
+    m = EFCMModel("efcm", package, slide_access=SlideAccessPolicy.of([str(slide.parent)]))
+    m.load()
+    bag = [[0.5] * DIM]
+    out = _predict(m, {"instances": [{"slide_uri": str(slide)}, bag, {"slide_uri": str(slide)}]})
+    assert len(out["predictions"]) == 3
+    assert len(deadlines) == 2 and deadlines[0] == deadlines[1]  # one budget for the request
+    with pytest.raises(Refused, match=f"{rq.MAX_V1_INSTANCES} instances") as err:
+        _predict(m, {"instances": [bag] * (rq.MAX_V1_INSTANCES + 1)})
+    assert err.value.http_status == 413
+    out = _predict(m, {"instances": [bag] * rq.MAX_V1_INSTANCES})
+    assert len(out["predictions"]) == rq.MAX_V1_INSTANCES

@@ -1,4 +1,4 @@
-"""Refusals with their own status: 403 (access), 413 (limits), 504 (time budget).
+"""Refusals with their own status: 403 (access), 413 (limits), 504 (time budget), 503 (busy).
 
 kserve 0.21 has error classes for 400 (`InvalidInput`), 404, 503 and 500 only. Its gRPC
 interceptor (`kserve.protocol.grpc.interceptors.ExceptionToStatusInterceptor`) passes a
@@ -11,6 +11,7 @@ HTTP status, and `efcm.serving.server` registers one FastAPI handler for it.
 | slide URI not allowed (`AccessDenied`)    | 403  | PERMISSION_DENIED    |
 | over a limit (`LimitExceeded`), body size | 413  | RESOURCE_EXHAUSTED   |
 | time budget (`DeadlineExceeded`)          | 504  | DEADLINE_EXCEEDED    |
+| every slide worker busy                   | 503  | UNAVAILABLE          |
 | bad tensor / bad slide (`InvalidInput`)   | 400  | INVALID_ARGUMENT     |
 """
 
@@ -42,3 +43,7 @@ def too_large(message: str) -> Refused:
 
 def timed_out(message: str) -> Refused:
     return Refused(message, 504, StatusCode.DEADLINE_EXCEEDED)
+
+
+def busy(message: str) -> Refused:
+    return Refused(message, 503, StatusCode.UNAVAILABLE)

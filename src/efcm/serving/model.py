@@ -5,15 +5,23 @@ package that cannot be loaded raises `PackageError` there, so `efcm serve` stops
 line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in),
 `predict_patches` (patch pixels in) or `predict_slide` (slide URI in, where
 `policy.SlideAccessPolicy` allows it), run in a worker thread so health checks stay answered during
-a long slide, under the `policy.ServingLimits` of the server. CLAM runs on the CPU (it is small and
+a long slide, under the `policy.ServingLimits` of the server.
+
+Slide requests run on their own pool of EFCM_MAX_CONCURRENT_SLIDES threads;
+features and patches requests run on asyncio's default executor, so slides never hold them up. A
+slide request that finds every slide worker busy is answered 503 (gRPC UNAVAILABLE) at once, not
+queued. A worker stays busy until its slide really stops: a request answered 504 leaves its thread
+running to its next deadline check, and that thread keeps its slot until then, so abandoned work is
+bounded by the pool. A v1 request has one time budget for all its instances (at most
+`request.MAX_V1_INSTANCES`, 413 past it). CLAM runs on the CPU (it is small and
 `predict_features` feeds it CPU tensors); the student moves to the GPU when there is one.
 
 Errors (see `efcm.serving.errors` for the gRPC codes): a malformed request, a bad tensor (wrong
 dtype, rank, width, NaN, empty bag) or a bad slide (missing, empty, corrupt, no mpp, no tissue) is
 `kserve.errors.InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT) with a message naming the input and
 what is wrong; a slide URI outside the allowed locations is 403; a bag or slide over a limit is 413;
-a request past its time budget is 504; a request before the model is ready is kserve's
-`ModelNotReady` (HTTP 503).
+a request past its time budget is 504; a slide request while every slide worker is busy is 503; a
+request before the model is ready is kserve's `ModelNotReady` (HTTP 503).
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ import asyncio
 import base64
 import json
 import logging
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +79,14 @@ class EFCMModel(kserve.Model):
         self.limits = limits if limits is not None else ServingLimits()
         self.read_workers = read_workers
         self.package: Package | None = None
+        self._slide_pool: ThreadPoolExecutor | None = None
+        self._slide_lock = threading.Lock()
+        self._slides_busy = 0
+
+    @property
+    def slides_busy(self) -> int:
+        """Slide workers at work now (including ones whose request was already answered 504)."""
+        return self._slides_busy
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -169,17 +187,47 @@ class EFCMModel(kserve.Model):
                 f"slide {getattr(bag, 'uri', '')}: cannot be read ({type(err).__name__})"
             ) from None
 
-    async def _run_within_budget(self, pkg: Package, bag: rq.Bag) -> Prediction:
+    def _start_slide(self, pkg: Package, bag: rq.Bag, deadline: float) -> asyncio.Future:
+        """`_run` on a free slide worker; 503 at once when there is none."""
+        size = self.limits.max_concurrent_slides
+        with self._slide_lock:
+            if self._slides_busy >= size:
+                raise errors.busy(
+                    f"all {size} slide workers are busy (EFCM_MAX_CONCURRENT_SLIDES); retry later"
+                )
+            if self._slide_pool is None:
+                self._slide_pool = ThreadPoolExecutor(size, thread_name_prefix="efcm-slide")
+            self._slides_busy += 1
+        try:
+            fut = self._slide_pool.submit(self._run, pkg, bag, deadline)
+        except BaseException:
+            self._slide_done(None)
+            raise
+        # released when the work really ends (or is cancelled before it starts), not when the
+        # client is answered: a 504'd slide keeps its slot until its thread stops
+        fut.add_done_callback(self._slide_done)
+        return asyncio.wrap_future(fut)
+
+    def _slide_done(self, _) -> None:
+        with self._slide_lock:
+            self._slides_busy -= 1
+
+    async def _run_within_budget(self, pkg: Package, bag: rq.Bag, deadline: float) -> Prediction:
         budget = self.limits.request_timeout_s
-        deadline = time.monotonic() + budget
+        timed_out = errors.timed_out(f"the request ran past its time budget of {budget:g} s")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out
+        if isinstance(bag, rq.SlideBag):
+            work = self._start_slide(pkg, bag, deadline)
+        else:  # the default executor: never behind slides
+            work = asyncio.to_thread(self._run, pkg, bag, deadline)
         try:
             # the worker stops by itself at its next batch past `deadline`; wait_for answers on
             # time even when it is inside one long step (a download, a thumbnail)
-            return await asyncio.wait_for(asyncio.to_thread(self._run, pkg, bag, deadline), budget)
+            return await asyncio.wait_for(work, left)
         except TimeoutError:
-            raise errors.timed_out(
-                f"the request ran past its time budget of {budget:g} s"
-            ) from None
+            raise timed_out from None
 
     async def predict(
         self,
@@ -188,19 +236,25 @@ class EFCMModel(kserve.Model):
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | kserve.InferResponse:
         pkg = self._pkg()
+        deadline = time.monotonic() + self.limits.request_timeout_s  # one budget per request
         if isinstance(payload, kserve.InferRequest):
             try:
                 params = to_http_parameters(payload.parameters) if payload.parameters else None
                 bag = rq.v2_bag(payload.inputs, params, pkg.feature_dim)
             except ValueError as err:
                 raise InvalidInput(str(err)) from None
-            pred = await self._run_within_budget(pkg, bag)
+            pred = await self._run_within_budget(pkg, bag, deadline)
             return self._v2_response(payload, pred)
         try:
             bags = rq.v1_bags(payload, pkg.feature_dim)
         except ValueError as err:
             raise InvalidInput(str(err)) from None
-        preds = [await self._run_within_budget(pkg, bag) for bag in bags]
+        if len(bags) > rq.MAX_V1_INSTANCES:
+            raise errors.too_large(
+                f"{len(bags)} instances in one request, over the limit of "
+                f"{rq.MAX_V1_INSTANCES} instances; send several requests"
+            )
+        preds = [await self._run_within_budget(pkg, bag, deadline) for bag in bags]
         return {"predictions": [self._v1_prediction(pkg, p) for p in preds]}
 
     @staticmethod

@@ -17,7 +17,10 @@ env var                    default            what
 EFCM_MAX_REQUEST_BYTES     64 MiB             request body (REST) / message (gRPC); 413 past it
 EFCM_MAX_PATCHES           100000             patches in one bag (features, patches or a slide)
 EFCM_MAX_SLIDE_BYTES       8 GiB              size of one slide file (or staged gs:// slide)
-EFCM_REQUEST_TIMEOUT_S     300                seconds one inference may take; 504 past it
+EFCM_REQUEST_TIMEOUT_S     300                seconds one request may take (all its v1 instances
+                                              together); 504 past it
+EFCM_MAX_CONCURRENT_SLIDES 2                  slide requests at work at once (their own worker
+                                              threads); 503 at once when all are busy
 EFCM_CACHE_DIR             ~/.cache/efcm      where gs:// slides are staged (`efcm.storage`)
 EFCM_CACHE_MAX_BYTES       20 GiB             size cap of the staged slides, LRU eviction
 =========================  =================  ====================================================
@@ -45,10 +48,12 @@ MAX_REQUEST_BYTES_ENV = "EFCM_MAX_REQUEST_BYTES"
 MAX_PATCHES_ENV = "EFCM_MAX_PATCHES"
 MAX_SLIDE_BYTES_ENV = "EFCM_MAX_SLIDE_BYTES"
 REQUEST_TIMEOUT_ENV = "EFCM_REQUEST_TIMEOUT_S"
+MAX_CONCURRENT_SLIDES_ENV = "EFCM_MAX_CONCURRENT_SLIDES"
 
 __all__ = [
     "CACHE_DIR_ENV",
     "CACHE_MAX_BYTES_ENV",
+    "MAX_CONCURRENT_SLIDES_ENV",
     "MAX_PATCHES_ENV",
     "MAX_REQUEST_BYTES_ENV",
     "MAX_SLIDE_BYTES_ENV",
@@ -76,9 +81,16 @@ class ServingLimits:
     max_slide_bytes: int = 8 * GiB
     request_timeout_s: float = 300.0
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    max_concurrent_slides: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_request_bytes", "max_patches", "max_slide_bytes", "cache_max_bytes"):
+        for name in (
+            "max_request_bytes",
+            "max_patches",
+            "max_slide_bytes",
+            "cache_max_bytes",
+            "max_concurrent_slides",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ServingLimits.{name} must be > 0, got {getattr(self, name)}")
         if not (self.request_timeout_s > 0 and math.isfinite(self.request_timeout_s)):
@@ -109,6 +121,7 @@ class ServingLimits:
             max_slide_bytes=num(MAX_SLIDE_BYTES_ENV, d.max_slide_bytes, int),
             request_timeout_s=num(REQUEST_TIMEOUT_ENV, d.request_timeout_s, float),
             cache_max_bytes=cache_max_bytes_from_env(env),  # the parser `efcm predict` uses too
+            max_concurrent_slides=num(MAX_CONCURRENT_SLIDES_ENV, d.max_concurrent_slides, int),
         )
 
 

@@ -7,7 +7,8 @@ v2 (Open Inference Protocol), one bag per request, exactly one of
   input `slide_uri`: BYTES [1], a slide the server patches and embeds itself (the request
   parameter `mpp` overrides the slide's mpp, `heatmap: true` adds the heatmap PNG); only where the
   access policy allows it.
-v1, one bag per instance:
+v1, one bag per instance, at most `MAX_V1_INSTANCES` (16) instances (the model answers 413 past
+it), all under one time budget:
   {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5, "heatmap": true},
    [[...], ...]]}
 
@@ -33,6 +34,7 @@ LABEL = "label"
 HEATMAP_PNG = "heatmap_png"
 PATCHES = "patches"
 FEATURE_DATATYPES = ("FP32", "FP16")
+MAX_V1_INSTANCES = 16  # bags in one v1 request; each is also under EFCM_MAX_PATCHES
 INPUTS = (FEATURES, PATCHES, SLIDE_URI)
 
 
