@@ -71,6 +71,7 @@ from efcm.config import PipelineParams
 from efcm.serving.policy import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
+    MAX_CONCURRENT_SLIDES_ENV,
     MAX_PATCHES_ENV,
     MAX_REQUEST_BYTES_ENV,
     MAX_SLIDE_BYTES_ENV,
@@ -142,6 +143,7 @@ def serving_env(limits: ServingLimits, slide_uri_prefixes: str = "") -> dict[str
         MAX_REQUEST_BYTES_ENV: str(limits.max_request_bytes),
         MAX_PATCHES_ENV: str(limits.max_patches),
         MAX_SLIDE_BYTES_ENV: str(limits.max_slide_bytes),
+        MAX_CONCURRENT_SLIDES_ENV: str(limits.max_concurrent_slides),
         REQUEST_TIMEOUT_ENV: str(int(timeout)) if timeout == int(timeout) else str(timeout),
         CACHE_DIR_ENV: CACHE_MOUNT,  # on the writable emptyDir: the root filesystem is read-only
         CACHE_MAX_BYTES_ENV: str(limits.cache_max_bytes),
@@ -219,8 +221,11 @@ def inference_service(
         raise ValueError(f"env must not set {clash}: they come from the other arguments")
     variables.update(env or {})
     metric, default_target = DEFAULT_SCALING[_mode(deployment_mode)]
-    # Room for the capped cache plus one slide being staged; past it the kubelet evicts the pod.
-    cache_size = math.ceil((limits.cache_max_bytes + limits.max_slide_bytes) / _GiB)
+    # Room for the capped cache plus a slide staged by each slide worker at once (staging makes
+    # room before it downloads, but a slide in use is never evicted); past it the kubelet evicts
+    # the pod.
+    staging = limits.max_concurrent_slides * limits.max_slide_bytes
+    cache_size = math.ceil((limits.cache_max_bytes + staging) / _GiB)
 
     resources: dict[str, Any] = {
         "requests": {"cpu": cpu, "memory": memory},

@@ -12,7 +12,7 @@ import yaml
 from kfp import dsl
 
 import components as c
-import efcm.serving  # noqa: F401  (imports kserve with a clean sys.argv before the deploy body does)
+import efcm.serving._kserve  # noqa: F401  (kserve, with a clean sys.argv, before deploy's body)
 from components.image import IMAGE, SERVING_IMAGE
 from efcm import storage
 from efcm.dataset import select_shard

@@ -119,11 +119,13 @@ def test_container_is_locked_down_and_writes_only_to_its_volumes():
     assert set(mounts) == {CACHE_MOUNT, "/tmp"}
     assert all("emptyDir" in volumes[name] for name in mounts.values())
     assert _env(_render())[CACHE_DIR_ENV] == CACHE_MOUNT
-    # The cache volume holds the capped cache plus one slide being staged.
-    limits = ServingLimits(cache_max_bytes=3 << 30, max_slide_bytes=2 << 30)
+    # The cache volume holds the capped cache plus a slide being staged by each slide worker.
+    limits = ServingLimits(
+        cache_max_bytes=3 << 30, max_slide_bytes=2 << 30, max_concurrent_slides=3
+    )
     isvc = _render(limits=limits)
     cache = next(v for v in isvc["spec"]["predictor"]["volumes"] if v["name"] == "efcm-cache")
-    assert cache["emptyDir"]["sizeLimit"] == "5Gi"
+    assert cache["emptyDir"]["sizeLimit"] == "9Gi"
 
 
 def test_serving_policy_env_round_trips_through_the_servers_parser():
