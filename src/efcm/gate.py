@@ -34,7 +34,7 @@ class Decision:
     reason: str
 
     def markdown(self) -> str:
-        verdict = "PROMOTED: deploying" if self.promote else "NOT PROMOTED: no deployment"
+        verdict = "PROMOTED: the package may be deployed" if self.promote else "NOT PROMOTED"
         return (
             f"# Promotion gate: {verdict}\n\n{self.reason}\n\n"
             f"| | AUROC |\n|---|---|\n| teacher | {_fmt(self.teacher_auc)} |\n"
