@@ -70,6 +70,32 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_data(tmp_path_factory.mktemp("tiny_dataset"), params_from_dict(tiny_params_dict()))
 
 
+@pytest.fixture(scope="session")
+def demo_package(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package the demo pipeline exports, from its own stages (`efcm.stages`: patch, teacher
+    extraction, distillation, student extraction, splits, Retrain CLAM, export) run on the tiny
+    demo data; written once per session."""
+    from efcm import stages
+    from efcm.config import params_from_dict
+
+    params = params_from_dict(tiny_params_dict())
+    w = tmp_path_factory.mktemp("demo_pipeline")
+    stages.patch(tiny_dataset, w / "patch", params)
+    stages.extract(tiny_dataset, w / "patch", w / "extract_teacher", params, encoder="teacher")
+    stages.distill(tiny_dataset, w / "patch", w / "extract_teacher", w / "distill", params)
+    stages.extract(
+        tiny_dataset,
+        w / "patch",
+        w / "extract_student",
+        params,
+        encoder="student",
+        student=w / "distill",
+    )
+    stages.splits(tiny_dataset, w / "splits.json", params, features_dir=w / "extract_teacher")
+    stages.train_mil(tiny_dataset, w / "extract_student", w / "splits.json", w / "mil", params)
+    return stages.export(w / "distill", w / "mil", w / "package", params)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

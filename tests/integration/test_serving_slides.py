@@ -2,10 +2,9 @@
 gcp-storage-emulator), patch pixels and features, over REST (kserve's InferenceRESTClient) and gRPC
 (InferenceGRPCClient) against `efcm serve` in a subprocess; and every refusal with its status.
 
-The package is `build_package` of test_serving: a real package as `efcm export` writes it (the
-tiny demo params: test_resnet student, 64 px patches at 1 um/px, a CLAM head), with random
-weights; the demo pipeline's training is not rerun here (it is tested in test_dvc_repro), because
-the serving contract does not depend on what the weights learned.
+The package is the one the demo pipeline exports (the `demo_package` fixture: its stages run on the
+tiny demo data: a test_vit teacher, the distilled test_resnet VFD student with 64-d output, 64 px
+patches at 1 um/px, the Retrain CLAM head).
 """
 
 from __future__ import annotations
@@ -32,11 +31,9 @@ from efcm.slides.synthetic import SlideSpec, write_slide
 from tests import gcs
 from tests.conftest import SHARED_DATA
 from tests.integration.test_serving import (
-    DIM,
     MODEL,
     Server,
     _efcm_cmd,
-    build_package,
     serve_subprocess,
 )
 
@@ -44,6 +41,7 @@ pytestmark = pytest.mark.integration
 
 MAX_REQUEST_BYTES = 8 << 20
 MAX_PATCHES = 2_000
+DIM = 64  # the demo package's feature width (its teacher's): checked by the `env` fixture
 CMU = SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs"
 
 
@@ -53,7 +51,7 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, gcs_emulator):
+def env(tmp_path_factory, gcs_emulator, demo_package):
     base = tmp_path_factory.mktemp("serving-slides")
     root = base / "slides"
     write_slide(root / "tumour.tif", SlideSpec(1536, 1536, mpp=0.5, levels=2, tumour=True, seed=3))
@@ -74,7 +72,8 @@ def env(tmp_path_factory, gcs_emulator):
         "EFCM_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         "EFCM_MAX_PATCHES": str(MAX_PATCHES),
     }
-    package = build_package(base / "pkg")
+    package = demo_package
+    assert load_package(package).feature_dim == DIM
     args = ["--allow-slides", str(root), "--allow-slides", str(SHARED_DATA / "wsi")]
     with serve_subprocess(package, base / "server.log", args, server_env) as server:
         yield Env(root, bucket, cache, server)
