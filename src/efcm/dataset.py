@@ -11,6 +11,10 @@ absolute (gs:// or a local path) are kept as they are.
 
 Without a repository, `path` is a plain manifest (a local path or gs:// URI),
 imported as `efcm.manifest.import_manifest` does.
+
+Unlabelled slides (an empty label) are part of the dataset like any other: they are resolved and
+sharded, patched, extracted and distilled; only the slide-level stages leave them out. The
+metadata counts them (`unlabelled`).
 """
 
 from __future__ import annotations
@@ -106,8 +110,8 @@ def resolve_dataset(
     """Write the manifest `path` of `repo` (at the revision it was opened at, asked for as
     `revision`) to `dest`, every relative slide URI resolved to its DVC storage URL; returns the
     metadata of the result: the repository, the revision asked for, its commit, the manifest's DVC
-    md5 and the number of slides. With no `repo`, `path` is a plain manifest (local or gs://),
-    imported with its relative URIs made absolute.
+    md5, the number of slides and how many of them are unlabelled. With no `repo`, `path` is a
+    plain manifest (local or gs://), imported with its relative URIs made absolute.
 
     Raises:
         DatasetError: the manifest cannot be read, or a slide is not tracked by DVC.
@@ -123,6 +127,7 @@ def resolve_dataset(
             "md5": manifest_md5(path),  # of the manifest as stored, as DVC computes it
             "dvc_tracked": False,
             "slides": len(manifest.slides),
+            "unlabelled": len(manifest.unlabelled),
         }
     where = f"{repo.url}@{repo.commit[:12]}: {path}"
     if not repo.is_file(path):
@@ -153,6 +158,7 @@ def resolve_dataset(
         "md5": md5,
         "dvc_tracked": dvc_md5 is not None,
         "slides": len(slides),
+        "unlabelled": len(manifest.unlabelled),
     }
 
 

@@ -2,6 +2,10 @@
 
 `case_id` groups the slides of one patient (splits never separate them). Relative URIs are taken
 from the manifest's own folder, so a dataset directory can be moved or versioned as a whole.
+
+An empty `label` marks an unlabelled slide: patching, extraction and distillation use it like any
+other, while splits, MIL training and evaluation leave it out (`Manifest.labels`) and say how many
+they left out. A non-empty label must be one of the classes.
 """
 
 from __future__ import annotations
@@ -21,8 +25,12 @@ class SlideEntry:
     slide_id: str
     case_id: str
     uri: str
-    label: str
+    label: str  # "" = unlabelled
     mpp: float | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.label)
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,27 @@ class Manifest:
     def base_dir(self) -> Path:
         return self.path.parent
 
+    @property
+    def unlabelled(self) -> list[str]:
+        """The slide_ids with an empty label, in manifest order."""
+        return [s.slide_id for s in self.slides if not s.labelled]
+
     def labels(self, classes: tuple[str, ...]) -> dict[str, int]:
-        """slide_id -> class index (the order of `classes`)."""
-        return {s.slide_id: classes.index(s.label) for s in self.slides}
+        """slide_id -> class index (the order of `classes`), for the labelled slides only.
+
+        Raises:
+            ValueError: a label that is not one of `classes`, naming the slide.
+        """
+        out = {}
+        for s in self.slides:
+            if not s.labelled:
+                continue
+            if s.label not in classes:
+                raise ValueError(
+                    f"{self.path}: label {s.label!r} of {s.slide_id} is not one of {list(classes)}"
+                )
+            out[s.slide_id] = classes.index(s.label)
+        return out
 
 
 def _parse_mpp(raw: str, where: str, sid: str) -> float:
@@ -54,8 +80,8 @@ def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> M
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a missing column, an empty or duplicate slide_id, a label not in `classes`,
-            or a bad mpp, each naming the row.
+        ValueError: a missing column, an empty or duplicate slide_id, a non-empty label not in
+            `classes`, or a bad mpp, each naming the row. An empty label is valid (unlabelled).
     """
     path = Path(path)
     if not path.is_file():
@@ -79,8 +105,11 @@ def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> M
             raise ValueError(f"{path}:{i}: duplicate slide_id {sid!r}")
         seen.add(sid)
         label = (row["label"] or "").strip()
-        if classes is not None and label not in classes:
-            raise ValueError(f"{path}:{i}: label {label!r} of {sid} is not one of {list(classes)}")
+        if classes is not None and label and label not in classes:
+            raise ValueError(
+                f"{path}:{i}: label {label!r} of {sid} is not one of {list(classes)} "
+                "(leave it empty for an unlabelled slide)"
+            )
         raw = (row.get("mpp") or "").strip()
         mpp = _parse_mpp(raw, f"{path}:{i}", sid) if raw else None
         case = (row["case_id"] or "").strip() or sid

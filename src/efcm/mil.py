@@ -43,8 +43,21 @@ def make_splits(
     available: set[str] | None = None,
 ) -> dict[str, Any]:
     """Patient-level stratified k-fold: cases are dealt to folds per class; in each fold, a share of
-    the remaining cases (at least one per class where possible) is held out for early stopping."""
-    slides = [s for s in manifest.slides if available is None or s.slide_id in available]
+    the remaining cases (at least one per class where possible) is held out for early stopping.
+
+    Unlabelled slides (empty label) are left out and listed under `unlabelled` (a case keeps the
+    label of its labelled slides); `available` restricts the slides considered, e.g. to those that
+    extracted ok."""
+    considered = [s for s in manifest.slides if available is None or s.slide_id in available]
+    slides = [s for s in considered if s.labelled]
+    unlabelled = sorted(s.slide_id for s in considered if not s.labelled)
+    if unlabelled:
+        log.info(
+            "splits: %d unlabelled slide(s) left out (%s%s)",
+            len(unlabelled),
+            ", ".join(unlabelled[:5]),
+            ", ..." if len(unlabelled) > 5 else "",
+        )
     by_case: dict[str, list[str]] = defaultdict(list)
     case_label: dict[str, str] = {}
     for s in slides:
@@ -85,7 +98,7 @@ def make_splits(
             return sorted(s for c in cases for s in by_case[c])
 
         result.append({"train": ids(train), "val": ids(val), "test": ids(test)})
-    return {"classes": list(classes), "seed": seed, "folds": result}
+    return {"classes": list(classes), "seed": seed, "folds": result, "unlabelled": unlabelled}
 
 
 def save_json(path: Path, obj: Any) -> None:
@@ -272,7 +285,12 @@ def train_mil(
     params: Params,
 ) -> dict[str, Any]:
     """Train one CLAM per fold; writes fold_<k>.pt, predictions.csv (out-of-fold) and
-    summary.json."""
+    summary.json, which counts the manifest's unlabelled slides (never trained on or tested).
+
+    Raises:
+        ValueError: the splits were made for other classes, or name a slide that has no label in
+            the manifest.
+    """
     cfg = params.train_mil
     classes = tuple(params.dataset.classes)
     if tuple(splits["classes"]) != classes:
@@ -283,6 +301,14 @@ def train_mil(
     out.mkdir(parents=True, exist_ok=True)
     labels = manifest.labels(classes)
     needed = sorted({s for f in splits["folds"] for part in f.values() for s in part})
+    if missing := [s for s in needed if s not in labels]:
+        raise ValueError(
+            f"splits name slide(s) that are not labelled slides of {manifest.path}: {missing[:5]}; "
+            "re-run splits with this manifest"
+        )
+    unlabelled = len(manifest.unlabelled)
+    if unlabelled:
+        log.info("train-mil: %d unlabelled slide(s) left out", unlabelled)
     bags = load_bags(features_dir, needed)
     rows, attention, folds = [], {}, []
     for k, fold in enumerate(tqdm(splits["folds"], desc="train-mil", unit="fold", disable=None)):
@@ -304,6 +330,7 @@ def train_mil(
         "feature_dim": int(next(iter(bags.values())).shape[1]),
         "folds": folds,
         "selected_fold": best,
+        "unlabelled": unlabelled,
     }
     save_json(out / "summary.json", summary)
     return summary
