@@ -1,7 +1,9 @@
 """KFP components: one small typed lightweight component per pipeline stage.
 
 Each component converts its artifacts to paths and its `dict` parameters (params.yaml sections)
-to a validated `efcm.config.Params` (`efcm.config.params_from_struct`), then makes ONE call into
+to a validated `efcm.config.Params` holding only its stage's sections
+(`efcm.config.params_for_stage`: a component's `dict` parameters are exactly
+`efcm.config.STAGE_SECTIONS[stage]`, a test checks), then makes ONE call into
 `efcm.stages` (or `efcm.manifest`, `efcm.deploy`). Function bodies import only `efcm` (and kserve in
 `deploy`): KFP ships the body alone to the container, and kfp.local runs it in a subprocess of the
 current interpreter.
@@ -12,7 +14,6 @@ component, not its module).
 
 from components.deploy import deploy
 from components.distill import distill
-from components.etc import etc
 from components.evaluate import evaluate
 from components.export import export
 from components.extract import extract
@@ -21,9 +22,9 @@ from components.image import IMAGE, SERVING_IMAGE
 from components.patch import patch
 from components.report import report
 from components.resolve_dataset import resolve_dataset, resolve_version
-from components.reuse import reuse
 from components.shards import gather, plan_shards
 from components.splits import splits
+from components.strategy import plan_strategies, strategy
 from components.train_mil import train_mil
 
 ALL = (
@@ -35,8 +36,8 @@ ALL = (
     distill,
     splits,
     train_mil,
-    reuse,
-    etc,
+    plan_strategies,
+    strategy,
     gather,
     evaluate,
     report,
@@ -51,7 +52,6 @@ __all__ = [
     "SERVING_IMAGE",
     "deploy",
     "distill",
-    "etc",
     "evaluate",
     "export",
     "extract",
@@ -59,10 +59,11 @@ __all__ = [
     "gather",
     "patch",
     "plan_shards",
+    "plan_strategies",
     "report",
     "resolve_dataset",
     "resolve_version",
-    "reuse",
     "splits",
+    "strategy",
     "train_mil",
 ]

@@ -34,7 +34,7 @@ def deploy(
     from efcm import config
     from efcm.deploy import deploy as run
 
-    params = config.params_from_struct({"export": export}, "deploy")
+    params = config.params_for_stage("deploy", {"export": export})
     return run(
         package.uri,
         inference_service.path,

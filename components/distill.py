@@ -20,7 +20,7 @@ def distill(
     """`student.pt` and the distillation `metrics.json` in the `student_model` directory."""
     from efcm import config, stages
 
-    params = config.params_from_struct(
-        {"seed": seed, "dataset": dataset, "student": student, "distill": distill}, "distill"
+    params = config.params_for_stage(
+        "distill", {"seed": seed, "dataset": dataset, "student": student, "distill": distill}
     )
     stages.distill(manifest.path, patches.path, teacher_features.path, student_model.path, params)

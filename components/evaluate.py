@@ -1,17 +1,25 @@
 """evaluate: the teacher and every strategy on the same out-of-fold slides, and their cost (GPU)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, ClassificationMetrics, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import (
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
 
 from components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
+    manifest: Input[Dataset],
     teacher_mil: Input[Model],
-    reuse_mil: Input[Model],
-    retrain_mil: Input[Model],
-    etc_mil: Input[Model],
+    strategies: Input[list[Model]],
     student_model: Input[Model],
     seed: int,
     dataset: dict,
@@ -24,25 +32,25 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[Markdown],
     teacher_roc: Output[ClassificationMetrics],
-    reuse_roc: Output[ClassificationMetrics],
-    retrain_roc: Output[ClassificationMetrics],
-    etc_roc: Output[ClassificationMetrics],
 ):
-    """`metrics.json`, `efficiency.json`, `roc/` and `report.md` in `evaluation`.
+    """`metrics.json`, `strategies.json`, `efficiency.json`, `roc/` and `report.md` in
+    `evaluation` (`efcm.stages.evaluate`: case-level intervals, paired student-minus-teacher
+    deltas).
 
     For the Kubeflow UI: every figure of metrics.json goes to `metrics` (`teacher.auc`,
-    `student.vfd.retrain.auc_ci_low`, `efficiency.flop_ratio`, ...), the comparison table and the
-    efficiency report to `report`, and each row's out-of-fold ROC (the last class against the
-    rest) and confusion matrix to `<row>_roc` (empty for a strategy params.yaml skips).
+    `student.vfd.retrain.delta_auc_ci_low`, `efficiency.flop_ratio`, ...), the comparison table
+    and the efficiency report to `report`, the teacher's out-of-fold ROC and confusion matrix to
+    `teacher_roc` (each strategy task logs its own).
     """
     import json
     import shutil
     from pathlib import Path
 
     from efcm import config, stages
-    from efcm.evaluate import classification_curves, flat_metrics
+    from efcm.evaluate import flat_metrics, prediction_curves
 
-    params = config.params_from_struct(
+    params = config.params_for_stage(
+        "evaluate",
         {
             "seed": seed,
             "dataset": dataset,
@@ -52,33 +60,24 @@ def evaluate(
             "extract": extract,
             "evaluate": evaluate,
         },
-        "evaluate",
     )
     result = stages.evaluate(
-        {
-            "teacher": teacher_mil.path,
-            "reuse": reuse_mil.path,
-            "retrain": retrain_mil.path,
-            "etc": etc_mil.path,
-        },
+        teacher_mil.path,
+        [s.path for s in strategies],
         evaluation.path,
         params,
+        manifest=manifest.path,
         student=student_model.path,
     )
     for key, value in flat_metrics(result).items():
         metrics.log_metric(key, value)
     shutil.copyfile(Path(evaluation.path) / "report.md", report.path)
-    rows = {"teacher": teacher_roc}
-    for strategy, out in (("reuse", reuse_roc), ("retrain", retrain_roc), ("etc", etc_roc)):
-        rows[stages.row_name(params, strategy)] = out
-    for row, out in rows.items():
-        roc, confusion = classification_curves(evaluation.path, row)
-        if roc is not None:
-            out.log_roc_curve(*roc)
-        if confusion is not None:
-            out.log_confusion_matrix(list(params.dataset.classes), confusion)
+    classes = list(params.dataset.classes)
+    curve, confusion = prediction_curves(Path(teacher_mil.path), classes)
+    teacher_roc.log_roc_curve(*curve)
+    teacher_roc.log_confusion_matrix(classes, confusion)
     # The figures also as a file behind each artifact (kfp.local's cache takes an output without
     # a file for a missing one, and a file in the bucket is easier to fetch than MLMD).
-    for out in (metrics, *rows.values()):
+    for out in (metrics, teacher_roc):
         Path(out.path).parent.mkdir(parents=True, exist_ok=True)
         Path(out.path).write_text(json.dumps(out.metadata, sort_keys=True))

@@ -1,7 +1,7 @@
-"""export: the deployable model package (student + its CLAM + model.json) (CPU)."""
+"""export: the deployable model package (export.strategy's fold models + model.json) (CPU)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components.image import IMAGE
 
@@ -9,34 +9,43 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def export(
     student_model: Input[Model],
-    student_mil: Input[Model],
+    strategies: Input[list[Model]],
     evaluation: Input[Artifact],
+    patches: Input[Dataset],
     dataset: dict,
     patch: dict,
     teacher: dict,
     distill: dict,
+    mil: dict,
     export: dict,
     package: Output[Model],
 ):
-    """The package directory (`efcm.export.load_package` reads it), with the evaluation metrics."""
+    """The package directory (`efcm.export.load_package` reads it): the k fold models of
+    `export.strategy` as one ensemble, its evaluation row and metrics, and the patch geometry read
+    from the training coords files."""
+    import json
     from pathlib import Path
 
     from efcm import config, stages
 
-    params = config.params_from_struct(
+    params = config.params_for_stage(
+        "export",
         {
             "dataset": dataset,
             "patch": patch,
             "teacher": teacher,
             "distill": distill,
+            "mil": mil,
             "export": export,
         },
-        "export",
     )
     stages.export(
         student_model.path,
-        student_mil.path,
+        [s.path for s in strategies],
         package.path,
         params,
         metrics_path=Path(evaluation.path) / "metrics.json",
+        patches_dir=patches.path,
     )
+    meta = json.loads((Path(package.path) / "model.json").read_text())
+    package.metadata.update({"strategy": meta["strategy"], "row": meta["row"]})

@@ -29,9 +29,8 @@ def extract(
     from efcm.dataset import status_counts
 
     started = time.time()
-    params = config.params_from_struct(
-        {"seed": seed, "dataset": dataset, "teacher": teacher, "extract": extract},
-        f"extract ({encoder})",
+    params = config.params_for_stage(
+        "extract", {"seed": seed, "dataset": dataset, "teacher": teacher, "extract": extract}
     )
     rows = stages.extract(
         manifest.path,

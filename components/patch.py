@@ -25,7 +25,7 @@ def patch(
     from efcm.dataset import status_counts
 
     started = time.time()
-    params = config.params_from_struct({"dataset": dataset, "patch": patch}, "patch")
+    params = config.params_for_stage("patch", {"dataset": dataset, "patch": patch})
     rows = stages.patch(
         manifest.path,
         patches.path,

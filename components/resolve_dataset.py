@@ -51,7 +51,7 @@ def resolve_dataset(
     from efcm.dataset import open_error
     from efcm.dataset import resolve_dataset as run
 
-    params = config.params_from_struct({"dataset": dataset}, "resolve_dataset")
+    params = config.params_for_stage("resolve_dataset", {"dataset": dataset})
 
     class DvcRepo:
         """`efcm.dataset.VersionedRepo` over `dvc.repo.Repo` at one commit."""

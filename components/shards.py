@@ -24,7 +24,7 @@ def gather(
     from efcm import config, stages
     from efcm.dataset import status_counts
 
-    params = config.params_from_struct({"dataset": dataset, "patch": patch}, f"gather ({stage})")
+    params = config.params_for_stage("gather", {"dataset": dataset, "patch": patch})
     fail_on = params.patch.fail_on if stage == "patch" else "all"
     rows = stages.gather([s.path for s in shards], merged.path, stage, fail_on)
     merged.metadata.update({"shards": len(shards), **status_counts(rows)})

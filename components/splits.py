@@ -18,7 +18,7 @@ def splits(
     """The folds (JSON) over the slides whose features were extracted ok."""
     from efcm import config, stages
 
-    params = config.params_from_struct(
-        {"seed": seed, "dataset": dataset, "train_mil": train_mil}, "splits"
+    params = config.params_for_stage(
+        "splits", {"seed": seed, "dataset": dataset, "train_mil": train_mil}
     )
     stages.splits(manifest.path, splits.path, params, features_dir=features.path)

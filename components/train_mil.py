@@ -19,7 +19,7 @@ def train_mil(
     """`fold_<k>.pt`, `predictions.csv` and `summary.json` in the `mil` directory."""
     from efcm import config, stages
 
-    params = config.params_from_struct(
-        {"seed": seed, "dataset": dataset, "train_mil": train_mil}, "train_mil"
+    params = config.params_for_stage(
+        "train_mil", {"seed": seed, "dataset": dataset, "train_mil": train_mil}
     )
     stages.train_mil(manifest.path, features.path, splits.path, mil.path, params)

@@ -3,9 +3,11 @@
     resolve_version -> resolve_dataset -> plan_shards
       -> ParallelFor shard: patch -> extract (teacher)          (`shard_size` slides per shard)
       -> gather (patches), gather (teacher features)            (dsl.Collected)
-      -> distill -> extract (student) -> splits
-      -> train_mil (teacher), train_mil (student = Retrain CLAM), reuse, etc
-      -> evaluate -> report, export -> gate -> [if promoted] deploy
+      -> distill -> extract (student) -> splits -> train_mil (teacher)
+      -> plan_strategies -> ParallelFor strategy: one task per strategy the run compares
+         (efcm.registry; `mil.strategies: auto` resolved against `distill.method`)
+      -> evaluate (dsl.Collected strategies) -> export (export.strategy's fold models)
+      -> gate (reads the package) -> report, [if promoted] deploy
 
 Data: `repo_url` + `revision` + `manifest_path` name a DVC-tracked manifest in a git repository
 (the slides are read from the DVC gs:// remote by URI, never copied); with `repo_url` empty,
@@ -16,13 +18,13 @@ params.yaml, so the Kubeflow UI shows them and a run can override them. The shar
 fixed at compile time (KFP writes it into the compiled pipeline): `pipeline.parallelism`, or
 `compile.py --parallelism`.
 
-Scheduling (kfp-kubernetes): the GPU stages (extract, distill, train_mil, etc, and evaluate, which
-measures teacher vs student patches/s on the device that extracts) get one accelerator of
-`gpu_accelerator_type`, the `gpu_node_selector` labels, a toleration of the `nvidia.com/gpu`
-taint, a memory-backed /dev/shm for DataLoader workers, and CPU/memory requests and a timeout
-from `RESOURCES`; the CPU stages get requests and a timeout and no GPU. The stages that read
-slides or the dataset from GCS retry. Every step is cached except resolve_version (it must see
-where a branch points now) and deploy (it acts on the cluster).
+Scheduling (kfp-kubernetes): the GPU stages (extract, distill, train_mil, strategy, and evaluate,
+which measures teacher vs student patches/s on the device that extracts) get one accelerator of
+`gpu_accelerator_type`, the `gpu_node_selector` labels, a toleration of the `nvidia.com/gpu` taint,
+a memory-backed /dev/shm for DataLoader workers, and CPU/memory requests and a timeout from
+`RESOURCES`; the CPU stages get requests and a timeout and no GPU. The stages that read slides or
+the dataset from GCS retry. Every step is cached except resolve_version (it must see where a branch
+points now) and deploy (it acts on the cluster).
 """
 
 from collections.abc import Mapping
@@ -33,6 +35,7 @@ from kfp.dsl import graph_component
 
 import components as c
 from components.image import IMAGE, SERVING_IMAGE
+from efcm import registry
 from efcm.config import PipelineParams
 
 PIPELINE_NAME = "efcm"
@@ -83,8 +86,12 @@ RESOURCES: dict[str, Res] = {
     "distill": Res("6", "24Gi", 48, gpu=True),
     "splits": Res("500m", "1Gi", 0.5),
     "train-mil": Res("4", "16Gi", 12, gpu=True),
-    "reuse": Res("2", "8Gi", 6),
-    "etc": Res("6", "24Gi", 48, gpu=True, retry=True),
+    "plan-strategies": Res("500m", "1Gi", 0.5),
+    # one task spec serves every strategy of the ParallelFor: sized for the largest (ETC reads
+    # slides from GCS, fine-tunes the student and re-extracts every patch)
+    "strategy": Res(
+        "6", "24Gi", 48, gpu=any(s.gpu for s in registry.STRATEGIES.values()), retry=True
+    ),
     "evaluate": Res("4", "16Gi", 6, gpu=True),
     "report": Res("1", "4Gi", 2),
     "gate": Res("500m", "1Gi", 0.5),
@@ -255,56 +262,54 @@ def build_pipeline(
             "splits",
         ).outputs["splits"]
 
-        mil_outputs = {}
-        for name, features in (("teacher", teacher_features), ("student", student_features)):
-            task = c.train_mil(
+        teacher_mil = run(
+            c.train_mil(
                 manifest=manifest,
-                features=features,
+                features=teacher_features,
                 splits=folds,
                 seed=seed,
                 dataset=dataset,
                 train_mil=train_mil,
-            ).set_display_name(f"train-mil-{name}")
-            mil_outputs[name] = run(task, "train-mil").outputs["mil"]
+            ).set_display_name("train-mil-teacher"),
+            "train-mil",
+        ).outputs["mil"]
 
-        reused = run(
-            c.reuse(
-                manifest=manifest,
-                teacher_mil=mil_outputs["teacher"],
-                student_features=student_features,
-                splits=folds,
-                seed=seed,
-                dataset=dataset,
-                distill=distill,
-                mil=mil,
-            ),
-            "reuse",
-        ).outputs["strategy"]
+        # one task per strategy this run compares (efcm.registry: `mil.strategies`, `auto`
+        # resolved against `distill.method` at run time), each with every input: an entry reads
+        # only those it names
+        planned = run(c.plan_strategies(distill=distill, mil=mil), "plan-strategies")
+        with dsl.ParallelFor(
+            planned.output, parallelism=len(registry.STRATEGIES), name="strategies"
+        ) as name:
+            outcome = run(
+                c.strategy(
+                    name=name,
+                    manifest=manifest,
+                    splits=folds,
+                    patches=patches,
+                    teacher_features=teacher_features,
+                    teacher_mil=teacher_mil,
+                    student_model=student_model,
+                    student_features=student_features,
+                    seed=seed,
+                    dataset=dataset,
+                    distill=distill,
+                    train_mil=train_mil,
+                    ib=ib,
+                    mil=mil,
+                    extract=extract,
+                ),
+                "strategy",
+            )
 
-        end2end = run(
-            c.etc(
-                manifest=manifest,
-                patches=patches,
-                teacher_features=teacher_features,
-                student_model=student_model,
-                splits=folds,
-                seed=seed,
-                dataset=dataset,
-                distill=distill,
-                train_mil=train_mil,
-                ib=ib,
-                mil=mil,
-                extract=extract,
-            ),
-            "etc",
-        ).outputs["strategy"]
+        def strategies() -> dsl.Collected:  # one per consumer: kfp 2.17 cannot share one
+            return dsl.Collected(outcome.outputs["strategy"])
 
         evaluation = run(
             c.evaluate(
-                teacher_mil=mil_outputs["teacher"],
-                reuse_mil=reused,
-                retrain_mil=mil_outputs["student"],
-                etc_mil=end2end,
+                manifest=manifest,
+                teacher_mil=teacher_mil,
+                strategies=strategies(),
                 student_model=student_model,
                 seed=seed,
                 dataset=dataset,
@@ -317,26 +322,34 @@ def build_pipeline(
             "evaluate",
         ).outputs["evaluation"]
 
-        run(
-            c.report(patches=patches, student_mil=mil_outputs["student"], dataset=dataset),
-            "report",
-        )
-
         package = run(
             c.export(
                 student_model=student_model,
-                student_mil=mil_outputs["student"],
+                strategies=strategies(),
                 evaluation=evaluation,
+                patches=patches,
                 dataset=dataset,
                 patch=patch,
                 teacher=teacher,
                 distill=distill,
+                mil=mil,
                 export=export,
             ),
             "export",
         ).outputs["package"]
 
-        promote = run(c.gate(evaluation=evaluation, distill=distill, deploy=deploy), "gate")
+        promote = run(c.gate(package=package, deploy=deploy), "gate")
+        run(
+            c.report(
+                patches=patches,
+                strategies=strategies(),
+                package=package,
+                evaluation=evaluation,
+                verdict=promote.outputs["verdict"],
+                dataset=dataset,
+            ),
+            "report",
+        )
         with dsl.If(promote.outputs["Output"] == True, name="promoted"):  # noqa: E712
             run(
                 c.deploy(

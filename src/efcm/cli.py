@@ -14,8 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from efcm import stages
-from efcm.config import ConfigError, Params, load_params
+from efcm import registry, stages
+from efcm.config import ConfigError, Params, for_stage, load_params
 from efcm.stages import BatchFailed
 
 log = logging.getLogger("efcm")
@@ -24,7 +24,9 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _params(args: argparse.Namespace) -> Params:
-    return load_params(args.params)
+    """The whole params file validated, then only the command's sections (as a KFP component
+    gets them: `efcm.config.STAGE_SECTIONS`), so that dvc and Kubeflow runs read the same."""
+    return for_stage(load_params(args.params), args.command.replace("-", "_"))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -67,53 +69,57 @@ def cmd_train_mil(args: argparse.Namespace) -> None:
     stages.train_mil(args.manifest, args.features, args.splits, args.out, _params(args))
 
 
-def cmd_reuse(args: argparse.Namespace) -> None:
-    stages.reuse(
-        args.manifest, args.teacher_mil, args.features, args.splits, args.out, _params(args)
-    )
-
-
-def cmd_etc(args: argparse.Namespace) -> None:
-    stages.etc(
+def cmd_strategy(args: argparse.Namespace) -> None:
+    stages.strategy(
+        args.name,
         args.manifest,
-        args.patches,
-        args.teacher_features,
-        args.student,
         args.splits,
         args.out,
         _params(args),
+        **{k: getattr(args, k) for k in registry.INPUTS},
     )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    preds = {}
-    for item in args.predictions:
-        name, sep, path = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--predictions takes NAME=DIR, got {item!r}")
-        preds[name] = path
     stages.evaluate(
-        preds,
+        args.teacher_mil,
+        args.strategy,
         args.out,
         _params(args),
-        student=args.student,
         manifest=args.manifest,
+        student=args.student,
         patches_dir=args.patches,
         masks_dir=args.masks,
     )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    out = stages.export(args.student, args.mil, args.out, _params(args), metrics_path=args.metrics)
+    out = stages.export(
+        args.student,
+        args.strategy,
+        args.out,
+        _params(args),
+        metrics_path=args.metrics,
+        patches_dir=args.patches,
+    )
     log.info("package: %s", out)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    log.info("report: %s", stages.report(args.patches, args.mil, args.out, _params(args)))
+    page = stages.report(
+        args.patches,
+        args.strategy,
+        args.package,
+        args.out,
+        _params(args),
+        evaluation_dir=args.evaluation,
+        gate_dir=args.gate,
+    )
+    log.info("report: %s", page)
 
 
 def cmd_gate(args: argparse.Namespace) -> None:
-    decision = stages.gate(args.metrics, args.out, _params(args))
+    decision = stages.gate(args.package, args.out, _params(args))
     print(json.dumps({"promote": decision.promote, "reason": decision.reason}))
 
 
@@ -219,49 +225,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", required=True)
     p.add_argument("--out", required=True)
 
-    p = add("reuse", cmd_reuse, "Reuse CLAM: the teacher's fold CLAMs on the student's features")
+    strategies = "; ".join(f"{n}: {e.summary}" for n, e in registry.STRATEGIES.items())
+    p = add("strategy", cmd_strategy, "run one slide-level strategy on the student, fold by fold")
+    p.add_argument("name", choices=registry.NAMES, help=strategies)
     p.add_argument("--manifest", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--patches", help="output dir of `efcm patch`")
+    p.add_argument("--teacher-features", help="output dir of `efcm extract --encoder teacher`")
+    p.add_argument("--teacher-mil", help="train-mil output dir of the teacher")
+    p.add_argument("--student", help="the distilled student (distill output dir or checkpoint)")
+    p.add_argument("--student-features", help="output dir of `efcm extract --encoder student`")
+
+    p = add("evaluate", cmd_evaluate, "teacher vs every strategy: metrics with patient-level CIs, "
+            "paired deltas, ROC points, efficiency")  # fmt: skip
     p.add_argument("--teacher-mil", required=True, help="train-mil output dir of the teacher")
-    p.add_argument("--features", required=True, help="extract output dir of the student")
-    p.add_argument("--splits", required=True)
-    p.add_argument("--out", required=True)
-
-    p = add("etc", cmd_etc, "End2end Train CLAM on the IB top-K patches (per fold)")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--patches", required=True)
-    p.add_argument("--teacher-features", required=True)
-    p.add_argument("--student", required=True, help="the distilled student (distill output)")
-    p.add_argument("--splits", required=True)
-    p.add_argument("--out", required=True)
-
-    p = add("evaluate", cmd_evaluate, "teacher vs student metrics with CIs, ROC points, efficiency")
     p.add_argument(
-        "--predictions",
-        action="append",
-        required=True,
-        metavar="NAME=DIR",
-        help="an output dir of train-mil or a strategy, named: teacher=DIR, and reuse=DIR, "
-        "retrain=DIR, etc=DIR for the rows student.<distill.method>.<strategy>",
-    )
+        "--strategy", action="append", default=[], metavar="DIR",
+        help="an output dir of `efcm strategy` (repeatable; a skipped one is left out)",
+    )  # fmt: skip
+    p.add_argument("--manifest", required=True, help="its case_id groups the bootstrap")
     p.add_argument("--student", help="student checkpoint: also measure teacher vs student cost")
-    p.add_argument("--manifest", help="with --patches and --masks: attention localisation")
-    p.add_argument("--patches", help="output dir of `efcm patch` (coords of the attention)")
+    p.add_argument("--patches", help="with --masks: attention localisation (coords of patches)")
     p.add_argument("--masks", help="folder of ground-truth tumour masks, <slide_id>.png")
     p.add_argument("--out", required=True)
 
-    p = add("export", cmd_export, "assemble the deployable model package")
-    p.add_argument("--student", required=True)
-    p.add_argument("--mil", required=True, help="train-mil output dir of the student")
-    p.add_argument("--metrics", help="metrics.json of evaluate, recorded in model.json")
+    p = add("export", cmd_export, "the deployable package: export.strategy's fold models")
+    p.add_argument("--student", required=True, help="the distilled student (distill output)")
+    p.add_argument(
+        "--strategy", action="append", required=True, metavar="DIR",
+        help="an output dir of `efcm strategy` (repeatable): export.strategy's is packaged",
+    )  # fmt: skip
+    p.add_argument("--metrics", required=True, help="metrics.json of evaluate")
+    p.add_argument("--patches", required=True, help="output dir of `efcm patch` (the geometry)")
     p.add_argument("--out", required=True)
 
-    p = add("report", cmd_report, "HTML page: attention heatmaps and patching QC of a run")
+    p = add("report", cmd_report, "HTML page: the audit (table, ROC, gate), heatmaps and QC")
     p.add_argument("--patches", required=True, help="output dir of `efcm patch`")
-    p.add_argument("--mil", required=True, help="a train-mil or strategy output dir")
+    p.add_argument(
+        "--strategy", action="append", required=True, metavar="DIR",
+        help="an output dir of `efcm strategy` (repeatable): the exported one's heatmaps",
+    )  # fmt: skip
+    p.add_argument("--package", required=True, help="the exported package")
+    p.add_argument("--evaluation", help="output dir of `efcm evaluate`")
+    p.add_argument("--gate", help="output dir of `efcm gate`")
     p.add_argument("--out", required=True, help="the HTML file to write")
 
-    p = add("gate", cmd_gate, "promotion gate: is the exported student good enough to deploy?")
-    p.add_argument("--metrics", required=True, help="metrics.json of evaluate")
+    p = add("gate", cmd_gate, "promotion gate: may the exported package be deployed?")
+    p.add_argument("--package", required=True, help="the exported package")
     p.add_argument("--out", required=True, help="folder for decision.json and decision.md")
 
     p = add("predict", cmd_predict, "predict one slide with a package; prints JSON")

@@ -283,15 +283,26 @@ class EtcParams(_Section):
 
 
 class MilParams(_Section):
-    """Which slide-level strategies the run compares (see efcm.strategies)."""
+    """Which slide-level strategies the run compares (the table is `efcm.registry`): `auto`, every
+    strategy that applies to `distill.method` (the report says which were left out and why), or an
+    explicit list, where a strategy that does not apply is an error."""
 
-    strategies: tuple[Literal["reuse", "retrain", "etc"], ...] = ("reuse", "retrain", "etc")
+    strategies: Literal["auto"] | tuple[str, ...] = "auto"
     etc: EtcParams = EtcParams()
 
     @model_validator(mode="after")
-    def _some(self) -> MilParams:
+    def _known(self) -> MilParams:
+        from efcm import registry
+
+        if self.strategies == "auto":
+            return self
         if not self.strategies or len(set(self.strategies)) != len(self.strategies):
             raise ValueError(f"strategies must be distinct and not empty, got {self.strategies}")
+        unknown = [s for s in self.strategies if s not in registry.STRATEGIES]
+        if unknown:
+            raise ValueError(
+                f"unknown strategies {unknown}: use 'auto' or a list of {list(registry.NAMES)}"
+            )
         return self
 
 
@@ -301,12 +312,24 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
+    """The package: its KServe model name, and the strategy it ships (one the run compares). The
+    package is the k fold models of that strategy as one ensemble (see `efcm.export`)."""
+
     model_name: str = Field("efcm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    strategy: str = Field("retrain", description="the strategy whose fold models are shipped")
+
+    @model_validator(mode="after")
+    def _known(self) -> ExportParams:
+        from efcm import registry
+
+        registry.get(self.strategy)
+        return self
 
 
 class DeployParams(_Section):
-    """The promotion gate (efcm.gate): the exported student (Retrain CLAM) is deployed only when
-    its AUROC is >= the teacher's minus `max_auc_drop` and > `min_auc`."""
+    """The promotion gate (efcm.gate), a non-inferiority rule on the exported package: deploy
+    only when the lower bound of the paired (case-level bootstrap) interval of student minus
+    teacher AUROC is >= -`max_auc_drop`, and the student's AUROC is > `min_auc`."""
 
     max_auc_drop: float = Field(0.05, ge=0, le=1)
     min_auc: float = Field(0.5, ge=0, le=1)
@@ -329,13 +352,20 @@ class Params(_Section):
     """All of params.yaml."""
 
     @model_validator(mode="after")
-    def _reuse_needs_teacher_space(self) -> Params:
-        if "reuse" in self.mil.strategies and self.distill.method == "mcm":
-            raise ValueError(
-                "mil.strategies includes 'reuse' but distill.method is 'mcm': an MCM-KD student "
-                "does not output the teacher's feature space, so the teacher's CLAM cannot be "
-                "reused; drop 'reuse' or distil with vfd or fpd"
-            )
+    def _strategies_apply(self) -> Params:
+        # Rules across sections hold between the sections given (a stage gets only its own; see
+        # `params_for_stage`), so a section a stage does not read never fails it.
+        from efcm import registry
+
+        given = self.model_fields_set
+        if {"distill", "mil"} <= given:
+            run, _ = registry.resolve(self.distill.method, self.mil.strategies)
+            if "export" in given and self.export.strategy not in run:
+                raise ValueError(
+                    f"export.strategy {self.export.strategy!r} is not one of the strategies this "
+                    f"run compares {run} (mil.strategies {_show(self.mil.strategies)}, "
+                    f"distill.method {self.distill.method!r})"
+                )
         return self
 
     seed: int = 0
@@ -358,6 +388,10 @@ class Params(_Section):
 SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
 
 
+def _show(strategies: str | tuple[str, ...]) -> str:
+    return strategies if isinstance(strategies, str) else str(list(strategies))
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -369,6 +403,80 @@ def _format_error(err: ValidationError, source: str) -> str:
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return f"invalid configuration in {source}: " + "; ".join(lines)
+
+
+# The params sections each stage reads: the one table that dvc.yaml (rendered from it by
+# pipelines/render_dvc.py), the KFP components (each takes exactly these as parameters, a test
+# checks) and the CLI share. A stage gets only its sections (`params_for_stage`, `for_stage`):
+# reading another raises, so a section a stage forgets fails loudly instead of taking a default.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "demo_data": ("seed", "dataset", "demo_data"),
+    "resolve_dataset": ("dataset",),
+    "patch": ("dataset", "patch"),
+    "gather": ("dataset", "patch"),
+    "extract": ("seed", "dataset", "teacher", "extract"),
+    "distill": ("seed", "dataset", "student", "distill"),
+    "splits": ("seed", "dataset", "train_mil"),
+    "train_mil": ("seed", "dataset", "train_mil"),
+    "plan_strategies": ("distill", "mil"),
+    "strategy": ("seed", "dataset", "distill", "train_mil", "ib", "mil", "extract"),
+    "evaluate": ("seed", "dataset", "teacher", "distill", "mil", "extract", "evaluate"),
+    "export": ("dataset", "patch", "teacher", "distill", "mil", "export"),
+    "report": ("dataset",),
+    "gate": ("deploy",),
+    "deploy": ("export",),
+}
+
+
+class _Unset:
+    """A params section the current stage does not receive: any use of it raises ConfigError."""
+
+    def __init__(self, section: str, stage: str) -> None:
+        self._where = (section, stage)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):
+            raise AttributeError(key)
+        section, stage = self._where
+        raise ConfigError(
+            f"stage {stage!r} read {section}.{key}, but {section!r} is not one of its params "
+            f"sections {list(STAGE_SECTIONS[stage])} (add it to efcm.config.STAGE_SECTIONS)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self._where[0]}: not a section of stage {self._where[1]!r}>"
+
+
+def for_stage(params: Params, stage: str) -> Params:
+    """`params` with only the sections of `stage` (STAGE_SECTIONS); the others raise when read."""
+    if stage not in STAGE_SECTIONS:
+        raise ConfigError(f"unknown stage {stage!r}; known: {list(STAGE_SECTIONS)}")
+    keep = set(STAGE_SECTIONS[stage])
+    return params.model_copy(update={s: _Unset(s, stage) for s in SECTIONS if s not in keep})
+
+
+def params_for_stage(stage: str, sections: dict[str, Any]) -> Params:
+    """Validated params of one stage from exactly its sections (STAGE_SECTIONS[stage]), as a KFP
+    component receives them (numbers that crossed a protobuf Struct are fixed as in
+    `params_from_struct`). A missing or an extra section is a ConfigError naming it."""
+    if stage not in STAGE_SECTIONS:
+        raise ConfigError(f"unknown stage {stage!r}; known: {list(STAGE_SECTIONS)}")
+    want = STAGE_SECTIONS[stage]
+    missing = [s for s in want if s not in sections]
+    extra = [s for s in sections if s not in want]
+    if missing or extra:
+        raise ConfigError(
+            f"stage {stage!r} takes the params sections {list(want)}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing {missing}" if missing else "",
+                    f"not its own {extra}" if extra else "",
+                )
+                if part
+            )
+        )
+    return for_stage(params_from_struct(sections, stage), stage)
 
 
 def params_from_dict(data: dict[str, Any] | None, source: str = "params") -> Params:
@@ -428,11 +536,18 @@ def params_to_dict(params: Params, *, compact: bool = False) -> dict[str, Any]:
     that the dict keeps the meaning of params.yaml: changing `preset` (in the KFP UI, say) changes
     them too.
     """
-    data = params.model_dump(mode="json")
+    data = {
+        name: (value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
+        for name in SECTIONS
+        if not isinstance(value := getattr(params, name), _Unset)
+    }
     if compact:
-        sections = [(data["patch"]["tissue"], TISSUE_PRESETS)]
-        sections += [(data[name], ENCODER_PRESETS) for name in ("teacher", "student")]
+        tissue = data["patch"]["tissue"] if "patch" in data else None
+        sections = [(tissue, TISSUE_PRESETS)]
+        sections += [(data.get(name), ENCODER_PRESETS) for name in ("teacher", "student")]
         for section, presets in sections:
+            if section is None:
+                continue
             preset = presets.get(section.get("preset"), {})
             for key, value in preset.items():
                 if section.get(key) == (list(value) if isinstance(value, tuple) else value):

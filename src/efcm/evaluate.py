@@ -239,3 +239,17 @@ def measure_efficiency(
         batch_size or params.extract.batch_size,
         min_seconds=min_seconds,
     )
+
+
+def prediction_curves(
+    mil_dir: Path, classes: list[str] | tuple[str, ...]
+) -> tuple[tuple[list[float], list[float], list[float]], list[list[int]]]:
+    """The out-of-fold ROC (the last class against the rest: fpr, tpr, thresholds clipped to 1)
+    and confusion matrix of a train-mil or strategy output's predictions.csv, as the Kubeflow
+    UI's ClassificationMetrics take them."""
+    probs, labels, _ = read_predictions(mil_dir / "predictions.csv", tuple(classes))
+    points = roc_points(probs, labels, positive=len(classes) - 1)
+    fpr = [p["fpr"] for p in points]
+    tpr = [p["tpr"] for p in points]
+    thr = [min(p["threshold"], 1.0) for p in points]
+    return (fpr, tpr, thr), confusion(probs, labels, len(classes))

@@ -1,12 +1,22 @@
 """The deployable model package, and its one loader.
 
-A package is a directory with `student.pt` (the distilled student), `clam.pt` (the slide head
-trained on
-the student's features) and `model.json` (encoder spec and input transform, patch size, target mpp,
-feature dim, class names, strategy, metrics, versions, sha256 of every file). `load_package` is
-used by
-evaluation, the CLI and the predictor alike; it refuses a package whose files do not match their
-hashes.
+What ships is what was evaluated. A strategy's cross-validation trains one CLAM per fold (and, for
+ETC, one fine-tuned student per fold) and scores each on the patients of its test fold; the
+package ships all k fold models, unchanged, as one ensemble (`efcm.models.ensemble`): class
+probabilities and attention averaged over the members. `model.json` says what its quoted metrics
+estimate: the pooled out-of-fold figures of the evaluation row it was exported from are the
+cross-validated estimate for one member on patients it never saw; the average of the k members is
+not scored separately (it has no held-out patients left), and averaging members is not expected to
+do worse than one member. `Package.member(k)` is fold k's model alone, so a test can check it
+reproduces the evaluation's out-of-fold predictions exactly.
+
+Files: `student.pt` (one student for every fold: Reuse, Retrain CLAM) or `student_fold_<k>.pt`
+(ETC: fold k's fine-tuned student), `clam_fold_<k>.pt`, and `model.json`: the strategy and its
+evaluation row, the ensemble's layout, the encoder spec, the patch geometry the CLAMs were trained
+on (read from the training coords files, never from params), the export's params, class names,
+the metrics, versions and the sha256 of every file. `load_package` is the one loader (evaluation,
+the CLI and the predictor); it refuses a package whose files do not match their hashes, or whose
+recorded geometry disagrees with its params.
 """
 
 from __future__ import annotations
@@ -16,23 +26,25 @@ import logging
 import os
 import platform
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from efcm import __version__
-from efcm.config import EncoderParams, Params
-from efcm.distill import load_student
-from efcm.mil import load_clam, read_summary
-from efcm.models.clam import CLAMBase
+from efcm import __version__, registry
+from efcm.config import EncoderParams, Params, params_to_dict
+from efcm.mil import load_clam, read_predictions, read_summary
 from efcm.models.encoders import EncoderWithTransform, sha256_file
+from efcm.models.ensemble import FoldEnsembleCLAM, FoldEnsembleEncoder
+from efcm.models.students import load_student
 
 log = logging.getLogger(__name__)
 
-FORMAT = "efcm.package/1"
-FILES = ("student.pt", "clam.pt")
+FORMAT = "efcm.package/2"
+# patch keys that do not change a slide's patches (how a batch treats failures)
+NOT_GEOMETRY = ("fail_on",)
 
 
 class PackageError(ValueError):
@@ -43,8 +55,8 @@ class PackageError(ValueError):
 class Package:
     path: Path
     meta: dict[str, Any]
-    encoder: EncoderWithTransform  # uint8 patches (B, S, S, 3) -> features (B, D)
-    clam: CLAMBase
+    encoder: nn.Module  # uint8 patches (B, S, S, 3) -> features (B, D)
+    clam: FoldEnsembleCLAM
 
     @property
     def classes(self) -> list[str]:
@@ -54,55 +66,163 @@ class Package:
     def feature_dim(self) -> int:
         return int(self.meta["feature_dim"])
 
+    @property
+    def n_members(self) -> int:
+        return len(self.clam.members)
+
+    def member(self, k: int) -> Package:
+        """Fold k's model alone (its student and its CLAM): the model the evaluation scored on
+        fold k's test patients."""
+        if not 0 <= k < self.n_members:
+            raise IndexError(f"{self.path}: no fold member {k} (the package has {self.n_members})")
+        split = self.clam.split
+        encoder = self.encoder.members[k] if split else self.encoder
+        clam = FoldEnsembleCLAM([self.clam.members[k]], split=False)
+        meta = {**self.meta, "feature_dim": clam.in_dim}
+        return replace(self, meta=meta, encoder=encoder, clam=clam)
+
+
+def geometry(settings: dict[str, Any]) -> dict[str, Any]:
+    """The patch settings that make a slide's patches (all but NOT_GEOMETRY)."""
+    return {k: v for k, v in settings.items() if k not in NOT_GEOMETRY}
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [
+        f"{k}: {a.get(k)!r} vs {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def trained_geometry(patches_dir: Path, slide_ids: list[str], params: Params) -> dict[str, Any]:
+    """The patch settings recorded in the coords files of `slide_ids` (the slides the fold models
+    were trained and tested on): one set for all, equal to `params.patch` (else PackageError:
+    exporting would serve patches unlike those the CLAMs were trained on)."""
+    from efcm.slides.patching import patch_settings, read_patch_settings
+
+    found: dict[str, list[str]] = {}
+    seen: dict[str, dict[str, Any]] = {}
+    for sid in slide_ids:
+        path = patches_dir / "patches" / f"{sid}.h5"
+        if not path.is_file():
+            raise PackageError(f"{path}: the coords file of training slide {sid} is missing")
+        settings = read_patch_settings(path)
+        if settings is None:
+            raise PackageError(
+                f"{path}: records no patch settings (written by CLAM or an older efcm): rerun "
+                "`efcm patch` so that the package knows the geometry its CLAMs were trained on"
+            )
+        key = json.dumps(geometry(settings), sort_keys=True)
+        found.setdefault(key, []).append(sid)
+        seen[key] = geometry(settings)
+    if not seen:
+        raise PackageError("no training slides to read the patch geometry from")
+    if len(seen) > 1:
+        (a, ids_a), (b, ids_b) = list(found.items())[:2]
+        raise PackageError(
+            f"the training slides were patched with different settings ({ids_a[0]} vs "
+            f"{ids_b[0]}: {'; '.join(_diff(seen[a], seen[b]))}): re-patch them alike"
+        )
+    trained = next(iter(seen.values()))
+    wanted = geometry(patch_settings(params.patch))
+    if trained != wanted:
+        raise PackageError(
+            "params.yaml's patch section differs from the patching the CLAMs were trained on "
+            f"({'; '.join(_diff(wanted, trained))}, params vs coords files): the package would "
+            "serve other patches than it was evaluated on; rerun the pipeline or restore params"
+        )
+    return trained
+
 
 def export_package(
     student_ckpt: str | Path,
     mil_dir: str | Path,
     out_dir: str | Path,
     params: Params,
-    metrics: dict[str, Any] | None = None,
+    metrics: dict[str, Any],
+    patches_dir: str | Path,
 ) -> Path:
-    """Assemble the package from a strategy's output dir (train-mil = Retrain CLAM, reuse, etc):
-    its CLAM of the fold with the lowest validation loss, and the student: the distilled one, or
-    for ETC that fold's fine-tuned student. The recorded metrics are the out-of-fold estimates."""
+    """Assemble the package of the strategy output `mil_dir` (its summary.json names the
+    strategy): its k fold CLAMs with the distilled student `student_ckpt`, or for a strategy that
+    fine-tunes the student per fold, each fold's student. `metrics` is the evaluation's
+    metrics.json: it must hold the strategy's row (what is shipped must have been evaluated)."""
     mil_dir, out = Path(mil_dir), Path(out_dir)
     summary = read_summary(mil_dir)
     if summary.get("skipped"):
         raise PackageError(f"{mil_dir}: {summary.get('reason', 'skipped')}: nothing to export")
-    fold = int(summary["selected_fold"])
-    if (mil_dir / f"student_fold_{fold}.pt").is_file():  # ETC fine-tuned the student per fold
-        student_ckpt = mil_dir / f"student_fold_{fold}.pt"
-    student, spec = load_student(student_ckpt)
-    clam = load_clam(mil_dir / f"fold_{fold}.pt")
-    if clam.in_dim != student.out_dim:
+    name = registry.summary_strategy(summary, str(mil_dir))
+    entry = registry.get(name)
+    row = entry.row(params.distill.method)
+    if row not in metrics or registry.TEACHER_ROW not in metrics:
         raise PackageError(
-            f"CLAM expects {clam.in_dim}-d features but the student outputs "
-            f"{student.out_dim}-d: train-mil was run on other features"
+            f"the evaluation has no row {row!r} (and {registry.TEACHER_ROW!r}): only an evaluated "
+            f"strategy can be exported (rows: {sorted(k for k in metrics if k != 'efficiency')})"
         )
+    k = len(summary["folds"])
+    clams = [f"clam_fold_{i}.pt" for i in range(k)]
+    students = [f"student_fold_{i}.pt" for i in range(k)] if entry.per_fold_student else []
+    sources = {f"clam_fold_{i}.pt": mil_dir / f"fold_{i}.pt" for i in range(k)}
+    if entry.per_fold_student:
+        sources.update({s: mil_dir / s for s in students})
+    else:
+        sources["student.pt"] = Path(student_ckpt)
+    for f, src in sources.items():
+        if not src.is_file():
+            raise PackageError(f"{src}: missing (needed for the package's {f})")
+    _, _, tested = read_predictions(mil_dir / "predictions.csv", tuple(params.dataset.classes))
+    patch = trained_geometry(Path(patches_dir), sorted(tested), params)
+
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(student_ckpt, tmp / "student.pt")
-    shutil.copy2(mil_dir / f"fold_{fold}.pt", tmp / "clam.pt")
+    for f, src in sources.items():
+        shutil.copy2(src, tmp / f)
+    pkg_files = sorted(sources)
+    student, spec = load_student(tmp / (students[0] if students else "student.pt"))
+    members = [load_clam(tmp / c) for c in clams]
+    for c, m in zip(clams, members, strict=True):
+        if m.in_dim != student.out_dim:
+            raise PackageError(
+                f"{c}: the CLAM takes {m.in_dim}-d features but the student outputs "
+                f"{student.out_dim}-d: the strategy was trained on other features"
+            )
+    ensemble = FoldEnsembleCLAM(members, split=entry.per_fold_student)
     meta = {
         "format": FORMAT,
         "name": params.export.model_name,
         "classes": list(params.dataset.classes),
-        "strategy": summary.get("strategy", "retrain"),
+        "strategy": name,
+        "row": row,
         "distill_method": params.distill.method,
+        "ensemble": {
+            "members": k,
+            "clams": clams,
+            "students": students or ["student.pt"],
+            "per_fold_student": entry.per_fold_student,
+            "combine": "mean of the members' class probabilities and attention",
+            "student_passes_per_patch": k if entry.per_fold_student else 1,
+        },
+        "estimate": (
+            f"metrics['{row}'] are the pooled out-of-fold figures of the {k} fold models this "
+            f"package averages: the cross-validated estimate for one fold model on patients it "
+            f"never saw (intervals resample patients). The {k}-model average itself is not "
+            "scored separately; averaging is not expected to do worse than one member."
+        ),
         "encoder": spec.model_dump(mode="json"),
         "teacher": {"arch": params.teacher.arch, "weights": params.teacher.weights},
-        "feature_dim": student.out_dim,
-        "patch": params.patch.model_dump(mode="json"),
-        "clam": clam.config(),
-        "clam_fold": fold,
-        "metrics": metrics or {},
+        "feature_dim": ensemble.in_dim,
+        "patch": patch,
+        "params": params_to_dict(params),
+        "clam": members[0].config(),
+        "metrics": metrics,
         "versions": {
             "efcm": __version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
-        "sha256": {f: sha256_file(tmp / f) for f in FILES},
+        "files": pkg_files,
+        "sha256": {f: sha256_file(tmp / f) for f in pkg_files},
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
@@ -112,23 +232,47 @@ def export_package(
 
 
 def load_package(path: str | Path, *, verify: bool = True) -> Package:
-    """Load a package directory; checks its format and the sha256 of every file."""
+    """Load a package directory; checks its format, the sha256 of every file, and that the
+    geometry it records is its params' (a package edited by hand to serve other patches than it
+    was trained on is refused)."""
     path = Path(path)
     meta_path = path / "model.json"
     if not meta_path.is_file():
         raise PackageError(f"{path}: not a model package (no model.json)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise PackageError(f"{meta_path}: not valid JSON ({err})") from None
     if meta.get("format") != FORMAT:
         raise PackageError(
             f"{path}: unknown package format {meta.get('format')!r}, expected {FORMAT}"
         )
-    for f in FILES:
+    for f in meta["files"]:
         if not (path / f).is_file():
             raise PackageError(f"{path}: missing {f}")
         if verify and sha256_file(path / f) != meta["sha256"][f]:
             raise PackageError(f"{path}/{f}: sha256 does not match model.json (corrupt or altered)")
-    student, spec = load_student(path / "student.pt")
-    encoder = EncoderWithTransform(student, EncoderParams.model_validate(meta["encoder"])).eval()
-    if spec.arch != meta["encoder"]["arch"]:
-        raise PackageError(f"{path}: student arch {spec.arch} does not match model.json")
-    return Package(path, meta, encoder, load_clam(path / "clam.pt"))
+    recorded = geometry(meta["patch"])
+    configured = geometry(meta.get("params", {}).get("patch", {}))
+    if recorded != configured:
+        raise PackageError(
+            f"{path}: model.json's patch geometry differs from its params "
+            f"({'; '.join(_diff(recorded, configured))}): refusing to serve other patches than "
+            "the model was trained on"
+        )
+    ens = meta["ensemble"]
+    encoders = []
+    for f in ens["students"]:
+        student, spec = load_student(path / f)
+        if spec.arch != meta["encoder"]["arch"]:
+            raise PackageError(f"{path}/{f}: student arch {spec.arch} does not match model.json")
+        encoders.append(
+            EncoderWithTransform(student, EncoderParams.model_validate(meta["encoder"]))
+        )
+    split = bool(ens["per_fold_student"])
+    encoder = FoldEnsembleEncoder(encoders) if split else encoders[0]
+    clam = FoldEnsembleCLAM([load_clam(path / c) for c in ens["clams"]], split=split)
+    if clam.in_dim != int(meta["feature_dim"]):
+        raise PackageError(f"{path}: the CLAMs take {clam.in_dim}-d features, model.json says "
+                           f"{meta['feature_dim']}")  # fmt: skip
+    return Package(path, meta, encoder.eval(), clam.eval())

@@ -324,12 +324,10 @@ def train_mil(
             "fold %d: best epoch %d, val loss %.4f", k, info["best_epoch"], info["best_val_loss"]
         )
     write_predictions(out, rows, attention)
-    best = int(np.argmin([f["best_val_loss"] for f in folds]))
     summary = {
         "classes": list(classes),
         "feature_dim": int(next(iter(bags.values())).shape[1]),
         "folds": folds,
-        "selected_fold": best,
         "unlabelled": unlabelled,
     }
     save_json(out / "summary.json", summary)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from efcm import registry
 from efcm.config import ConfigError, Params
 from efcm.manifest import Manifest, read_manifest
 
@@ -49,7 +50,7 @@ def _read(manifest: str | Path, params: Params, shard: tuple[int, int] | None) -
 
 def row_name(params: Params, strategy: str) -> str:
     """The evaluation row of a student strategy: `student.<distill.method>.<strategy>`."""
-    return f"student.{params.distill.method}.{strategy}"
+    return registry.row_name(params.distill.method, strategy)
 
 
 def student_checkpoint(path: str | Path) -> Path:
@@ -228,144 +229,163 @@ def train_mil(
     )
 
 
-def _skipped(out_dir: str | Path, strategy: str, params: Params) -> dict[str, Any] | None:
-    """When `strategy` is not in mil.strategies, write a summary saying so (evaluation leaves the
-    row out) and return it."""
-    if strategy in params.mil.strategies:
-        return None
-    from efcm.mil import save_json
-
-    summary = {
-        "strategy": strategy,
-        "skipped": True,
-        "reason": f"{strategy!r} is not in mil.strategies {list(params.mil.strategies)}",
-    }
-    save_json(Path(out_dir) / "summary.json", summary)
-    log.info("%s: skipped (%s)", strategy, summary["reason"])
-    return summary
+def plan_strategies(params: Params) -> tuple[list[str], dict[str, str]]:
+    """The strategies this run compares (`mil.strategies`, `auto` resolved against
+    `distill.method` by `efcm.registry.resolve`) and those left out, with the reason."""
+    return registry.resolve(params.distill.method, params.mil.strategies)
 
 
-def reuse(
+def strategy(
+    name: str,
     manifest: str | Path,
-    teacher_mil_dir: str | Path,
-    student_features_dir: str | Path,
     splits_path: str | Path,
     out_dir: str | Path,
     params: Params,
+    **inputs: str | Path | None,
 ) -> dict[str, Any]:
-    """Reuse CLAM: the teacher's fold CLAMs on the student's features."""
-    from efcm.strategies import reuse as run
+    """Run the slide-level strategy `name` (an entry of `efcm.registry.STRATEGIES`) with the
+    inputs its entry names (`patches`, `teacher_features`, `teacher_mil`, `student` (a checkpoint
+    or the distill output dir), `student_features`). A strategy this run does not compare writes
+    only a summary saying so (`skipped`, with the reason), which evaluation leaves out."""
+    entry = registry.get(name)
+    run, left_out = plan_strategies(params)
+    if name not in run:
+        from efcm.mil import save_json
 
-    if (skipped := _skipped(out_dir, "reuse", params)) is not None:
-        return skipped
-    folds = json.loads(Path(splits_path).read_text())
-    return run(
-        read_manifest(manifest, params.dataset.classes),
-        teacher_mil_dir,
-        student_features_dir,
-        folds,
-        out_dir,
-        params,
-    )
+        summary = {"strategy": name, "skipped": True, "reason": left_out[name]}
+        save_json(Path(out_dir) / "summary.json", summary)
+        log.info("strategy %s: skipped (%s)", name, summary["reason"])
+        return summary
+    if inputs.get("student"):
+        inputs["student"] = student_checkpoint(inputs["student"])
+    given = registry.StrategyInputs.of(manifest, splits_path, **inputs)
+    given.require(entry)
+    return entry.run()(given, out_dir, params)
 
 
-def etc(
-    manifest: str | Path,
-    patches_dir: str | Path,
-    teacher_features_dir: str | Path,
-    student: str | Path,
-    splits_path: str | Path,
-    out_dir: str | Path,
-    params: Params,
-) -> dict[str, Any]:
-    """End2end Train CLAM on the IB top-K patches, then re-extraction and a new CLAM."""
-    from efcm.strategies import etc as run
-
-    if (skipped := _skipped(out_dir, "etc", params)) is not None:
-        return skipped
-    folds = json.loads(Path(splits_path).read_text())
-    return run(
-        read_manifest(manifest, params.dataset.classes),
-        patches_dir,
-        teacher_features_dir,
-        student_checkpoint(student),
-        folds,
-        out_dir,
-        params,
-    )
+def read_strategy_dirs(dirs: list[str | Path]) -> dict[str, Path]:
+    """{strategy name: output dir} of strategy outputs that ran (a skipped one is left out),
+    named by their own summary.json."""
+    out: dict[str, Path] = {}
+    for d in map(Path, dirs):
+        summary = json.loads((d / "summary.json").read_text())
+        name = registry.summary_strategy(summary, str(d))
+        if summary.get("skipped"):
+            continue
+        if name in out:
+            raise ConfigError(f"two outputs of strategy {name!r}: {out[name]} and {d}")
+        out[name] = d
+    return out
 
 
 def evaluate(
-    predictions: dict[str, str | Path],
+    teacher_mil: str | Path,
+    strategy_dirs: list[str | Path],
     out_dir: str | Path,
     params: Params,
     *,
+    manifest: str | Path,
     student: str | Path | None = None,
-    manifest: str | Path | None = None,
     patches_dir: str | Path | None = None,
     masks_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Metrics of each named output dir of train-mil / a strategy; with `student`, teacher vs
-    student cost too; with `manifest`, `patches_dir` and `masks_dir` (ground-truth tumour masks,
-    `<slide_id>.png`), the attention localisation AUROC of the rows that saved attention.
-
-    A strategy name (`reuse`, `retrain`, `etc`) becomes the row `student.<distill.method>.<name>`;
-    a strategy that is not in mil.strategies, or whose stage skipped it, is left out.
-    """
+    """The teacher baseline (`teacher_mil`, train-mil on the teacher's features) and every
+    strategy output of `strategy_dirs` that ran, on the same out-of-fold slides: one table, with
+    case-level (`case_id` of the manifest) bootstrap intervals and, for each student row, the
+    paired student-minus-teacher deltas. With `student`, teacher vs student cost too; with
+    `patches_dir` and `masks_dir` (ground-truth tumour masks, `<slide_id>.png`), the attention
+    localisation AUROC of each row. `strategies.json` says which strategies ran and which were
+    left out, and why."""
     from efcm.evaluate import evaluate as run
     from efcm.evaluate import localisation, measure_efficiency
+    from efcm.mil import save_json
 
-    rows: dict[str, Path] = {}
-    for name, folder in predictions.items():
-        summary = Path(folder) / "summary.json"
-        if name in ("reuse", "retrain", "etc"):
-            if name not in params.mil.strategies or (
-                summary.is_file() and json.loads(summary.read_text()).get("skipped")
-            ):
-                continue
-            name = row_name(params, name)
-        rows[name] = Path(folder)
-    if not rows:
-        raise ConfigError("evaluate needs at least one NAME=DIR of predictions")
+    planned, left_out = plan_strategies(params)
+    done = read_strategy_dirs(strategy_dirs)
+    for name in planned:
+        if name not in done:
+            raise ConfigError(f"evaluate: no output of strategy {name!r}, which this run compares")
+    rows: dict[str, Path] = {registry.TEACHER_ROW: Path(teacher_mil)}
+    rows.update({row_name(params, n): done[n] for n in planned})
+    m = read_manifest(manifest, params.dataset.classes)
     eff = measure_efficiency(params, student_checkpoint(student)) if student else None
     loc = None
-    if manifest and patches_dir and masks_dir:
-        m = read_manifest(manifest, params.dataset.classes)
+    if patches_dir and masks_dir:
         loc = {
             name: localisation(d, m, Path(patches_dir), Path(masks_dir)) for name, d in rows.items()
         }
     preds = {name: d / "predictions.csv" for name, d in rows.items()}
-    return run(preds, out_dir, params, eff, loc)
+    cases = {s.slide_id: s.case_id for s in m.slides}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_json(
+        Path(out_dir) / "strategies.json",
+        {"method": params.distill.method, "run": planned, "left_out": left_out},
+    )
+    return run(preds, out_dir, params, eff, loc, cases=cases)
 
 
 def export(
     student: str | Path,
-    mil_dir: str | Path,
+    strategy_dirs: list[str | Path],
     out_dir: str | Path,
     params: Params,
     *,
-    metrics_path: str | Path | None = None,
+    metrics_path: str | Path,
+    patches_dir: str | Path,
 ) -> Path:
+    """The package of `export.strategy`: its k fold models as one ensemble, with the evaluation
+    row that estimates it and the patch geometry its CLAMs were trained on (from the coords files
+    in `patches_dir`); see `efcm.export`."""
     from efcm.export import export_package
 
-    metrics = json.loads(Path(metrics_path).read_text()) if metrics_path else None
-    return export_package(student_checkpoint(student), mil_dir, out_dir, params, metrics)
+    name = params.export.strategy
+    done = read_strategy_dirs(strategy_dirs)
+    if name not in done:
+        raise ConfigError(
+            f"export.strategy is {name!r}, but no output of it is among "
+            f"{[str(d) for d in strategy_dirs]}"
+        )
+    metrics = json.loads(Path(metrics_path).read_text())
+    return export_package(
+        student_checkpoint(student), done[name], out_dir, params, metrics, Path(patches_dir)
+    )
 
 
-def gate(metrics_path: str | Path, out_dir: str | Path, params: Params):
-    """The promotion gate on an evaluation's metrics.json: `decision.json` and `decision.md` in
-    `out_dir`; returns the `efcm.gate.Decision` (not promoting is a result, not an error)."""
+def gate(package_dir: str | Path, out_dir: str | Path, params: Params):
+    """The promotion gate on an exported package (its strategy and the metrics of the evaluation
+    row it was exported with): `decision.json` and `decision.md` in `out_dir`; returns the
+    `efcm.gate.Decision` (not promoting is a result, not an error)."""
     from efcm.gate import decide, write_decision
 
-    decision = decide(json.loads(Path(metrics_path).read_text()), params)
+    meta = json.loads((Path(package_dir) / "model.json").read_text())
+    decision = decide(meta, params.deploy)
     write_decision(decision, out_dir)
     log.info("gate: %s", decision.reason)
     return decision
 
 
-def report(patches_dir: str | Path, mil_dir: str | Path, out: str | Path, params: Params) -> Path:
-    """The run's HTML page: attention heatmaps of `mil_dir`'s out-of-fold predictions over the
-    patching QC thumbnails, and every slide's patching status (see `efcm.report`)."""
+def report(
+    patches_dir: str | Path,
+    strategy_dirs: list[str | Path],
+    package_dir: str | Path,
+    out: str | Path,
+    params: Params,
+    *,
+    evaluation_dir: str | Path | None = None,
+    gate_dir: str | Path | None = None,
+) -> Path:
+    """The run's HTML page (see `efcm.report`): the evaluation table with the paired deltas, the
+    ROC curves, the gate's verdict and the efficiency figures, then the exported strategy's
+    out-of-fold attention heatmaps over the patching QC thumbnails, and every slide's status."""
     from efcm.report import html_report
 
-    return html_report(patches_dir, mil_dir, out, params.dataset.classes)
+    meta = json.loads((Path(package_dir) / "model.json").read_text())
+    mil_dir = read_strategy_dirs(strategy_dirs)[meta["strategy"]]
+    return html_report(
+        patches_dir,
+        mil_dir,
+        out,
+        params.dataset.classes,
+        evaluation_dir=evaluation_dir,
+        gate_dir=gate_dir,
+    )

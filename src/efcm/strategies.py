@@ -21,6 +21,7 @@ ETC also writes its fine-tuned students (student_fold_<k>.pt) and the IB selecti
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from efcm.config import ConfigError, EtcParams, Params
 from efcm.features import embed_batches
-from efcm.manifest import Manifest
+from efcm.manifest import Manifest, read_manifest
 from efcm.mil import (
     build_clam,
     load_bags,
@@ -46,10 +47,12 @@ from efcm.mil import (
     save_clam,
     save_json,
     train_fold,
+    train_mil,
     write_predictions,
 )
 from efcm.models.encoders import PatchTransform
 from efcm.models.students import load_student, save_student
+from efcm.registry import StrategyInputs
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
 
@@ -278,13 +281,54 @@ def etc(
         attention.update(fold_attention)
         folds.append({"fold": k, **info})
     write_predictions(out, rows, attention)
-    best = int(np.argmin([f["best_val_loss"] for f in folds]))
     summary = {
         "classes": list(classes),
         "strategy": "etc",
-        "selected_fold": best,
         "feature_dim": int(next(iter(bags.values())).shape[1]),
         "folds": folds,
     }
     save_json(out / "summary.json", summary)
     return summary
+
+
+# -- the registry's runners (efcm.registry.STRATEGIES): one signature for every strategy -----------
+
+
+def _splits(inputs: StrategyInputs) -> dict[str, Any]:
+    return json.loads(Path(inputs.splits).read_text())
+
+
+def _manifest(inputs: StrategyInputs, params: Params) -> Manifest:
+    return read_manifest(inputs.manifest, params.dataset.classes)
+
+
+def run_reuse(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:
+    return reuse(
+        _manifest(inputs, params),
+        inputs.teacher_mil,
+        inputs.student_features,
+        _splits(inputs),
+        out_dir,
+        params,
+    )
+
+
+def run_retrain(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:
+    summary = train_mil(
+        _manifest(inputs, params), inputs.student_features, _splits(inputs), out_dir, params
+    )
+    summary = {**summary, "strategy": "retrain"}
+    save_json(Path(out_dir) / "summary.json", summary)
+    return summary
+
+
+def run_etc(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:
+    return etc(
+        _manifest(inputs, params),
+        inputs.patches,
+        inputs.teacher_features,
+        inputs.student,
+        _splits(inputs),
+        out_dir,
+        params,
+    )

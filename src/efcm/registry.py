@@ -1,0 +1,173 @@
+"""The table of slide-level strategies: the one place that names them.
+
+timm's model registry is the example: each strategy is one `Strategy` entry, and everything that
+needs to know the strategies reads this table: config validation (`mil.strategies`,
+`export.strategy`), the `strategy` stage of `efcm.stages` and its CLI command, the rendered
+`dvc.yaml`, the Kubeflow graph (one `strategy` task per resolved entry), the evaluation rows, the
+export and the gate. No other module spells a strategy or evaluation-row name.
+
+Adding a strategy is one entry here plus its function: a callable
+`run(inputs: StrategyInputs, out_dir, params) -> summary dict` that writes what `train_mil`
+writes (fold_<k>.pt, predictions.csv with the out-of-fold predictions, attention.h5,
+summary.json with `"strategy": name`), and `student_fold_<k>.pt` when `per_fold_student`.
+
+This module imports no torch: config validation and the CPU serving path read it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# The inputs a strategy may take, besides the manifest and the splits every strategy reads.
+INPUTS = ("patches", "teacher_features", "teacher_mil", "student", "student_features")
+# The evaluation row of the teacher baseline (the CLAM trained on the teacher's features).
+TEACHER_ROW = "teacher"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One slide-level strategy on top of the distilled student.
+
+    Attributes:
+        name: the word used in params (`mil.strategies`, `export.strategy`), the CLI
+            (`efcm strategy NAME`), dvc.yaml (`strategy_NAME`) and the evaluation row.
+        summary: one line for --help, the README and the report.
+        needs_teacher_space: it applies the teacher's CLAM to student features, so only a student
+            that outputs the teacher's feature space can use it (VFD, FPD; not MCM-KD).
+        runner: "module:function" of its implementation (imported when it runs).
+        inputs: what it reads among `INPUTS`.
+        per_fold_student: it fine-tunes the student per fold (`student_fold_<k>.pt`): the package
+            carries one student per fold, each paired with its fold's CLAM.
+        gpu: it trains or embeds patches (Kubeflow gives its task a GPU).
+    """
+
+    name: str
+    summary: str
+    needs_teacher_space: bool
+    runner: str
+    inputs: tuple[str, ...]
+    per_fold_student: bool = False
+    gpu: bool = True
+
+    def applies_to(self, method: str) -> str | None:
+        """None when the strategy applies to distillation `method`, else the reason it does not."""
+        if self.needs_teacher_space and method == "mcm":
+            return (
+                f"{self.name!r} applies the teacher's CLAM to the student's features, but an "
+                "MCM-KD student does not output the teacher's feature space (only vfd and fpd do)"
+            )
+        return None
+
+    def row(self, method: str) -> str:
+        """The evaluation row: `student.<distill.method>.<strategy>`."""
+        return f"student.{method}.{self.name}"
+
+    def run(self) -> Callable[..., dict[str, Any]]:
+        module, _, fn = self.runner.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy(
+            "reuse",
+            "Reuse CLAM: the teacher's fold CLAMs, unchanged, on the student's features",
+            needs_teacher_space=True,
+            runner="efcm.strategies:run_reuse",
+            inputs=("teacher_mil", "student_features"),
+            gpu=False,
+        ),
+        Strategy(
+            "retrain",
+            "Retrain CLAM: a new CLAM per fold on the frozen student's features",
+            needs_teacher_space=False,
+            runner="efcm.strategies:run_retrain",
+            inputs=("student_features",),
+        ),
+        Strategy(
+            "etc",
+            "End2end Train CLAM: student + CLAM fine-tuned on the IB top-K patches per fold, "
+            "then a new CLAM on the fine-tuned student's features",
+            needs_teacher_space=False,
+            runner="efcm.strategies:run_etc",
+            inputs=("patches", "teacher_features", "student"),
+            per_fold_student=True,
+        ),
+    )
+}
+NAMES: tuple[str, ...] = tuple(STRATEGIES)
+
+
+def get(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {list(NAMES)}")
+    return STRATEGIES[name]
+
+
+def row_name(method: str, name: str) -> str:
+    """The evaluation row of strategy `name` on a `method` student."""
+    return get(name).row(method)
+
+
+def resolve(method: str, strategies: str | tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """The strategies a run compares, and those left out with the reason.
+
+    `strategies` is `"auto"` (every registered strategy that applies to `method`) or an explicit
+    list: there a strategy that does not apply is an error (ValueError naming it and why).
+    """
+    if strategies == "auto":
+        run = [n for n, s in STRATEGIES.items() if s.applies_to(method) is None]
+        left_out = {
+            n: f"does not apply to distill.method {method!r}: {why}"
+            for n, s in STRATEGIES.items()
+            if (why := s.applies_to(method)) is not None
+        }
+        return run, left_out
+    for n in strategies:
+        if (why := get(n).applies_to(method)) is not None:
+            raise ValueError(
+                f"mil.strategies includes {n!r} but distill.method is {method!r}: {why}; drop "
+                f"{n!r}, or set mil.strategies: auto to compare every strategy that applies"
+            )
+    left_out = {n: "not in mil.strategies" for n in NAMES if n not in strategies}
+    return list(strategies), left_out
+
+
+@dataclass(frozen=True)
+class StrategyInputs:
+    """The files a strategy reads: the manifest and splits, plus those its entry names."""
+
+    manifest: Path
+    splits: Path
+    patches: Path | None = None
+    teacher_features: Path | None = None
+    teacher_mil: Path | None = None
+    student: Path | None = None
+    student_features: Path | None = None
+
+    @classmethod
+    def of(cls, manifest: Any, splits: Any, **given: Any) -> StrategyInputs:
+        unknown = set(given) - set(INPUTS)
+        if unknown:
+            raise ValueError(f"unknown strategy inputs {sorted(unknown)}; known: {list(INPUTS)}")
+        paths = {k: Path(v) for k, v in given.items() if v is not None and str(v) != ""}
+        return cls(Path(manifest), Path(splits), **paths)
+
+    def require(self, strategy: Strategy) -> None:
+        missing = [k for k in strategy.inputs if getattr(self, k) is None]
+        if missing:
+            flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+            raise ValueError(f"strategy {strategy.name!r} needs {flags}")
+
+
+def summary_strategy(summary: Mapping[str, Any], where: str) -> str:
+    """The strategy name a strategy output's summary.json records (ValueError if none)."""
+    name = summary.get("strategy")
+    if name not in STRATEGIES:
+        raise ValueError(f"{where}: summary.json names no known strategy (got {name!r})")
+    return str(name)
