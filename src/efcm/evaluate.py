@@ -2,7 +2,13 @@
 
 Writes `metrics.json` (nested by model name, so DVC shows `teacher.auc`, `student.auc_ci_low`,
 ...), `roc/<model>.csv` for `dvc plots`, `efficiency.json` (teacher vs student cost, measured in
-this run), and `report.md`: a Markdown table with every metric and its CI, and the cost table.
+this run), and `report.md`: a Markdown table with every metric and its CI, the paired student minus
+teacher table, and the cost table.
+
+Every row's predictions are aligned by slide id before anything is computed, and every row is
+resampled with the same seed over the same cases (`case_id` from the manifest), so the intervals of
+all rows come from the same patient-level resamples and each `student.*` row carries the paired
+bootstrap of student minus teacher (`delta_auc`, `delta_auc_ci_low`, ...; `efcm.metrics`).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,7 @@ from efcm.metrics import (
     confusion,
     localisation_auroc,
     mean_localisation_auroc,
+    paired_delta,
     roc_points,
 )
 from efcm.mil import read_folds, read_predictions, save_json
@@ -32,14 +41,49 @@ from efcm.storage import atomic_path
 log = logging.getLogger(__name__)
 
 
-def _check_same_slides(preds: dict[str, tuple[np.ndarray, np.ndarray, list[str]]]) -> None:
-    ref_name, (_, _, ref) = next(iter(preds.items()))
-    for name, (_, _, ids) in preds.items():
+# (probs (N, C), labels (N,), slide ids, folds (N,)) of one row, sorted by slide id
+Preds = tuple[np.ndarray, np.ndarray, list[str], np.ndarray]
+
+
+def _read_sorted(path: str | Path, classes: tuple[str, ...]) -> Preds:
+    """A predictions.csv sorted by slide id: each row's file has its own order, and the paired
+    statistics need slide i to be the same slide in every row."""
+    probs, labels, ids = read_predictions(path, classes)
+    folds = read_folds(path)
+    repeated = sorted(s for s, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{path}: slide(s) {repeated[:5]} listed more than once")
+    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+    return probs[order], labels[order], [ids[i] for i in order], folds[order]
+
+
+def _check_same_slides(preds: dict[str, Preds]) -> None:
+    ref_name, (_, ref_labels, ref, _) = next(iter(preds.items()))
+    for name, (_, labels, ids, _) in preds.items():
         if sorted(ids) != sorted(ref):
             raise ValueError(
                 f"models {ref_name!r} and {name!r} were tested on different slides: "
                 "train them on the same splits"
             )
+        differ = [s for s, a, b in zip(ids, labels, ref_labels, strict=True) if a != b]
+        if differ:
+            raise ValueError(
+                f"models {ref_name!r} and {name!r} disagree on the label of slide(s) "
+                f"{differ[:5]}: evaluate predictions made from the same manifest"
+            )
+
+
+def _groups(ids: list[str], cases: Mapping[str, str] | None) -> list[str] | None:
+    """The case id of each slide; None (each slide its own case) without `cases`."""
+    if cases is None:
+        return None
+    missing = [s for s in ids if s not in cases]
+    if missing:
+        raise ValueError(
+            f"no case_id for tested slide(s) {missing[:5]} ({len(missing)} in all): "
+            "the manifest given to evaluate must list every slide of the predictions"
+        )
+    return [str(cases[s]) for s in ids]
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
@@ -86,25 +130,34 @@ def evaluate(
     params: Params,
     efficiency: dict[str, Any] | None = None,
     localisation: dict[str, float | None] | None = None,
+    cases: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Compare models given as {name: predictions.csv}; returns the metrics written to
-    metrics.json."""
+    metrics.json.
+
+    Args:
+        predictions: {row name: predictions.csv}; `teacher` is the reference of the paired
+            deltas of the `student.*` rows.
+        out_dir: where metrics.json, roc/, confusion/, report.md (and efficiency.json) go.
+        params: the run's params (`evaluate.bootstrap`, `evaluate.ci`, `seed`, classes).
+        efficiency: teacher vs student cost (`measure_efficiency`), if measured.
+        localisation: {row name: mean attention localisation AUROC}, if measured.
+        cases: {slide_id: case_id} (the manifest's); intervals resample cases. None: each slide
+            is its own case, and the report says the intervals resample slides.
+    """
     classes = tuple(params.dataset.classes)
     out = Path(out_dir)
     (out / "roc").mkdir(parents=True, exist_ok=True)
-    preds = {name: read_predictions(p, classes) for name, p in predictions.items()}
+    preds = {name: _read_sorted(p, classes) for name, p in predictions.items()}
     _check_same_slides(preds)
+    groups = _groups(next(iter(preds.values()))[2], cases)
+    # one seed and one set of cases for every row: all rows are scored on the same resamples
+    n_boot, ci, seed = params.evaluate.bootstrap, params.evaluate.ci, params.seed
     metrics: dict[str, Any] = {}
-    for name, (probs, labels, _) in preds.items():
+    for name, (probs, labels, _, folds) in preds.items():
         m = classification_metrics(
-            probs,
-            labels,
-            len(classes),
-            n_bootstrap=params.evaluate.bootstrap,
-            ci=params.evaluate.ci,
-            seed=params.seed,
+            probs, labels, len(classes), groups=groups, n_bootstrap=n_boot, ci=ci, seed=seed
         )
-        folds = read_folds(predictions[name])
         per_fold = [
             classification_metrics(
                 probs[folds == f], labels[folds == f], len(classes), n_bootstrap=0
@@ -114,6 +167,18 @@ def evaluate(
         for k in METRICS:  # the mean over folds, next to the pooled out-of-fold estimate
             values = [pf[k] for pf in per_fold if not np.isnan(pf[k])]
             m[f"{k}_fold_mean"] = float(np.mean(values)) if values else float("nan")
+        if name.startswith("student.") and "teacher" in preds:
+            delta = paired_delta(
+                probs,
+                preds["teacher"][0],
+                labels,
+                len(classes),
+                groups=groups,
+                n_bootstrap=n_boot,
+                ci=ci,
+                seed=seed,
+            )
+            m.update(delta)
         role = "teacher" if name == "teacher" else "student" if name.startswith("student") else None
         if efficiency and role in efficiency:
             e = efficiency[role]
@@ -147,7 +212,7 @@ def evaluate(
             if k in efficiency
         }
     save_json(out / "metrics.json", metrics)
-    text = report(metrics, params)
+    text = report(metrics, params, case_level=cases is not None)
     if efficiency:
         save_json(out / "efficiency.json", efficiency)
         text += "\n## Cost per patch (teacher vs student, one run, this machine)\n\n"
@@ -187,32 +252,89 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def report(metrics: dict[str, Any], params: Params) -> str:
+def _ci_cell(m: dict[str, Any], key: str) -> str:
+    return f"{m[key]:.3f} [{m[key + '_ci_low']:.3f}, {m[key + '_ci_high']:.3f}]"
+
+
+def _intervals_text(metrics: dict[str, Any], params: Params, case_level: bool) -> str:
+    """What the intervals estimate, in words, from the first model row (every row shares the
+    slides, the cases and the resamples)."""
+    m = next(v for k, v in metrics.items() if k != "efficiency")
+    n, n_cases, b = m["n"], m["n_cases"], m["bootstrap"]
+    if b == 0:
+        return "No intervals: `evaluate.bootstrap` is 0, so the bracketed bounds are NaN."
+    one_class = "a single class" if len(params.dataset.classes) == 2 else "a class missing"
+    dropped = f"{m['bootstrap_dropped']} resamples with {one_class} dropped"
     ci = round(params.evaluate.ci * 100)
-    head = ["model", "slides", "params", "GFLOPs/patch", "patches/s"]
+    if case_level:
+        return (
+            f"{ci}% percentile intervals from {b} resamples of patients (case_id), "
+            f"{n} slides of {n_cases} patients; {dropped}. The slides of one patient are drawn "
+            "together, and every row (and both sides of each difference) uses the same resamples."
+        )
+    return (
+        f"{ci}% percentile intervals from {b} resamples of slides (no case ids were given, so "
+        f"each slide counts as its own patient: the intervals are too narrow when a patient has "
+        f"several slides), {n} slides; {dropped}."
+    )
+
+
+DISTILLATION_NOTE = (
+    "Distillation used the unlabelled pixels of every slide, the test folds' slides included. "
+    "That is not label leakage: distillation never sees a label; it only fits the student to the "
+    "teacher's features, which the teacher computes on every slide alike. The labels of the "
+    "test-fold slides are used only to score the models in these tables."
+)
+
+
+def report(metrics: dict[str, Any], params: Params, *, case_level: bool = True) -> str:
+    """report.md: the metrics table with CIs, the paired student minus teacher table, and what
+    the intervals estimate. `case_level`: the intervals resampled case ids (not slides)."""
+    ci = round(params.evaluate.ci * 100)
+    head = ["model", "slides", "patients", "params", "GFLOPs/patch", "patches/s"]
     head += [f"{m} ({ci}% CI)" for m in METRICS] + ["attention localisation AUROC"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in metrics.items():
-        if name == "efficiency":
-            continue
+    rows = {name: m for name, m in metrics.items() if name != "efficiency"}
+    for name, m in rows.items():
         cells = [
             name,
             str(m["n"]),
+            str(m["n_cases"]) if case_level else "-",
             f"{m.get('params', float('nan')):,}" if "params" in m else "-",
             f"{m['gflops_per_patch']:.3f}" if "gflops_per_patch" in m else "-",
             f"{m['patches_per_s']:.1f}" if "patches_per_s" in m else "-",
         ]
-        cells += [f"{m[k]:.3f} [{m[k + '_ci_low']:.3f}, {m[k + '_ci_high']:.3f}]" for k in METRICS]
+        cells += [_ci_cell(m, k) for k in METRICS]
         loc = m.get("localisation_auroc")
         cells.append("-" if loc is None else f"{loc:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
-    return (
+    text = (
         "# EFCM evaluation\n\nSlide-level metrics of the out-of-fold predictions pooled over the "
         "folds (the same patient-level folds for every row), with bootstrap CIs; metrics.json also "
         "has each metric's mean over folds (`<metric>_fold_mean`) and the confusion matrix.\n\n"
         + "\n".join(lines)
+        + "\n\n"
+        + _intervals_text(metrics, params, case_level)
         + "\n"
     )
+    deltas = {name: m for name, m in rows.items() if "delta_auc" in m}
+    if deltas:
+        head = ["model", f"delta AUC ({ci}% CI)", f"delta balanced acc ({ci}% CI)"]
+        head += [f"delta F1 ({ci}% CI)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, m in deltas.items():
+            cells = [name] + [_ci_cell(m, f"delta_{k}") for k in ("auc", "balanced_acc", "f1")]
+            lines.append("| " + " | ".join(cells) + " |")
+        text += (
+            "\n## Student minus teacher (paired, case-level bootstrap)\n\n"
+            "Each difference is computed on the same resample for both models, so the interval "
+            "is that of the difference itself; an interval below 0 means the student is worse"
+            + ("" if case_level else " (here each slide is its own case)")
+            + ".\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+    return text + "\n## Distillation and the test folds\n\n" + DISTILLATION_NOTE + "\n"
 
 
 def measure_efficiency(

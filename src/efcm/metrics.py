@@ -1,8 +1,15 @@
-"""Slide-level metrics with torchmetrics, each with a seeded bootstrap confidence interval.
+"""Slide-level metrics with torchmetrics, each with a seeded, patient-level bootstrap interval.
 
-AUC is binary AUROC for two classes and macro one-vs-rest otherwise. A bootstrap resample that
-holds a
-single class (AUC undefined) is skipped; the number of usable resamples is reported.
+AUC is binary AUROC for two classes and macro one-vs-rest otherwise.
+
+Intervals resample patients, not slides (`case_resamples`): a resample draws as many cases as there
+are, with replacement, and takes every slide of each drawn case, so the several slides of one
+patient move together and do not pass for independent evidence. A resample that lacks a class (for
+two classes: holds a single class, where AUC is undefined) is dropped for every metric alike, so
+all the intervals of one evaluation come from the same resamples; `bootstrap_dropped` counts them.
+The intervals are percentile intervals. `paired_delta` applies the same resamples to two models
+scored on the same slides (student minus teacher): usually far tighter than comparing two separate
+intervals, because the case mix that helps or hurts one model tends to do the same to the other.
 
 Localisation: a slide's patch attention is scored against its tumour ground-truth mask by AUROC
 (`localisation_auroc`): a patch counts as tumour when at least half of its footprint on the mask is
@@ -12,7 +19,7 @@ left out of the mean (`mean_localisation_auroc`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,36 +52,183 @@ def _point(probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[st
     return out
 
 
+def _check_probs(p: torch.Tensor, y: torch.Tensor, n_classes: int, what: str = "probs") -> None:
+    if p.ndim != 2 or p.shape[1] != n_classes or len(p) != len(y):
+        raise ValueError(
+            f"{what} must be [N, {n_classes}] with N = len(labels); got {list(p.shape)}, "
+            f"{len(y)} labels"
+        )
+
+
+def _case_codes(groups: Sequence[str] | None, n: int) -> tuple[np.ndarray, int]:
+    """(N,) case index of each row and the number of cases; None: each row its own case."""
+    if groups is None:
+        return np.arange(n), n
+    g = np.asarray([str(c) for c in groups])
+    if len(g) != n:
+        raise ValueError(f"groups has {len(g)} case ids for {n} rows: give one per row")
+    # sorted unique ids: the draws do not depend on the order of the rows
+    cases, codes = np.unique(g, return_inverse=True)
+    return codes.reshape(-1), len(cases)
+
+
+def _resamples(
+    codes: np.ndarray, n_cases: int, n_bootstrap: int, seed: int
+) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    order = np.argsort(codes, kind="stable")  # the rows of case 0, then of case 1, ...
+    counts = np.bincount(codes, minlength=n_cases)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    for _ in range(n_bootstrap):
+        drawn = rng.integers(0, n_cases, n_cases)
+        lengths = counts[drawn]
+        # position j of the output is row k of drawn case c: starts[c] + k, without a Python loop
+        first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        k = np.arange(int(lengths.sum())) - first
+        yield order[np.repeat(starts[drawn], lengths) + k]
+
+
+def case_resamples(groups: Sequence[str], n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
+    """Patient-level bootstrap: `n_bootstrap` arrays of row indices.
+
+    Each resample draws len(unique cases) cases with replacement and yields the indices of all
+    rows (slides) of the drawn cases; a case drawn twice contributes its slides twice. The same
+    `groups` and `seed` give the same resamples, whatever the order of the rows.
+
+    Args:
+        groups: the case id of each row.
+        n_bootstrap: number of resamples.
+        seed: seed of the draws.
+    """
+    codes, n_cases = _case_codes(groups, len(groups))
+    return _resamples(codes, n_cases, n_bootstrap, seed)
+
+
+def _resampled_points(
+    p: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    groups: Sequence[str] | None,
+    n_bootstrap: int,
+    seed: int,
+) -> tuple[np.ndarray, int]:
+    """(kept resamples, len(METRICS)) metric values, and the number dropped for a missing
+    class (which depends on the labels and the draws only, so is the same for every model)."""
+    codes, n_cases = _case_codes(groups, len(y))
+    kept, dropped = [], 0
+    for idx in _resamples(codes, n_cases, n_bootstrap, seed):
+        yi = y[torch.from_numpy(idx)]
+        if len(torch.unique(yi)) < n_classes:
+            dropped += 1
+            continue
+        point = _point(p[torch.from_numpy(idx)], yi, n_classes)
+        kept.append([point[m] for m in METRICS])
+    return np.asarray(kept, np.float64).reshape(-1, len(METRICS)), dropped
+
+
+def _interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
+    """Percentile interval of `samples`; NaN, NaN when there are none."""
+    if len(samples) == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - ci) / 2
+    return float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))
+
+
 def classification_metrics(
     probs: np.ndarray,
     labels: np.ndarray,
     n_classes: int,
     *,
+    groups: Sequence[str] | None = None,
     n_bootstrap: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Point estimates and bootstrap CIs: keys `auc`, `auc_ci_low`, `auc_ci_high`, ... plus `n`."""
+    """Point estimates on all rows and patient-level bootstrap intervals.
+
+    Args:
+        probs: (N, n_classes) class probabilities, one row per slide.
+        labels: (N,) class indices.
+        n_classes: number of classes.
+        groups: the case (patient) id of each row; None: each row is its own case.
+        n_bootstrap: resamples requested (0: no intervals, NaN bounds).
+        ci: coverage of the percentile intervals.
+        seed: seed of the resamples (give two models the same one to resample them alike).
+
+    Returns:
+        `acc`, `balanced_acc`, `auc`, `f1`, each with `<metric>_ci_low` / `_ci_high`, plus `n`
+        (slides), `n_cases`, `bootstrap` (requested) and `bootstrap_dropped` (resamples lacking a
+        class, left out of every interval).
+    """
     p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
-    if p.ndim != 2 or p.shape[1] != n_classes or len(p) != len(y):
-        raise ValueError(
-            f"probs must be [N, {n_classes}] with N = len(labels); got {list(p.shape)}, "
-            f"{len(y)} labels"
-        )
+    _check_probs(p, y, n_classes)
     out: dict[str, Any] = dict(_point(p, y, n_classes))
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {m: [] for m in METRICS}
-    for _ in range(n_bootstrap):
-        idx = torch.from_numpy(rng.integers(0, len(y), len(y)))
-        for k, v in _point(p[idx], y[idx], n_classes).items():
-            if not np.isnan(v):
-                samples[k].append(v)
-    alpha = (1 - ci) / 2
-    for m in METRICS:
-        s = samples[m]
-        out[f"{m}_ci_low"] = float(np.quantile(s, alpha)) if s else float("nan")
-        out[f"{m}_ci_high"] = float(np.quantile(s, 1 - alpha)) if s else float("nan")
+    samples, dropped = _resampled_points(p, y, n_classes, groups, n_bootstrap, seed)
+    for j, m in enumerate(METRICS):
+        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = _interval(samples[:, j], ci)
     out["n"] = len(y)
+    out["n_cases"] = _case_codes(groups, len(y))[1]
+    out["bootstrap"] = n_bootstrap
+    out["bootstrap_dropped"] = dropped
+    return out
+
+
+DELTA_METRICS = ("auc", "balanced_acc", "f1")
+
+
+def paired_delta(
+    student_probs: np.ndarray,
+    teacher_probs: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    *,
+    groups: Sequence[str] | None,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Student minus teacher, with a paired patient-level bootstrap.
+
+    Both models are scored on the same resamples of cases (the same `groups` and `seed`), and the
+    interval is the percentile interval of the per-resample differences.
+
+    Args:
+        student_probs: (N, n_classes) probabilities of the student, row i = slide i.
+        teacher_probs: (N, n_classes) probabilities of the teacher on the same slides, same order.
+        labels: (N,) class indices of those slides.
+        n_classes: number of classes.
+        groups: the case id of each row; None: each row is its own case.
+        n_bootstrap: resamples requested.
+        ci: coverage of the intervals.
+        seed: seed of the resamples.
+
+    Returns:
+        `delta_auc`, `delta_auc_ci_low`, `delta_auc_ci_high`, the same for `balanced_acc` and
+        `f1`, and `delta_bootstrap_dropped` (resamples lacking a class).
+
+    Raises:
+        ValueError: the two models' probabilities, the labels or the groups disagree in shape.
+    """
+    s = torch.as_tensor(student_probs, dtype=torch.float32)
+    t = torch.as_tensor(teacher_probs, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if s.shape != t.shape:
+        raise ValueError(
+            f"student probs {list(s.shape)} and teacher probs {list(t.shape)} differ in shape: "
+            "give both models' predictions on the same slides, in the same order"
+        )
+    _check_probs(s, y, n_classes, "student probs")
+    _check_probs(t, y, n_classes, "teacher probs")
+    ps, pt = _point(s, y, n_classes), _point(t, y, n_classes)
+    s_samples, dropped = _resampled_points(s, y, n_classes, groups, n_bootstrap, seed)
+    t_samples, _ = _resampled_points(t, y, n_classes, groups, n_bootstrap, seed)
+    diff = s_samples - t_samples  # the same resamples, row by row
+    out: dict[str, Any] = {}
+    for m in DELTA_METRICS:
+        j = METRICS.index(m)
+        out[f"delta_{m}"] = ps[m] - pt[m]
+        out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = _interval(diff[:, j], ci)
+    out["delta_bootstrap_dropped"] = dropped
     return out
 
 
@@ -93,11 +247,7 @@ def roc_points(probs: np.ndarray, labels: np.ndarray, positive: int = 1) -> list
 def confusion(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> list[list[int]]:
     """Confusion matrix of the argmax predictions: row = true class, column = predicted class."""
     p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
-    if p.ndim != 2 or p.shape[1] != n_classes or len(p) != len(y):
-        raise ValueError(
-            f"probs must be [N, {n_classes}] with N = len(labels); got {list(p.shape)}, "
-            f"{len(y)} labels"
-        )
+    _check_probs(p, y, n_classes)
     if len(y) == 0:
         return [[0] * n_classes for _ in range(n_classes)]
     cm = multiclass_confusion_matrix(p.argmax(1), y, n_classes)
