@@ -51,6 +51,7 @@ from efcm.mil import (
     write_predictions,
 )
 from efcm.models.encoders import PatchTransform
+from efcm.models.freeze import freeze_batchnorm, freeze_stages
 from efcm.models.students import load_student, save_student
 from efcm.registry import StrategyInputs
 from efcm.slides.patches import SlidePatches
@@ -96,30 +97,6 @@ def reuse(
 
 
 # -- ETC ------------------------------------------------------------------------------------------
-
-
-def freeze_early(student: nn.Module, stages: int) -> list[str]:
-    """Freeze the student's stem and first `stages` feature stages (timm `feature_info`); returns
-    the names of the parameters left trainable. FPD students keep their shallow CNN frozen."""
-    backbone = getattr(student, "backbone", None)
-    info = getattr(backbone, "feature_info", None)
-    late: list[str] = []
-    if info is not None:
-        modules = [i["module"] for i in info]  # e.g. act1, layer1, layer2, layer3, layer4
-        late = [f"backbone.{m.split('.')[0]}" for m in modules[stages + 1 :]]
-    for name, p in student.named_parameters():
-        if name.startswith("backbone.") and not any(name.startswith(f"{m}.") for m in late):
-            p.requires_grad_(False)
-    return [name for name, p in student.named_parameters() if p.requires_grad]
-
-
-def freeze_batchnorm(module: nn.Module) -> None:
-    """Every BatchNorm keeps its running statistics (eval mode) and affine weights frozen."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
 
 
 def augment(patches: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
@@ -168,7 +145,7 @@ def train_etc_fold(
     cfg: EtcParams = params.mil.etc
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    trainable = freeze_early(student, cfg.freeze_stages)
+    trainable = freeze_stages(student, cfg.freeze_stages)
     freeze_batchnorm(student)
     if not trainable:
         raise ValueError("ETC: every student parameter is frozen (lower mil.etc.freeze_stages)")

@@ -8,11 +8,12 @@ import torch
 
 from efcm.config import ConfigError, params_from_dict
 from efcm.manifest import read_manifest
+from efcm.models.freeze import freeze_batchnorm, freeze_stages
 from efcm.models.students import build_vfd
 from efcm.slides.batch import patch_manifest
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
-from efcm.strategies import augment, freeze_batchnorm, freeze_early, train_etc_fold
+from efcm.strategies import augment, train_etc_fold
 from tests.conftest import tiny_params_dict
 
 
@@ -80,7 +81,7 @@ def test_etc_one_step_updates_only_the_unfrozen_student_layers(tiny_dataset, tmp
 def test_freeze_helpers():
     params = params_from_dict({"student": {"arch": "resnet10t"}})
     s = build_vfd(params.student, 8, warn_random=False)
-    names = freeze_early(s, 2)
+    names = freeze_stages(s, 2)
     assert names and all(
         n.startswith(("backbone.layer3.", "backbone.layer4.", "proj.")) for n in names
     )
