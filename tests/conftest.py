@@ -70,30 +70,80 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_data(tmp_path_factory.mktemp("tiny_dataset"), params_from_dict(tiny_params_dict()))
 
 
-@pytest.fixture(scope="session")
-def demo_package(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The package the demo pipeline exports, from its own stages (`efcm.stages`: patch, teacher
-    extraction, distillation, student extraction, splits, Retrain CLAM, export) run on the tiny
-    demo data; written once per session."""
+def run_demo_pipeline(manifest: Path, work: Path, params, strategies: tuple[str, ...]) -> dict:
+    """The demo pipeline's stages (`efcm.stages`, as dvc.yaml and the KFP graph run them) on
+    `manifest` into `work`, with the strategies `strategies` (the others are skipped); returns
+    {name: path} of every output, the package included."""
     from efcm import stages
+    from efcm.config import for_stage
+
+    def p(stage: str):
+        return for_stage(params, stage)
+
+    w = {k: work / k for k in ("patch", "extract_teacher", "distill", "extract_student")}
+    w.update(splits=work / "splits.json", teacher_mil=work / "train_mil_teacher")
+    stages.patch(manifest, w["patch"], p("patch"))
+    stages.extract(manifest, w["patch"], w["extract_teacher"], p("extract"), encoder="teacher")
+    stages.distill(manifest, w["patch"], w["extract_teacher"], w["distill"], p("distill"))
+    stages.extract(
+        manifest,
+        w["patch"],
+        w["extract_student"],
+        p("extract"),
+        encoder="student",
+        student=w["distill"],
+    )
+    stages.splits(manifest, w["splits"], p("splits"), features_dir=w["extract_teacher"])
+    stages.train_mil(manifest, w["extract_teacher"], w["splits"], w["teacher_mil"], p("train_mil"))
+    w["strategies"] = []
+    for name in strategies:
+        out = work / "strategies" / name
+        stages.strategy(
+            name,
+            manifest,
+            w["splits"],
+            out,
+            p("strategy"),
+            patches=w["patch"],
+            teacher_features=w["extract_teacher"],
+            teacher_mil=w["teacher_mil"],
+            student=w["distill"],
+            student_features=w["extract_student"],
+        )
+        w["strategies"].append(out)
+    w["evaluate"] = work / "evaluate"
+    stages.evaluate(
+        w["teacher_mil"], w["strategies"], w["evaluate"], p("evaluate"), manifest=manifest
+    )
+    w["package"] = stages.export(
+        w["distill"],
+        w["strategies"],
+        work / "package",
+        p("export"),
+        metrics_path=w["evaluate"] / "metrics.json",
+        patches_dir=w["patch"],
+    )
+    return w
+
+
+@pytest.fixture(scope="session")
+def demo_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The demo pipeline on the tiny demo data with Reuse and Retrain CLAM (the exported
+    strategy), written once per session: {output name: path}, the package included."""
     from efcm.config import params_from_dict
 
-    params = params_from_dict(tiny_params_dict())
-    w = tmp_path_factory.mktemp("demo_pipeline")
-    stages.patch(tiny_dataset, w / "patch", params)
-    stages.extract(tiny_dataset, w / "patch", w / "extract_teacher", params, encoder="teacher")
-    stages.distill(tiny_dataset, w / "patch", w / "extract_teacher", w / "distill", params)
-    stages.extract(
-        tiny_dataset,
-        w / "patch",
-        w / "extract_student",
-        params,
-        encoder="student",
-        student=w / "distill",
+    raw = tiny_params_dict()
+    raw["mil"] = {**raw["mil"], "strategies": ["reuse", "retrain"]}
+    params = params_from_dict(raw)
+    return run_demo_pipeline(
+        tiny_dataset, tmp_path_factory.mktemp("demo_pipeline"), params, ("reuse", "retrain")
     )
-    stages.splits(tiny_dataset, w / "splits.json", params, features_dir=w / "extract_teacher")
-    stages.train_mil(tiny_dataset, w / "extract_student", w / "splits.json", w / "mil", params)
-    return stages.export(w / "distill", w / "mil", w / "package", params)
+
+
+@pytest.fixture(scope="session")
+def demo_package(demo_run: dict) -> Path:
+    """The package the demo pipeline exports (Retrain CLAM's fold ensemble)."""
+    return demo_run["package"]
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from efcm import registry
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, missing or out of range."""
@@ -292,8 +294,6 @@ class MilParams(_Section):
 
     @model_validator(mode="after")
     def _known(self) -> MilParams:
-        from efcm import registry
-
         if self.strategies == "auto":
             return self
         if not self.strategies or len(set(self.strategies)) != len(self.strategies):
@@ -316,12 +316,12 @@ class ExportParams(_Section):
     package is the k fold models of that strategy as one ensemble (see `efcm.export`)."""
 
     model_name: str = Field("efcm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    strategy: str = Field("retrain", description="the strategy whose fold models are shipped")
+    strategy: str = Field(
+        registry.DEFAULT_EXPORT, description="the strategy whose fold models are shipped"
+    )
 
     @model_validator(mode="after")
     def _known(self) -> ExportParams:
-        from efcm import registry
-
         registry.get(self.strategy)
         return self
 
@@ -355,8 +355,6 @@ class Params(_Section):
     def _strategies_apply(self) -> Params:
         # Rules across sections hold between the sections given (a stage gets only its own; see
         # `params_for_stage`), so a section a stage does not read never fails it.
-        from efcm import registry
-
         given = self.model_fields_set
         if {"distill", "mil"} <= given:
             run, _ = registry.resolve(self.distill.method, self.mil.strategies)

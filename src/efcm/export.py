@@ -43,8 +43,9 @@ from efcm.models.students import load_student
 log = logging.getLogger(__name__)
 
 FORMAT = "efcm.package/2"
-# patch keys that do not change a slide's patches (how a batch treats failures)
-NOT_GEOMETRY = ("fail_on",)
+# patch keys that are not the package's geometry: how a batch treats failures, and the mpp
+# override of one training slide (a served slide gets its own mpp, or --mpp)
+NOT_GEOMETRY = ("fail_on", "mpp_override")
 
 
 class PackageError(ValueError):

@@ -101,6 +101,8 @@ STRATEGIES: dict[str, Strategy] = {
     )
 }
 NAMES: tuple[str, ...] = tuple(STRATEGIES)
+# what `efcm export` ships unless `export.strategy` says otherwise: it applies to every method
+DEFAULT_EXPORT = "retrain"
 
 
 def get(name: str) -> Strategy:

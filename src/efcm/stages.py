@@ -260,7 +260,11 @@ def strategy(
         inputs["student"] = student_checkpoint(inputs["student"])
     given = registry.StrategyInputs.of(manifest, splits_path, **inputs)
     given.require(entry)
-    return entry.run()(given, out_dir, params)
+    from efcm.mil import save_json
+
+    summary = {**entry.run()(given, out_dir, params), "strategy": name}
+    save_json(Path(out_dir) / "summary.json", summary)
+    return summary
 
 
 def read_strategy_dirs(dirs: list[str | Path]) -> dict[str, Path]:

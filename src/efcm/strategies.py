@@ -90,8 +90,7 @@ def reuse(
         rows += fold_rows
         attention.update(fold_attention)
     write_predictions(out, rows, attention)
-    teacher = read_summary(teacher_mil_dir)
-    summary = {**teacher, "strategy": "reuse"}
+    summary = read_summary(teacher_mil_dir)  # the teacher's folds, reused as they are
     save_json(out / "summary.json", summary)
     return summary
 
@@ -260,7 +259,6 @@ def etc(
     write_predictions(out, rows, attention)
     summary = {
         "classes": list(classes),
-        "strategy": "etc",
         "feature_dim": int(next(iter(bags.values())).shape[1]),
         "folds": folds,
     }
@@ -268,7 +266,8 @@ def etc(
     return summary
 
 
-# -- the registry's runners (efcm.registry.STRATEGIES): one signature for every strategy -----------
+# -- the registry's runners (efcm.registry.STRATEGIES): one signature for every strategy; the
+# stage (efcm.stages.strategy) stamps the strategy's name into the summary.json they write ------
 
 
 def _splits(inputs: StrategyInputs) -> dict[str, Any]:
@@ -291,12 +290,9 @@ def run_reuse(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> di
 
 
 def run_retrain(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:
-    summary = train_mil(
+    return train_mil(
         _manifest(inputs, params), inputs.student_features, _splits(inputs), out_dir, params
     )
-    summary = {**summary, "strategy": "retrain"}
-    save_json(Path(out_dir) / "summary.json", summary)
-    return summary
 
 
 def run_etc(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:

@@ -194,34 +194,6 @@ def test_select_shard_names_a_shard_that_does_not_exist(tmp_path):
         select_shard(m, 0, 0)
 
 
-@pytest.mark.parametrize(
-    ("student", "deploy", "promote", "why"),
-    [
-        (0.93, {"max_auc_drop": 0.05, "min_auc": 0.8}, True, "within 0.05"),
-        (0.85, {"max_auc_drop": 0.05, "min_auc": 0.8}, False, "more than 0.05 below"),
-        (0.93, {"max_auc_drop": 0.05, "min_auc": 0.95}, False, "not above deploy.min_auc"),
-        (float("nan"), {"max_auc_drop": 0.05, "min_auc": 0.5}, False, "no finite AUROC"),
-    ],
-)
-def test_gate_component_decides_and_says_why(tmp_path, student, deploy, promote, why):
-    evaluation = tmp_path / "evaluation"
-    evaluation.mkdir()
-    metrics = {"teacher": {"auc": 0.95}, "student.fpd.retrain": {"auc": student}}
-    (evaluation / "metrics.json").write_text(json.dumps(metrics))
-    decision = dsl.Markdown(uri=str(tmp_path / "gate" / "decision"))
-    result = c.gate.python_func(
-        evaluation=dsl.Artifact(uri=str(evaluation)),
-        distill={"method": "fpd"},
-        deploy=deploy,
-        decision=decision,
-    )
-    assert result is promote
-    text = Path(decision.path).read_text()
-    assert text.startswith("# Promotion gate: " + ("PROMOTED" if promote else "NOT PROMOTED"))
-    assert why in text and "student.fpd.retrain" in text
-    assert decision.metadata["promote"] is promote
-
-
 def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):
     out = dsl.Artifact(uri=str(tmp_path / "deploy" / "inference_service"))
     c.deploy.python_func(
