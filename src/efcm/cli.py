@@ -109,7 +109,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    log.info("report: %s", stages.report(args.patches, args.mil, args.out, _params(args)))
+    out = stages.report(
+        args.patches,
+        args.mil,
+        args.out,
+        _params(args),
+        evaluation_dir=args.evaluation,
+        gate_dir=args.gate,
+    )
+    log.info("report: %s", out)
 
 
 def cmd_gate(args: argparse.Namespace) -> None:
@@ -255,10 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="metrics.json of evaluate, recorded in model.json")
     p.add_argument("--out", required=True)
 
-    p = add("report", cmd_report, "HTML page: attention heatmaps and patching QC of a run")
+    p = add("report", cmd_report, "HTML page: gate, evaluation, heatmaps and QC of a run")
     p.add_argument("--patches", required=True, help="output dir of `efcm patch`")
     p.add_argument("--mil", required=True, help="a train-mil or strategy output dir")
     p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--evaluation", metavar="DIR", help="output dir of `efcm evaluate`")
+    p.add_argument("--gate", metavar="DIR", help="output dir of `efcm gate`")
 
     p = add("gate", cmd_gate, "promotion gate: is the exported student good enough to deploy?")
     p.add_argument("--metrics", required=True, help="metrics.json of evaluate")

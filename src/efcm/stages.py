@@ -363,9 +363,25 @@ def gate(metrics_path: str | Path, out_dir: str | Path, params: Params):
     return decision
 
 
-def report(patches_dir: str | Path, mil_dir: str | Path, out: str | Path, params: Params) -> Path:
-    """The run's HTML page: attention heatmaps of `mil_dir`'s out-of-fold predictions over the
+def report(
+    patches_dir: str | Path,
+    mil_dir: str | Path,
+    out: str | Path,
+    params: Params,
+    *,
+    evaluation_dir: str | Path | None = None,
+    gate_dir: str | Path | None = None,
+) -> Path:
+    """The run's HTML page: the gate's verdict, the evaluation (comparison with paired deltas, ROC,
+    efficiency) when given, attention heatmaps of `mil_dir`'s out-of-fold predictions over the
     patching QC thumbnails, and every slide's patching status (see `efcm.report`)."""
     from efcm.report import html_report
 
-    return html_report(patches_dir, mil_dir, out, params.dataset.classes)
+    return html_report(
+        patches_dir,
+        mil_dir,
+        out,
+        params.dataset.classes,
+        evaluation_dir=evaluation_dir,
+        gate_dir=gate_dir,
+    )
