@@ -5,4 +5,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh pipeline,serve,dev
 export PATH="$PWD/.venv/bin:$PATH" DVC_NO_ANALYTICS=1
 ruff check .
+# the HTML report's test loads the page in a real headless browser (Debian's chromium)
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    echo "test.sh: installing chromium (the report test needs a headless browser)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || {
+        echo "test.sh: could not install chromium: run as root on Debian, or install it" >&2
+        exit 1
+    }
+fi
 exec python -m pytest "$@"

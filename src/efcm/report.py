@@ -1,6 +1,9 @@
-"""A self-contained HTML page for the Kubeflow UI (and `dvc repro`): the patching QC of the slides
-and the attention heatmaps of the exported model.
+"""A self-contained HTML page for the Kubeflow UI (and `dvc repro`): the audit of a run.
 
+- Evaluation (`efcm.report_eval`, from the evaluation and gate directories when given): the
+  promotion gate's verdict and rule, the teacher vs student table with the paired deltas and their
+  intervals, the ROC curves (inline SVG, `efcm.report_svg`), the efficiency figures, and what the
+  distillation saw. A missing part shows as "not available".
 - Patching: every slide's status (ok, no_tissue, no_mpp, ...) and patch count, and the QC
   thumbnails (tissue contours, holes, patch grid), the slides that did not patch first.
 - Heatmaps: for the `n_heatmaps` slides the model (a train-mil or strategy output with
@@ -24,6 +27,8 @@ import numpy as np
 
 from efcm.heatmap import encode_png, overlay
 from efcm.mil import read_attention
+from efcm.report_eval import STYLE as EVAL_STYLE
+from efcm.report_eval import evaluation_sections
 from efcm.slides.patching import read_coords
 from efcm.status import read_status
 
@@ -31,7 +36,14 @@ _STYLE = (
     "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
     ".grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0}"
-    "figcaption{font-size:12px;max-width:320px}"
+    "figcaption{font-size:12px;max-width:320px}nav a{margin-right:1em}"
+    "h2{margin-top:1.4em;border-bottom:1px solid #ddd}"
+)
+_NAV = (
+    "<nav><a href='#gate'>gate</a><a href='#comparison'>teacher vs students</a>"
+    "<a href='#roc'>ROC</a><a href='#efficiency'>efficiency</a>"
+    "<a href='#distillation-data'>distillation data</a><a href='#heatmaps'>heatmaps</a>"
+    "<a href='#qc'>patching QC</a></nav>"
 )
 
 
@@ -76,23 +88,40 @@ def html_report(
     out: str | Path,
     classes: tuple[str, ...],
     *,
+    evaluation_dir: str | Path | None = None,
+    gate_dir: str | Path | None = None,
     title: str = "EFCM run",
     n_qc: int = 24,
     n_heatmaps: int = 8,
     max_px: int = 384,
 ) -> Path:
-    """Write the page to `out`; returns its path."""
+    """Write the page to `out`; returns its path.
+
+    Args:
+        patches_dir: output of `efcm patch` (status.csv, qc/, patches/).
+        mil_dir: the exported model's train-mil or strategy output (predictions.csv, attention.h5).
+        out: the HTML file to write.
+        classes: the class names, in params order (the last is the ROC's positive class).
+        evaluation_dir: output of `efcm evaluate`; None: its sections say "not available".
+        gate_dir: output of `efcm gate`; None: its section says "not available".
+        title: the page title.
+        n_qc: QC thumbnails shown at most.
+        n_heatmaps: heatmaps shown at most.
+        max_px: the longest side of every image.
+    """
     patches_dir, mil_dir, out = Path(patches_dir), Path(mil_dir), Path(out)
     status = read_status(patches_dir / "status.csv")
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<style>{_STYLE}{EVAL_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        _NAV,
+        evaluation_sections(evaluation_dir, gate_dir, classes[-1]),
     ]
 
     # heatmaps of the exported model
     preds_path = mil_dir / "predictions.csv"
     att_path = mil_dir / "attention.h5"
-    parts.append(f"<h2>Attention heatmaps ({html.escape(mil_dir.name)})</h2>")
+    parts.append(f"<h2 id='heatmaps'>Attention heatmaps ({html.escape(mil_dir.name)})</h2>")
     if preds_path.is_file() and att_path.is_file():
         with open(preds_path, newline="") as f:
             preds = list(csv.DictReader(f))
@@ -128,7 +157,9 @@ def html_report(
     for r in status:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    parts.append(f"<h2>Patching QC</h2><p>{len(status)} slides ({html.escape(summary)})</p>")
+    parts.append(
+        f"<h2 id='qc'>Patching QC</h2><p>{len(status)} slides ({html.escape(summary)})</p>"
+    )
     rows = "".join(
         "<tr>"
         + "".join(f"<td>{html.escape(str(r.get(k, '')))}</td>" for k in ("slide_id", "status"))
