@@ -10,9 +10,10 @@
 Targets are the teacher features already extracted (cached h5): the teacher never runs here. They
 are standardised per dimension (mean and std of the training slides). AdamW with a linear warm-up
 then cosine schedule, mixed precision on CUDA, a checkpoint after every epoch (a rerun resumes from
-it when the configuration is the same). Validation on held-out slides, before training (the
-undistilled student) and after every epoch: mean cosine similarity and MSE of the student's output
-against the teacher's features (for MCM: of the masked-position predictions).
+it when the configuration, the slides and their teacher features are the same). Validation on
+held-out slides, before training (the undistilled student) and after every epoch: mean cosine
+similarity and MSE of the student's output against the teacher's features (for MCM: of the
+masked-position predictions).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from efcm.config import DistillParams, Params
-from efcm.features import device_of, read_features
+from efcm.features import device_of, features_identity, read_features
 from efcm.manifest import Manifest
 from efcm.models.encoders import PatchTransform, build_backbone
 from efcm.models.mcm import MaskedContextModel, grid_windows, masked_l1, random_mask
@@ -245,7 +246,19 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _fingerprint(params: Params, teacher_dim: int, train_ids: list[str]) -> str:
+def teacher_identity(teacher_dir: Path, slide_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Per slide, what identifies its teacher features file (see `features_identity`: the stored
+    encoder, weights and coords hashes, shape and dtype), without reading the features."""
+    return {
+        sid: features_identity(teacher_dir / "features" / f"{sid}.h5") for sid in sorted(slide_ids)
+    }
+
+
+def _fingerprint(
+    params: Params, teacher_dim: int, train_ids: list[str], teacher: dict[str, dict[str, Any]]
+) -> str:
+    """What a checkpoint must match to be resumed: the configuration, the training slides and
+    the teacher features of every slide used (new teacher features never resume an old run)."""
     blob = json.dumps(
         {
             "distill": params.distill.model_dump(mode="json"),
@@ -253,6 +266,7 @@ def _fingerprint(params: Params, teacher_dim: int, train_ids: list[str]) -> str:
             "seed": params.seed,
             "teacher_dim": teacher_dim,
             "train": train_ids,
+            "teacher": teacher,
         },
         sort_keys=True,
     )
@@ -317,7 +331,9 @@ def distill(
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
-    ckpt_path, fingerprint = out / "checkpoint.pt", _fingerprint(params, teacher_dim, train_ids)
+    ckpt_path = out / "checkpoint.pt"
+    teacher = teacher_identity(teacher_dir, train_ids + val_ids)
+    fingerprint = _fingerprint(params, teacher_dim, train_ids, teacher)
     history: list[dict[str, Any]] = []
     start, before = 0, None
     if ckpt_path.is_file():
@@ -329,7 +345,11 @@ def distill(
             start, history, before = ckpt["epoch"], ckpt["history"], ckpt["before"]
             log.info("distill: resuming after epoch %d from %s", start, ckpt_path)
         else:
-            log.info("distill: %s is from another configuration: starting over", ckpt_path)
+            log.info(
+                "distill: %s is from another configuration, slide set or teacher features: "
+                "starting over",
+                ckpt_path,
+            )
     if start == 0 and val_loader is not None:
         before = model.evaluate(val_loader, params.seed)
         log.info("undistilled student (%s): val %s", cfg.method, before)

@@ -2,11 +2,15 @@
 
 DataLoader workers each open their own slide handle and read whole batches; the encoder runs in
 `inference_mode` with channels_last, under autocast on CUDA. The same engine extracts teacher and
-student features. A slide whose features h5 is complete is skipped on a rerun; writes are atomic.
+student features. A rerun reuses a slide's features h5 only when it is complete and its stored
+extraction settings (encoder, weights, input transform, float16, the coords it read) equal the
+current ones; any other slide is redone and the log says why. Writes are atomic.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -23,11 +27,15 @@ from tqdm import tqdm
 from efcm.config import ExtractParams
 from efcm.manifest import Manifest
 from efcm.slides.patches import SlidePatches
-from efcm.slides.patching import read_coords
+from efcm.slides.patching import CoordsFile, parse_settings, read_coords, settings_changes
 from efcm.status import OK, write_status
 from efcm.storage import atomic_path, remove_stale_parts
 
 log = logging.getLogger(__name__)
+
+# The features h5's root attribute that holds the settings which made it (a JSON object).
+SETTINGS_ATTR = "efcm_extract_settings"
+_HASH_ROWS = 65536  # rows per read when hashing a features dataset (bounded memory)
 
 
 class _BatchDataset(Dataset):
@@ -94,16 +102,114 @@ def features_complete(path: Path) -> bool:
         return False
 
 
+def coords_identity(coords: CoordsFile) -> dict[str, Any]:
+    """What extraction reads from a coords file: a sha256 of the coords (int64, little-endian),
+    their number, and the read geometry (level, read size, size handed to the transform).
+
+    Hashing the coords rather than comparing the coords file's stored patch settings also covers
+    CLAM/TRIDENT files (which have none) and a grid that changed under the same settings (a
+    replaced slide); it costs one read of N x 2 int64, which extraction reads anyway.
+    """
+    data = np.ascontiguousarray(coords.coords, dtype="<i8")
+    return {
+        "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+        "n": len(data),
+        "patch_level": coords.patch_level,
+        "read_size": coords.read_size,
+        "patch_size": coords.patch_size,
+    }
+
+
+def extract_settings(
+    attrs: dict[str, Any], params: ExtractParams, coords: CoordsFile
+) -> dict[str, Any]:
+    """The settings that make a slide's features: the caller's `attrs` (encoder, arch, weights
+    sha256, input transform...), `float16` (the stored dtype) and `coords` (see
+    `coords_identity`). Batch size and workers are left out: they do not change the features.
+
+    Returns:
+        A JSON-plain dict, equal to what the features h5 stores.
+    """
+    data = {**attrs, "float16": params.float16, "coords": coords_identity(coords)}
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
+def read_extract_settings(path: str | Path) -> dict[str, Any] | None:
+    """The extraction settings stored in a features h5 (see `extract_settings`), or None for a file
+    without them (another tool, or an efcm older than the attribute)."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        return parse_settings(f.attrs.get(SETTINGS_ATTR), f"{path}: attribute {SETTINGS_ATTR}")
+
+
+def features_identity(path: str | Path) -> dict[str, Any]:
+    """What tells one features h5 from another, cheaply: the features' shape and dtype and the
+    stored extraction settings (weights sha256, transform, coords sha256...), which determine the
+    features without reading them. A file without stored settings (another tool, an older efcm)
+    is identified by a sha256 of its features instead (read in blocks)."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if "features" not in f:
+            raise ValueError(f"{path}: no 'features' dataset")
+        d = f["features"]
+        ident: dict[str, Any] = {"shape": list(d.shape), "dtype": str(d.dtype)}
+        settings = parse_settings(f.attrs.get(SETTINGS_ATTR), f"{path}: attribute {SETTINGS_ATTR}")
+        if settings is not None:
+            ident["settings"] = settings
+        else:
+            h = hashlib.sha256()
+            for i in range(0, len(d), _HASH_ROWS):
+                h.update(np.ascontiguousarray(d[i : i + _HASH_ROWS]).tobytes())
+            ident["features_sha256"] = h.hexdigest()
+    return ident
+
+
 def write_features(
-    path: Path, feats: np.ndarray, coords: np.ndarray, attrs: dict[str, Any], float16: bool = False
+    path: Path,
+    feats: np.ndarray,
+    coords: np.ndarray,
+    attrs: dict[str, Any],
+    float16: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> None:
+    """Write a features h5 atomically: `attrs` as plain attributes (a mapping as a JSON string,
+    None left out), `settings` (see `extract_settings`) as JSON in `efcm_extract_settings`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     with h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=feats.astype(np.float16 if float16 else np.float32))
         f.create_dataset("coords", data=coords.astype(np.int64))
-        f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        f.attrs.update(
+            {
+                k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+                for k, v in attrs.items()
+                if v is not None
+            }
+        )
+        if settings is not None:
+            f.attrs[SETTINGS_ATTR] = json.dumps(settings, sort_keys=True)
     os.replace(tmp, path)
+
+
+def _reusable(slide_id: str, path: Path, settings: dict[str, Any]) -> bool:
+    """Whether the complete features h5 at `path` was made with `settings`; logs why not."""
+    try:
+        stored = read_extract_settings(path)
+    except ValueError as err:
+        log.info("%s: %s: redoing", slide_id, err)
+        return False
+    if stored is None:
+        log.info(
+            "%s: %s has no stored extraction settings (written by an older efcm): redoing",
+            slide_id,
+            path.name,
+        )
+        return False
+    changes = settings_changes(stored, settings)
+    if changes:
+        log.info("%s: extraction settings changed (%s): redoing", slide_id, "; ".join(changes))
+        return False
+    return True
 
 
 def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +233,9 @@ def extract_manifest(
     """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5.
 
     `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights
-    hash...) go
-    into every features h5. Writes out_dir/status.csv.
+    hash, input transform...) go into every features h5, and with `float16` and the coords read
+    they are the settings a rerun compares to reuse a slide's features (see `extract_settings`).
+    Writes out_dir/status.csv.
     """
     patches_dir, out = Path(patches_dir), Path(out_dir)
     remove_stale_parts(out / "features")  # half-written files of a killed run
@@ -150,15 +257,20 @@ def extract_manifest(
             )
             rows.append(row)
             continue
-        if not overwrite and features_complete(dest):
-            with h5py.File(dest, "r") as f:
-                row.update(reason="already done", n_patches=len(f["features"]))
-            rows.append(row)
-            continue
         try:
             coords = read_coords(coords_path)
             if len(coords.coords) == 0:
                 row.update(status="no_tissue", reason="its coords file has no patches")
+                rows.append(row)
+                continue
+            settings = extract_settings(attrs, params, coords)
+            if (
+                not overwrite
+                and features_complete(dest)
+                and _reusable(entry.slide_id, dest, settings)
+            ):
+                with h5py.File(dest, "r") as f:
+                    row.update(reason="already done", n_patches=len(f["features"]))
                 rows.append(row)
                 continue
             sp = SlidePatches(entry.uri, coords, manifest.base_dir)
@@ -170,6 +282,7 @@ def extract_manifest(
                 coords.coords,
                 {**attrs, "coords_file": str(coords_path.name), "slide_id": entry.slide_id},
                 params.float16,
+                settings,
             )
             row["n_patches"] = len(feats)
         except (ValueError, FileNotFoundError, OSError) as err:

@@ -152,6 +152,10 @@ def extract(
         "arch": spec.arch,
         "weights_sha256": sha or f"random-init (seed {params.seed})",
         "input_size": spec.input_size,
+        "resize": spec.resize,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "model_kwargs": dict(spec.model_kwargs),
     }
     rows = extract_manifest(
         model,

@@ -115,3 +115,138 @@ def test_killed_extract_resumes_without_redoing_or_half_files(tmp_path, tiny_dat
         ref_feats, ref_coords = read_features(ref / "features" / p.name)
         assert np.array_equal(coords, ref_coords), p.name
         np.testing.assert_allclose(feats, ref_feats, rtol=1e-4, atol=1e-5, err_msg=p.name)
+
+
+# -- reruns reuse a slide's features only when they were made with the same settings -------------
+
+CNN = {"arch": "test_resnet", "input_size": 64}  # any input size: one setting changes at a time
+
+
+@pytest.fixture
+def two_patched(tmp_path, tiny_dataset):
+    """The first two tiny slides, patched: (manifest path, patches dir, params dict)."""
+    m = read_manifest(tiny_dataset)
+    lines = ["slide_id,case_id,uri,label"]
+    lines += [f"{s.slide_id},{s.case_id},{tiny_dataset.parent / s.uri},{s.label}" for s in m.slides]
+    manifest = tmp_path / "two.csv"
+    manifest.write_text("\n".join(lines[:3]) + "\n")
+    data = tiny_params_dict()
+    data["teacher"] = dict(CNN)
+    rows = patch_manifest(
+        read_manifest(manifest), tmp_path / "patches", params_from_dict(data).patch
+    )
+    assert all(r["n_patches"] > 0 for r in rows), rows
+    return manifest, tmp_path / "patches", data
+
+
+def _inodes(out: Path) -> dict[str, int]:
+    return {p.stem: p.stat().st_ino for p in (out / "features").glob("*.h5")}
+
+
+def _redo_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "redoing" in r.getMessage()]
+
+
+def _extract(manifest, patches, out, data, **kw):
+    from efcm import stages
+
+    return stages.extract(manifest, patches, out, params_from_dict(data), **kw)
+
+
+def test_extract_rerun_with_the_same_settings_redoes_nothing(tmp_path, two_patched, caplog):
+    manifest, patches, data = two_patched
+    _extract(manifest, patches, tmp_path / "f", data)
+    before = _inodes(tmp_path / "f")
+    caplog.set_level("INFO", logger="efcm")
+    data["extract"] = {"batch_size": 5}  # batching does not change the features
+    rows = _extract(manifest, patches, tmp_path / "f", data)
+    assert [r["reason"] for r in rows] == ["already done"] * 2
+    assert _inodes(tmp_path / "f") == before and _redo_messages(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("section", "update", "change"),
+    [
+        ("teacher", {"input_size": 48}, "input_size 64 -> 48"),
+        ("teacher", {"resize": 80}, "resize null -> 80"),
+        ("teacher", {"mean": [0.5, 0.5, 0.5]}, "mean [0.485, 0.456, 0.406] -> [0.5, 0.5, 0.5]"),
+        ("extract", {"float16": True}, "float16 false -> true"),
+    ],
+)
+def test_extract_rerun_with_a_changed_setting_redoes_every_slide(
+    tmp_path, two_patched, caplog, section, update, change
+):
+    manifest, patches, data = two_patched
+    first = _extract(manifest, patches, tmp_path / "f", data)
+    before = _inodes(tmp_path / "f")
+    caplog.set_level("INFO", logger="efcm")
+    data[section] = {**data[section], **update}
+    rows = _extract(manifest, patches, tmp_path / "f", data)
+    assert [r["reason"] for r in rows] == ["", ""], rows
+    assert all(_inodes(tmp_path / "f")[s] != before[s] for s in before), "a slide was reused"
+    assert _redo_messages(caplog) == [
+        f"{r['slide_id']}: extraction settings changed ({change}): redoing" for r in first
+    ]
+    again = _extract(manifest, patches, tmp_path / "f", data)
+    assert [r["reason"] for r in again] == ["already done"] * 2
+
+
+def test_extract_with_other_student_weights_redoes_every_slide(tmp_path, two_patched, caplog):
+    from efcm.config import EncoderParams
+    from efcm.models.encoders import sha256_file
+    from efcm.models.students import build_vfd, save_student
+
+    manifest, patches, data = two_patched
+    spec = EncoderParams(**CNN)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_student(tmp_path / f"s{seed}.pt", build_vfd(spec, 16, warn_random=False), spec)
+    _extract(manifest, patches, tmp_path / "f", data, encoder="student", student=tmp_path / "s0.pt")
+    before = _inodes(tmp_path / "f")
+    caplog.set_level("INFO", logger="efcm")
+    rows = _extract(
+        manifest, patches, tmp_path / "f", data, encoder="student", student=tmp_path / "s1.pt"
+    )
+    assert [r["reason"] for r in rows] == ["", ""]
+    assert all(_inodes(tmp_path / "f")[s] != before[s] for s in before)
+    old, new = sha256_file(tmp_path / "s0.pt"), sha256_file(tmp_path / "s1.pt")
+    assert [m.split(": ", 1)[1] for m in _redo_messages(caplog)] == [
+        f'extraction settings changed (weights_sha256 "{old}" -> "{new}"): redoing'
+    ] * 2
+
+
+def test_extract_redoes_only_the_slide_whose_coords_changed(tmp_path, two_patched, caplog):
+    manifest, patches, data = two_patched
+    first = _extract(manifest, patches, tmp_path / "f", data)
+    before = _inodes(tmp_path / "f")
+    m = read_manifest(manifest)
+    a, b = m.slides
+    # re-patch slide a alone with a finer step: its grid changes, b's does not
+    finer = params_from_dict({**data, "patch": {**data["patch"], "step": 32}}).patch
+    patch_manifest(type(m)(m.path, (a,)), patches, finer)
+    caplog.set_level("INFO", logger="efcm")
+    rows = _extract(manifest, patches, tmp_path / "f", data)
+    assert [r["reason"] for r in rows] == ["", "already done"]
+    after = _inodes(tmp_path / "f")
+    assert after[a.slide_id] != before[a.slide_id] and after[b.slide_id] == before[b.slide_id]
+    (msg,) = _redo_messages(caplog)
+    assert msg.startswith(f"{a.slide_id}: extraction settings changed (coords.n ")
+    assert "coords.sha256" in msg
+    feats, coords = read_features(tmp_path / "f" / "features" / f"{a.slide_id}.h5")
+    assert len(feats) == len(coords) == rows[0]["n_patches"] > first[0]["n_patches"]
+
+
+def test_features_without_stored_settings_are_redone(tmp_path, two_patched, caplog):
+    import h5py
+
+    manifest, patches, data = two_patched
+    _extract(manifest, patches, tmp_path / "f", data)
+    sid = read_manifest(manifest).slides[0].slide_id
+    with h5py.File(tmp_path / "f" / "features" / f"{sid}.h5", "a") as f:  # as efcm < this
+        del f.attrs["efcm_extract_settings"]
+    caplog.set_level("INFO", logger="efcm")
+    rows = _extract(manifest, patches, tmp_path / "f", data)
+    assert [r["reason"] for r in rows] == ["", "already done"]
+    assert _redo_messages(caplog) == [
+        f"{sid}: {sid}.h5 has no stored extraction settings (written by an older efcm): redoing"
+    ]

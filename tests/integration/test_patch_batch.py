@@ -233,3 +233,141 @@ def test_demo_params_file_is_used_by_the_cli_default(tmp_path, monkeypatch):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     assert main(["demo-data", str(tmp_path / "d"), "--slides", "2"]) == 0
     assert len(read_manifest(tmp_path / "d" / "manifest.csv").slides) == 2
+
+
+# -- reruns reuse a slide's outputs only when they were made with the same settings --------------
+
+
+def _first_slides(tiny_dataset: Path, n: int = 2):
+    from efcm.manifest import Manifest
+
+    m = read_manifest(tiny_dataset)
+    return Manifest(m.path, m.slides[:n])
+
+
+def _files(out: Path) -> dict[str, int]:
+    """Inode of every coords h5: an atomic rewrite gives a new one."""
+    return {p.stem: p.stat().st_ino for p in (out / "patches").glob("*.h5")}
+
+
+def _redo_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "redoing" in r.getMessage()]
+
+
+def test_coords_h5_records_the_settings_that_made_it(tmp_path, tiny_dataset):
+    from efcm.slides.patching import patch_settings, read_patch_settings
+
+    m = _first_slides(tiny_dataset, 1)
+    sid = m.slides[0].slide_id
+    patch_manifest(m, tmp_path, P64)
+    path = tmp_path / "patches" / f"{sid}.h5"
+    stored = read_patch_settings(path)
+    assert stored == patch_settings(P64)
+    assert "fail_on" not in stored and stored["mpp_override"] is None
+    assert stored["patch_size"] == 64 and stored["tissue"]["sthresh"] == 8
+    with h5py.File(path) as f:
+        raw = f["coords"].attrs["efcm_patch_settings"]
+    assert list(json.loads(raw)) == sorted(json.loads(raw))  # keys sorted
+    # a CLAM file has none
+    with h5py.File(tmp_path / "clam.h5", "w") as f:
+        f.create_dataset("coords", data=np.zeros((1, 2), np.int64)).attrs["patch_size"] = 64
+    assert read_patch_settings(tmp_path / "clam.h5") is None
+
+
+def test_rerun_with_the_same_settings_redoes_nothing(tmp_path, tiny_dataset, caplog):
+    m = _first_slides(tiny_dataset)
+    first = patch_manifest(m, tmp_path, P64)
+    before = _files(tmp_path)
+    caplog.set_level("INFO", logger="efcm")
+    # fail_on is a batch policy: it does not change the outputs
+    again = patch_manifest(m, tmp_path, P64.model_copy(update={"fail_on": "any"}))
+    assert [r["reason"] for r in again] == ["already done"] * 2
+    assert [r["n_patches"] for r in again] == [r["n_patches"] for r in first]
+    assert _files(tmp_path) == before
+    assert _redo_messages(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("update", "change"),
+    [
+        ({"patch_size": 32}, "patch_size 64 -> 32"),
+        ({"step": 32}, "step 64 -> 32"),
+        ({"target_mpp": 2.0}, "target_mpp 1.0 -> 2.0"),
+        ({"tissue": TissueParams(sthresh=20)}, "tissue.sthresh 8 -> 20"),
+    ],
+)
+def test_rerun_with_a_changed_setting_redoes_every_slide(
+    tmp_path, tiny_dataset, caplog, update, change
+):
+    from efcm.slides.patching import patch_settings, read_patch_settings
+
+    m = _first_slides(tiny_dataset)
+    patch_manifest(m, tmp_path, P64)
+    before = _files(tmp_path)
+    caplog.set_level("INFO", logger="efcm")
+    changed = P64.model_copy(update=update)
+    rows = patch_manifest(m, tmp_path, changed)
+    assert [r["reason"] for r in rows] == ["", ""], rows
+    after = _files(tmp_path)
+    assert all(after[s] != before[s] for s in before), "a slide was reused"
+    assert _redo_messages(caplog) == [
+        f"{s.slide_id}: patch settings changed ({change}): redoing" for s in m.slides
+    ]
+    for s in m.slides:
+        assert read_patch_settings(tmp_path / "patches" / f"{s.slide_id}.h5") == (
+            patch_settings(changed)
+        )
+    # and the new outputs are reused by the next run with the new settings
+    assert [r["reason"] for r in patch_manifest(m, tmp_path, changed)] == ["already done"] * 2
+    assert _files(tmp_path) == after
+
+
+def test_an_mpp_override_is_part_of_the_settings(tmp_path, tiny_dataset, caplog):
+    from dataclasses import replace
+
+    from efcm.manifest import Manifest
+
+    m = _first_slides(tiny_dataset)
+    patch_manifest(m, tmp_path, P64)
+    before = _files(tmp_path)
+    a, b = m.slides
+    overridden = Manifest(m.path, (replace(a, mpp=0.25), b))
+    caplog.set_level("INFO", logger="efcm")
+    rows = patch_manifest(overridden, tmp_path, P64)
+    assert [r["reason"] for r in rows] == ["", "already done"]
+    assert rows[0]["mpp_source"] == "override"
+    assert _redo_messages(caplog) == [
+        f"{a.slide_id}: patch settings changed (mpp_override null -> 0.25): redoing"
+    ]
+    after = _files(tmp_path)
+    assert after[a.slide_id] != before[a.slide_id] and after[b.slide_id] == before[b.slide_id]
+    # dropping the override again redoes that slide with the slide's own mpp
+    rows = patch_manifest(m, tmp_path, P64)
+    assert [r["reason"] for r in rows] == ["", "already done"]
+    assert rows[0]["mpp_source"] == "openslide"
+
+
+def test_a_coords_file_without_stored_settings_is_redone(tmp_path, tiny_dataset, caplog):
+    m = _first_slides(tiny_dataset)
+    patch_manifest(m, tmp_path, P64)
+    old = m.slides[0].slide_id
+    with h5py.File(tmp_path / "patches" / f"{old}.h5", "a") as f:  # as CLAM or efcm < this
+        del f["coords"].attrs["efcm_patch_settings"]
+    before = _files(tmp_path)
+    caplog.set_level("INFO", logger="efcm")
+    rows = patch_manifest(m, tmp_path, P64)
+    assert [r["reason"] for r in rows] == ["", "already done"]
+    assert _redo_messages(caplog) == [
+        f"{old}: {old}.h5 has no stored patch settings (written by CLAM or an older efcm): redoing"
+    ]
+    assert _files(tmp_path)[old] != before[old]
+
+
+def test_a_redone_slide_that_fails_keeps_no_coords_of_the_old_settings(tmp_path, tiny_dataset):
+    """Patches at 0.2 um/px on a 0.5 um/px slide would be upsampled 2.5x (max_upsample 2): the
+    slide fails, and its 1.0 um/px coords must not stay behind for extract to use."""
+    m = _first_slides(tiny_dataset)
+    patch_manifest(m, tmp_path, P64)
+    rows = patch_manifest(m, tmp_path, P64.model_copy(update={"target_mpp": 0.2}))
+    assert [r["status"] for r in rows] == ["too_coarse"] * 2
+    assert _files(tmp_path) == {}

@@ -231,3 +231,53 @@ def test_a_killed_distillation_resumes_from_its_checkpoint(tiny_dataset, tmp_pat
 
     history = json.loads((tmp_path / "d" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_teacher_identity_tells_apart_foreign_features_of_the_same_shape(tmp_path):
+    """Features h5 without efcm's stored settings are told apart by a hash of their values."""
+    from efcm.distill import teacher_identity
+    from efcm.features import write_features
+
+    coords = np.zeros((3, 2), np.int64)
+    feats = np.random.default_rng(0).normal(size=(3, D)).astype(np.float32)
+    for name, values in (("a", feats), ("b", feats), ("c", feats + 1)):
+        write_features(tmp_path / name / "features" / "s.h5", values, coords, {"arch": "x"})
+    a, b, c = (teacher_identity(tmp_path / n, ["s"])["s"] for n in "abc")
+    assert a == b and a != c
+    assert a["shape"] == [3, D] and "features_sha256" in a
+
+
+@pytest.mark.integration
+def test_new_teacher_features_never_resume_an_old_distillation(tiny_dataset, tmp_path, caplog):
+    from efcm import stages
+    from efcm.manifest import read_manifest
+
+    m = read_manifest(tiny_dataset)
+    lines = ["slide_id,case_id,uri,label"]
+    lines += [f"{s.slide_id},{s.case_id},{tiny_dataset.parent / s.uri},{s.label}" for s in m.slides]
+    manifest = tmp_path / "three.csv"
+    manifest.write_text("\n".join(lines[:4]) + "\n")
+    raw = tiny_params_dict()
+    raw["distill"].update(epochs=1, batch_size=8)
+    params = params_from_dict(raw)
+    p, t, d = tmp_path / "p", tmp_path / "t", tmp_path / "d"
+    stages.patch(manifest, p, params)
+    stages.extract(manifest, p, t, params)
+    stages.distill(manifest, p, t, d, params)
+    caplog.set_level("INFO", logger="efcm")
+
+    def resumed() -> bool:
+        msgs = [r.getMessage() for r in caplog.records if r.name == "efcm.distill"]
+        caplog.clear()
+        assert any("resuming after epoch 1" in m or "starting over" in m for m in msgs), msgs
+        return any("resuming after epoch 1" in m for m in msgs)
+
+    # the same teacher features, rewritten: the checkpoint is still theirs
+    stages.extract(manifest, p, t, params, overwrite=True)
+    stages.distill(manifest, p, t, d, params)
+    assert resumed()
+    # another teacher (its input normalisation): same distill configuration, new targets
+    raw["teacher"] = {**raw["teacher"], "mean": [0.5, 0.5, 0.5]}
+    stages.extract(manifest, p, t, params_from_dict(raw))
+    stages.distill(manifest, p, t, d, params)
+    assert not resumed()

@@ -1,8 +1,8 @@
 """The `patch` stage over a manifest: tissue mask + patch grid per slide, a status row per slide.
 
 One bad slide never stops the batch: its error becomes a status row. Outputs are written
-atomically and
-a rerun skips slides whose coords h5 is complete (unless `overwrite`).
+atomically, and a rerun reuses a slide's coords h5 only when it is complete and was made with the
+same patch settings (unless `overwrite`); any other slide is redone, and the log says why.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from tqdm import tqdm
 
 from efcm.config import PatchParams
 from efcm.manifest import Manifest, SlideEntry
-from efcm.slides.patching import PatchGeometry, geometry, patch_coords, write_coords
+from efcm.slides.patching import (
+    PatchGeometry,
+    geometry,
+    patch_coords,
+    patch_settings,
+    read_patch_settings,
+    settings_changes,
+    write_coords,
+)
 from efcm.slides.reader import Mpp, SlideError, open_slide, read_thumbnail, resolve_mpp
 from efcm.slides.tissue import TissueMask, segment_tissue, to_geojson
 from efcm.status import NO_TISSUE, OK, write_status
@@ -115,13 +123,21 @@ def write_qc(out_dir: Path, slide_id: str, plan: PatchPlan) -> None:
     _write_atomic(out_dir / "qc" / f"{slide_id}.geojson", json.dumps(geo).encode())
 
 
+def _remove_stale_coords(path: Path, slide_id: str) -> None:
+    """Delete the coords h5 an earlier run left for a slide that failed now: made with other
+    settings (or from an older slide file), it would be extracted as if it were current."""
+    if path.exists():
+        path.unlink()
+        log.info("%s: removed %s, left by an earlier run", slide_id, path)
+
+
 def patch_slide(
     entry: SlideEntry, base_dir: Path, out_dir: Path, params: PatchParams
 ) -> dict[str, Any]:
     """Segment and patch one slide; returns its status row. Never raises for a bad slide.
 
     Writes patches/<id>.h5 (also for a slide without tissue: zero rows, so a rerun skips it), and
-    the QC PNG and GeoJSON.
+    the QC PNG and GeoJSON. A slide that fails keeps no coords h5 of an earlier run.
     """
     t0 = time.perf_counter()
     row: dict[str, Any] = {
@@ -148,7 +164,8 @@ def patch_slide(
             row.update(status=NO_TISSUE, reason="no tissue patches found (see the QC thumbnail)")
             log.warning("%s: no tissue patches found", entry.slide_id)
         path = out_dir / "patches" / f"{entry.slide_id}.h5"
-        write_coords(path, plan.coords, plan.geometry, entry.slide_id)
+        settings = patch_settings(params, mpp_override=entry.mpp)
+        write_coords(path, plan.coords, plan.geometry, entry.slide_id, settings)
     except SlideError as err:
         row.update(status=err.status, reason=str(err))
         log.warning("%s: %s", entry.slide_id, err)
@@ -164,13 +181,38 @@ def patch_slide(
     except Exception as err:  # one bad slide never stops the batch
         row.update(status="error", reason=f"{type(err).__name__}: {err}")
         log.exception("%s: unexpected error", entry.slide_id)
+    if row["status"] not in (OK, NO_TISSUE):
+        _remove_stale_coords(out_dir / "patches" / f"{entry.slide_id}.h5", entry.slide_id)
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
 
 
-def _skip_row(entry: SlideEntry, out_dir: Path) -> dict[str, Any] | None:
+def _reusable(entry: SlideEntry, path: Path, params: PatchParams) -> bool:
+    """Whether the complete coords h5 at `path` was made with the current settings; logs why
+    not."""
+    try:
+        stored = read_patch_settings(path)
+    except ValueError as err:
+        log.info("%s: %s: redoing", entry.slide_id, err)
+        return False
+    if stored is None:
+        log.info(
+            "%s: %s has no stored patch settings (written by CLAM or an older efcm): redoing",
+            entry.slide_id,
+            path.name,
+        )
+        return False
+    changes = settings_changes(stored, patch_settings(params, mpp_override=entry.mpp))
+    if changes:
+        log.info("%s: patch settings changed (%s): redoing", entry.slide_id, "; ".join(changes))
+        return False
+    return True
+
+
+def _skip_row(entry: SlideEntry, out_dir: Path, params: PatchParams) -> dict[str, Any] | None:
+    """The status row of a slide whose outputs can be reused as they are, else None."""
     path = out_dir / "patches" / f"{entry.slide_id}.h5"
-    if not coords_complete(path):
+    if not coords_complete(path) or not _reusable(entry, path, params):
         return None
     with h5py.File(path, "r") as f:
         d = f["coords"]
@@ -203,7 +245,7 @@ def patch_manifest(
     rows: dict[str, dict[str, Any]] = {}
     todo = []
     for entry in manifest.slides:
-        done = None if overwrite else _skip_row(entry, out)
+        done = None if overwrite else _skip_row(entry, out, params)
         if done:
             rows[entry.slide_id] = done
         else:

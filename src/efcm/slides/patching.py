@@ -8,10 +8,12 @@ to `patch_size`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -21,6 +23,11 @@ from efcm.slides.tissue import TissueMask
 from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
+
+# The coords dataset's attribute that holds the settings which made the grid (a JSON object).
+SETTINGS_ATTR = "efcm_patch_settings"
+# PatchParams keys that do not change a slide's outputs (a batch policy, not a grid setting)
+_NOT_OUTPUT_KEYS = frozenset({"fail_on"})
 
 
 @dataclass(frozen=True)
@@ -117,12 +124,93 @@ def patch_coords(mask: TissueMask, geom: PatchGeometry, params: PatchParams) -> 
     return np.stack([gx[keep], gy[keep]], 1).astype(np.int64)
 
 
-def write_coords(path: Path, coords: np.ndarray, geom: PatchGeometry, name: str) -> None:
-    """Write the coords h5 atomically (CLAM attributes + ours)."""
+def patch_settings(params: PatchParams, *, mpp_override: float | None = None) -> dict[str, Any]:
+    """The settings that make a slide's patch grid: every PatchParams key but `fail_on`, plus
+    `mpp_override`, the slide's mpp when an override (manifest column or override CSV) gave it,
+    else None.
+
+    Returns:
+        A JSON-plain dict (tuples as lists), equal to what `read_patch_settings` gives back.
+    """
+    data = params.model_dump(mode="json", exclude=set(_NOT_OUTPUT_KEYS))
+    # the rule of `resolve_mpp`: a positive override wins over the slide's metadata
+    data["mpp_override"] = float(mpp_override) if mpp_override and mpp_override > 0 else None
+    return json.loads(json.dumps(data, sort_keys=True))
+
+
+def read_patch_settings(path: str | Path) -> dict[str, Any] | None:
+    """The patch settings stored in a coords h5 by efcm (see `patch_settings`), or None for a file
+    without them (CLAM, TRIDENT, or an efcm older than the attribute).
+
+    Raises:
+        ValueError: the file has no coords dataset, or its settings attribute is not a JSON object.
+    """
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if "coords" not in f:
+            raise ValueError(f"{path}: no 'coords' dataset (not a coords h5)")
+        raw = f["coords"].attrs.get(SETTINGS_ATTR)
+    return parse_settings(raw, f"{path}: attribute {SETTINGS_ATTR}")
+
+
+def parse_settings(raw: Any, where: str) -> dict[str, Any] | None:
+    """A settings attribute (a JSON object, as str or bytes) as a dict; None when absent.
+
+    Raises:
+        ValueError: `where` (the file and attribute) is not a JSON object.
+    """
+    if raw is None:
+        return None
+    try:
+        settings = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    return settings
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_ABSENT = object()
+
+
+def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Every key (dotted for nested ones, e.g. `tissue.min_area`) whose value differs, as
+    `key old -> new` (`absent` where one side lacks the key), sorted by key; empty when equal."""
+    old, new = _flatten(stored), _flatten(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a != b:
+            show = ["absent" if v is _ABSENT else json.dumps(v) for v in (a, b)]
+            changes.append(f"{key} {show[0]} -> {show[1]}")
+    return changes
+
+
+def write_coords(
+    path: Path,
+    coords: np.ndarray,
+    geom: PatchGeometry,
+    name: str,
+    settings: dict[str, Any] | None = None,
+) -> None:
+    """Write the coords h5 atomically (CLAM attributes + ours); `settings` (see `patch_settings`)
+    are stored as JSON in the attribute `efcm_patch_settings`, for reruns and for export."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     with h5py.File(tmp, "w") as f:
         d = f.create_dataset("coords", data=coords.astype(np.int64))
+        if settings is not None:
+            d.attrs[SETTINGS_ATTR] = json.dumps(settings, sort_keys=True)
         d.attrs.update(
             {
                 "patch_size": geom.patch_size,
