@@ -49,31 +49,37 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
         for key in ("auc", "auc_ci_low", "auc_ci_high", "acc", "f1", "params", "gflops_per_patch"):
             assert key in metrics[row], f"{row}.{key} missing"
         assert 0 <= metrics[row]["auc"] <= 1
-        assert metrics[row]["n"] == 6
+        assert metrics[row]["n"] == 6 and metrics[row]["n_cases"] == 6
+        assert "bootstrap_dropped" in metrics[row]
+    for row in rows[1:]:  # the paired deltas, in metrics.json, dvc metrics show and report.md
+        for key in ("delta_auc", "delta_auc_ci_low", "delta_auc_ci_high", "delta_f1"):
+            assert key in metrics[row], f"{row}.{key} missing"
     assert 0 <= metrics["teacher"]["localisation_auroc"] <= 1
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], work).strip().splitlines()[-1])
     flat = json.dumps(shown)
-    assert '"teacher"' in flat and '"student.vfd.etc"' in flat and '"auc"' in flat
+    assert '"teacher"' in flat and '"student.vfd.etc"' in flat and '"delta_auc_ci_low"' in flat
     for name in rows:
         roc = (work / f"runs/evaluate/roc/{name}.csv").read_text().splitlines()
         assert roc[0] == "fpr,tpr,threshold" and len(roc) >= 3
     assert "auc_fold_mean" in metrics["teacher"] and len(metrics["teacher"]["confusion"]) == 2
     plots = _run(["dvc", "plots", "show", "--json"], work)
     assert "roc" in plots and "confusion" in plots
-    topk = list((work / "runs/etc").glob("fold_*/topk/*.h5"))  # ETC's IB selection, per fold
+    topk = list((work / "runs/strategies/etc").glob("fold_*/topk/*.h5"))  # ETC's IB selection
     assert topk and len(read_top_k(topk[0])[0]) > 0
     report = (work / "runs/evaluate/report.md").read_text()
     assert "| teacher |" in report and "Cost per patch" in report
+    assert "Student minus teacher (paired, case-level bootstrap)" in report
     eff = json.loads((work / "runs/evaluate/efficiency.json").read_text())
     assert eff["teacher"]["params"] > 0 and eff["student_teacher_speedup"] > 0
+    pkg = load_package(work / "runs/package")
+    assert pkg.classes == ["normal", "tumour"] and pkg.meta["row"] == "student.vfd.retrain"
+    assert pkg.meta["metrics"]["student.vfd.retrain"] == metrics["student.vfd.retrain"]
     decision = json.loads((work / "runs/gate/decision.json").read_text())
-    assert decision["student"] == "student.vfd.retrain" and isinstance(decision["promote"], bool)
-    assert decision["student_auc"] == metrics["student.vfd.retrain"]["auc"]
+    assert decision["row"] == "student.vfd.retrain" and isinstance(decision["promote"], bool)
+    assert decision["delta_auc_ci_low"] == metrics["student.vfd.retrain"]["delta_auc_ci_low"]
     page = (work / "runs/report/index.html").read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
-    pkg = load_package(work / "runs/package")
-    assert pkg.classes == ["normal", "tumour"]
-    assert pkg.meta["metrics"]["student.vfd.retrain"]["n"] == 6
+    assert "<svg" in page and "student.vfd.retrain" in page
 
     second = _run(["dvc", "repro"], work)
     assert "Running stage" not in second, second
@@ -82,3 +88,15 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     with open(work / "src/efcm/mil.py", "a") as f:  # a code change is a change
         f.write("\n# edited\n")
     assert "changed deps" in _run(["dvc", "status", "train_mil_teacher"], work)
+
+    # one key switches the method: MCM-KD leaves Reuse CLAM out (auto), and says so
+    _run(["git", "add", "-A"], work)
+    git_id = ["-c", "user.name=efcm", "-c", "user.email=efcm@localhost"]
+    _run(["git", *git_id, "commit", "-qm", "demo"], work)
+    _run(["dvc", "exp", "run", "-S", "distill.method=mcm"], work)
+    metrics = json.loads((work / "runs/evaluate/metrics.json").read_text())
+    assert {"teacher", "student.mcm.retrain", "student.mcm.etc"} <= set(metrics)
+    assert not any(k.startswith("student.mcm.reuse") for k in metrics)
+    planned = json.loads((work / "runs/evaluate/strategies.json").read_text())
+    assert planned["run"] == ["retrain", "etc"] and "MCM-KD" in planned["left_out"]["reuse"]
+    assert load_package(work / "runs/package").meta["row"] == "student.mcm.retrain"

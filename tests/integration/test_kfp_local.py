@@ -3,7 +3,9 @@ caching on): the 6 tiny slides in 2 shards patched and extracted 2 at a time, th
 promotion gate. The first run passes the gate and the deploy step renders its InferenceService
 (`dry_run`: kfp.local cannot talk to Kubernetes; the real path is the kserve SDK call, see
 tests/unit/test_deploy.py); the second run, with a gate no model can pass, reuses every cached step,
-reruns only the uncached resolve_version and the gate, and deploys nothing."""
+reruns only the uncached resolve_version, the gate and the report that shows its verdict, and
+deploys nothing. MCM-KD and FPD runs export ETC's and Reuse CLAM's fold models, each checked
+against the evaluation's out-of-fold predictions."""
 
 import csv
 import hashlib
@@ -124,27 +126,34 @@ def test_pipeline_with_two_shards_through_the_promotion_gate(local_kfp, tiny_dat
         == hashlib.sha256((out["distill/student_model"] / "student.pt").read_bytes()).hexdigest()
     )
 
+    # the strategies: one task each in the `strategies` ParallelFor, with its ROC for the UI
+    strategy_outs = {k: v for k, v in out.items() if k.endswith("strategy/strategy")}
+    names = {
+        json.loads((d / "summary.json").read_text())["strategy"] for d in strategy_outs.values()
+    }
+    assert names == {"reuse", "retrain", "etc"}
+
     # evaluate: metrics.json, and the UI's Metrics, Markdown and ClassificationMetrics
     metrics = json.loads((out["evaluate/evaluation"] / "metrics.json").read_text())
     for model in ("teacher", "student.vfd.reuse", "student.vfd.retrain", "student.vfd.etc"):
         assert 0 <= metrics[model]["auc"] <= 1
+    assert "delta_auc_ci_low" in metrics["student.vfd.etc"]
     assert out["evaluate/report"].read_text().startswith("# EFCM evaluation")
     executor_output = json.loads(out["evaluate/executor_output.json"].read_text())
     arts = executor_output["artifacts"]
     logged = arts["metrics"]["artifacts"][0]["metadata"]
-    assert {"teacher.auc", "student.vfd.etc.auc", "student.vfd.reuse.auc_ci_low"} <= set(logged)
+    assert {"teacher.auc", "student.vfd.etc.auc", "student.vfd.reuse.delta_auc_ci_low"} <= set(
+        logged
+    )
     teacher_roc = arts["teacher_roc"]["artifacts"][0]["metadata"]
     assert teacher_roc["confidenceMetrics"] and teacher_roc["confusionMatrix"]
     confusion = teacher_roc["confusionMatrix"]
     assert sum(sum(r["row"]) for r in confusion["rows"]) == 6
 
-    # report: one HTML page with heatmaps and QC thumbnails
-    page = out["report/page"].read_text()
-    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") >= 6 + 1
-
     # export + gate + deploy (dry run): the rendered InferenceService serves that package
     package = out["export/package"]
-    assert list(load_package(package).classes) == ["normal", "tumour"]
+    pkg = load_package(package)
+    assert pkg.classes == ["normal", "tumour"] and pkg.meta["row"] == "student.vfd.retrain"
     assert out["gate/decision"].read_text().startswith("# Promotion gate: PROMOTED")
     isvc = yaml.safe_load(out["deploy/inference_service"].read_text())
     (container,) = isvc["spec"]["predictor"]["containers"]
@@ -152,11 +161,68 @@ def test_pipeline_with_two_shards_through_the_promotion_gate(local_kfp, tiny_dat
     assert isvc["metadata"]["name"] == params.export.model_name
     isvc_validator().validate(isvc)
 
-    # second run: a gate nobody passes; everything else comes from the cache
+    # report: one HTML page with the audit, heatmaps and QC thumbnails
+    page = out["report/page"].read_text()
+    assert page.startswith("<!doctype html>") and page.count("data:image/png;base64,") >= 6 + 1
+    assert "PROMOTED" in page and "<svg" in page
+
+    # second run: a gate nobody passes; everything else comes from the cache (the report shows
+    # the new verdict)
     _run(pipeline, tiny_dataset, deploy={"max_auc_drop": 0.0, "min_auc": 1.0})
     second = _runs(local_kfp)[1]
     executed = {task.name for task in second.iterdir() if task.is_dir()}
-    assert executed == {"resolve-version", "gate"}, executed
+    assert executed == {"resolve-version", "gate", "report"}, executed
     decision = (second / "gate" / "decision").read_text()
     assert decision.startswith("# Promotion gate: NOT PROMOTED")
     assert "not above deploy.min_auc 1" in decision
+
+
+@pytest.mark.parametrize(
+    ("method", "strategies", "exported"),
+    [("mcm", ["retrain", "etc"], "etc"), ("fpd", "auto", "reuse")],
+)
+def test_every_method_runs_on_kubeflow_and_exports_what_it_evaluated(
+    local_kfp, tiny_dataset, method, strategies, exported
+):
+    """MCM-KD with Retrain and ETC (ETC shipped: one fine-tuned student per fold), and FPD with
+    all three strategies (Reuse shipped): each component gets the params sections it reads."""
+    from pipelines.pipeline import build_pipeline
+
+    raw = tiny_params_dict()
+    pipeline = build_pipeline(parallelism=raw["pipeline"]["parallelism"])
+    _run(
+        pipeline,
+        tiny_dataset,
+        distill={**raw["distill"], "method": method},
+        mil={**raw["mil"], "strategies": strategies},
+        export={**raw["export"], "strategy": exported},
+        deploy={"max_auc_drop": 1.0, "min_auc": 0.0},
+    )
+    (run,) = _runs(local_kfp)
+    out = _outputs(run)
+    metrics = json.loads((out["evaluate/evaluation"] / "metrics.json").read_text())
+    planned = ["retrain", "etc"] if method == "mcm" else ["reuse", "retrain", "etc"]
+    assert {k for k in metrics if k.startswith("student.")} == {
+        f"student.{method}.{n}" for n in planned
+    }
+    pkg = load_package(out["export/package"])
+    assert pkg.meta["strategy"] == exported and pkg.meta["row"] == f"student.{method}.{exported}"
+    assert pkg.meta["ensemble"]["per_fold_student"] is (exported == "etc")
+    # each fold member reproduces the evaluation's out-of-fold prediction of its test slides
+    (strategy_dir,) = [
+        v
+        for k, v in out.items()
+        if k.endswith("strategy/strategy")
+        and json.loads((v / "summary.json").read_text())["strategy"] == exported
+    ]
+    with open(strategy_dir / "predictions.csv", newline="") as f:
+        oof = list(csv.DictReader(f))
+    with open(out["resolve-dataset/manifest"], newline="") as f:
+        uris = {r["slide_id"]: r["uri"] for r in csv.DictReader(f)}
+    from efcm.inference import predict_slide
+
+    for row in oof[:2]:
+        member = pkg.member(int(row["fold"]))
+        got = predict_slide(member, uris[row["slide_id"]], read_workers=0).probabilities
+        want = [float(row["prob_normal"]), float(row["prob_tumour"])]
+        assert got == pytest.approx(want, abs=1e-4), row["slide_id"]

@@ -4,7 +4,6 @@ import ast
 import csv
 import hashlib
 import inspect
-import json
 from pathlib import Path
 
 import pytest

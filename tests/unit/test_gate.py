@@ -46,7 +46,7 @@ def test_the_gate_promotes_only_when_non_inferiority_is_shown(meta, cfg, promote
 def test_a_student_whose_point_auc_passes_but_interval_crosses_the_drop_is_refused():
     cfg = DeployParams(max_auc_drop=0.05, min_auc=0.5)
     point_only = _meta(auc=0.94, delta=-0.01, low=-0.12, high=0.08)
-    assert 0.94 >= 0.95 - cfg.max_auc_drop  # the old point rule would have promoted it
+    assert 0.95 - cfg.max_auc_drop <= 0.94  # the old point rule would have promoted it
     decision = decide(point_only, cfg)
     assert not decision.promote and decision.delta_auc_ci_low == -0.12
 
