@@ -14,7 +14,6 @@ bootstrap of student minus teacher (`delta_auc`, `delta_auc_ci_low`, ...; `efcm.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -131,8 +130,10 @@ def evaluate(
     efficiency: dict[str, Any] | None = None,
     localisation: dict[str, float | None] | None = None,
     cases: Mapping[str, str] | None = None,
+    left_out: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Compare models given as {name: predictions.csv}; returns the metrics written to
+    """Compare models given as {name: predictions.csv}; `left_out` names the strategies the run
+    did not compare, with the reason (report.md says so); returns the metrics written to
     metrics.json.
 
     Args:
@@ -212,33 +213,13 @@ def evaluate(
             if k in efficiency
         }
     save_json(out / "metrics.json", metrics)
-    text = report(metrics, params, case_level=cases is not None)
+    text = report(metrics, params, case_level=cases is not None, left_out=left_out)
     if efficiency:
         save_json(out / "efficiency.json", efficiency)
         text += "\n## Cost per patch (teacher vs student, one run, this machine)\n\n"
         text += markdown_table(efficiency) + "\n"
     (out / "report.md").write_text(text)
     return metrics
-
-
-def classification_curves(
-    eval_dir: str | Path, row: str
-) -> tuple[tuple[list[float], list[float], list[float]] | None, list[list[int]] | None]:
-    """(fpr, tpr, thresholds) of `roc/<row>.csv` and the confusion matrix of `row` in
-    metrics.json, as written by `evaluate`; None for what the row does not have (a skipped
-    strategy). Thresholds above 1 (sklearn's `inf` first point) are clipped to 1."""
-    out = Path(eval_dir)
-    metrics = json.loads((out / "metrics.json").read_text())
-    confusion = metrics.get(row, {}).get("confusion")
-    roc_path = out / "roc" / f"{row}.csv"
-    if not roc_path.is_file():
-        return None, confusion
-    with open(roc_path, newline="") as f:
-        points = [
-            (float(r["fpr"]), float(r["tpr"]), float(r["threshold"])) for r in csv.DictReader(f)
-        ]
-    fpr, tpr, thr = (list(v) for v in zip(*points, strict=True)) if points else ([], [], [])
-    return (fpr, tpr, [min(t, 1.0) for t in thr]), confusion
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -287,9 +268,16 @@ DISTILLATION_NOTE = (
 )
 
 
-def report(metrics: dict[str, Any], params: Params, *, case_level: bool = True) -> str:
-    """report.md: the metrics table with CIs, the paired student minus teacher table, and what
-    the intervals estimate. `case_level`: the intervals resampled case ids (not slides)."""
+def report(
+    metrics: dict[str, Any],
+    params: Params,
+    *,
+    case_level: bool = True,
+    left_out: Mapping[str, str] | None = None,
+) -> str:
+    """report.md: the metrics table with CIs, the paired student minus teacher table, what the
+    intervals estimate, and the strategies left out and why. `case_level`: the intervals
+    resampled case ids (not slides)."""
     ci = round(params.evaluate.ci * 100)
     head = ["model", "slides", "patients", "params", "GFLOPs/patch", "patches/s"]
     head += [f"{m} ({ci}% CI)" for m in METRICS] + ["attention localisation AUROC"]
@@ -333,6 +321,10 @@ def report(metrics: dict[str, Any], params: Params, *, case_level: bool = True) 
             + ".\n\n"
             + "\n".join(lines)
             + "\n"
+        )
+    if left_out:
+        text += "\n## Strategies left out\n\n" + "".join(
+            f"- `{name}`: {why}\n" for name, why in left_out.items()
         )
     return text + "\n## Distillation and the test folds\n\n" + DISTILLATION_NOTE + "\n"
 

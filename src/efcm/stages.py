@@ -329,7 +329,7 @@ def evaluate(
         Path(out_dir) / "strategies.json",
         {"method": params.distill.method, "run": planned, "left_out": left_out},
     )
-    return run(preds, out_dir, params, eff, loc, cases=cases)
+    return run(preds, out_dir, params, eff, loc, cases=cases, left_out=left_out)
 
 
 def export(

@@ -99,4 +99,6 @@ def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     assert not any(k.startswith("student.mcm.reuse") for k in metrics)
     planned = json.loads((work / "runs/evaluate/strategies.json").read_text())
     assert planned["run"] == ["retrain", "etc"] and "MCM-KD" in planned["left_out"]["reuse"]
+    report = (work / "runs/evaluate/report.md").read_text()
+    assert "## Strategies left out" in report and "- `reuse`: does not apply" in report
     assert load_package(work / "runs/package").meta["row"] == "student.mcm.retrain"
