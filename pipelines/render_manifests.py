@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # `python pipelines/render_manifests.py` puts pipelines/ first
+    sys.path.insert(0, str(ROOT))
 
 from components.image import SERVING_IMAGE  # noqa: E402
 from efcm.deploy import inference_service  # noqa: E402

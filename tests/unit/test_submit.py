@@ -244,8 +244,9 @@ def test_an_existing_experiment_is_reused_in_the_namespace(capsys):
 def test_bad_parameters_exit_2_and_send_nothing(param, named, capsys):
     with StandIn() as api:
         rc = main(["--host", api.url, "--param", "manifest_path=m.csv", "--param", param])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc == 2
+    assert out == ""
     assert named in err
     assert len(err.strip().splitlines()) == 1
     if "manifest_uri" in param:  # the valid names are listed
@@ -256,7 +257,9 @@ def test_bad_parameters_exit_2_and_send_nothing(param, named, capsys):
 def test_a_missing_required_parameter_exits_2(capsys):
     with StandIn() as api:
         assert main(["--host", api.url, "--param", "seed=1"]) == 2
-    assert "missing --param for manifest_path" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "missing --param for manifest_path" in err
     assert api.requests == []
 
 
