@@ -70,6 +70,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_data(tmp_path_factory.mktemp("tiny_dataset"), params_from_dict(tiny_params_dict()))
 
 
+def first_slides(manifest: Path, n: int, out: Path) -> Path:
+    """A manifest of the first `n` slides of `manifest`, with absolute URIs, written to `out`."""
+    from efcm.manifest import read_manifest
+
+    m = read_manifest(manifest)
+    lines = ["slide_id,case_id,uri,label"]
+    lines += [f"{s.slide_id},{s.case_id},{manifest.parent / s.uri},{s.label}" for s in m.slides]
+    out.write_text("\n".join(lines[: n + 1]) + "\n")
+    return out
+
+
 def run_demo_pipeline(manifest: Path, work: Path, params, strategies: tuple[str, ...]) -> dict:
     """The demo pipeline's stages (`efcm.stages`, as dvc.yaml and the KFP graph run them) on
     `manifest` into `work`, with the strategies `strategies` (the others are skipped); returns

@@ -93,6 +93,14 @@ def compare(
     }
 
 
+# the student-vs-teacher ratios of a `compare` report, and how the reports word them
+RATIOS = (
+    ("student_teacher_speedup", "the patches/s"),
+    ("param_ratio", "fewer parameters"),
+    ("flop_ratio", "fewer GFLOPs per patch"),
+)
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """`compare(...)` as a Markdown table (teacher and student rows) plus a line of ratios.
 
@@ -117,15 +125,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         if memory:
             cells.append(f"{p['peak_memory_mb']:.1f}" if "peak_memory_mb" in p else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    ratios = [
-        f"{report[key]}x {what}"
-        for key, what in (
-            ("student_teacher_speedup", "the patches/s"),
-            ("param_ratio", "fewer parameters"),
-            ("flop_ratio", "fewer GFLOPs per patch"),
-        )
-        if key in report
-    ]
+    ratios = [f"{report[key]}x {what}" for key, what in RATIOS if key in report]
     if ratios:
         lines += ["", "Student vs teacher: " + ", ".join(ratios) + " (measured in one run)."]
     return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from efcm.efficiency import RATIOS
 from efcm.report_svg import Curve, read_roc, roc_svg
 
 METRICS = (("acc", "ACC"), ("balanced_acc", "balanced ACC"), ("auc", "AUC"), ("f1", "macro-F1"))
@@ -269,14 +270,7 @@ def efficiency_section(efficiency: Any) -> str:
         rows.append("<tr>" + "".join(f"<td class='num'>{c}</td>" for c in cells) + "</tr>")
     ths = "".join(f"<th>{h}</th>" for h in head)
     table = f"<table class='efficiency'><tr>{ths}</tr>{''.join(rows)}</table>" if rows else ""
-    ratios = [
-        f"{_num(efficiency.get(key), 'g')}x {what}"
-        for key, what in (
-            ("student_teacher_speedup", "the patches/s"),
-            ("param_ratio", "fewer parameters"),
-            ("flop_ratio", "fewer GFLOPs per patch"),
-        )
-    ]
+    ratios = [f"{_num(efficiency.get(key), 'g')}x {what}" for key, what in RATIOS]
     return (
         f"{table}<p class='ratios'>Student vs teacher: {', '.join(ratios)} (measured in one run "
         "on the device shown: the ratios mean something on a shared machine, absolute speeds "

@@ -18,7 +18,7 @@ from efcm.features import features_complete, read_features
 from efcm.manifest import read_manifest
 from efcm.models.encoders import build_backbone
 from efcm.slides.batch import patch_manifest
-from tests.conftest import tiny_params_dict
+from tests.conftest import first_slides, tiny_params_dict
 
 pytestmark = pytest.mark.integration
 
@@ -125,11 +125,7 @@ CNN = {"arch": "test_resnet", "input_size": 64}  # any input size: one setting c
 @pytest.fixture
 def two_patched(tmp_path, tiny_dataset):
     """The first two tiny slides, patched: (manifest path, patches dir, params dict)."""
-    m = read_manifest(tiny_dataset)
-    lines = ["slide_id,case_id,uri,label"]
-    lines += [f"{s.slide_id},{s.case_id},{tiny_dataset.parent / s.uri},{s.label}" for s in m.slides]
-    manifest = tmp_path / "two.csv"
-    manifest.write_text("\n".join(lines[:3]) + "\n")
+    manifest = first_slides(tiny_dataset, 2, tmp_path / "two.csv")
     data = tiny_params_dict()
     data["teacher"] = dict(CNN)
     rows = patch_manifest(

@@ -16,7 +16,7 @@ from efcm.distill import Trainee
 from efcm.models.mcm import grid_windows, masked_l1, random_mask
 from efcm.models.students import BackboneStudent, FPDStudent, load_student, save_student
 from efcm.models.transscan import SelectiveKernel, TransScan
-from tests.conftest import tiny_params_dict
+from tests.conftest import first_slides, tiny_params_dict
 
 D = 16  # teacher dim of these tests
 
@@ -250,13 +250,8 @@ def test_teacher_identity_tells_apart_foreign_features_of_the_same_shape(tmp_pat
 @pytest.mark.integration
 def test_new_teacher_features_never_resume_an_old_distillation(tiny_dataset, tmp_path, caplog):
     from efcm import stages
-    from efcm.manifest import read_manifest
 
-    m = read_manifest(tiny_dataset)
-    lines = ["slide_id,case_id,uri,label"]
-    lines += [f"{s.slide_id},{s.case_id},{tiny_dataset.parent / s.uri},{s.label}" for s in m.slides]
-    manifest = tmp_path / "three.csv"
-    manifest.write_text("\n".join(lines[:4]) + "\n")
+    manifest = first_slides(tiny_dataset, 3, tmp_path / "three.csv")
     raw = tiny_params_dict()
     raw["distill"].update(epochs=1, batch_size=8)
     params = params_from_dict(raw)
