@@ -35,6 +35,7 @@ from efcm.metrics import (
     roc_points,
 )
 from efcm.mil import read_folds, read_predictions, save_json
+from efcm.registry import TEACHER_ROW, is_student_row
 from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -168,10 +169,10 @@ def evaluate(
         for k in METRICS:  # the mean over folds, next to the pooled out-of-fold estimate
             values = [pf[k] for pf in per_fold if not np.isnan(pf[k])]
             m[f"{k}_fold_mean"] = float(np.mean(values)) if values else float("nan")
-        if name.startswith("student.") and "teacher" in preds:
+        if is_student_row(name) and TEACHER_ROW in preds:
             delta = paired_delta(
                 probs,
-                preds["teacher"][0],
+                preds[TEACHER_ROW][0],
                 labels,
                 len(classes),
                 groups=groups,
@@ -180,7 +181,8 @@ def evaluate(
                 seed=seed,
             )
             m.update(delta)
-        role = "teacher" if name == "teacher" else "student" if name.startswith("student") else None
+        # the efficiency report's roles: the teacher encoder, the student encoder
+        role = "teacher" if name == TEACHER_ROW else "student" if is_student_row(name) else None
         if efficiency and role in efficiency:
             e = efficiency[role]
             m.update(

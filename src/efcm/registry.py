@@ -24,8 +24,14 @@ from typing import Any
 
 # The inputs a strategy may take, besides the manifest and the splits every strategy reads.
 INPUTS = ("patches", "teacher_features", "teacher_mil", "student", "student_features")
-# The evaluation row of the teacher baseline (the CLAM trained on the teacher's features).
+# The evaluation row of the teacher baseline (the CLAM trained on the teacher's features); every
+# student row is `student.<distill.method>.<strategy>` (`Strategy.row`).
 TEACHER_ROW = "teacher"
+STUDENT_ROW_PREFIX = "student."
+
+
+def is_student_row(row: str) -> bool:
+    return row.startswith(STUDENT_ROW_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class Strategy:
 
     def row(self, method: str) -> str:
         """The evaluation row: `student.<distill.method>.<strategy>`."""
-        return f"student.{method}.{self.name}"
+        return f"{STUDENT_ROW_PREFIX}{method}.{self.name}"
 
     def run(self) -> Callable[..., dict[str, Any]]:
         module, _, fn = self.runner.partition(":")

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from efcm.efficiency import RATIOS
+from efcm.registry import TEACHER_ROW, is_student_row
 from efcm.report_svg import Curve, read_roc, roc_svg
 
 METRICS = (("acc", "ACC"), ("balanced_acc", "balanced ACC"), ("auc", "AUC"), ("f1", "macro-F1"))
 DELTAS = (("auc", "AUC"), ("balanced_acc", "balanced ACC"), ("f1", "macro-F1"))
-TEACHER = "teacher"
+TEACHER = TEACHER_ROW
 _STUDENT_COLOUR, _TEACHER_COLOUR = "#1f5fb4", "#555555"
 
 STYLE = (
@@ -89,7 +90,7 @@ def _rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     rows = [
         (k, v)
         for k, v in metrics.items()
-        if isinstance(v, dict) and (k == TEACHER or k.startswith("student."))
+        if isinstance(v, dict) and (k == TEACHER or is_student_row(k))
     ]
     return sorted(rows, key=lambda kv: kv[0] != TEACHER)
 
