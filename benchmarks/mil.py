@@ -19,9 +19,10 @@ Per model: ratio_time = time(largest N) / time(smallest N) against the linear ra
 their linear ratio (fixed per-step costs make small bags relatively slower, so the ratios sit at
 or below linear when the cost is linear in N).
 
-ETC (`efcm.strategies.train_etc_fold`, when efcm has it): one ETC epoch over `--etc-bags` top-K bags
-of `--etc-k` patches (random uint8 pixels of the configured patch size, served by a stand-in for the
-slide reader, so no slide I/O is timed), the repo's params.yaml student (randomly initialised VFD,
+ETC (`efcm.strategies.train_etc_fold`, given only the `strategy` stage's params sections, as
+`efcm strategy etc` runs it): one ETC epoch over `--etc-bags` top-K bags of `--etc-k` patches
+(random uint8 pixels of the configured patch size, served by a stand-in for the slide reader, so
+no slide I/O is timed), the repo's params.yaml student (randomly initialised VFD,
 projecting to `--dim`) and ETC settings (chunked, gradient-checkpointed, early stages and BatchNorm
 frozen, AdamW); one warm-up bag excluded. On CPU the default K is small (32) to keep the run short;
 the configured `ib.k` (512) is used on CUDA. Reported: seconds_per_bag, seconds_per_patch, peak_mb
@@ -123,7 +124,7 @@ class _RandomPatches:
 
 
 def _etc_worker(job: dict[str, Any]) -> dict[str, Any]:
-    from efcm.config import load_params, params_from_dict, params_to_dict
+    from efcm.config import for_stage, load_params, params_from_dict, params_to_dict
     from efcm.models.students import build_vfd
     from efcm.strategies import train_etc_fold
 
@@ -139,10 +140,11 @@ def _etc_worker(job: dict[str, Any]) -> dict[str, Any]:
     labels = {s: i % 2 for i, s in enumerate(ids)}
     student = build_vfd(params.student, job["dim"], warn_random=False)
     spec = params.student
-    train_etc_fold(student, spec, slides, topk, labels, ids[:1], params, 0, dev)  # warm-up bag
+    stage = for_stage(params, "strategy")  # what the strategy stage may read
+    train_etc_fold(student, spec, slides, topk, labels, ids[:1], stage, 0, dev)  # warm-up bag
     _sync(dev)
     t0 = time.perf_counter()
-    train_etc_fold(student, spec, slides, topk, labels, ids[1:], params, 0, dev)
+    train_etc_fold(student, spec, slides, topk, labels, ids[1:], stage, 0, dev)
     _sync(dev)
     dt = time.perf_counter() - t0
     peak = _peak_mb(dev)
@@ -245,14 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.no_etc:
         report["etc"] = "skipped (--no-etc)"
     else:
-        try:
-            from efcm.strategies import train_etc_fold  # noqa: F401
-        except (ImportError, AttributeError):
-            report["etc"] = "not implemented yet"
-        else:
-            report["etc"] = _run(
-                {"kind": "etc", "k": args.etc_k, "bags": args.etc_bags, "dim": args.dim}
-            )
+        report["etc"] = _run(
+            {"kind": "etc", "k": args.etc_k, "bags": args.etc_bags, "dim": args.dim}
+        )
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(report, indent=2))
     return report

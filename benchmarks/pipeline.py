@@ -78,6 +78,8 @@ def _count_tasks(spec: dict) -> tuple[int, int]:
 def _shard_times(run_dir: Path, t0: float) -> list[dict[str, Any]]:
     shards = []
     for it in sorted(run_dir.glob("for-loop-*-iteration-*")):
+        if not (it / "patch").is_dir():  # an iteration of the strategies' ParallelFor
+            continue
         row: dict[str, Any] = {"iteration": it.name}
         for task, out in (("patch", "patches"), ("extract", "features")):
             meta = json.loads((it / task / "executor_output.json").read_text())

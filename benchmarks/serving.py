@@ -14,8 +14,10 @@ latency per protocol.
             kserve's clients; p50/p99 in ms.
 
 Packages: params.yaml's patch settings (128 px at 1 um/px) and its demo student (resnet18 @ 112
-px), 512-d output, a CLAM head; the teacher package is the `brow` preset (ViT-B/16 @ 224) in the
-student's place. Weights are random (nothing can be downloaded): timings do not depend on them.
+px), 512-d output, and Retrain CLAM's `train_mil.folds` fold CLAM-SB heads (the ensemble a package
+ships), made by `tests.packages.build_package` with the real export; the teacher package is the
+`brow` preset (ViT-B/16 @ 224) in the student's place. Weights are random (nothing can be
+downloaded): timings do not depend on them.
 Absolute times mean little on a shared 2-core CPU; the ratio is the point. Prints one JSON object.
 Usage: python benchmarks/serving.py [--synthetic-patches N] [--teacher-patches N] [--requests N]
 """
@@ -42,36 +44,30 @@ import torch
 import yaml
 
 from efcm.config import params_from_dict
-from efcm.distill import save_student
-from efcm.export import export_package, load_package
+from efcm.export import load_package
 from efcm.inference import predict_slide
-from efcm.mil import save_clam
-from efcm.models.clam import CLAMSB
-from efcm.models.students import build_vfd
 from efcm.slides.batch import plan_patches
 from efcm.slides.reader import open_slide
 from efcm.slides.synthetic import SlideSpec, write_slide
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.packages
 SHARED_SLIDE = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 DIM = 512
 GOAL_SPEEDUP = 5.0
 
 
 def build_package(out: Path, encoder: dict[str, Any]) -> Path:
+    """Retrain CLAM's package (params.yaml's fold count, CLAM-SB at its default size) with
+    `encoder` as the student."""
+    from tests import packages
+
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["student"] = encoder
     params = params_from_dict(raw)
-    torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
-    save_student(
-        out / "student.pt", build_vfd(params.student, DIM, warn_random=False), params.student
+    return packages.build_package(
+        out, params, DIM, strategy="retrain", folds=params.train_mil.folds, clam={}
     )
-    mil = out / "mil"
-    mil.mkdir(exist_ok=True)
-    save_clam(mil / "fold_0.pt", CLAMSB(DIM, len(params.dataset.classes)))
-    (mil / "summary.json").write_text(json.dumps({"selected_fold": 0}))
-    return export_package(out / "student.pt", mil, out / "package", params)
 
 
 def synthetic_slide(folder: Path, patches: int, pkg) -> tuple[Path, int]:
@@ -235,6 +231,7 @@ def main() -> None:
             + f" @ {teacher.meta['encoder']['input_size']}",
             "patch": {k: student.meta["patch"][k] for k in ("patch_size", "target_mpp")},
             "feature_dim": DIM,
+            "fold_members": student.n_members,
         },
         "slides": slides,
         "student_teacher_speedup": speedups,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from efcm.config import params_from_dict
+from efcm.config import for_stage, params_from_dict
 from efcm.features import features_complete, read_features
 from efcm.manifest import read_manifest
 from efcm.models.encoders import build_backbone
@@ -144,9 +144,12 @@ def _redo_messages(caplog) -> list[str]:
 
 
 def _extract(manifest, patches, out, data, **kw):
+    """`efcm extract` as the CLI and the KFP component run it: with only its params sections."""
     from efcm import stages
 
-    return stages.extract(manifest, patches, out, params_from_dict(data), **kw)
+    return stages.extract(
+        manifest, patches, out, for_stage(params_from_dict(data), "extract"), **kw
+    )
 
 
 def test_extract_rerun_with_the_same_settings_redoes_nothing(tmp_path, two_patched, caplog):

@@ -205,10 +205,10 @@ def test_killed_batch_resumes_without_half_files_or_redoing_slides(tmp_path):
 def test_clam_layout_coords_are_accepted_by_efcm_extract(tmp_path, tiny_dataset):
     """A coords h5 with only CLAM's attributes (patch_size, patch_level) extracts features."""
     from efcm import stages
-    from efcm.config import params_from_dict
+    from efcm.config import for_stage, params_from_dict
     from efcm.features import read_features
 
-    params = params_from_dict(tiny_params_dict())
+    params = for_stage(params_from_dict(tiny_params_dict()), "extract")
     m = read_manifest(tiny_dataset)
     sid = m.slides[0].slide_id
     (tmp_path / "patches" / "patches").mkdir(parents=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -18,36 +17,23 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from efcm.config import params_from_dict
-from efcm.distill import save_student
-from efcm.export import export_package, load_package
+from efcm.export import load_package
 from efcm.inference import predict_features
-from efcm.mil import save_clam
-from efcm.models.clam import CLAMSB
-from efcm.models.students import build_vfd
+from tests import packages
 from tests.conftest import tiny_params_dict
 
 pytestmark = pytest.mark.integration
 
-DIM = 24  # the student's output = CLAM's input width
+DIM = 64  # the demo package's feature width (its teacher's): checked by the `package` fixture
 MODEL = "efcm"
 
 
 def build_package(out: Path, dim: int = DIM) -> Path:
-    """A real package (tiny random student + CLAM) the way `efcm export` writes it, in ~0.1 s."""
-    params = params_from_dict(tiny_params_dict())
-    torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
-    student = build_vfd(params.student, dim, warn_random=False)
-    save_student(out / "student.pt", student, params.student)
-    mil = out / "train_mil"
-    mil.mkdir(exist_ok=True)
-    n_classes = len(params.dataset.classes)
-    save_clam(mil / "fold_0.pt", CLAMSB(dim, n_classes, hidden=16, attn_dim=8, k_sample=2))
-    (mil / "summary.json").write_text(json.dumps({"selected_fold": 0}))
-    return export_package(out / "student.pt", mil, out / "package", params)
+    """A real package of `dim`-d features, made by hand in well under a second (random tiny
+    student and fold CLAMs, see `tests.packages`), for tests that need a given width."""
+    return packages.build_package(out, params_from_dict(tiny_params_dict()), dim)
 
 
 def _free_port() -> int:
@@ -71,8 +57,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_package(tmp_path_factory.mktemp("serving"))
+def package(demo_package: Path) -> Path:
+    """The package the demo stages export (Retrain CLAM's fold ensemble)."""
+    assert load_package(demo_package).feature_dim == DIM
+    return demo_package
 
 
 @contextlib.contextmanager
@@ -307,7 +295,7 @@ def test_unloadable_package_fails_at_startup_with_one_line(tmp_path, package):
     bad.mkdir()
     for f in package.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
-    with (bad / "clam.pt").open("ab") as fh:
+    with (bad / "clam_fold_0.pt").open("ab") as fh:
         fh.write(b"tampered")
     proc = subprocess.run(
         [

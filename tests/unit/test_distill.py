@@ -153,33 +153,30 @@ def test_grid_windows_group_neighbouring_patches():
 
 @pytest.mark.parametrize("method", ["fpd", "mcm"])
 def test_distill_stage_runs_each_method(method, tiny_dataset, tmp_path):
-    from efcm import stages
+    """Each method through the demo stages (each seeing only its own params sections): distill,
+    the student's features, Retrain CLAM on them, evaluation and the package."""
+    import json
 
-    params = _params(method, epochs=1, batch_size=8)
-    stages.patch(tiny_dataset, tmp_path / "p", params)
-    stages.extract(tiny_dataset, tmp_path / "p", tmp_path / "t", params)
-    m = stages.distill(tiny_dataset, tmp_path / "p", tmp_path / "t", tmp_path / "d", params)
-    assert m["method"] == method and m["val_before"] and m["val_after"]
-    student, _ = load_student(tmp_path / "d" / "student.pt")
-    assert m["student_in_teacher_space"] == (method == "fpd") == student.teacher_space
-    assert m["student_dim"] == student.out_dim
-    rows = stages.extract(
-        tiny_dataset,
-        tmp_path / "p",
-        tmp_path / "s",
-        params,
-        encoder="student",
-        student=tmp_path / "d",
-    )
-    assert all(r["status"] == "ok" for r in rows)
-    # the rest of the chain takes the student's features, whatever their width
-    stages.splits(tiny_dataset, tmp_path / "splits.json", params, features_dir=tmp_path / "s")
-    stages.train_mil(tiny_dataset, tmp_path / "s", tmp_path / "splits.json", tmp_path / "m", params)
-    pkg_dir = stages.export(tmp_path / "d", tmp_path / "m", tmp_path / "pkg", params)
+    from efcm.config import params_from_dict
     from efcm.export import load_package
     from efcm.inference import predict_features
+    from efcm.manifest import read_manifest
+    from efcm.status import ok_slides
+    from tests.conftest import run_demo_pipeline
 
-    pkg = load_package(pkg_dir)
+    raw = _params(method, epochs=1, batch_size=8).model_dump(mode="json")
+    raw["mil"]["strategies"] = ["retrain"]
+    w = run_demo_pipeline(tiny_dataset, tmp_path, params_from_dict(raw), ("retrain",))
+    m = json.loads((w["distill"] / "metrics.json").read_text())
+    assert m["method"] == method and m["val_before"] and m["val_after"]
+    student, _ = load_student(w["distill"] / "student.pt")
+    assert m["student_in_teacher_space"] == (method == "fpd") == student.teacher_space
+    assert m["student_dim"] == student.out_dim
+    ids = [s.slide_id for s in read_manifest(tiny_dataset).slides]
+    assert sorted(ok_slides(w["extract_student"] / "status.csv")) == sorted(ids)
+    # the rest of the chain takes the student's features, whatever their width
+    pkg = load_package(w["package"])
+    assert pkg.meta["strategy"] == "retrain" and pkg.meta["row"] == f"student.{method}.retrain"
     assert pkg.feature_dim == student.out_dim and pkg.meta["distill_method"] == method
     pred = predict_features(pkg, np.zeros((5, student.out_dim), np.float32))
     assert pred.probabilities.shape == (2,)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from efcm.config import TrainMilParams, params_from_dict
+from efcm.config import TrainMilParams
 from efcm.manifest import Manifest, SlideEntry
 from efcm.metrics import classification_metrics, roc_points
 from efcm.mil import make_splits, train_fold
@@ -105,61 +105,41 @@ def test_metrics_reject_bad_shapes():
         classification_metrics(np.zeros((3, 3)), np.zeros(3), 2)
 
 
-def test_package_round_trip_and_tamper_detection(tmp_path):
-    from efcm.distill import save_student
-    from efcm.export import PackageError, export_package, load_package
-    from efcm.inference import predict_features
-    from efcm.mil import save_clam
-    from efcm.models.students import build_vfd
-    from tests.conftest import tiny_params_dict
+def test_package_round_trip_and_tamper_detection(demo_run, tmp_path):
+    """The package the demo stages export loads, carries the evaluation's metrics of its row,
+    predicts on bags of its width only, and is refused once a file is altered."""
+    import shutil
 
-    params = params_from_dict(tiny_params_dict())
-    student = build_vfd(params.student, 64, warn_random=False)
-    save_student(tmp_path / "student.pt", student, params.student)
-    (tmp_path / "mil").mkdir()
-    save_clam(tmp_path / "mil" / "fold_0.pt", CLAMSB(64, 2, hidden=8, attn_dim=4))
-    (tmp_path / "mil" / "summary.json").write_text(json.dumps({"selected_fold": 0}))
-    pkg_dir = export_package(
-        tmp_path / "student.pt",
-        tmp_path / "mil",
-        tmp_path / "pkg",
-        params,
-        {"student": {"auc": 0.9}},
-    )
+    from efcm.export import PackageError, load_package
+    from efcm.features import read_features
+    from efcm.inference import predict_features
+
+    pkg_dir = tmp_path / "pkg"
+    shutil.copytree(demo_run["package"], pkg_dir)  # the session's package stays intact
     pkg = load_package(pkg_dir)
-    assert pkg.classes == ["normal", "tumour"] and pkg.feature_dim == 64
-    assert pkg.meta["metrics"]["student"]["auc"] == 0.9
-    pred = predict_features(pkg, np.random.default_rng(0).normal(size=(7, 64)).astype(np.float32))
+    feats, _ = read_features(next((demo_run["extract_student"] / "features").glob("*.h5")))
+    dim = feats.shape[1]
+    assert pkg.classes == ["normal", "tumour"] and pkg.feature_dim == dim
+    metrics = json.loads((demo_run["evaluate"] / "metrics.json").read_text())
+    assert pkg.meta["metrics"]["student.vfd.retrain"] == metrics["student.vfd.retrain"]
+    pred = predict_features(pkg, np.random.default_rng(0).normal(size=(7, dim)).astype(np.float32))
     assert pred.probabilities.shape == (2,) and pred.attention.shape == (7,)
-    with pytest.raises(ValueError, match=r"\[N, 64\]"):
-        predict_features(pkg, np.zeros((7, 63), np.float32))
-    with open(pkg_dir / "clam.pt", "ab") as f:
+    with pytest.raises(ValueError, match=rf"\[N, {dim}\]"):
+        predict_features(pkg, np.zeros((7, dim - 1), np.float32))
+    with open(pkg_dir / "clam_fold_0.pt", "ab") as f:
         f.write(b"x")
     with pytest.raises(PackageError, match="sha256"):
         load_package(pkg_dir)
 
 
-def test_predict_slide_gives_heatmap_and_gallery_pngs(tmp_path, tiny_dataset):
+def test_predict_slide_gives_heatmap_and_gallery_pngs(demo_package, tiny_dataset):
     import cv2
 
-    from efcm.distill import save_student
-    from efcm.export import export_package, load_package
+    from efcm.export import load_package
     from efcm.inference import predict_slide
     from efcm.manifest import read_manifest
-    from efcm.mil import save_clam
-    from efcm.models.students import build_vfd
-    from tests.conftest import tiny_params_dict
 
-    params = params_from_dict(tiny_params_dict())
-    save_student(
-        tmp_path / "student.pt", build_vfd(params.student, 64, warn_random=False), params.student
-    )
-    (tmp_path / "mil").mkdir()
-    save_clam(tmp_path / "mil" / "fold_0.pt", CLAMSB(64, 2, hidden=8, attn_dim=4))
-    (tmp_path / "mil" / "summary.json").write_text(json.dumps({"selected_fold": 0}))
-    pkg = load_package(
-        export_package(tmp_path / "student.pt", tmp_path / "mil", tmp_path / "pkg", params)
-    )
+    pkg = load_package(demo_package)
     slide = read_manifest(tiny_dataset).slides[0]
     pred = predict_slide(pkg, tiny_dataset.parent / slide.uri, heatmap=True, gallery_k=4)
     assert len(pred.attention) == len(pred.coords) > 4

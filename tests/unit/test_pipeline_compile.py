@@ -11,14 +11,16 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 import efcm
 from components.image import IMAGE, SERVING_IMAGE
+from efcm import registry
 from efcm.config import load_params, params_from_dict
 from pipelines.compile import compile_pipeline, main, pipeline_arguments
 from pipelines.pipeline import PIPELINE_KEYS, SECTIONS
 from tests.conftest import ROOT
 
 COMMITTED = ROOT / "pipelines" / "efcm_pipeline.yaml"
-# evaluate measures teacher vs student patches/s: on the device that extracts
-GPU_STAGES = {"extract", "distill", "train-mil", "etc", "evaluate"}
+# evaluate measures teacher vs student patches/s: on the device that extracts; one `strategy`
+# task spec serves every strategy of the ParallelFor, so it gets the GPU some of them need
+GPU_STAGES = {"extract", "distill", "train-mil", "strategy", "evaluate"}
 CPU_STAGES = {
     "resolve-version",
     "resolve-dataset",
@@ -26,13 +28,14 @@ CPU_STAGES = {
     "patch",
     "gather",
     "splits",
-    "reuse",
+    "plan-strategies",
     "report",
     "gate",
     "export",
     "deploy",
 }
-GCS_READERS = {"resolve-version", "resolve-dataset", "patch", "extract", "etc"}
+# strategy: ETC reads the slides from GCS
+GCS_READERS = {"resolve-version", "resolve-dataset", "patch", "extract", "strategy"}
 UNCACHED = {"resolve-version", "deploy"}
 ACCELERATOR = "{{$.inputs.parameters['pipelinechannel--gpu_accelerator_type']}}"
 
@@ -93,7 +96,8 @@ def test_every_stage_is_a_task_and_the_gpu_policy_holds(compiled):
     spec, k8s = _parse(compiled)
     tasks = _tasks(spec)
     stages = sorted(stage for stage, *_ in tasks)
-    gpu = ["extract", "extract", "distill", "train-mil", "train-mil", "etc", "evaluate"]
+    # train-mil once: the teacher's baseline (Retrain CLAM on the student runs as a strategy)
+    gpu = ["extract", "extract", "distill", "train-mil", "strategy", "evaluate"]
     assert stages == sorted([*CPU_STAGES, "gather", *gpu])
     for stage, name, task, label, container, _ in tasks:
         res = container.resources
@@ -139,7 +143,18 @@ def test_caching_retries_shards_and_the_gate(compiled):
     (cond,) = groups["deploy"]
     trigger = spec.root.dag.tasks[cond].trigger_policy.condition
     assert "gate-Output" in trigger and "== true" in trigger, trigger
-    nested = {"patch", "extract", "deploy"}
+    # the strategies run in a second ParallelFor, over what plan_strategies resolved, all at once
+    loop = spec.root.dag.tasks["for-loop-2"]
+    assert groups["strategy"] == ("for-loop-2",)
+    items = loop.parameter_iterator.items.input_parameter
+    assert items == "pipelinechannel--plan-strategies-Output"
+    assert loop.iterator_policy.parallelism_limit == len(registry.STRATEGIES)
+    # evaluate, export and the report each collect every strategy's output (dsl.Collected)
+    for consumer in ("evaluate", "export", "report"):
+        src = spec.root.dag.tasks[consumer].inputs.artifacts["strategies"].task_output_artifact
+        assert src.producer_task == "for-loop-2", consumer
+        assert src.output_artifact_key == "pipelinechannel--strategy-strategy", consumer
+    nested = {"patch", "extract", "strategy", "deploy"}
     assert [name for stage, name, *_, g in tasks if g and stage not in nested] == []
 
 
@@ -209,7 +224,8 @@ def test_invalid_params_file_is_refused(tmp_path, capsys):
     assert "teacher.archh" in capsys.readouterr().err
 
 
-# dvc.yaml stage -> the KFP task (display name) that runs the same `efcm.stages` function
+# dvc.yaml stage -> the KFP task (display name) that runs the same `efcm.stages` function: each
+# dvc stage strategy_<name> is an iteration of the one `strategy` task in the ParallelFor
 DVC_TWIN = {
     "patch": "patch",
     "extract_teacher": "extract-teacher",
@@ -217,9 +233,7 @@ DVC_TWIN = {
     "extract_student": "extract-student",
     "splits": "splits",
     "train_mil_teacher": "train-mil-teacher",
-    "train_mil_student": "train-mil-student",
-    "reuse": "reuse",
-    "etc": "etc",
+    **{f"strategy_{name}": "strategy" for name in registry.NAMES},
     "evaluate": "evaluate",
     "report": "report",
     "gate": "gate",
@@ -240,6 +254,7 @@ def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
         assert display in by_display, f"dvc stage {stage}: no KFP task {display}"
         _, task = by_display[display]
         sections = {p.split(".")[0] for p in stages[stage].get("params", [])}
+        assert sections, f"dvc stage {stage} depends on no params section"
         given = {
             k.removeprefix("pipelinechannel--")
             for k, v in task.inputs.parameters.items()
@@ -247,3 +262,6 @@ def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
         }
         missing = sections - given
         assert not missing, f"{stage}: KFP task {display} lacks params {sorted(missing)}"
+        if display == "strategy":  # strategy_<name>: the iteration whose item is <name>
+            item = task.inputs.parameters["name"].component_input_parameter
+            assert item == "pipelinechannel--plan-strategies-Output-loop-item", stage

@@ -174,7 +174,11 @@ def test_missing_package_is_a_package_error(tmp_path):
         build_model(tmp_path / "nothing")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.json").write_text("{")
-    with pytest.raises(PackageError, match="cannot load"):
+    with pytest.raises(PackageError, match=r"model\.json: not valid JSON"):
+        build_model(tmp_path / "broken")
+    # any other failure to load is a PackageError too, naming the package
+    (tmp_path / "broken" / "model.json").write_text('{"format": "efcm.package/2"}')
+    with pytest.raises(PackageError, match="broken: cannot load the model package"):
         build_model(tmp_path / "broken")
 
 

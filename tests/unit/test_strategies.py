@@ -17,9 +17,15 @@ from efcm.strategies import augment, train_etc_fold
 from tests.conftest import tiny_params_dict
 
 
-def test_reuse_with_mcm_is_a_config_error_naming_both_keys():
+def test_reuse_with_mcm_is_left_out_by_auto_and_an_error_when_listed():
+    """An MCM-KD student is not in the teacher's feature space: `auto` leaves Reuse CLAM out
+    (saying why); listing it is a config error naming both keys."""
+    from efcm.stages import plan_strategies
+
+    run, left_out = plan_strategies(params_from_dict({"distill": {"method": "mcm"}}))
+    assert run == ["retrain", "etc"] and "'mcm'" in left_out["reuse"]
     with pytest.raises(ConfigError, match=r"mil\.strategies.*'reuse'.*distill\.method.*'mcm'"):
-        params_from_dict({"distill": {"method": "mcm"}})
+        params_from_dict({"distill": {"method": "mcm"}, "mil": {"strategies": ["reuse", "etc"]}})
     ok = params_from_dict({"distill": {"method": "mcm"}, "mil": {"strategies": ["retrain", "etc"]}})
     assert ok.mil.strategies == ("retrain", "etc")
 
@@ -92,43 +98,58 @@ def test_freeze_helpers():
 
 def test_skipped_strategy_leaves_its_row_out(tiny_dataset, tmp_path):
     from efcm import stages
+    from efcm.config import for_stage
 
     params = params_from_dict({**tiny_params_dict(), "mil": {"strategies": ["retrain"]}})
-    summary = stages.reuse(
+    summary = stages.strategy(
+        "reuse",
         tiny_dataset,
-        tmp_path / "t",
-        tmp_path / "f",
         tmp_path / "s.json",
         tmp_path / "reuse",
-        params,
+        for_stage(params, "strategy"),
+        teacher_mil=tmp_path / "t",
+        student_features=tmp_path / "f",
     )
     assert summary["skipped"] and "mil.strategies" in summary["reason"]
-    assert json.loads((tmp_path / "reuse" / "summary.json").read_text())["skipped"]
+    written = json.loads((tmp_path / "reuse" / "summary.json").read_text())
+    assert written["skipped"] and written["strategy"] == "reuse"
+    # evaluation, export and the report take no row from it
+    assert stages.read_strategy_dirs([tmp_path / "reuse"]) == {}
 
 
-def test_export_of_an_etc_dir_packs_its_fine_tuned_student(tmp_path):
+def test_export_of_an_etc_dir_packs_its_fine_tuned_students(tmp_path):
+    """ETC fine-tunes the student per fold: the package pairs fold k's CLAM with fold k's
+    fine-tuned student (never the distilled one), and serves their ensemble."""
     from efcm.export import PackageError, export_package, load_package
-    from efcm.mil import save_clam
-    from efcm.models.clam import CLAMSB
-    from efcm.models.students import save_student
+    from efcm.models.students import load_student
+    from tests.packages import build_package
 
     params = params_from_dict(tiny_params_dict())
-    torch.manual_seed(0)
-    distilled = build_vfd(params.student, 16, warn_random=False)
-    tuned = build_vfd(params.student, 16, warn_random=False)
-    save_student(tmp_path / "distilled.pt", distilled, params.student)
-    etc_dir = tmp_path / "etc"
-    etc_dir.mkdir()
-    save_student(etc_dir / "student_fold_1.pt", tuned, params.student)
-    save_clam(etc_dir / "fold_1.pt", CLAMSB(16, 2, hidden=8, attn_dim=4))
-    (etc_dir / "summary.json").write_text(json.dumps({"selected_fold": 1, "strategy": "etc"}))
-    pkg = load_package(export_package(tmp_path / "distilled.pt", etc_dir, tmp_path / "pkg", params))
-    assert pkg.meta["strategy"] == "etc"
+    pkg = load_package(build_package(tmp_path, params, 16, strategy="etc", folds=2))
+    assert pkg.meta["strategy"] == "etc" and pkg.meta["row"] == "student.vfd.etc"
+    assert pkg.meta["ensemble"]["students"] == ["student_fold_0.pt", "student_fold_1.pt"]
+    assert pkg.n_members == 2 and pkg.feature_dim == 2 * 16
+    distilled, _ = load_student(tmp_path / "student.pt")
     x = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
-    with torch.no_grad():  # the package embeds with the fine-tuned student, not the distilled one
-        assert torch.allclose(pkg.encoder(x), tuned.eval()(pkg.encoder.transform(x)))
-        assert not torch.allclose(pkg.encoder(x), distilled.eval()(pkg.encoder.transform(x)))
+    with torch.no_grad():  # fold k embeds with its fine-tuned student, not the distilled one
+        members = []
+        for k in range(2):
+            tuned, _ = load_student(tmp_path / "strategies" / "etc" / f"student_fold_{k}.pt")
+            enc = pkg.member(k).encoder
+            members.append(enc(x))
+            assert torch.allclose(members[k], tuned.eval()(enc.transform(x)))
+            assert not torch.allclose(members[k], distilled.eval()(enc.transform(x)))
+        assert torch.allclose(pkg.encoder(x), torch.cat(members, dim=1))
     (tmp_path / "skip").mkdir()
-    (tmp_path / "skip" / "summary.json").write_text(json.dumps({"skipped": True, "reason": "r"}))
+    (tmp_path / "skip" / "summary.json").write_text(
+        json.dumps({"strategy": "etc", "skipped": True, "reason": "r"})
+    )
     with pytest.raises(PackageError, match="nothing to export"):
-        export_package(tmp_path / "distilled.pt", tmp_path / "skip", tmp_path / "p2", params)
+        export_package(
+            tmp_path / "student.pt",
+            tmp_path / "skip",
+            tmp_path / "p2",
+            params,
+            json.loads((tmp_path / "metrics.json").read_text()),
+            tmp_path / "patch",
+        )
