@@ -146,8 +146,15 @@ def test_label_free_stages_use_every_slide_and_slide_level_ones_the_labelled(
     with open(w / "mil" / "predictions.csv", newline="") as f:
         assert {r["slide_id"] for r in csv.DictReader(f)} == labelled
 
-    result = stages.evaluate({"teacher": w / "mil"}, w / "eval", params)
-    assert result["teacher"]["n"] == len(labelled)
+    raw = tiny_params_dict()
+    raw["mil"] = {**raw["mil"], "strategies": ["retrain"]}
+    one = params_from_dict(raw)
+    stages.strategy(
+        "retrain", m.path, w / "splits.json", w / "retrain", one, student_features=w / "teacher"
+    )
+    result = stages.evaluate(w / "mil", [w / "retrain"], w / "eval", one, manifest=m.path)
+    for row in ("teacher", "student.vfd.retrain"):
+        assert result[row]["n"] == len(labelled) and result[row]["n_cases"] == len(labelled)
 
 
 def test_train_mil_refuses_splits_naming_an_unlabelled_slide(tmp_path):
