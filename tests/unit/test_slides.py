@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import openslide
@@ -13,7 +14,7 @@ from efcm.manifest import SlideEntry, read_manifest
 from efcm.slides.batch import patch_manifest, patch_slide
 from efcm.slides.patching import read_coords
 from efcm.slides.reader import SlideError, open_slide, resolve_mpp
-from efcm.slides.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
+from efcm.slides.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_demo_dataset, write_slide
 
 P64 = PatchParams(target_mpp=1.0, patch_size=64, step=64)
 
@@ -48,6 +49,38 @@ def test_synthetic_slides_are_deterministic(tmp_path):
 def test_normal_slide_has_no_tumour(tmp_path):
     masks = write_slide(tmp_path / "n.tif", SlideSpec(1024, 1024, seed=1, tumour=False))
     assert not masks["tumour"].any()
+
+
+def _tissue_mask_px(slide: Path) -> float:
+    """Tissue area of a synthetic slide in mask px, read from its level 1 (not background-white)."""
+    with openslide.OpenSlide(str(slide)) as s:
+        rgb = np.asarray(s.read_region((0, 0), 1, s.level_dimensions[1]).convert("RGB"), float)
+        level_px = (s.level_downsamples[1] / MASK_DOWNSAMPLE) ** 2
+    saturation = (rgb.max(2) - rgb.min(2)) / np.maximum(rgb.max(2), 1)
+    return float((saturation > 0.1).sum() * level_px)
+
+
+def test_demo_tumour_is_a_few_percent_of_the_tissue_and_some_slides_have_only_foci(tmp_path):
+    manifest = write_demo_dataset(tmp_path, 8, size=3072, levels=2, slides_per_case=1, seed=3)
+    rows = read_manifest(manifest).slides
+    patch_px = (256 // MASK_DOWNSAMPLE) ** 2  # a 128 px patch at 1 um/px on a 0.5 um/px slide
+    regions, foci = [], []
+    for row in rows:
+        mask = cv2.imread(str(tmp_path / "masks" / f"{row.slide_id}.png"), cv2.IMREAD_GRAYSCALE)
+        if row.label == "normal":
+            assert not mask.any(), row.slide_id
+            continue
+        _, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8))
+        largest = stats[1:, cv2.CC_STAT_AREA].max()
+        share = (mask > 0).sum() / _tissue_mask_px(tmp_path / row.uri)
+        if largest < patch_px / 2:  # only foci, each smaller than half a patch
+            foci.append(share)
+        else:
+            regions.append(share)
+            assert largest >= patch_px, (row.slide_id, largest)  # at least a patch in area
+    assert len(regions) == 3 and len(foci) == 1
+    assert all(0.03 <= share <= 0.15 for share in regions), regions
+    assert all(0 < share < 0.03 for share in foci), foci
 
 
 def test_patches_lie_on_tissue(tumour_slide, tmp_path):
