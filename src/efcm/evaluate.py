@@ -192,7 +192,9 @@ def evaluate(
             )
         if localisation and localisation.get(name) is not None:
             m["localisation_auroc"] = localisation[name]
-        metrics[name] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()}
+        metrics[name] = {
+            k: (round(v, 6) + 0.0 if isinstance(v, float) else v) for k, v in m.items()
+        }
         _write_csv(
             out / "roc" / f"{name}.csv",
             ["fpr", "tpr", "threshold"],

@@ -60,7 +60,7 @@ def _fmt(v: float | None) -> str:
 def _num(values: dict[str, Any], key: str) -> float | None:
     value = values.get(key)
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
+        return float(value) + 0.0  # + 0.0: a -0.0 difference reads as 0
     return None
 
 
