@@ -39,6 +39,7 @@ from efcm.mil import load_clam, read_predictions, read_summary
 from efcm.models.encoders import EncoderWithTransform, sha256_file
 from efcm.models.ensemble import FoldEnsembleCLAM, FoldEnsembleEncoder
 from efcm.models.students import load_student
+from efcm.slides.patching import settings_changes
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,6 @@ def geometry(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in NOT_GEOMETRY}
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [
-        f"{k}: {a.get(k)!r} vs {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]
-
-
 def trained_geometry(patches_dir: Path, slide_ids: list[str], params: Params) -> dict[str, Any]:
     """The patch settings recorded in the coords files of `slide_ids` (the slides the fold models
     were trained and tested on): one set for all, equal to `params.patch` (else PackageError:
@@ -123,15 +116,16 @@ def trained_geometry(patches_dir: Path, slide_ids: list[str], params: Params) ->
         (a, ids_a), (b, ids_b) = list(found.items())[:2]
         raise PackageError(
             f"the training slides were patched with different settings ({ids_a[0]} vs "
-            f"{ids_b[0]}: {'; '.join(_diff(seen[a], seen[b]))}): re-patch them alike"
+            f"{ids_b[0]}: {'; '.join(settings_changes(seen[a], seen[b]))}): re-patch them alike"
         )
     trained = next(iter(seen.values()))
     wanted = geometry(patch_settings(params.patch))
     if trained != wanted:
         raise PackageError(
             "params.yaml's patch section differs from the patching the CLAMs were trained on "
-            f"({'; '.join(_diff(wanted, trained))}, params vs coords files): the package would "
-            "serve other patches than it was evaluated on; rerun the pipeline or restore params"
+            f"({'; '.join(settings_changes(trained, wanted))}, coords files -> params): the "
+            "package would serve other patches than it was evaluated on; rerun the pipeline or "
+            "restore params"
         )
     return trained
 
@@ -258,8 +252,8 @@ def load_package(path: str | Path, *, verify: bool = True) -> Package:
     if recorded != configured:
         raise PackageError(
             f"{path}: model.json's patch geometry differs from its params "
-            f"({'; '.join(_diff(recorded, configured))}): refusing to serve other patches than "
-            "the model was trained on"
+            f"({'; '.join(settings_changes(recorded, configured))}): refusing to serve other "
+            "patches than the model was trained on"
         )
     ens = meta["ensemble"]
     encoders = []

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from efcm.config import ExtractParams
 from efcm.manifest import Manifest
 from efcm.slides.patches import SlidePatches
-from efcm.slides.patching import CoordsFile, parse_settings, read_coords, settings_changes
+from efcm.slides.patching import CoordsFile, made_with, parse_settings, read_coords
 from efcm.status import OK, write_status
 from efcm.storage import atomic_path, remove_stale_parts
 
@@ -191,27 +191,6 @@ def write_features(
     os.replace(tmp, path)
 
 
-def _reusable(slide_id: str, path: Path, settings: dict[str, Any]) -> bool:
-    """Whether the complete features h5 at `path` was made with `settings`; logs why not."""
-    try:
-        stored = read_extract_settings(path)
-    except ValueError as err:
-        log.info("%s: %s: redoing", slide_id, err)
-        return False
-    if stored is None:
-        log.info(
-            "%s: %s has no stored extraction settings (written by an older efcm): redoing",
-            slide_id,
-            path.name,
-        )
-        return False
-    changes = settings_changes(stored, settings)
-    if changes:
-        log.info("%s: extraction settings changed (%s): redoing", slide_id, "; ".join(changes))
-        return False
-    return True
-
-
 def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, coords (N, 2) int64)."""
     with h5py.File(path, "r") as f:
@@ -267,7 +246,14 @@ def extract_manifest(
             if (
                 not overwrite
                 and features_complete(dest)
-                and _reusable(entry.slide_id, dest, settings)
+                and made_with(
+                    entry.slide_id,
+                    dest,
+                    "extraction",
+                    read_extract_settings,
+                    settings,
+                    "an older efcm",
+                )
             ):
                 with h5py.File(dest, "r") as f:
                     row.update(reason="already done", n_patches=len(f["features"]))

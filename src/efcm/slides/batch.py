@@ -26,10 +26,10 @@ from efcm.manifest import Manifest, SlideEntry
 from efcm.slides.patching import (
     PatchGeometry,
     geometry,
+    made_with,
     patch_coords,
     patch_settings,
     read_patch_settings,
-    settings_changes,
     write_coords,
 )
 from efcm.slides.reader import Mpp, SlideError, open_slide, read_thumbnail, resolve_mpp
@@ -187,32 +187,14 @@ def patch_slide(
     return row
 
 
-def _reusable(entry: SlideEntry, path: Path, params: PatchParams) -> bool:
-    """Whether the complete coords h5 at `path` was made with the current settings; logs why
-    not."""
-    try:
-        stored = read_patch_settings(path)
-    except ValueError as err:
-        log.info("%s: %s: redoing", entry.slide_id, err)
-        return False
-    if stored is None:
-        log.info(
-            "%s: %s has no stored patch settings (written by CLAM or an older efcm): redoing",
-            entry.slide_id,
-            path.name,
-        )
-        return False
-    changes = settings_changes(stored, patch_settings(params, mpp_override=entry.mpp))
-    if changes:
-        log.info("%s: patch settings changed (%s): redoing", entry.slide_id, "; ".join(changes))
-        return False
-    return True
-
-
 def _skip_row(entry: SlideEntry, out_dir: Path, params: PatchParams) -> dict[str, Any] | None:
     """The status row of a slide whose outputs can be reused as they are, else None."""
     path = out_dir / "patches" / f"{entry.slide_id}.h5"
-    if not coords_complete(path) or not _reusable(entry, path, params):
+    current = patch_settings(params, mpp_override=entry.mpp)
+    origin = "CLAM or an older efcm"
+    if not coords_complete(path) or not made_with(
+        entry.slide_id, path, "patch", read_patch_settings, current, origin
+    ):
         return None
     with h5py.File(path, "r") as f:
         d = f["coords"]

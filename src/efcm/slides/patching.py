@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,38 @@ def settings_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[st
             show = ["absent" if v is _ABSENT else json.dumps(v) for v in (a, b)]
             changes.append(f"{key} {show[0]} -> {show[1]}")
     return changes
+
+
+def made_with(
+    slide_id: str,
+    path: Path,
+    what: str,
+    read: Callable[[Path], dict[str, Any] | None],
+    current: dict[str, Any],
+    origin: str,
+) -> bool:
+    """Whether the output at `path` was made with the `current` settings (`read` gives those it
+    stores; `what` names them in the log, `origin` says who writes files without them); logs why
+    not, so a rerun says why it redoes a slide. Shared by patch and extract."""
+    try:
+        stored = read(path)
+    except ValueError as err:
+        log.info("%s: %s: redoing", slide_id, err)
+        return False
+    if stored is None:
+        log.info(
+            "%s: %s has no stored %s settings (written by %s): redoing",
+            slide_id,
+            path.name,
+            what,
+            origin,
+        )
+        return False
+    changes = settings_changes(stored, current)
+    if changes:
+        log.info("%s: %s settings changed (%s): redoing", slide_id, what, "; ".join(changes))
+        return False
+    return True
 
 
 def write_coords(
