@@ -27,12 +27,14 @@ from efcm.efficiency import compare, markdown_table
 from efcm.manifest import Manifest
 from efcm.metrics import (
     METRICS,
+    bootstrap_scores,
     classification_metrics,
     confusion,
     localisation_auroc,
     mean_localisation_auroc,
-    paired_delta,
+    paired,
     roc_points,
+    summarise,
 )
 from efcm.mil import read_folds, read_predictions, save_json
 from efcm.registry import TEACHER_ROW, is_student_row
@@ -155,11 +157,17 @@ def evaluate(
     groups = _groups(next(iter(preds.values()))[2], cases)
     # one seed and one set of cases for every row: all rows are scored on the same resamples
     n_boot, ci, seed = params.evaluate.bootstrap, params.evaluate.ci, params.seed
+    # each row scored once on the resamples; its interval and its paired difference with the
+    # teacher both read those scores
+    scores = {
+        name: bootstrap_scores(
+            probs, labels, len(classes), groups=groups, n_bootstrap=n_boot, seed=seed
+        )
+        for name, (probs, labels, _, _) in preds.items()
+    }
     metrics: dict[str, Any] = {}
     for name, (probs, labels, _, folds) in preds.items():
-        m = classification_metrics(
-            probs, labels, len(classes), groups=groups, n_bootstrap=n_boot, ci=ci, seed=seed
-        )
+        m = summarise(scores[name], ci)
         per_fold = [
             classification_metrics(
                 probs[folds == f], labels[folds == f], len(classes), n_bootstrap=0
@@ -170,17 +178,7 @@ def evaluate(
             values = [pf[k] for pf in per_fold if not np.isnan(pf[k])]
             m[f"{k}_fold_mean"] = float(np.mean(values)) if values else float("nan")
         if is_student_row(name) and TEACHER_ROW in preds:
-            delta = paired_delta(
-                probs,
-                preds[TEACHER_ROW][0],
-                labels,
-                len(classes),
-                groups=groups,
-                n_bootstrap=n_boot,
-                ci=ci,
-                seed=seed,
-            )
-            m.update(delta)
+            m.update(paired(scores[name], scores[TEACHER_ROW], ci))
         # the efficiency report's roles: the teacher encoder, the student encoder
         role = "teacher" if name == TEACHER_ROW else "student" if is_student_row(name) else None
         if efficiency and role in efficiency:

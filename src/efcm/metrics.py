@@ -20,6 +20,7 @@ left out of the mean (`mean_localisation_auroc`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,53 @@ def _interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
     return float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))
 
 
+@dataclass(frozen=True)
+class Scores:
+    """One model's metrics on all rows and on every bootstrap resample: computed once, then
+    summarised (`summarise`) and compared with another model's on the same resamples
+    (`paired`)."""
+
+    point: dict[str, float]
+    samples: np.ndarray  # (kept resamples, len(METRICS))
+    dropped: int  # resamples lacking a class (depends on labels and draws only)
+    n: int
+    n_cases: int
+    n_bootstrap: int
+    seed: int
+
+
+def bootstrap_scores(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    *,
+    groups: Sequence[str] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    what: str = "probs",
+) -> Scores:
+    """Score a model on all rows and on `n_bootstrap` patient-level resamples (see
+    `case_resamples`; `groups` None: each row is its own case)."""
+    p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
+    _check_probs(p, y, n_classes, what)
+    samples, dropped = _resampled_points(p, y, n_classes, groups, n_bootstrap, seed)
+    n_cases = _case_codes(groups, len(y))[1]
+    return Scores(_point(p, y, n_classes), samples, dropped, len(y), n_cases, n_bootstrap, seed)
+
+
+def summarise(scores: Scores, ci: float) -> dict[str, Any]:
+    """The point estimates with their percentile intervals, and the counts (see
+    `classification_metrics`)."""
+    out: dict[str, Any] = dict(scores.point)
+    for j, m in enumerate(METRICS):
+        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = _interval(scores.samples[:, j], ci)
+    out["n"] = scores.n
+    out["n_cases"] = scores.n_cases
+    out["bootstrap"] = scores.n_bootstrap
+    out["bootstrap_dropped"] = scores.dropped
+    return out
+
+
 def classification_metrics(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -160,20 +208,31 @@ def classification_metrics(
         (slides), `n_cases`, `bootstrap` (requested) and `bootstrap_dropped` (resamples lacking a
         class, left out of every interval).
     """
-    p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
-    _check_probs(p, y, n_classes)
-    out: dict[str, Any] = dict(_point(p, y, n_classes))
-    samples, dropped = _resampled_points(p, y, n_classes, groups, n_bootstrap, seed)
-    for j, m in enumerate(METRICS):
-        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = _interval(samples[:, j], ci)
-    out["n"] = len(y)
-    out["n_cases"] = _case_codes(groups, len(y))[1]
-    out["bootstrap"] = n_bootstrap
-    out["bootstrap_dropped"] = dropped
-    return out
+    scores = bootstrap_scores(
+        probs, labels, n_classes, groups=groups, n_bootstrap=n_bootstrap, seed=seed
+    )
+    return summarise(scores, ci)
 
 
 DELTA_METRICS = ("auc", "balanced_acc", "f1")
+
+
+def paired(student: Scores, teacher: Scores, ci: float) -> dict[str, Any]:
+    """Student minus teacher from their scores on the same resamples (see `paired_delta`)."""
+    same = ("n", "n_cases", "n_bootstrap", "seed", "dropped")
+    if any(getattr(student, k) != getattr(teacher, k) for k in same):
+        raise ValueError(
+            "paired: the two models were not scored on the same resamples (give both the same "
+            "slides, labels, case ids, bootstrap count and seed)"
+        )
+    diff = student.samples - teacher.samples  # the same resamples, row by row
+    out: dict[str, Any] = {}
+    for m in DELTA_METRICS:
+        j = METRICS.index(m)
+        out[f"delta_{m}"] = student.point[m] - teacher.point[m]
+        out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = _interval(diff[:, j], ci)
+    out["delta_bootstrap_dropped"] = student.dropped
+    return out
 
 
 def paired_delta(
@@ -209,27 +268,16 @@ def paired_delta(
     Raises:
         ValueError: the two models' probabilities, the labels or the groups disagree in shape.
     """
-    s = torch.as_tensor(student_probs, dtype=torch.float32)
-    t = torch.as_tensor(teacher_probs, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.long)
-    if s.shape != t.shape:
+    s_shape, t_shape = np.shape(student_probs), np.shape(teacher_probs)
+    if s_shape != t_shape:
         raise ValueError(
-            f"student probs {list(s.shape)} and teacher probs {list(t.shape)} differ in shape: "
+            f"student probs {list(s_shape)} and teacher probs {list(t_shape)} differ in shape: "
             "give both models' predictions on the same slides, in the same order"
         )
-    _check_probs(s, y, n_classes, "student probs")
-    _check_probs(t, y, n_classes, "teacher probs")
-    ps, pt = _point(s, y, n_classes), _point(t, y, n_classes)
-    s_samples, dropped = _resampled_points(s, y, n_classes, groups, n_bootstrap, seed)
-    t_samples, _ = _resampled_points(t, y, n_classes, groups, n_bootstrap, seed)
-    diff = s_samples - t_samples  # the same resamples, row by row
-    out: dict[str, Any] = {}
-    for m in DELTA_METRICS:
-        j = METRICS.index(m)
-        out[f"delta_{m}"] = ps[m] - pt[m]
-        out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = _interval(diff[:, j], ci)
-    out["delta_bootstrap_dropped"] = dropped
-    return out
+    kw = {"groups": groups, "n_bootstrap": n_bootstrap, "seed": seed}
+    s = bootstrap_scores(student_probs, labels, n_classes, what="student probs", **kw)
+    t = bootstrap_scores(teacher_probs, labels, n_classes, what="teacher probs", **kw)
+    return paired(s, t, ci)
 
 
 def roc_points(probs: np.ndarray, labels: np.ndarray, positive: int = 1) -> list[dict[str, float]]:
