@@ -40,7 +40,7 @@ import openslide
 import torch
 
 from efcm.config import EncoderParams, ExtractParams, PatchParams
-from efcm.efficiency import count_params, gflops_per_patch
+from efcm.evaluation.efficiency import count_params, gflops_per_patch
 from efcm.features import embed_batches, extract_slide
 from efcm.models.encoders import EncoderWithTransform, build_backbone
 from efcm.slides.batch import plan_patches

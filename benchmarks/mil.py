@@ -2,7 +2,7 @@
 
 CLAM (per `--models`, at feature width `--dim`, default 768 = the teacher's, 2 classes, the
 project's `TrainMilParams()` defaults: hidden 128, attn_dim 64, k_sample 8, CE instance loss): one
-"epoch" is `--bags` training steps (default 8), each exactly `efcm.mil.train_fold`'s step (forward
+"epoch" is `--bags` training steps (default 8), each exactly `efcm.training.mil.train_fold`'s step (forward
 with the label, bag_weight x CE + (1 - bag_weight) x instance loss, backward, Adam step), on one
 random bag of N instances per size in `--sizes` (default 1k, 10k, 50k), reused for every step so
 the bags in memory are one N x D float32 tensor. One warm-up step is excluded; `--repeats` epochs
@@ -19,7 +19,7 @@ Per model: ratio_time = time(largest N) / time(smallest N) against the linear ra
 their linear ratio (fixed per-step costs make small bags relatively slower, so the ratios sit at
 or below linear when the cost is linear in N).
 
-ETC (`efcm.strategies.train_etc_fold`, given only the `strategy` stage's params sections, as
+ETC (`efcm.training.strategies.train_etc_fold`, given only the `strategy` stage's params sections, as
 `efcm strategy etc` runs it): one ETC epoch over `--etc-bags` top-K bags of `--etc-k` patches
 (random uint8 pixels of the configured patch size, served by a stand-in for the slide reader, so
 no slide I/O is timed), the repo's params.yaml student (randomly initialised VFD,
@@ -70,7 +70,7 @@ def _peak_mb(dev: torch.device) -> float:
 
 def _clam_worker(job: dict[str, Any]) -> dict[str, Any]:
     from efcm.config import TrainMilParams
-    from efcm.mil import build_clam
+    from efcm.models.clam import build_clam
 
     dev = _device()
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def _clam_worker(job: dict[str, Any]) -> dict[str, Any]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     targets = [torch.tensor([y], device=dev) for y in (0, 1)]
 
-    def step(y: int) -> None:  # efcm.mil.train_fold's training step
+    def step(y: int) -> None:  # efcm.training.mil.train_fold's training step
         out = model(bag, label=y)
         bag_loss = F.cross_entropy(out["logits"], targets[y])
         loss = cfg.bag_weight * bag_loss + (1 - cfg.bag_weight) * out["instance_loss"]
@@ -126,7 +126,7 @@ class _RandomPatches:
 def _etc_worker(job: dict[str, Any]) -> dict[str, Any]:
     from efcm.config import for_stage, load_params, params_from_dict, params_to_dict
     from efcm.models.students import build_vfd
-    from efcm.strategies import train_etc_fold
+    from efcm.training.strategies import train_etc_fold
 
     dev = _device()
     data = params_to_dict(load_params(ROOT / "params.yaml"))

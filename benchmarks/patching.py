@@ -33,7 +33,7 @@ def _measure(uri: str, params_json: str) -> dict:
     import openslide
 
     from efcm.config import PatchParams
-    from efcm.manifest import SlideEntry
+    from efcm.io.manifest import SlideEntry
     from efcm.slides.batch import patch_slide
     from efcm.slides.patching import geometry, patch_coords
     from efcm.slides.reader import best_level, read_thumbnail, resolve_mpp

@@ -44,8 +44,8 @@ import torch
 import yaml
 
 from efcm.config import params_from_dict
-from efcm.export import load_package
 from efcm.inference import predict_slide
+from efcm.models.package import load_package
 from efcm.slides.batch import plan_patches
 from efcm.slides.reader import open_slide
 from efcm.slides.synthetic import SlideSpec, write_slide

@@ -47,7 +47,7 @@ def evaluate(
     from pathlib import Path
 
     from efcm import config, stages
-    from efcm.evaluate import flat_metrics, prediction_curves
+    from efcm.evaluation.table import flat_metrics, prediction_curves
 
     params = config.params_for_stage(
         "evaluate",

@@ -20,7 +20,7 @@ def export(
     export: dict,
     package: Output[Model],
 ):
-    """The package directory (`efcm.export.load_package` reads it): the k fold models of
+    """The package directory (`efcm.training.export.load_package` reads it): the k fold models of
     `export.strategy` as one ensemble, its evaluation row and metrics, and the patch geometry read
     from the training coords files."""
     import json

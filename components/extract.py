@@ -26,7 +26,7 @@ def extract(
     import time
 
     from efcm import config, stages
-    from efcm.dataset import status_counts
+    from efcm.io.dataset import status_counts
 
     started = time.time()
     params = config.params_for_stage(

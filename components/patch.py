@@ -22,7 +22,7 @@ def patch(
     import time
 
     from efcm import config, stages
-    from efcm.dataset import status_counts
+    from efcm.io.dataset import status_counts
 
     started = time.time()
     params = config.params_for_stage("patch", {"dataset": dataset, "patch": patch})

@@ -3,7 +3,7 @@
 `resolve_version` runs uncached and turns the revision asked for (a branch, a tag, a commit) into
 the commit it names now; `resolve_dataset` is cached on that commit, so a run on `main` picks up
 new data while a rerun of the same commit reuses every cached step after it. These two adapters
-are where the DVC API is called (the core, `efcm.dataset`, never imports DVC).
+are where the DVC API is called (the core, `efcm.io.dataset`, never imports DVC).
 """
 
 from kfp import dsl
@@ -18,7 +18,7 @@ def resolve_version(repo_url: str, revision: str, manifest_path: str) -> str:
     manifest at `manifest_path`)."""
     from dvc.repo import Repo
 
-    from efcm.dataset import manifest_md5, open_error
+    from efcm.io.dataset import manifest_md5, open_error
 
     if not repo_url:
         return manifest_md5(manifest_path)
@@ -48,13 +48,13 @@ def resolve_dataset(
     from dvc_data.index import StorageKeyError
 
     from efcm import config
-    from efcm.dataset import open_error
-    from efcm.dataset import resolve_dataset as run
+    from efcm.io.dataset import open_error
+    from efcm.io.dataset import resolve_dataset as run
 
     params = config.params_for_stage("resolve_dataset", {"dataset": dataset})
 
     class DvcRepo:
-        """`efcm.dataset.VersionedRepo` over `dvc.repo.Repo` at one commit."""
+        """`efcm.io.dataset.VersionedRepo` over `dvc.repo.Repo` at one commit."""
 
         def __init__(self, repo: Repo, url: str, commit: str) -> None:
             self.repo, self.url, self.commit = repo, url, commit

@@ -9,7 +9,7 @@ from components.image import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def plan_shards(manifest: Input[Dataset], shard_size: int) -> list:
     """The shard indices [0 .. n_shards - 1] of `shard_size` slides each: the ParallelFor items."""
-    from efcm.dataset import shard_indices
+    from efcm.io.dataset import shard_indices
 
     return shard_indices(manifest.path, shard_size)
 
@@ -22,7 +22,7 @@ def gather(
     folders; fails as the unsharded stage would (`patch.fail_on` for patch, every slide failed for
     extract)."""
     from efcm import config, stages
-    from efcm.dataset import status_counts
+    from efcm.io.dataset import status_counts
 
     params = config.params_for_stage("gather", {"dataset": dataset, "patch": patch})
     fail_on = params.patch.fail_on if stage == "patch" else "all"

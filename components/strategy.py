@@ -43,7 +43,7 @@ def strategy(
     from pathlib import Path
 
     from efcm import config, stages
-    from efcm.evaluate import prediction_curves
+    from efcm.evaluation.table import prediction_curves
 
     params = config.params_for_stage(
         "strategy",

@@ -72,7 +72,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def first_slides(manifest: Path, n: int, out: Path) -> Path:
     """A manifest of the first `n` slides of `manifest`, with absolute URIs, written to `out`."""
-    from efcm.manifest import read_manifest
+    from efcm.io.manifest import read_manifest
 
     m = read_manifest(manifest)
     lines = ["slide_id,case_id,uri,label"]
@@ -179,7 +179,7 @@ def gcs_bucket(gcs_emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     to the test (tmp_path/"gcs-cache"); efcm's download counters start at zero."""
     import uuid
 
-    from efcm import storage
+    from efcm.io import gcs as storage
     from tests import gcs
 
     gcs.use_emulator(monkeypatch, gcs_emulator, tmp_path / "gcs-cache")

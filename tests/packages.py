@@ -4,7 +4,7 @@ or student encoder in well under a second.
 It writes what the stages before export write (a strategy output dir with its fold CLAMs,
 out-of-fold predictions.csv and summary.json; the evaluation's metrics with the strategy's row and
 the teacher row; coords files that record the patch settings they were made with), then calls the
-real `efcm.export.export_package`. The weights are random, so its predictions mean nothing; its
+real `efcm.training.export.export_package`. The weights are random, so its predictions mean nothing; its
 files, format and loader are the real ones. A package whose fold members reproduce an evaluation
 comes from the demo stages instead (`tests.conftest.run_demo_pipeline`, the `demo_package`
 fixture).
@@ -21,11 +21,12 @@ import torch
 
 from efcm import registry
 from efcm.config import Params, PatchParams, for_stage
-from efcm.export import export_package
-from efcm.mil import save_clam, save_json, write_predictions
-from efcm.models.clam import CLAMSB
+from efcm.io.files import save_json
+from efcm.io.results import write_predictions
+from efcm.models.clam import CLAMSB, save_clam
 from efcm.models.students import build_vfd, save_student
 from efcm.slides.patching import PatchGeometry, patch_settings, write_coords
+from efcm.training.export import export_package
 
 SLIDES_PER_FOLD = 2
 # a small CLAM head, so a package builds and loads fast

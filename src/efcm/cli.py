@@ -124,8 +124,8 @@ def cmd_gate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from efcm.export import load_package
     from efcm.inference import predict_slide
+    from efcm.models.package import load_package
 
     pkg = load_package(args.package)
     pred = predict_slide(

@@ -313,7 +313,7 @@ class EvaluateParams(_Section):
 
 class ExportParams(_Section):
     """The package: its KServe model name, and the strategy it ships (one the run compares). The
-    package is the k fold models of that strategy as one ensemble (see `efcm.export`)."""
+    package is the k fold models of that strategy as one ensemble (see `efcm.training.export`)."""
 
     model_name: str = Field("efcm", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     strategy: str = Field(
@@ -327,7 +327,7 @@ class ExportParams(_Section):
 
 
 class DeployParams(_Section):
-    """The promotion gate (efcm.gate), a non-inferiority rule on the exported package: deploy
+    """The promotion gate (efcm.evaluation.gate), a non-inferiority rule on the exported package: deploy
     only when the lower bound of the paired (case-level bootstrap) interval of student minus
     teacher AUROC is >= -`max_auc_drop`, and the student's AUROC is > `min_auc`."""
 

@@ -25,11 +25,11 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from tqdm import tqdm
 
 from efcm.config import ExtractParams
-from efcm.manifest import Manifest
+from efcm.io.files import atomic_path, remove_stale_parts
+from efcm.io.manifest import Manifest
+from efcm.io.status import OK, write_status
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile, made_with, parse_settings, read_coords
-from efcm.status import OK, write_status
-from efcm.storage import atomic_path, remove_stale_parts
 
 log = logging.getLogger(__name__)
 

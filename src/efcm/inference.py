@@ -29,14 +29,14 @@ import openslide
 import torch
 
 from efcm.config import PatchParams
-from efcm.export import Package
+from efcm.evaluation.heatmap import encode_png, gallery, overlay
 from efcm.features import embed_batches
-from efcm.heatmap import encode_png, gallery, overlay
+from efcm.io.gcs import TooLarge, staged
+from efcm.models.package import Package
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile
 from efcm.slides.reader import SlideError, open_slide
-from efcm.storage import TooLarge, staged
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def predict_slide(
     attended patches.
 
     `uri` is a local path or gs:// (staged into the cache, capped at `cache_max_bytes`, default
-    `EFCM_CACHE_MAX_BYTES`; see `efcm.storage.staged`).
+    `EFCM_CACHE_MAX_BYTES`; see `efcm.io.gcs.staged`).
     `Prediction.timings` has the seconds of each step: download, patching (mpp, tissue, grid),
     features (reading + student), clam, heatmap (and gallery).
 

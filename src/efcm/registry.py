@@ -84,7 +84,7 @@ STRATEGIES: dict[str, Strategy] = {
             "reuse",
             "Reuse CLAM: the teacher's fold CLAMs, unchanged, on the student's features",
             needs_teacher_space=True,
-            runner="efcm.strategies:run_reuse",
+            runner="efcm.training.strategies:run_reuse",
             inputs=("teacher_mil", "student_features"),
             gpu=False,
         ),
@@ -92,7 +92,7 @@ STRATEGIES: dict[str, Strategy] = {
             "retrain",
             "Retrain CLAM: a new CLAM per fold on the frozen student's features",
             needs_teacher_space=False,
-            runner="efcm.strategies:run_retrain",
+            runner="efcm.training.strategies:run_retrain",
             inputs=("student_features",),
         ),
         Strategy(
@@ -100,7 +100,7 @@ STRATEGIES: dict[str, Strategy] = {
             "End2end Train CLAM: student + CLAM fine-tuned on the IB top-K patches per fold, "
             "then a new CLAM on the fine-tuned student's features",
             needs_teacher_space=False,
-            runner="efcm.strategies:run_etc",
+            runner="efcm.training.strategies:run_etc",
             inputs=("patches", "teacher_features", "student"),
             per_fold_student=True,
         ),

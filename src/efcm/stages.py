@@ -14,7 +14,7 @@ from typing import Any
 
 from efcm import registry
 from efcm.config import ConfigError, Params
-from efcm.manifest import Manifest, read_manifest
+from efcm.io.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _read(manifest: str | Path, params: Params, shard: tuple[int, int] | None) -
     m = read_manifest(manifest, params.dataset.classes)
     if shard is None:
         return m
-    from efcm.dataset import select_shard
+    from efcm.io.dataset import select_shard
 
     return select_shard(m, *shard)
 
@@ -92,8 +92,8 @@ def patch(
 ) -> list[dict[str, Any]]:
     """Tissue + patch grid for every slide; `mpp_overrides` is a CSV (`slide_id, mpp`) that wins
     over the manifest and the slides' metadata; `shard` = (index, shard_size) patches only that
-    shard of the manifest (see `efcm.dataset.select_shard`)."""
-    from efcm.manifest import apply_mpp_overrides
+    shard of the manifest (see `efcm.io.dataset.select_shard`)."""
+    from efcm.io.manifest import apply_mpp_overrides
     from efcm.slides.batch import patch_manifest
 
     slides = _read(manifest, params, shard)
@@ -126,14 +126,15 @@ def extract(
     import torch
 
     from efcm.features import extract_manifest
-    from efcm.models.encoders import EncoderWithTransform, build_backbone, sha256_file
+    from efcm.io.files import sha256_file
+    from efcm.models.encoders import EncoderWithTransform, build_backbone
 
     if encoder == "teacher":
         torch.manual_seed(params.seed)  # a random-init (demo) teacher is the same on every run
         backbone, sha = build_backbone(params.teacher)
         model, spec = EncoderWithTransform(backbone, params.teacher), params.teacher
     elif encoder == "student":
-        from efcm.distill import load_student
+        from efcm.models.students import load_student
 
         if not student:
             raise ConfigError(
@@ -173,9 +174,9 @@ def gather(
     shards: list[str | Path], out_dir: str | Path, what: str, fail_on: str = "all"
 ) -> list[dict[str, Any]]:
     """Merge the shards' patch or extract output folders into `out_dir` (see
-    `efcm.dataset.merge_outputs`), then apply `fail_on` to the whole batch, as an unsharded
+    `efcm.io.dataset.merge_outputs`), then apply `fail_on` to the whole batch, as an unsharded
     `patch` / `extract` does (a shard alone never fails the run for its failed slides)."""
-    from efcm.dataset import merge_outputs
+    from efcm.io.dataset import merge_outputs
 
     return _check_batch(merge_outputs(shards, out_dir), what, fail_on)
 
@@ -187,7 +188,7 @@ def distill(
     out_dir: str | Path,
     params: Params,
 ) -> dict[str, Any]:
-    from efcm.distill import distill as run
+    from efcm.training.distill import distill as run
 
     return run(
         read_manifest(manifest, params.dataset.classes), patches_dir, teacher_dir, out_dir, params
@@ -202,8 +203,9 @@ def splits(
     features_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Patient-level folds over the slides that extracted ok (when features_dir is given)."""
-    from efcm.mil import make_splits, save_json
-    from efcm.status import ok_slides
+    from efcm.io.files import save_json
+    from efcm.io.status import ok_slides
+    from efcm.training.mil import make_splits
 
     available = ok_slides(Path(features_dir) / "status.csv") if features_dir else None
     result = make_splits(
@@ -225,7 +227,7 @@ def train_mil(
     out_dir: str | Path,
     params: Params,
 ) -> dict[str, Any]:
-    from efcm.mil import train_mil as run
+    from efcm.training.mil import train_mil as run
 
     folds = json.loads(Path(splits_path).read_text())
     return run(
@@ -254,7 +256,7 @@ def strategy(
     entry = registry.get(name)
     run, left_out = plan_strategies(params)
     if name not in run:
-        from efcm.mil import save_json
+        from efcm.io.files import save_json
 
         summary = {"strategy": name, "skipped": True, "reason": left_out[name]}
         save_json(Path(out_dir) / "summary.json", summary)
@@ -264,7 +266,7 @@ def strategy(
         inputs["student"] = student_checkpoint(inputs["student"])
     given = registry.StrategyInputs.of(manifest, splits_path, **inputs)
     given.require(entry)
-    from efcm.mil import save_json
+    from efcm.io.files import save_json
 
     summary = {**entry.run()(given, out_dir, params), "strategy": name}
     save_json(Path(out_dir) / "summary.json", summary)
@@ -304,9 +306,9 @@ def evaluate(
     `patches_dir` and `masks_dir` (ground-truth tumour masks, `<slide_id>.png`), the attention
     localisation AUROC of each row. `strategies.json` says which strategies ran and which were
     left out, and why."""
-    from efcm.evaluate import evaluate as run
-    from efcm.evaluate import localisation, measure_efficiency
-    from efcm.mil import save_json
+    from efcm.evaluation.table import evaluate as run
+    from efcm.evaluation.table import localisation, measure_efficiency
+    from efcm.io.files import save_json
 
     planned, left_out = plan_strategies(params)
     done = read_strategy_dirs(strategy_dirs)
@@ -343,8 +345,8 @@ def export(
 ) -> Path:
     """The package of `export.strategy`: its k fold models as one ensemble, with the evaluation
     row that estimates it and the patch geometry its CLAMs were trained on (from the coords files
-    in `patches_dir`); see `efcm.export`."""
-    from efcm.export import export_package
+    in `patches_dir`); see `efcm.training.export`."""
+    from efcm.training.export import export_package
 
     name = params.export.strategy
     done = read_strategy_dirs(strategy_dirs)
@@ -362,8 +364,8 @@ def export(
 def gate(package_dir: str | Path, out_dir: str | Path, params: Params):
     """The promotion gate on an exported package (its strategy and the metrics of the evaluation
     row it was exported with): `decision.json` and `decision.md` in `out_dir`; returns the
-    `efcm.gate.Decision` (not promoting is a result, not an error)."""
-    from efcm.gate import decide, write_decision
+    `efcm.evaluation.gate.Decision` (not promoting is a result, not an error)."""
+    from efcm.evaluation.gate import decide, write_decision
 
     meta = json.loads((Path(package_dir) / "model.json").read_text())
     decision = decide(meta, params.deploy)
@@ -382,10 +384,10 @@ def report(
     evaluation_dir: str | Path | None = None,
     gate_dir: str | Path | None = None,
 ) -> Path:
-    """The run's HTML page (see `efcm.report`): the evaluation table with the paired deltas, the
+    """The run's HTML page (see `efcm.evaluation.report`): the evaluation table with the paired deltas, the
     ROC curves, the gate's verdict and the efficiency figures, then the exported strategy's
     out-of-fold attention heatmaps over the patching QC thumbnails, and every slide's status."""
-    from efcm.report import html_report
+    from efcm.evaluation.report import html_report
 
     meta = json.loads((Path(package_dir) / "model.json").read_text())
     mil_dir = read_strategy_dirs(strategy_dirs)[meta["strategy"]]

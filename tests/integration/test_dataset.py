@@ -16,10 +16,10 @@ import yaml
 from kfp import dsl
 
 import components as c
-from efcm.dataset import DatasetError
-from efcm.manifest import read_manifest
+from efcm.io.dataset import DatasetError
+from efcm.io.gcs import download_stats, local_path
+from efcm.io.manifest import read_manifest
 from efcm.slides.reader import open_slide
-from efcm.storage import download_stats, local_path
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def _dvc(repo: Path, *args: str) -> str:
 
 
 def _resolve(repo: Path, revision: str, path: str, out: Path) -> dsl.Dataset:
-    """The resolve_dataset component (its DVC adapter + efcm.dataset) at `revision`."""
+    """The resolve_dataset component (its DVC adapter + efcm.io.dataset) at `revision`."""
     art = dsl.Dataset(uri=str(out))
     c.resolve_dataset.python_func(
         repo_url=str(repo),

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from efcm.export import load_package
-from efcm.models.ib import read_top_k
+from efcm.models.package import load_package
+from efcm.training.ib import read_top_k
 from tests.conftest import ROOT, tiny_params_dict
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

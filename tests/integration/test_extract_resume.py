@@ -15,7 +15,7 @@ import yaml
 
 from efcm.config import for_stage, params_from_dict
 from efcm.features import features_complete, read_features
-from efcm.manifest import read_manifest
+from efcm.io.manifest import read_manifest
 from efcm.models.encoders import build_backbone
 from efcm.slides.batch import patch_manifest
 from tests.conftest import first_slides, tiny_params_dict
@@ -192,7 +192,7 @@ def test_extract_rerun_with_a_changed_setting_redoes_every_slide(
 
 def test_extract_with_other_student_weights_redoes_every_slide(tmp_path, two_patched, caplog):
     from efcm.config import EncoderParams
-    from efcm.models.encoders import sha256_file
+    from efcm.io.files import sha256_file
     from efcm.models.students import build_vfd, save_student
 
     manifest, patches, data = two_patched

@@ -12,9 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-from efcm import storage
+from efcm.io import gcs as storage
 from efcm.config import PatchParams
-from efcm.manifest import read_manifest
+from efcm.io.manifest import read_manifest
 from efcm.slides.batch import patch_manifest
 from efcm.slides.reader import open_slide
 from efcm.slides.synthetic import SlideSpec, write_slide

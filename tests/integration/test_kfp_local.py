@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from efcm.config import params_from_dict
-from efcm.export import load_package
+from efcm.models.package import load_package
 from tests.conftest import tiny_params_dict
 from tests.kfp_local import local_pipeline_runs
 from tests.kserve_crd import isvc_validator

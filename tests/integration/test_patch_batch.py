@@ -16,7 +16,7 @@ import yaml
 
 from efcm.cli import main
 from efcm.config import PatchParams, TissueParams
-from efcm.manifest import SlideEntry, read_manifest
+from efcm.io.manifest import SlideEntry, read_manifest
 from efcm.slides.batch import patch_manifest, patch_slide
 from efcm.slides.patching import read_coords
 from efcm.slides.synthetic import SlideSpec, write_slide
@@ -239,7 +239,7 @@ def test_demo_params_file_is_used_by_the_cli_default(tmp_path, monkeypatch):
 
 
 def _first_slides(tiny_dataset: Path, n: int = 2):
-    from efcm.manifest import Manifest
+    from efcm.io.manifest import Manifest
 
     m = read_manifest(tiny_dataset)
     return Manifest(m.path, m.slides[:n])
@@ -325,7 +325,7 @@ def test_rerun_with_a_changed_setting_redoes_every_slide(
 def test_an_mpp_override_is_part_of_the_settings(tmp_path, tiny_dataset, caplog):
     from dataclasses import replace
 
-    from efcm.manifest import Manifest
+    from efcm.io.manifest import Manifest
 
     m = _first_slides(tiny_dataset)
     patch_manifest(m, tmp_path, P64)

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 
 from efcm.config import PatchParams
-from efcm.manifest import SlideEntry
-from efcm.metrics import roc_points
-from efcm.mil import write_predictions
-from efcm.report import html_report
+from efcm.evaluation.metrics import roc_points
+from efcm.evaluation.report import html_report
+from efcm.io.manifest import SlideEntry
+from efcm.io.results import write_predictions
+from efcm.io.status import write_status
 from efcm.slides.batch import patch_slide
 from efcm.slides.patching import read_coords
 from efcm.slides.synthetic import SlideSpec, write_slide
-from efcm.status import write_status
 
 pytestmark = pytest.mark.integration
 

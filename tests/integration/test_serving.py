@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from efcm.config import params_from_dict
-from efcm.export import load_package
 from efcm.inference import predict_features
+from efcm.models.package import load_package
 from tests import packages
 from tests.conftest import tiny_params_dict
 

@@ -21,8 +21,8 @@ import httpx
 import numpy as np
 import pytest
 
-from efcm.export import load_package
 from efcm.features import embed_batches
+from efcm.models.package import load_package
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile

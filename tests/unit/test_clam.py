@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from efcm.config import TrainMilParams
-from efcm.mil import build_clam, load_clam, save_clam, train_fold
-from efcm.models.clam import CLAMMB, CLAMSB, smooth_top1_svm
+from efcm.models.clam import CLAMMB, CLAMSB, build_clam, load_clam, save_clam, smooth_top1_svm
+from efcm.training.mil import train_fold
 
 KINDS = {"clam_sb": CLAMSB, "clam_mb": CLAMMB}
 

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from efcm.config import params_from_dict
-from efcm.distill import Trainee
 from efcm.models.mcm import grid_windows, masked_l1, random_mask
 from efcm.models.students import BackboneStudent, FPDStudent, load_student, save_student
 from efcm.models.transscan import SelectiveKernel, TransScan
+from efcm.training.distill import Trainee
 from tests.conftest import first_slides, tiny_params_dict
 
 D = 16  # teacher dim of these tests
@@ -158,10 +158,10 @@ def test_distill_stage_runs_each_method(method, tiny_dataset, tmp_path):
     import json
 
     from efcm.config import params_from_dict
-    from efcm.export import load_package
     from efcm.inference import predict_features
-    from efcm.manifest import read_manifest
-    from efcm.status import ok_slides
+    from efcm.io.manifest import read_manifest
+    from efcm.io.status import ok_slides
+    from efcm.models.package import load_package
     from tests.conftest import run_demo_pipeline
 
     raw = _params(method, epochs=1, batch_size=8).model_dump(mode="json")
@@ -232,8 +232,8 @@ def test_a_killed_distillation_resumes_from_its_checkpoint(tiny_dataset, tmp_pat
 
 def test_teacher_identity_tells_apart_foreign_features_of_the_same_shape(tmp_path):
     """Features h5 without efcm's stored settings are told apart by a hash of their values."""
-    from efcm.distill import teacher_identity
     from efcm.features import write_features
+    from efcm.training.distill import teacher_identity
 
     coords = np.zeros((3, 2), np.int64)
     feats = np.random.default_rng(0).normal(size=(3, D)).astype(np.float32)
@@ -259,7 +259,7 @@ def test_new_teacher_features_never_resume_an_old_distillation(tiny_dataset, tmp
     caplog.set_level("INFO", logger="efcm")
 
     def resumed() -> bool:
-        msgs = [r.getMessage() for r in caplog.records if r.name == "efcm.distill"]
+        msgs = [r.getMessage() for r in caplog.records if r.name == "efcm.training.distill"]
         caplog.clear()
         assert any("resuming after epoch 1" in m or "starting over" in m for m in msgs), msgs
         return any("resuming after epoch 1" in m for m in msgs)

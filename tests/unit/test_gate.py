@@ -8,7 +8,7 @@ from kfp import dsl
 
 import components as c
 from efcm.config import DeployParams
-from efcm.gate import decide
+from efcm.evaluation.gate import decide
 
 ROW = "student.fpd.retrain"
 

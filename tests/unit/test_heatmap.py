@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from efcm.config import PatchParams
-from efcm.heatmap import gallery, overlay
-from efcm.manifest import SlideEntry
-from efcm.metrics import (
+from efcm.evaluation.heatmap import gallery, overlay
+from efcm.evaluation.metrics import (
     confusion,
     localisation_auroc,
     mean_localisation_auroc,
     patch_tumour_fraction,
 )
+from efcm.io.manifest import SlideEntry
 from efcm.slides.batch import patch_slide
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords

@@ -8,18 +8,8 @@ import pytest
 import torch
 
 from efcm.config import IbParams
-from efcm.models.ib import (
-    IBHead,
-    bernoulli_kl,
-    load_ib,
-    read_top_k,
-    relaxed_bernoulli,
-    save_ib,
-    select_top_k,
-    train_ib,
-    write_top_k,
-    write_top_k_slides,
-)
+from efcm.models.ib import IBHead, bernoulli_kl, load_ib, relaxed_bernoulli, save_ib, select_top_k
+from efcm.training.ib import read_top_k, train_ib, write_top_k, write_top_k_slides
 
 D = 16
 N_SHIFTED = 4

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from efcm.config import params_from_dict
-from efcm.dataset import resolve_dataset, select_shard
-from efcm.manifest import Manifest, SlideEntry, read_manifest, write_manifest
-from efcm.mil import make_splits
+from efcm.io.dataset import resolve_dataset, select_shard
+from efcm.io.manifest import Manifest, SlideEntry, read_manifest, write_manifest
+from efcm.training.mil import make_splits
 from tests.conftest import tiny_params_dict
 
 CLASSES = ("normal", "tumour")
@@ -158,7 +158,7 @@ def test_label_free_stages_use_every_slide_and_slide_level_ones_the_labelled(
 
 
 def test_train_mil_refuses_splits_naming_an_unlabelled_slide(tmp_path):
-    from efcm.mil import train_mil
+    from efcm.training.mil import train_mil
 
     params = params_from_dict(tiny_params_dict())
     m = Manifest(tmp_path / "m.csv", (*_cohort(), SlideEntry("u", "cu", "x", "")))

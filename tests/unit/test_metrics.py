@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from efcm.config import params_from_dict
-from efcm.evaluate import evaluate, flat_metrics
-from efcm.metrics import METRICS, case_resamples, classification_metrics, paired_delta
+from efcm.evaluation.metrics import METRICS, case_resamples, classification_metrics, paired_delta
+from efcm.evaluation.table import evaluate, flat_metrics
 from tests.conftest import tiny_params_dict
 
 

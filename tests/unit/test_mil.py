@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from efcm.config import TrainMilParams
-from efcm.manifest import Manifest, SlideEntry
-from efcm.metrics import classification_metrics, roc_points
-from efcm.mil import make_splits, train_fold
+from efcm.evaluation.metrics import classification_metrics, roc_points
+from efcm.io.manifest import Manifest, SlideEntry
 from efcm.models.clam import CLAMSB
+from efcm.training.mil import make_splits, train_fold
 
 
 def test_attention_sums_to_one_and_shapes():
@@ -110,9 +110,10 @@ def test_package_round_trip_and_tamper_detection(demo_run, tmp_path):
     predicts on bags of its width only, and is refused once a file is altered."""
     import shutil
 
-    from efcm.export import PackageError, load_package
     from efcm.features import read_features
     from efcm.inference import predict_features
+    from efcm.io.package import PackageError
+    from efcm.models.package import load_package
 
     pkg_dir = tmp_path / "pkg"
     shutil.copytree(demo_run["package"], pkg_dir)  # the session's package stays intact
@@ -135,9 +136,9 @@ def test_package_round_trip_and_tamper_detection(demo_run, tmp_path):
 def test_predict_slide_gives_heatmap_and_gallery_pngs(demo_package, tiny_dataset):
     import cv2
 
-    from efcm.export import load_package
     from efcm.inference import predict_slide
-    from efcm.manifest import read_manifest
+    from efcm.io.manifest import read_manifest
+    from efcm.models.package import load_package
 
     pkg = load_package(demo_package)
     slide = read_manifest(tiny_dataset).slides[0]

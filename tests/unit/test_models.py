@@ -8,13 +8,8 @@ import torch
 
 from efcm.config import EncoderParams, ExtractParams, params_from_dict
 from efcm.features import extract_manifest, read_features
-from efcm.manifest import read_manifest
-from efcm.models.encoders import (
-    EncoderWithTransform,
-    PatchTransform,
-    build_backbone,
-    load_weights,
-)
+from efcm.io.manifest import read_manifest
+from efcm.models.encoders import EncoderWithTransform, PatchTransform, build_backbone, load_weights
 from efcm.models.students import build_vfd
 from efcm.slides.batch import patch_manifest
 from tests.conftest import tiny_params_dict

@@ -9,11 +9,12 @@ import pytest
 
 from efcm import stages
 from efcm.config import for_stage, params_from_dict
-from efcm.export import PackageError, load_package
 from efcm.features import read_features
 from efcm.inference import predict_features, predict_slide
-from efcm.manifest import read_manifest
-from efcm.mil import read_predictions
+from efcm.io.manifest import read_manifest
+from efcm.io.package import PackageError
+from efcm.io.results import read_predictions
+from efcm.models.package import load_package
 from efcm.slides.patching import read_patch_settings
 from tests.conftest import tiny_params_dict
 

@@ -106,9 +106,9 @@ def test_each_component_takes_exactly_its_stage_sections():
     for component in c.ALL:
         stage = _stage_of(component)
         sig = inspect.signature(component.python_func)
-        given = {
-            n for n, p in sig.parameters.items() if p.annotation is dict or n == "seed"
-        } - {"gpu_node_selector"}
+        given = {n for n, p in sig.parameters.items() if p.annotation is dict or n == "seed"} - {
+            "gpu_node_selector"
+        }
         if stage not in STAGE_SECTIONS:
             assert not given, f"{component.name} takes params {given} but has no stage entry"
             continue

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from efcm.export import PackageError
+from efcm.io.package import PackageError
 from efcm.serving import request as rq
 from efcm.serving.policy import AccessDenied, SlideAccessPolicy
 from tests.integration.test_serving import DIM, build_package
@@ -300,7 +300,7 @@ def _fake_staged(root: Path, name: str, size: int, age: float) -> None:
 def test_cache_evicts_least_recently_used_but_never_a_slide_in_use(tmp_path):
     import fcntl
 
-    from efcm.storage import cache_size, evict_lru
+    from efcm.io.gcs import cache_size, evict_lru
 
     for name, age in (("old.svs", 30), ("mid.svs", 20), ("new.svs", 10)):
         _fake_staged(tmp_path, name, 100, age)
@@ -336,8 +336,8 @@ def test_an_encoder_failure_stops_the_patch_readers_before_the_slide_is_closed(
 
     import torch
 
-    from efcm.export import load_package
     from efcm.inference import predict_slide
+    from efcm.models.package import load_package
     from efcm.slides.patches import SlidePatches
 
     slide = _slide(tmp_path)
@@ -425,8 +425,8 @@ def _gs_model(package, monkeypatch, local: Path):
     from contextlib import contextmanager
 
     import efcm.inference
+    from efcm.io.gcs import StagedSlide
     from efcm.serving.model import EFCMModel
-    from efcm.storage import StagedSlide
 
     @contextmanager
     def staged(uri, **kwargs):
@@ -478,7 +478,7 @@ class _FakeBlob:
         self.present_at_download: list[str] = []
 
     def download_to_filename(self, path: str, **_) -> None:
-        from efcm.storage import cache_size
+        from efcm.io.gcs import cache_size
 
         self.cache_at_download = cache_size(self.root)
         self.present_at_download = sorted(p.name for p in (self.root / "gcs" / "b").iterdir())
@@ -488,7 +488,7 @@ class _FakeBlob:
 def _fake_gcs(monkeypatch, blob: _FakeBlob) -> None:
     from types import SimpleNamespace
 
-    from efcm import storage
+    from efcm.io import gcs as storage
 
     bucket = SimpleNamespace(get_blob=lambda name, **_: blob if name == blob.name else None)
     client = SimpleNamespace(bucket=lambda name: bucket)
@@ -499,7 +499,7 @@ def _fake_gcs(monkeypatch, blob: _FakeBlob) -> None:
 def test_cache_makes_room_for_a_download_before_it_starts(tmp_path, monkeypatch):
     import fcntl
 
-    from efcm.storage import cache_size, staged
+    from efcm.io.gcs import cache_size, staged
 
     for name, age in (("old.svs", 30), ("mid.svs", 20), ("new.svs", 10)):
         _fake_staged(tmp_path, name, 100, age)
@@ -518,9 +518,9 @@ def test_the_servers_cache_cap_is_the_one_staging_uses(package, tmp_path, monkey
     from contextlib import contextmanager
 
     import efcm.inference
+    from efcm.io.gcs import StagedSlide, cache_max_bytes
     from efcm.serving.model import EFCMModel
     from efcm.serving.policy import ServingLimits
-    from efcm.storage import StagedSlide, cache_max_bytes
 
     slide = _slide(tmp_path)
     caps: list[int | None] = []

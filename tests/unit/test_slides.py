@@ -10,7 +10,7 @@ import openslide
 import pytest
 
 from efcm.config import PatchParams
-from efcm.manifest import SlideEntry, read_manifest
+from efcm.io.manifest import SlideEntry, read_manifest
 from efcm.slides.batch import patch_manifest, patch_slide
 from efcm.slides.patching import read_coords
 from efcm.slides.reader import SlideError, open_slide, resolve_mpp
@@ -273,7 +273,7 @@ def test_no_mpp_anywhere_is_an_error_with_the_how_to():
 
 
 def test_override_csv_wins_and_is_checked(tmp_path, tiny_dataset):
-    from efcm.manifest import apply_mpp_overrides
+    from efcm.io.manifest import apply_mpp_overrides
 
     m = read_manifest(tiny_dataset)
     sid = m.slides[0].slide_id

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from efcm.config import ConfigError, params_from_dict
-from efcm.manifest import read_manifest
+from efcm.io.manifest import read_manifest
 from efcm.models.freeze import freeze_batchnorm, freeze_stages
 from efcm.models.students import build_vfd
 from efcm.slides.batch import patch_manifest
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
-from efcm.strategies import augment, train_etc_fold
+from efcm.training.strategies import augment, train_etc_fold
 from tests.conftest import tiny_params_dict
 
 
@@ -120,8 +120,10 @@ def test_skipped_strategy_leaves_its_row_out(tiny_dataset, tmp_path):
 def test_export_of_an_etc_dir_packs_its_fine_tuned_students(tmp_path):
     """ETC fine-tunes the student per fold: the package pairs fold k's CLAM with fold k's
     fine-tuned student (never the distilled one), and serves their ensemble."""
-    from efcm.export import PackageError, export_package, load_package
+    from efcm.io.package import PackageError
+    from efcm.models.package import load_package
     from efcm.models.students import load_student
+    from efcm.training.export import export_package
     from tests.packages import build_package
 
     params = params_from_dict(tiny_params_dict())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from efcm.config import ConfigError, PatchParams, TissueParams, params_from_dict
-from efcm.manifest import SlideEntry
+from efcm.io.manifest import SlideEntry
 from efcm.slides.batch import patch_slide
 from efcm.slides.patching import read_coords
 from efcm.slides.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide

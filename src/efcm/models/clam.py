@@ -23,11 +23,15 @@ Instance clustering (when `forward` gets the bag's label y), with B = min(k_samp
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from efcm.config import TrainMilParams
+from efcm.io.checkpoints import load_checkpoint, save_checkpoint
 
 INSTANCE_LOSSES = ("ce", "svm")
 
@@ -253,3 +257,38 @@ def clam_from_config(c: dict[str, Any]) -> CLAMBase:
         instance_loss=str(c.get("instance_loss", "ce")),
         subtyping=bool(c.get("subtyping", False)),
     )
+
+
+def build_clam(in_dim: int, n_classes: int, cfg: TrainMilParams) -> CLAMBase:
+    """CLAM-SB or CLAM-MB per `cfg.model`, with the configured instance loss and subtyping."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"train_mil.model must be one of {list(MODELS)}, got {cfg.model!r}")
+    return MODELS[cfg.model](
+        in_dim,
+        n_classes,
+        hidden=cfg.hidden,
+        attn_dim=cfg.attn_dim,
+        dropout=cfg.dropout,
+        k_sample=cfg.k_sample,
+        instance_loss=cfg.instance_loss,
+        subtyping=cfg.subtyping,
+    )
+
+
+def save_clam(path: Path, model: CLAMBase, extra: dict[str, Any] | None = None) -> None:
+    save_checkpoint(
+        path,
+        "efcm.clam/1",
+        {"config": model.config(), "state_dict": model.state_dict(), **(extra or {})},
+    )
+
+
+def load_clam(path: str | Path) -> CLAMBase:
+    """A CLAM-SB or CLAM-MB saved by `save_clam` (checkpoints without a model kind are SB)."""
+    ckpt = load_checkpoint(path, "efcm.clam/1", "CLAM")
+    try:
+        model = clam_from_config(ckpt["config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

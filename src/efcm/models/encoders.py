@@ -6,9 +6,7 @@ students built on these backbones are in `efcm.models.students`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -17,19 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from efcm.config import EncoderParams
-from efcm.storage import local_path
+from efcm.io.files import sha256_file
+from efcm.io.gcs import local_path
 
 log = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "backbone.", "encoder.")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _state_dict_of(ckpt: Any, source: str) -> dict[str, torch.Tensor]:

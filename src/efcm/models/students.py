@@ -21,8 +21,8 @@ import timm
 import torch
 from torch import nn
 
-from efcm.checkpoints import load_checkpoint, save_checkpoint
 from efcm.config import EncoderParams, FpdParams
+from efcm.io.checkpoints import load_checkpoint, save_checkpoint
 from efcm.models.encoders import build_backbone, load_weights
 from efcm.models.transscan import TransScan
 

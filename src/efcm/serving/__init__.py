@@ -1,4 +1,4 @@
-"""The KServe adapter: serves an exported model package (`efcm.export`) over v1 and v2 (Open
+"""The KServe adapter: serves an exported model package (`efcm.training.export`) over v1 and v2 (Open
 Inference Protocol) REST and gRPC.
 
 This package is the only part of `efcm` that imports kserve. `model.EFCMModel` is the

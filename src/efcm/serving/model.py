@@ -1,6 +1,6 @@
 """`EFCMModel`: the `kserve.Model` that serves one exported package.
 
-The package is loaded once, in `load()`, by `efcm.export.load_package` (sha256-verified); a
+The package is loaded once, in `load()`, by `efcm.training.export.load_package` (sha256-verified); a
 package that cannot be loaded raises `PackageError` there, so `efcm serve` stops at startup with one
 line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in),
 `predict_patches` (patch pixels in) or `predict_slide` (slide URI in, where
@@ -46,7 +46,6 @@ import torch
 from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import to_http_parameters
 
-from efcm.export import Package, PackageError, load_package
 from efcm.inference import (
     DeadlineExceeded,
     LimitExceeded,
@@ -56,6 +55,8 @@ from efcm.inference import (
     predict_patches,
     predict_slide,
 )
+from efcm.io.package import PackageError
+from efcm.models.package import Package, load_package
 from efcm.serving import errors
 from efcm.serving import request as rq
 from efcm.serving.policy import AccessDenied, ServingLimits, SlideAccessPolicy

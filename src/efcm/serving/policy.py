@@ -21,7 +21,7 @@ EFCM_REQUEST_TIMEOUT_S     300                seconds one request may take (all 
                                               together); 504 past it
 EFCM_MAX_CONCURRENT_SLIDES 2                  slide requests at work at once (their own worker
                                               threads); 503 at once when all are busy
-EFCM_CACHE_DIR             ~/.cache/efcm      where gs:// slides are staged (`efcm.storage`)
+EFCM_CACHE_DIR             ~/.cache/efcm      where gs:// slides are staged (`efcm.io.gcs`)
 EFCM_CACHE_MAX_BYTES       20 GiB             size cap of the staged slides, LRU eviction
 =========================  =================  ====================================================
 """
@@ -34,14 +34,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from efcm.storage import (
-    CACHE_DIR_ENV,
-    CACHE_MAX_BYTES_ENV,
-    DEFAULT_CACHE_MAX_BYTES,
-)
-from efcm.storage import (
-    cache_max_bytes as cache_max_bytes_from_env,
-)
+from efcm.io.gcs import CACHE_DIR_ENV, CACHE_MAX_BYTES_ENV, DEFAULT_CACHE_MAX_BYTES
+from efcm.io.gcs import cache_max_bytes as cache_max_bytes_from_env
 
 SLIDE_URI_PREFIXES_ENV = "EFCM_SLIDE_URI_PREFIXES"
 MAX_REQUEST_BYTES_ENV = "EFCM_MAX_REQUEST_BYTES"

@@ -22,7 +22,9 @@ import openslide
 from tqdm import tqdm
 
 from efcm.config import PatchParams
-from efcm.manifest import Manifest, SlideEntry
+from efcm.io.files import atomic_path, remove_stale_parts
+from efcm.io.manifest import Manifest, SlideEntry
+from efcm.io.status import NO_TISSUE, OK, write_status
 from efcm.slides.patching import (
     PatchGeometry,
     geometry,
@@ -34,8 +36,6 @@ from efcm.slides.patching import (
 )
 from efcm.slides.reader import Mpp, SlideError, open_slide, read_thumbnail, resolve_mpp
 from efcm.slides.tissue import TissueMask, segment_tissue, to_geojson
-from efcm.status import NO_TISSUE, OK, write_status
-from efcm.storage import atomic_path, remove_stale_parts
 
 log = logging.getLogger(__name__)
 

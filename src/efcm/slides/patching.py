@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 
 from efcm.config import PatchParams
+from efcm.io.files import atomic_path
 from efcm.slides.tissue import TissueMask
-from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
 

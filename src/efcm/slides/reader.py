@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import openslide
 
-from efcm.storage import local_path
+from efcm.io.gcs import local_path
 
 log = logging.getLogger(__name__)
 

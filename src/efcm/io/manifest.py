@@ -136,7 +136,7 @@ def import_manifest(
     import os
     import posixpath
 
-    from efcm.storage import is_gcs, local_path, split_gcs
+    from efcm.io.gcs import is_gcs, local_path, split_gcs
 
     src = str(uri)
     manifest = read_manifest(local_path(src), classes)
@@ -164,7 +164,7 @@ def write_manifest(dest: str | Path, slides: Iterable[SlideEntry]) -> Manifest:
     """Write `slides` as a manifest CSV at `dest` (atomically); returns it."""
     import os
 
-    from efcm.storage import atomic_path
+    from efcm.io.files import atomic_path
 
     slides = tuple(slides)
     dest = Path(dest)

@@ -1,4 +1,4 @@
-"""ROC curves drawn as inline SVG for the HTML report (`efcm.report`).
+"""ROC curves drawn as inline SVG for the HTML report (`efcm.evaluation.report`).
 
 Plain SVG markup written in Python: no JavaScript, no plotting library, nothing fetched, so the page
 stays one self-contained file that the Kubeflow UI (which sandboxes HTML outputs) shows as it is.

@@ -1,14 +1,14 @@
 """A self-contained HTML page for the Kubeflow UI (and `dvc repro`): the audit of a run.
 
-- Evaluation (`efcm.report_eval`, from the evaluation and gate directories when given): the
+- Evaluation (`efcm.evaluation.report_eval`, from the evaluation and gate directories when given): the
   promotion gate's verdict and rule, the teacher vs student table with the paired deltas and their
-  intervals, the ROC curves (inline SVG, `efcm.report_svg`), the efficiency figures, and what the
+  intervals, the ROC curves (inline SVG, `efcm.evaluation.report_svg`), the efficiency figures, and what the
   distillation saw. A missing part shows as "not available".
 - Patching: every slide's status (ok, no_tissue, no_mpp, ...) and patch count, and the QC
   thumbnails (tissue contours, holes, patch grid), the slides that did not patch first.
 - Heatmaps: for the `n_heatmaps` slides the model (a train-mil or strategy output with
   `predictions.csv` and `attention.h5`) is most sure are of the last class, the out-of-fold
-  attention over the QC thumbnail (`efcm.heatmap.overlay`, percentile ranks, jet), with the label
+  attention over the QC thumbnail (`efcm.evaluation.heatmap.overlay`, percentile ranks, jet), with the label
   and the predicted probabilities.
 
 Images are PNG data URIs, downscaled to `max_px`, so the page is one file the UI can show.
@@ -25,12 +25,12 @@ import cv2
 import h5py
 import numpy as np
 
-from efcm.heatmap import encode_png, overlay
-from efcm.mil import read_attention
-from efcm.report_eval import STYLE as EVAL_STYLE
-from efcm.report_eval import evaluation_sections
+from efcm.evaluation.heatmap import encode_png, overlay
+from efcm.evaluation.report_eval import STYLE as EVAL_STYLE
+from efcm.evaluation.report_eval import evaluation_sections
+from efcm.io.results import read_attention
+from efcm.io.status import read_status
 from efcm.slides.patching import read_coords
-from efcm.status import read_status
 
 _STYLE = (
     "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"

@@ -10,7 +10,7 @@ where DVC stored them, by URI, and never copies them through its steps. Slide UR
 absolute (gs:// or a local path) are kept as they are.
 
 Without a repository, `path` is a plain manifest (a local path or gs:// URI),
-imported as `efcm.manifest.import_manifest` does.
+imported as `efcm.io.manifest.import_manifest` does.
 
 Unlabelled slides (an empty label) are part of the dataset like any other: they are resolved and
 sharded, patched, extracted and distilled; only the slide-level stages leave them out. The
@@ -29,9 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from efcm.manifest import Manifest, SlideEntry, import_manifest, read_manifest, write_manifest
-from efcm.status import read_status, write_status
-from efcm.storage import local_path
+from efcm.io.gcs import local_path
+from efcm.io.manifest import Manifest, SlideEntry, import_manifest, read_manifest, write_manifest
+from efcm.io.status import read_status, write_status
 
 # What `efcm.stages.patch` / `extract` write into their output folder, besides status.csv.
 OUTPUT_FOLDERS = ("patches", "qc", "features")
@@ -115,7 +115,7 @@ def resolve_dataset(
 
     Raises:
         DatasetError: the manifest cannot be read, or a slide is not tracked by DVC.
-        ValueError: the manifest itself is invalid (see `efcm.manifest.read_manifest`).
+        ValueError: the manifest itself is invalid (see `efcm.io.manifest.read_manifest`).
     """
     if repo is None:
         manifest = import_manifest(path, dest, classes)

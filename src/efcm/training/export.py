@@ -26,67 +26,22 @@ import logging
 import os
 import platform
 import shutil
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from efcm import __version__, registry
-from efcm.config import EncoderParams, Params, params_to_dict
-from efcm.mil import load_clam, read_predictions, read_summary
-from efcm.models.encoders import EncoderWithTransform, sha256_file
-from efcm.models.ensemble import FoldEnsembleCLAM, FoldEnsembleEncoder
+from efcm.config import Params, params_to_dict
+from efcm.io.files import sha256_file
+from efcm.io.package import FORMAT, PackageError, geometry
+from efcm.io.results import read_predictions, read_summary
+from efcm.models.clam import load_clam
+from efcm.models.ensemble import FoldEnsembleCLAM
 from efcm.models.students import load_student
 from efcm.slides.patching import settings_changes
 
 log = logging.getLogger(__name__)
-
-FORMAT = "efcm.package/2"
-# patch keys that are not the package's geometry: how a batch treats failures, and the mpp
-# override of one training slide (a served slide gets its own mpp, or --mpp)
-NOT_GEOMETRY = ("fail_on", "mpp_override")
-
-
-class PackageError(ValueError):
-    """A model package is missing, incomplete or corrupt."""
-
-
-@dataclass
-class Package:
-    path: Path
-    meta: dict[str, Any]
-    encoder: nn.Module  # uint8 patches (B, S, S, 3) -> features (B, D)
-    clam: FoldEnsembleCLAM
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.meta["feature_dim"])
-
-    @property
-    def n_members(self) -> int:
-        return len(self.clam.members)
-
-    def member(self, k: int) -> Package:
-        """Fold k's model alone (its student and its CLAM): the model the evaluation scored on
-        fold k's test patients."""
-        if not 0 <= k < self.n_members:
-            raise IndexError(f"{self.path}: no fold member {k} (the package has {self.n_members})")
-        split = self.clam.split
-        encoder = self.encoder.members[k] if split else self.encoder
-        clam = FoldEnsembleCLAM([self.clam.members[k]], split=False)
-        meta = {**self.meta, "feature_dim": clam.in_dim}
-        return replace(self, meta=meta, encoder=encoder, clam=clam)
-
-
-def geometry(settings: dict[str, Any]) -> dict[str, Any]:
-    """The patch settings that make a slide's patches (all but NOT_GEOMETRY)."""
-    return {k: v for k, v in settings.items() if k not in NOT_GEOMETRY}
 
 
 def trained_geometry(patches_dir: Path, slide_ids: list[str], params: Params) -> dict[str, Any]:
@@ -224,50 +179,3 @@ def export_package(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-
-def load_package(path: str | Path, *, verify: bool = True) -> Package:
-    """Load a package directory; checks its format, the sha256 of every file, and that the
-    geometry it records is its params' (a package edited by hand to serve other patches than it
-    was trained on is refused)."""
-    path = Path(path)
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise PackageError(f"{path}: not a model package (no model.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise PackageError(f"{meta_path}: not valid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise PackageError(
-            f"{path}: unknown package format {meta.get('format')!r}, expected {FORMAT}"
-        )
-    for f in meta["files"]:
-        if not (path / f).is_file():
-            raise PackageError(f"{path}: missing {f}")
-        if verify and sha256_file(path / f) != meta["sha256"][f]:
-            raise PackageError(f"{path}/{f}: sha256 does not match model.json (corrupt or altered)")
-    recorded = geometry(meta["patch"])
-    configured = geometry(meta.get("params", {}).get("patch", {}))
-    if recorded != configured:
-        raise PackageError(
-            f"{path}: model.json's patch geometry differs from its params "
-            f"({'; '.join(settings_changes(recorded, configured))}): refusing to serve other "
-            "patches than the model was trained on"
-        )
-    ens = meta["ensemble"]
-    encoders = []
-    for f in ens["students"]:
-        student, spec = load_student(path / f)
-        if spec.arch != meta["encoder"]["arch"]:
-            raise PackageError(f"{path}/{f}: student arch {spec.arch} does not match model.json")
-        encoders.append(
-            EncoderWithTransform(student, EncoderParams.model_validate(meta["encoder"]))
-        )
-    split = bool(ens["per_fold_student"])
-    encoder = FoldEnsembleEncoder(encoders) if split else encoders[0]
-    clam = FoldEnsembleCLAM([load_clam(path / c) for c in ens["clams"]], split=split)
-    if clam.in_dim != int(meta["feature_dim"]):
-        raise PackageError(f"{path}: the CLAMs take {clam.in_dim}-d features, model.json says "
-                           f"{meta['feature_dim']}")  # fmt: skip
-    return Package(path, meta, encoder.eval(), clam.eval())

@@ -561,27 +561,3 @@ def local_path(uri: str, *, base_dir: str | Path | None = None) -> Path:
         if not p.is_absolute() and base_dir is not None:
             p = Path(base_dir) / p
     return dicom_series_file(p) if p.is_dir() else p
-
-
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling name to write to before `os.replace(tmp, path)`."""
-    return path.with_name(f".{path.name}.{os.getpid()}.part")
-
-
-def remove_stale_parts(folder: Path) -> int:
-    """Delete the temporary files of `atomic_path` (`.<name>.<pid>.part`) that a killed run left in
-    `folder`; returns how many. A file whose writer is still alive is kept."""
-    removed = 0
-    for part in folder.glob(".*.part"):
-        try:
-            pid = int(part.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # its writer is alive
-        except (ValueError, ProcessLookupError):
-            pass
-        except PermissionError:
-            continue
-        part.unlink(missing_ok=True)
-        removed += 1
-    return removed

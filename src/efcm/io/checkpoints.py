@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from efcm.storage import atomic_path
+from efcm.io.files import atomic_path
 
 
 def save_checkpoint(path: str | Path, fmt: str, content: dict[str, Any]) -> None:

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from efcm.config import DistillParams, Params
 from efcm.features import device_of, features_identity, read_features
-from efcm.manifest import Manifest
+from efcm.io.files import atomic_path
+from efcm.io.manifest import Manifest
 from efcm.models.encoders import PatchTransform, build_backbone
 from efcm.models.mcm import MaskedContextModel, grid_windows, masked_l1, random_mask
 from efcm.models.students import (
@@ -48,7 +49,6 @@ from efcm.models.students import (
 )
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
-from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
 

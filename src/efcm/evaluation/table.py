@@ -8,7 +8,7 @@ teacher table, and the cost table.
 Every row's predictions are aligned by slide id before anything is computed, and every row is
 resampled with the same seed over the same cases (`case_id` from the manifest), so the intervals of
 all rows come from the same patient-level resamples and each `student.*` row carries the paired
-bootstrap of student minus teacher (`delta_auc`, `delta_auc_ci_low`, ...; `efcm.metrics`).
+bootstrap of student minus teacher (`delta_auc`, `delta_auc_ci_low`, ...; `efcm.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 
 from efcm.config import Params
-from efcm.efficiency import compare, markdown_table
-from efcm.manifest import Manifest
-from efcm.metrics import (
+from efcm.evaluation.efficiency import compare, markdown_table
+from efcm.evaluation.metrics import (
     METRICS,
     bootstrap_scores,
     classification_metrics,
@@ -36,9 +35,10 @@ from efcm.metrics import (
     roc_points,
     summarise,
 )
-from efcm.mil import read_folds, read_predictions, save_json
+from efcm.io.files import atomic_path, save_json
+from efcm.io.manifest import Manifest
+from efcm.io.results import read_folds, read_predictions
 from efcm.registry import TEACHER_ROW, is_student_row
-from efcm.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def localisation(
     attention or masks."""
     import cv2
 
-    from efcm.mil import read_attention
+    from efcm.io.results import read_attention
     from efcm.slides.patching import read_coords
     from efcm.slides.reader import open_slide
 
@@ -341,8 +341,8 @@ def measure_efficiency(
     extraction batch size (`extract.batch_size`) unless given."""
     import torch
 
-    from efcm.distill import load_student
     from efcm.models.encoders import build_backbone
+    from efcm.models.students import load_student
 
     teacher, _ = build_backbone(params.teacher, warn_random=False)
     student, spec = load_student(student_ckpt)

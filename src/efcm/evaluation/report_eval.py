@@ -1,4 +1,4 @@
-"""The evaluation half of the HTML report (`efcm.report`): the promotion gate's verdict and rule,
+"""The evaluation half of the HTML report (`efcm.evaluation.report`): the promotion gate's verdict and rule,
 the teacher vs student table with the paired deltas, the ROC curves, the efficiency figures, and
 what the distillation saw.
 
@@ -21,9 +21,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from efcm.efficiency import RATIOS
+from efcm.evaluation.efficiency import RATIOS
+from efcm.evaluation.report_svg import Curve, read_roc, roc_svg
 from efcm.registry import TEACHER_ROW, is_student_row
-from efcm.report_svg import Curve, read_roc, roc_svg
 
 METRICS = (("acc", "ACC"), ("balanced_acc", "balanced ACC"), ("auc", "AUC"), ("f1", "macro-F1"))
 DELTAS = (("auc", "AUC"), ("balanced_acc", "balanced ACC"), ("f1", "macro-F1"))
@@ -246,7 +246,7 @@ def gate_section(gate_dir: Path | None) -> tuple[str, str | None]:
 
 
 def efficiency_section(efficiency: Any) -> str:
-    """Teacher and student cost per patch, measured in one run (`efcm.efficiency.compare`)."""
+    """Teacher and student cost per patch, measured in one run (`efcm.evaluation.efficiency.compare`)."""
     if not isinstance(efficiency, dict):
         return f"<p>{_na('no efficiency figures in metrics.json or efficiency.json')}</p>"
     profiles = [

@@ -10,10 +10,7 @@ then predicts its test slides; the out-of-fold predictions are what evaluation r
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from efcm.checkpoints import load_checkpoint, save_checkpoint
 from efcm.config import Params, TrainMilParams
 from efcm.features import read_features
-from efcm.manifest import Manifest
-from efcm.models.clam import MODELS, CLAMBase, clam_from_config
-from efcm.storage import atomic_path
+from efcm.io.files import save_json
+from efcm.io.manifest import Manifest
+from efcm.io.results import write_predictions
+from efcm.models.clam import CLAMBase, build_clam, save_clam
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +98,6 @@ def make_splits(
     return {"classes": list(classes), "seed": seed, "folds": result, "unlabelled": unlabelled}
 
 
-def save_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def load_bags_and_coords(
     features_dir: Path, slide_ids: list[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
@@ -124,22 +114,6 @@ def load_bags_and_coords(
 
 def load_bags(features_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tensor]:
     return load_bags_and_coords(features_dir, slide_ids)[0]
-
-
-def build_clam(in_dim: int, n_classes: int, cfg: TrainMilParams) -> CLAMBase:
-    """CLAM-SB or CLAM-MB per `cfg.model`, with the configured instance loss and subtyping."""
-    if cfg.model not in MODELS:
-        raise ValueError(f"train_mil.model must be one of {list(MODELS)}, got {cfg.model!r}")
-    return MODELS[cfg.model](
-        in_dim,
-        n_classes,
-        hidden=cfg.hidden,
-        attn_dim=cfg.attn_dim,
-        dropout=cfg.dropout,
-        k_sample=cfg.k_sample,
-        instance_loss=cfg.instance_loss,
-        subtyping=cfg.subtyping,
-    )
 
 
 def _epoch_loss(
@@ -201,25 +175,6 @@ def train_fold(
     return model.eval(), {"best_epoch": best_epoch, "best_val_loss": best_loss, "history": history}
 
 
-def save_clam(path: Path, model: CLAMBase, extra: dict[str, Any] | None = None) -> None:
-    save_checkpoint(
-        path,
-        "efcm.clam/1",
-        {"config": model.config(), "state_dict": model.state_dict(), **(extra or {})},
-    )
-
-
-def load_clam(path: str | Path) -> CLAMBase:
-    """A CLAM-SB or CLAM-MB saved by `save_clam` (checkpoints without a model kind are SB)."""
-    ckpt = load_checkpoint(path, "efcm.clam/1", "CLAM")
-    try:
-        model = clam_from_config(ckpt["config"])
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
-
-
 def predict_slides(
     model: nn.Module,
     bags: dict[str, torch.Tensor],
@@ -245,36 +200,6 @@ def predict_slides(
             )
             attention[s] = out["attention"].numpy().astype(np.float32)
     return rows, attention
-
-
-def write_predictions(
-    out_dir: Path, rows: list[dict[str, Any]], attention: dict[str, np.ndarray] | None = None
-) -> None:
-    """out_dir/predictions.csv (the out-of-fold predictions) and out_dir/attention.h5 (one
-    dataset per test slide, aligned with its features' coords), atomically."""
-    import h5py
-
-    pred = out_dir / "predictions.csv"
-    tmp = atomic_path(pred)
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, pred)
-    if attention:
-        path = out_dir / "attention.h5"
-        tmp = atomic_path(path)
-        with h5py.File(tmp, "w") as f:
-            for sid, a in attention.items():
-                f.create_dataset(sid, data=a)
-        os.replace(tmp, path)
-
-
-def read_attention(path: str | Path) -> dict[str, np.ndarray]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return {k: np.asarray(v[:], np.float32) for k, v in f.items()}
 
 
 def train_mil(
@@ -332,28 +257,3 @@ def train_mil(
     }
     save_json(out / "summary.json", summary)
     return summary
-
-
-def read_predictions(
-    path: str | Path, classes: tuple[str, ...]
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(probs (N, C), labels (N,), slide_ids) from a predictions.csv."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [f"prob_{c}" for c in classes if rows and f"prob_{c}" not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}")
-    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], np.float32)
-    labels = np.array([int(r["label"]) for r in rows], np.int64)
-    return probs, labels, [r["slide_id"] for r in rows]
-
-
-def read_summary(mil_dir: str | Path) -> dict[str, Any]:
-    """summary.json of a train-mil or strategy output dir."""
-    return json.loads((Path(mil_dir) / "summary.json").read_text())
-
-
-def read_folds(path: str | Path) -> np.ndarray:
-    """(N,) the fold of each row of a predictions.csv (in file order)."""
-    with open(path, newline="") as f:
-        return np.array([int(r["fold"]) for r in csv.DictReader(f)], np.int64)

@@ -3,7 +3,7 @@
 - `reuse` (Reuse CLAM): the teacher-feature CLAM of each fold, unchanged, on the student's projected
   features. Only a student that outputs the teacher's space (VFD, FPD) can be reused; the
   configuration refuses `reuse` with MCM-KD.
-- `retrain` (Retrain CLAM): a new CLAM on the frozen student's features: `efcm.mil.train_mil`.
+- `retrain` (Retrain CLAM): a new CLAM on the frozen student's features: `efcm.training.mil.train_mil`.
 - `etc` (End2end Train CLAM): per fold, an information-bottleneck head on the teacher features picks
   each training slide's top-K patches; the student and a CLAM are trained end to end on those bags
   (patch pixels re-read from the slides, flips / 90-degree rotations / mild colour jitter; the
@@ -36,26 +36,17 @@ from tqdm import tqdm
 
 from efcm.config import ConfigError, EtcParams, Params
 from efcm.features import embed_batches
-from efcm.manifest import Manifest, read_manifest
-from efcm.mil import (
-    build_clam,
-    load_bags,
-    load_bags_and_coords,
-    load_clam,
-    predict_slides,
-    read_summary,
-    save_clam,
-    save_json,
-    train_fold,
-    train_mil,
-    write_predictions,
-)
+from efcm.io.files import save_json
+from efcm.io.manifest import Manifest, read_manifest
+from efcm.io.results import read_summary, write_predictions
+from efcm.models.clam import build_clam, load_clam, save_clam
 from efcm.models.encoders import PatchTransform
 from efcm.models.freeze import freeze_batchnorm, freeze_stages
 from efcm.models.students import load_student, save_student
 from efcm.registry import StrategyInputs
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
+from efcm.training.mil import load_bags, load_bags_and_coords, predict_slides, train_fold, train_mil
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +201,7 @@ def etc(
     device: str | None = None,
 ) -> dict[str, Any]:
     """End2end Train CLAM, fold by fold (see the module docstring)."""
-    from efcm.models.ib import read_top_k, train_ib, write_top_k
+    from efcm.training.ib import read_top_k, train_ib, write_top_k
 
     patches_dir, out = Path(patches_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from efcm.storage import atomic_path
+from efcm.io.files import atomic_path
 
 OK = "ok"
 NO_TISSUE = "no_tissue"

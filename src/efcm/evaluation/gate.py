@@ -3,7 +3,7 @@
 The gate reads the package itself (`model.json`): the strategy it ships, the evaluation row that
 estimates it, and that row's metrics, so it can only judge what is shipped. The rule is a
 non-inferiority test on the paired, case-level bootstrap interval of student minus teacher AUROC
-(`efcm.metrics.paired_delta`, computed on the same patient resamples for both):
+(`efcm.evaluation.metrics.paired_delta`, computed on the same patient resamples for both):
 
     delta_auc_ci_low >= -deploy.max_auc_drop   and   student AUROC > deploy.min_auc
 

@@ -1,0 +1,70 @@
+"""The files a slide-level strategy writes, and their readers: predictions.csv (out-of-fold
+predictions), attention.h5, summary.json and folds.csv. Evaluation, export and the report read
+them; training writes them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from efcm.io.files import atomic_path
+
+
+def write_predictions(
+    out_dir: Path, rows: list[dict[str, Any]], attention: dict[str, np.ndarray] | None = None
+) -> None:
+    """out_dir/predictions.csv (the out-of-fold predictions) and out_dir/attention.h5 (one
+    dataset per test slide, aligned with its features' coords), atomically."""
+    import h5py
+
+    pred = out_dir / "predictions.csv"
+    tmp = atomic_path(pred)
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, pred)
+    if attention:
+        path = out_dir / "attention.h5"
+        tmp = atomic_path(path)
+        with h5py.File(tmp, "w") as f:
+            for sid, a in attention.items():
+                f.create_dataset(sid, data=a)
+        os.replace(tmp, path)
+
+
+def read_predictions(
+    path: str | Path, classes: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(probs (N, C), labels (N,), slide_ids) from a predictions.csv."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [f"prob_{c}" for c in classes if rows and f"prob_{c}" not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}")
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], np.float32)
+    labels = np.array([int(r["label"]) for r in rows], np.int64)
+    return probs, labels, [r["slide_id"] for r in rows]
+
+
+def read_attention(path: str | Path) -> dict[str, np.ndarray]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: np.asarray(v[:], np.float32) for k, v in f.items()}
+
+
+def read_summary(mil_dir: str | Path) -> dict[str, Any]:
+    """summary.json of a train-mil or strategy output dir."""
+    return json.loads((Path(mil_dir) / "summary.json").read_text())
+
+
+def read_folds(path: str | Path) -> np.ndarray:
+    """(N,) the fold of each row of a predictions.csv (in file order)."""
+    with open(path, newline="") as f:
+        return np.array([int(r["fold"]) for r in csv.DictReader(f)], np.int64)
