@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from efcm.io import gcs as storage
 from efcm.config import PatchParams
+from efcm.io import gcs as storage
 from efcm.io.manifest import read_manifest
 from efcm.slides.batch import patch_manifest
 from efcm.slides.reader import open_slide

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from efcm.config import IbParams
 from efcm.features import read_features
 from efcm.io.files import atomic_path
-from efcm.models.ib import IBHead, check_bag, build_ib, select_top_k
+from efcm.models.ib import IBHead, build_ib, check_bag, select_top_k
 
 log = logging.getLogger(__name__)
 
