@@ -16,7 +16,7 @@ from pathlib import Path
 
 from efcm import registry, stages
 from efcm.config import ConfigError, Params, for_stage, load_params
-from efcm.stages import BatchFailed
+from efcm.errors import BatchFailed
 
 log = logging.getLogger("efcm")
 

@@ -16,9 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from efcm import registry
+from efcm.errors import EfcmError
 
 
-class ConfigError(ValueError):
+class ConfigError(EfcmError, ValueError):
     """A configuration value is unknown, missing or out of range."""
 
 

@@ -3,8 +3,8 @@ whole slide -> patches -> student -> CLAM (+ heatmap).
 
 One code path for `efcm predict` and the KServe predictor. The limits a server sets
 (`efcm.serving.policy.ServingLimits`) are arguments here: a bag over `max_patches` or a slide over
-`max_slide_bytes` raises `LimitExceeded`, and a slide still running at `deadline` (a
-`time.monotonic()` value) stops between batches with `DeadlineExceeded`; `efcm predict` passes
+`max_slide_bytes` raises `TooLarge`, and a slide still running at `deadline` (a
+`time.monotonic()` value) stops between batches with `Deadline`; `efcm predict` passes
 none of them.
 
 Patch reading overlaps the encoder: `read_workers` threads read and resize whole batches
@@ -29,24 +29,17 @@ import openslide
 import torch
 
 from efcm.config import PatchParams
+from efcm.errors import Deadline, InvalidSlide, TooLarge
 from efcm.evaluation.heatmap import encode_png, gallery, overlay
 from efcm.features import embed_batches
-from efcm.io.gcs import TooLarge, staged
+from efcm.io.gcs import staged
 from efcm.models.package import Package
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile
-from efcm.slides.reader import SlideError, open_slide
+from efcm.slides.reader import open_slide
 
 log = logging.getLogger(__name__)
-
-
-class LimitExceeded(ValueError):
-    """A request over a serving limit (patches per bag, slide bytes)."""
-
-
-class DeadlineExceeded(TimeoutError):
-    """A slide that ran past its time budget; the work stopped at the next batch."""
 
 
 @dataclass
@@ -78,7 +71,7 @@ def check_features(features: np.ndarray, dim: int) -> np.ndarray:
 
 def _check_count(n: int, max_patches: int | None, what: str) -> None:
     if max_patches is not None and n > max_patches:
-        raise LimitExceeded(f"{what}: {n} patches, over the limit of {max_patches} per request")
+        raise TooLarge(f"{what}: {n} patches, over the limit of {max_patches} per request")
 
 
 def predict_features(
@@ -116,7 +109,7 @@ def check_patches(patches: np.ndarray, size: int) -> np.ndarray:
 
 def _check_time(deadline: float | None, step: str) -> None:
     if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded(f"the request ran past its time budget (during {step})")
+        raise Deadline(f"the request ran past its time budget (during {step})")
 
 
 def predict_patches(
@@ -203,10 +196,10 @@ def predict_slide(
 
     Raises:
         FileNotFoundError: no such slide.
-        SlideError: unreadable/corrupt, at open or at any tile read (status `unreadable`), no
+        InvalidSlide: unreadable/corrupt, at open or at any tile read (status `unreadable`), no
             mpp (`no_mpp`), no tissue (`no_tissue`), too coarse.
-        LimitExceeded: over `max_slide_bytes` or `max_patches`.
-        DeadlineExceeded: still running at `deadline`.
+        TooLarge: over `max_slide_bytes` or `max_patches`.
+        Deadline: still running at `deadline`.
     """
     uri = str(uri)
     params = PatchParams.model_validate(pkg.meta["patch"])
@@ -238,7 +231,7 @@ def predict_slide(
                 lap,
             )
     except TooLarge as err:
-        raise LimitExceeded(f"slide {err}") from None
+        raise TooLarge(f"slide {err}") from None
     pred.timings = timings
     pred.downloaded_bytes = local.downloaded_bytes
     return pred
@@ -261,13 +254,13 @@ def _predict_local(
     try:
         with open_slide(path) as slide:
             plan = plan_patches(slide, params, mpp_override=mpp, name=uri)
-    except SlideError as err:
+    except InvalidSlide as err:
         raise _as_sent(err, path, uri) from None
     except openslide.OpenSlideError as err:  # opened, but a tile cannot be decoded
         raise _corrupt(uri, err) from None
     lap("patching")
     if len(plan.coords) == 0:
-        raise SlideError(f"{uri}: no tissue found", status="no_tissue")
+        raise InvalidSlide(f"{uri}: no tissue found", status="no_tissue")
     _check_count(len(plan.coords), max_patches, f"slide {uri}")
     g = plan.geometry
     patches = SlidePatches(
@@ -295,7 +288,7 @@ def _predict_local(
         if gallery_k:
             pred.gallery_png = encode_png(gallery(patches.read, pred.attention, gallery_k))
             lap("gallery")
-    except SlideError as err:  # the handle the readers open lazily
+    except InvalidSlide as err:  # the handle the readers open lazily
         raise _as_sent(err, path, uri) from None
     except openslide.OpenSlideError as err:  # a reader thread's, re-raised by the generator
         raise _corrupt(uri, err) from None
@@ -304,16 +297,16 @@ def _predict_local(
     return pred
 
 
-def _as_sent(err: SlideError, path: str, uri: str) -> SlideError:
+def _as_sent(err: InvalidSlide, path: str, uri: str) -> InvalidSlide:
     # name the slide as the client did (its gs:// URI), not by its local cache path
-    return SlideError(str(err).replace(path, uri), status=err.status)
+    return InvalidSlide(str(err).replace(path, uri), status=err.status)
 
 
-def _corrupt(uri: str, err: Exception) -> SlideError:
+def _corrupt(uri: str, err: Exception) -> InvalidSlide:
     # OpenSlide's own text names the local (cache) file and libjpeg/libtiff internals: logged,
     # not sent to the client
     log.warning("%s: %s: %s", uri, type(err).__name__, err)
-    return SlideError(
+    return InvalidSlide(
         f"{uri}: corrupt or unreadable slide ({type(err).__name__}: a tile cannot be read)",
         status="unreadable",
     )

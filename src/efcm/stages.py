@@ -14,13 +14,10 @@ from typing import Any
 
 from efcm import registry
 from efcm.config import ConfigError, Params
+from efcm.errors import BatchFailed
 from efcm.io.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
-
-
-class BatchFailed(RuntimeError):
-    """Every slide of a batch failed (some failures are reported in status.csv, not raised)."""
 
 
 def _check_batch(

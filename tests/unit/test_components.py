@@ -13,11 +13,11 @@ from kfp import dsl
 import components as c
 import efcm.serving._kserve  # noqa: F401  (kserve, with a clean sys.argv, before deploy's body)
 from components.image import IMAGE, SERVING_IMAGE
+from efcm.errors import BatchFailed
 from efcm.io import gcs as storage
 from efcm.io.dataset import select_shard
 from efcm.io.manifest import import_manifest, read_manifest
 from efcm.io.status import read_status, write_status
-from efcm.stages import BatchFailed
 
 CLASSES = ("normal", "tumour")
 

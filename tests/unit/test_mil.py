@@ -110,9 +110,9 @@ def test_package_round_trip_and_tamper_detection(demo_run, tmp_path):
     predicts on bags of its width only, and is refused once a file is altered."""
     import shutil
 
+    from efcm.errors import PackageError
     from efcm.features import read_features
     from efcm.inference import predict_features
-    from efcm.io.package import PackageError
     from efcm.models.package import load_package
 
     pkg_dir = tmp_path / "pkg"

@@ -9,10 +9,10 @@ import pytest
 
 from efcm import stages
 from efcm.config import for_stage, params_from_dict
+from efcm.errors import PackageError
 from efcm.features import read_features
 from efcm.inference import predict_features, predict_slide
 from efcm.io.manifest import read_manifest
-from efcm.io.package import PackageError
 from efcm.io.results import read_predictions
 from efcm.models.package import load_package
 from efcm.slides.patching import read_patch_settings

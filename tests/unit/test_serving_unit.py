@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from efcm.io.package import PackageError
+from efcm.errors import Forbidden, PackageError
 from efcm.serving import request as rq
-from efcm.serving.policy import AccessDenied, SlideAccessPolicy
+from efcm.serving.policy import SlideAccessPolicy
 from tests.integration.test_serving import DIM, build_package
 
 
@@ -76,7 +76,7 @@ def test_v1_malformed_bodies_name_the_expected_input(body):
 
 
 def test_slide_access_is_off_by_default():
-    with pytest.raises(AccessDenied, match="disabled"):
+    with pytest.raises(Forbidden, match="disabled"):
         SlideAccessPolicy.from_env({}).check("gs://bucket/slides/a.svs")
 
 
@@ -94,7 +94,7 @@ def test_slide_access_allows_only_listed_locations(tmp_path):
         "/etc/passwd",
         "http://example.com/a.svs",
     ):
-        with pytest.raises(AccessDenied):
+        with pytest.raises(Forbidden):
             policy.check(uri)
 
 
@@ -233,7 +233,7 @@ def test_access_resolves_symlinks_and_refuses_other_schemes(tmp_path):
         "gs://lab-slides-evil/a.svs",
         "relative/a.tif",
     ):
-        with pytest.raises(AccessDenied) as err:
+        with pytest.raises(Forbidden) as err:
             policy.check(uri)
         assert "secret" not in str(err.value).replace(uri, "")
 

@@ -10,10 +10,11 @@ import openslide
 import pytest
 
 from efcm.config import PatchParams
+from efcm.errors import InvalidSlide
 from efcm.io.manifest import SlideEntry, read_manifest
 from efcm.slides.batch import patch_manifest, patch_slide
 from efcm.slides.patching import read_coords
-from efcm.slides.reader import SlideError, open_slide, resolve_mpp
+from efcm.slides.reader import open_slide, resolve_mpp
 from efcm.slides.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_demo_dataset, write_slide
 
 P64 = PatchParams(target_mpp=1.0, patch_size=64, step=64)
@@ -213,7 +214,7 @@ def test_open_slide_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.svs"):
         open_slide(tmp_path / "nope.svs")
     (tmp_path / "x.tif").write_bytes(b"not a tiff at all")
-    with pytest.raises(SlideError, match=r"x\.tif"):
+    with pytest.raises(InvalidSlide, match=r"x\.tif"):
         open_slide(tmp_path / "x.tif")
 
 
@@ -268,7 +269,7 @@ def test_mpp_resolution_order(props, override, default, expected):
 
 
 def test_no_mpp_anywhere_is_an_error_with_the_how_to():
-    with pytest.raises(SlideError, match=r"mpp.*column in the manifest.*patch\.default_mpp"):
+    with pytest.raises(InvalidSlide, match=r"mpp.*column in the manifest.*patch\.default_mpp"):
         resolve_mpp(_FakeSlide({}), name="s1")
 
 

@@ -120,7 +120,7 @@ def test_skipped_strategy_leaves_its_row_out(tiny_dataset, tmp_path):
 def test_export_of_an_etc_dir_packs_its_fine_tuned_students(tmp_path):
     """ETC fine-tunes the student per fold: the package pairs fold k's CLAM with fold k's
     fine-tuned student (never the distilled one), and serves their ensemble."""
-    from efcm.io.package import PackageError
+    from efcm.errors import PackageError
     from efcm.models.package import load_package
     from efcm.models.students import load_student
     from efcm.training.export import export_package

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from efcm.errors import InvalidInput
 from efcm.io.gcs import local_path
 from efcm.io.manifest import Manifest, SlideEntry, import_manifest, read_manifest, write_manifest
 from efcm.io.status import read_status, write_status
@@ -38,7 +39,7 @@ OUTPUT_FOLDERS = ("patches", "qc", "features")
 STATUS = "status.csv"
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidInput):
     """The dataset cannot be resolved: the message names the repository, revision and path."""
 
 

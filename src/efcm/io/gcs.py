@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from efcm.errors import TooLarge
+
 log = logging.getLogger(__name__)
 
 TIMEOUT = 60.0  # seconds per HTTP request (connect / between bytes)
@@ -65,10 +67,6 @@ DOWNLOAD_DEADLINE = 1800.0  # seconds of retrying one object's download (slides 
 CACHE_DIR_ENV = "EFCM_CACHE_DIR"
 CACHE_MAX_BYTES_ENV = "EFCM_CACHE_MAX_BYTES"
 DEFAULT_CACHE_MAX_BYTES = 20 << 30  # 20 GiB of staged slides, least recently used evicted first
-
-
-class TooLarge(ValueError):
-    """An object (or a multi-file slide) larger than the caller allows; nothing was downloaded."""
 
 
 @dataclass(frozen=True)

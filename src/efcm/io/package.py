@@ -13,10 +13,6 @@ FORMAT = "efcm.package/2"
 NOT_GEOMETRY = ("fail_on", "mpp_override")
 
 
-class PackageError(ValueError):
-    """A model package is missing, incomplete or corrupt."""
-
-
 def geometry(settings: dict[str, Any]) -> dict[str, Any]:
     """The patch settings that make a slide's patches (all but NOT_GEOMETRY)."""
     return {k: v for k, v in settings.items() if k not in NOT_GEOMETRY}

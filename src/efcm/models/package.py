@@ -12,8 +12,9 @@ from typing import Any
 from torch import nn
 
 from efcm.config import EncoderParams
+from efcm.errors import PackageError
 from efcm.io.files import sha256_file
-from efcm.io.package import FORMAT, PackageError, geometry
+from efcm.io.package import FORMAT, geometry
 from efcm.models.clam import load_clam
 from efcm.models.encoders import EncoderWithTransform
 from efcm.models.ensemble import FoldEnsembleCLAM, FoldEnsembleEncoder

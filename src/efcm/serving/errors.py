@@ -8,9 +8,9 @@ HTTP status, and `efcm.serving.server` registers one FastAPI handler for it.
 
 | refusal                                   | HTTP | gRPC                 |
 |-------------------------------------------|------|----------------------|
-| slide URI not allowed (`AccessDenied`)    | 403  | PERMISSION_DENIED    |
-| over a limit (`LimitExceeded`), body size | 413  | RESOURCE_EXHAUSTED   |
-| time budget (`DeadlineExceeded`)          | 504  | DEADLINE_EXCEEDED    |
+| slide URI not allowed (`Forbidden`)    | 403  | PERMISSION_DENIED    |
+| over a limit (`TooLarge`), body size | 413  | RESOURCE_EXHAUSTED   |
+| time budget (`Deadline`)          | 504  | DEADLINE_EXCEEDED    |
 | every slide worker busy                   | 503  | UNAVAILABLE          |
 | bad tensor / bad slide (`InvalidInput`)   | 400  | INVALID_ARGUMENT     |
 """

@@ -46,20 +46,12 @@ import torch
 from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import to_http_parameters
 
-from efcm.inference import (
-    DeadlineExceeded,
-    LimitExceeded,
-    Prediction,
-    patch_size,
-    predict_features,
-    predict_patches,
-    predict_slide,
-)
-from efcm.io.package import PackageError
+from efcm.errors import Deadline, Forbidden, PackageError, TooLarge
+from efcm.inference import Prediction, patch_size, predict_features, predict_patches, predict_slide
 from efcm.models.package import Package, load_package
 from efcm.serving import errors
 from efcm.serving import request as rq
-from efcm.serving.policy import AccessDenied, ServingLimits, SlideAccessPolicy
+from efcm.serving.policy import ServingLimits, SlideAccessPolicy
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +162,11 @@ class EFCMModel(kserve.Model):
                 cache_max_bytes=lim.cache_max_bytes,
                 deadline=deadline,
             )
-        except AccessDenied as err:
+        except Forbidden as err:
             raise errors.forbidden(str(err)) from None
-        except LimitExceeded as err:
+        except TooLarge as err:
             raise errors.too_large(str(err)) from None
-        except DeadlineExceeded as err:
+        except Deadline as err:
             raise errors.timed_out(f"{err} of {lim.request_timeout_s:g} s") from None
         except (ValueError, FileNotFoundError) as err:
             if isinstance(bag, rq.FeaturesBag):

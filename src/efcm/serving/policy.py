@@ -6,7 +6,7 @@ list of `gs://bucket/prefix/` URIs and local directories (`efcm serve --allow-sl
 repeatable, adds to it). A URI is allowed when it lies under one of them: local paths are compared
 after resolving `..` and symlinks (a symlink inside a root that points out of it is refused);
 gs:// URIs may not contain `.`, `..` or empty segments. `file://`, `http(s)://` and every other
-scheme are refused. A refusal is `AccessDenied` (HTTP 403, gRPC PERMISSION_DENIED); its message
+scheme are refused. A refusal is `Forbidden` (HTTP 403, gRPC PERMISSION_DENIED); its message
 names the URI and the rule, never anything read from the file.
 
 Limits (`ServingLimits.from_env`), each an env var with a safe default:
@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from efcm.errors import Forbidden
 from efcm.io.gcs import CACHE_DIR_ENV, CACHE_MAX_BYTES_ENV, DEFAULT_CACHE_MAX_BYTES
 from efcm.io.gcs import cache_max_bytes as cache_max_bytes_from_env
 
@@ -53,17 +54,12 @@ __all__ = [
     "MAX_SLIDE_BYTES_ENV",
     "REQUEST_TIMEOUT_ENV",
     "SLIDE_URI_PREFIXES_ENV",
-    "AccessDenied",
     "ServingLimits",
     "SlideAccessPolicy",
 ]
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-class AccessDenied(ValueError):
-    """A slide URI the server is not allowed to open (HTTP 403, gRPC PERMISSION_DENIED)."""
 
 
 @dataclass(frozen=True)
@@ -159,24 +155,24 @@ class SlideAccessPolicy:
 
     def check(self, uri: str) -> str:
         """Returns what to open for `uri` (a gs:// URI, or the resolved local path) when it may be
-        opened; raises AccessDenied otherwise."""
+        opened; raises Forbidden otherwise."""
         if not self.enabled:
-            raise AccessDenied(
+            raise Forbidden(
                 f"slide_uri: slide input is disabled on this server (set {SLIDE_URI_PREFIXES_ENV})"
             )
         shown = uri if len(uri) <= 300 else uri[:300] + "..."
         if "\x00" in uri:
-            raise AccessDenied(f"slide_uri {shown!r}: contains a NUL byte")
+            raise Forbidden(f"slide_uri {shown!r}: contains a NUL byte")
         if uri.startswith("gs://"):
             if any(seg in ("", ".", "..") for seg in uri[5:].split("/")):
-                raise AccessDenied(
+                raise Forbidden(
                     f"slide_uri {shown!r}: gs:// URIs may not contain empty, '.' or '..' segments"
                 )
             if any(uri.startswith(p) for p in self.prefixes if p.startswith("gs://")):
                 return uri
         elif "://" in uri or uri.lower().startswith(("file:", "http:", "https:")):
             scheme = uri.partition(":")[0]
-            raise AccessDenied(
+            raise Forbidden(
                 f"slide_uri {shown!r}: scheme {scheme!r} is not served (gs:// or an allowed "
                 "local path only)"
             )
@@ -188,5 +184,5 @@ class SlideAccessPolicy:
                 if any(resolved.is_relative_to(r) for r in roots):
                     return str(resolved)
             else:
-                raise AccessDenied(f"slide_uri {shown!r}: local paths must be absolute")
-        raise AccessDenied(f"slide_uri {shown!r}: outside the allowed locations")
+                raise Forbidden(f"slide_uri {shown!r}: local paths must be absolute")
+        raise Forbidden(f"slide_uri {shown!r}: outside the allowed locations")

@@ -22,6 +22,7 @@ import openslide
 from tqdm import tqdm
 
 from efcm.config import PatchParams
+from efcm.errors import InvalidSlide
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest, SlideEntry
 from efcm.io.status import NO_TISSUE, OK, write_status
@@ -34,7 +35,7 @@ from efcm.slides.patching import (
     read_patch_settings,
     write_coords,
 )
-from efcm.slides.reader import Mpp, SlideError, open_slide, read_thumbnail, resolve_mpp
+from efcm.slides.reader import Mpp, open_slide, read_thumbnail, resolve_mpp
 from efcm.slides.tissue import TissueMask, segment_tissue, to_geojson
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def plan_patches(
     """mpp -> geometry -> bounded thumbnail -> tissue mask -> patch grid, for an open slide."""
     mpp = resolve_mpp(slide, override=mpp_override, default=params.default_mpp, name=name)
     if mpp.value > params.target_mpp * params.max_upsample:
-        raise SlideError(
+        raise InvalidSlide(
             f"{name}: slide resolution {mpp.value:.4g} um/px ({mpp.source}) is coarser than the "
             f"target {params.target_mpp} um/px by more than patch.max_upsample="
             f"{params.max_upsample} (patches would be upsampled "
@@ -166,7 +167,7 @@ def patch_slide(
         path = out_dir / "patches" / f"{entry.slide_id}.h5"
         settings = patch_settings(params, mpp_override=entry.mpp)
         write_coords(path, plan.coords, plan.geometry, entry.slide_id, settings)
-    except SlideError as err:
+    except InvalidSlide as err:
         row.update(status=err.status, reason=str(err))
         log.warning("%s: %s", entry.slide_id, err)
     except FileNotFoundError as err:

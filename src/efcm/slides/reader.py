@@ -14,19 +14,12 @@ import cv2
 import numpy as np
 import openslide
 
+from efcm.errors import InvalidSlide
 from efcm.io.gcs import local_path
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 4096  # px at the read level, per read_region call when assembling a thumbnail
-
-
-class SlideError(ValueError):
-    """A slide cannot be used; `status` is the status-CSV code (`unreadable`, `no_mpp`, ...)."""
-
-    def __init__(self, message: str, status: str = "unreadable") -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -40,24 +33,24 @@ def open_slide(uri: str | Path, *, base_dir: str | Path | None = None) -> opensl
 
     Raises:
         FileNotFoundError: the path does not exist.
-        SlideError: the file is not a slide OpenSlide can read (zero bytes, corrupt, unsupported,
+        InvalidSlide: the file is not a slide OpenSlide can read (zero bytes, corrupt, unsupported,
         a folder).
     """
     path = local_path(str(uri), base_dir=base_dir)
     if not path.exists():
         raise FileNotFoundError(f"slide not found: {uri}")
     if path.is_dir():
-        raise SlideError(f"{uri}: is a directory with no .dcm files, not a slide")
+        raise InvalidSlide(f"{uri}: is a directory with no .dcm files, not a slide")
     if path.stat().st_size == 0:
-        raise SlideError(f"{uri}: empty file (0 bytes)")
+        raise InvalidSlide(f"{uri}: empty file (0 bytes)")
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise SlideError(f"{uri}: not a slide format OpenSlide can read") from None
+        raise InvalidSlide(f"{uri}: not a slide format OpenSlide can read") from None
     except openslide.OpenSlideError as err:
         # OpenSlide's text can name other files (an MRXS data file, a DICOM instance): logged only
         log.warning("%s: %s: %s", uri, type(err).__name__, err)
-        raise SlideError(
+        raise InvalidSlide(
             f"{uri}: corrupt or unreadable slide ({type(err).__name__}: cannot open)"
         ) from None
 
@@ -106,7 +99,7 @@ def resolve_mpp(
         pass
     if default is not None:
         return Mpp(float(default), "default")
-    raise SlideError(
+    raise InvalidSlide(
         f"{name}: no mpp (microns per pixel) in the slide's metadata. Supply it with an `mpp` "
         "column in the manifest or set `patch.default_mpp` in params.yaml.",
         status="no_mpp",

@@ -33,8 +33,9 @@ import torch
 
 from efcm import __version__, registry
 from efcm.config import Params, params_to_dict
+from efcm.errors import PackageError
 from efcm.io.files import sha256_file
-from efcm.io.package import FORMAT, PackageError, geometry
+from efcm.io.package import FORMAT, geometry
 from efcm.io.results import read_predictions, read_summary
 from efcm.models.clam import load_clam
 from efcm.models.ensemble import FoldEnsembleCLAM
