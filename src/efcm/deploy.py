@@ -68,7 +68,7 @@ from typing import Any
 import yaml
 
 from efcm.config import PipelineParams
-from efcm.serving.policy import (
+from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
     MAX_CONCURRENT_SLIDES_ENV,
@@ -78,8 +78,8 @@ from efcm.serving.policy import (
     REQUEST_TIMEOUT_ENV,
     SLIDE_URI_PREFIXES_ENV,
     ServingLimits,
-    SlideAccessPolicy,
 )
+from efcm.serving.policy import SlideAccessPolicy
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 whole slide -> patches -> student -> CLAM (+ heatmap).
 
 One code path for `efcm predict` and the KServe predictor. The limits a server sets
-(`efcm.serving.policy.ServingLimits`) are arguments here: a bag over `max_patches` or a slide over
+(`efcm.limits.ServingLimits`) are arguments here: a bag over `max_patches` or a slide over
 `max_slide_bytes` raises `TooLarge`, and a slide still running at `deadline` (a
 `time.monotonic()` value) stops between batches with `Deadline`; `efcm predict` passes
 none of them.

@@ -29,12 +29,8 @@ from efcm.deploy import (
     merge_patch,
     rollout_target,
 )
-from efcm.serving.policy import (
-    CACHE_DIR_ENV,
-    SLIDE_URI_PREFIXES_ENV,
-    ServingLimits,
-    SlideAccessPolicy,
-)
+from efcm.limits import CACHE_DIR_ENV, SLIDE_URI_PREFIXES_ENV, ServingLimits
+from efcm.serving.policy import SlideAccessPolicy
 from tests.kserve_crd import isvc_validator
 
 IMAGE = "europe-docker.pkg.dev/efcm-project/efcm/efcm-serving:0.1.0"

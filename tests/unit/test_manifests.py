@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from efcm.deploy import CACHE_MOUNT, GPU_RESOURCE
-from efcm.serving.policy import (
+from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
     MAX_PATCHES_ENV,

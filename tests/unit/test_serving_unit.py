@@ -246,7 +246,7 @@ def test_access_takes_cli_prefixes_beside_the_env(tmp_path):
 
 
 def test_serving_limits_from_env_with_safe_defaults():
-    from efcm.serving.policy import ServingLimits
+    from efcm.limits import ServingLimits
 
     d = ServingLimits.from_env({})
     assert d == ServingLimits()
@@ -262,9 +262,9 @@ def test_serving_limits_from_env_with_safe_defaults():
 
 
 def test_too_many_patches_and_the_time_budget_are_refused(package):
+    from efcm.limits import ServingLimits
     from efcm.serving.errors import Refused
     from efcm.serving.model import EFCMModel
-    from efcm.serving.policy import ServingLimits
 
     m = EFCMModel("efcm", package, limits=ServingLimits(max_patches=4))
     m.load()
@@ -518,9 +518,9 @@ def test_the_servers_cache_cap_is_the_one_staging_uses(package, tmp_path, monkey
     from contextlib import contextmanager
 
     import efcm.inference
-    from efcm.io.gcs import StagedSlide, cache_max_bytes
+    from efcm.io.gcs import StagedSlide
+    from efcm.limits import ServingLimits, cache_max_bytes
     from efcm.serving.model import EFCMModel
-    from efcm.serving.policy import ServingLimits
 
     slide = _slide(tmp_path)
     caps: list[int | None] = []
@@ -578,9 +578,9 @@ class _GatedSlides:
 def test_busy_slide_workers_answer_503_while_features_are_still_served(
     package, tmp_path, monkeypatch
 ):
+    from efcm.limits import ServingLimits
     from efcm.serving.errors import Refused
     from efcm.serving.model import EFCMModel
-    from efcm.serving.policy import ServingLimits
 
     slide = _slide(tmp_path)
     gated = _GatedSlides(monkeypatch)
@@ -609,9 +609,9 @@ def test_busy_slide_workers_answer_503_while_features_are_still_served(
 
 
 def test_a_slide_past_its_budget_keeps_its_worker_until_it_stops(package, tmp_path, monkeypatch):
+    from efcm.limits import ServingLimits
     from efcm.serving.errors import Refused
     from efcm.serving.model import EFCMModel
-    from efcm.serving.policy import ServingLimits
 
     slide = _slide(tmp_path)
     gated = _GatedSlides(monkeypatch)

@@ -50,23 +50,20 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from efcm.errors import TooLarge
+from efcm.limits import cache_dir, cache_max_bytes
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 60.0  # seconds per HTTP request (connect / between bytes)
 METADATA_DEADLINE = 120.0  # seconds of retrying a metadata GET or a listing
 DOWNLOAD_DEADLINE = 1800.0  # seconds of retrying one object's download (slides are GBs)
-
-CACHE_DIR_ENV = "EFCM_CACHE_DIR"
-CACHE_MAX_BYTES_ENV = "EFCM_CACHE_MAX_BYTES"
-DEFAULT_CACHE_MAX_BYTES = 20 << 30  # 20 GiB of staged slides, least recently used evicted first
 
 
 @dataclass(frozen=True)
@@ -120,10 +117,6 @@ def split_gcs(uri: str) -> tuple[str, str]:
     if not bucket or not blob:
         raise ValueError(f"gs:// URI needs a bucket and an object name: {uri!r}")
     return bucket, blob
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "efcm"))
 
 
 def gcs_client():
@@ -399,22 +392,6 @@ class StagedSlide:
 _holder: contextvars.ContextVar[StagedSlide | None] = contextvars.ContextVar(
     "efcm_cache_holder", default=None
 )
-
-
-def cache_max_bytes(environ: Mapping[str, str] | None = None) -> int:
-    """`EFCM_CACHE_MAX_BYTES` (bytes, > 0) of `environ` (default `os.environ`), else the default
-    (20 GiB). The one parser of that variable: `efcm.serving.policy.ServingLimits` reads it here.
-    """
-    raw = (os.environ if environ is None else environ).get(CACHE_MAX_BYTES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CACHE_MAX_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{CACHE_MAX_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
-    return value
 
 
 def _hold(root: Path, bucket: str, name: str) -> None:

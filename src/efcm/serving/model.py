@@ -5,7 +5,7 @@ package that cannot be loaded raises `PackageError` there, so `efcm serve` stops
 line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in),
 `predict_patches` (patch pixels in) or `predict_slide` (slide URI in, where
 `policy.SlideAccessPolicy` allows it), run in a worker thread so health checks stay answered during
-a long slide, under the `policy.ServingLimits` of the server.
+a long slide, under the `efcm.limits.ServingLimits` of the server.
 
 Slide requests run on their own pool of EFCM_MAX_CONCURRENT_SLIDES threads;
 features and patches requests run on asyncio's default executor, so slides never hold them up. A
@@ -48,10 +48,11 @@ from kserve.protocol.infer_type import to_http_parameters
 
 from efcm.errors import Deadline, Forbidden, PackageError, TooLarge
 from efcm.inference import Prediction, patch_size, predict_features, predict_patches, predict_slide
+from efcm.limits import ServingLimits
 from efcm.models.package import Package, load_package
 from efcm.serving import errors
 from efcm.serving import request as rq
-from efcm.serving.policy import ServingLimits, SlideAccessPolicy
+from efcm.serving.policy import SlideAccessPolicy
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from efcm.limits import ServingLimits
 from efcm.serving.errors import Refused, too_large
 from efcm.serving.model import EFCMModel
-from efcm.serving.policy import ServingLimits, SlideAccessPolicy
+from efcm.serving.policy import SlideAccessPolicy
 
 log = logging.getLogger(__name__)
 

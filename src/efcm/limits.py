@@ -1,0 +1,131 @@
+"""The serving limits and the environment variables that carry them: the one list of names that
+the server reads (`efcm serve`, `ServingLimits.from_env`) and the deploy step renders into the
+InferenceService (`ServingLimits.to_env`), so the two can never disagree on a name.
+
+=========================  =================  ====================================================
+env var                    default            what
+=========================  =================  ====================================================
+EFCM_SLIDE_URI_PREFIXES    (none)             where slide_uri requests may read from
+                                              (`efcm.serving.policy.SlideAccessPolicy`)
+EFCM_MAX_REQUEST_BYTES     64 MiB             request body (REST) / message (gRPC); 413 past it
+EFCM_MAX_PATCHES           100000             patches in one bag (features, patches or a slide)
+EFCM_MAX_SLIDE_BYTES       8 GiB              size of one slide file (or staged gs:// slide)
+EFCM_REQUEST_TIMEOUT_S     300                seconds one request may take (all its v1 instances
+                                              together); 504 past it
+EFCM_MAX_CONCURRENT_SLIDES 2                  requests at model work at once; 503 at once when
+                                              all are busy
+EFCM_CACHE_DIR             ~/.cache/efcm      where gs:// slides are staged (`efcm.io.cache`)
+EFCM_CACHE_MAX_BYTES       20 GiB             size cap of the staged slides, LRU eviction
+=========================  =================  ====================================================
+
+Read only by the adapters (the CLI, the server, the components); the core is handed the values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_DIR_ENV = "EFCM_CACHE_DIR"
+CACHE_MAX_BYTES_ENV = "EFCM_CACHE_MAX_BYTES"
+DEFAULT_CACHE_MAX_BYTES = 20 << 30  # 20 GiB of staged slides, least recently used evicted first
+
+SLIDE_URI_PREFIXES_ENV = "EFCM_SLIDE_URI_PREFIXES"
+MAX_REQUEST_BYTES_ENV = "EFCM_MAX_REQUEST_BYTES"
+MAX_PATCHES_ENV = "EFCM_MAX_PATCHES"
+MAX_SLIDE_BYTES_ENV = "EFCM_MAX_SLIDE_BYTES"
+REQUEST_TIMEOUT_ENV = "EFCM_REQUEST_TIMEOUT_S"
+MAX_CONCURRENT_SLIDES_ENV = "EFCM_MAX_CONCURRENT_SLIDES"
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Per-request limits of the predictor; `from_env` reads them, with these defaults."""
+
+    max_request_bytes: int = 64 * MiB
+    max_patches: int = 100_000
+    max_slide_bytes: int = 8 * GiB
+    request_timeout_s: float = 300.0
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    max_concurrent_slides: int = 2
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_request_bytes",
+            "max_patches",
+            "max_slide_bytes",
+            "cache_max_bytes",
+            "max_concurrent_slides",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ServingLimits.{name} must be > 0, got {getattr(self, name)}")
+        if not (self.request_timeout_s > 0 and math.isfinite(self.request_timeout_s)):
+            raise ValueError(
+                f"ServingLimits.request_timeout_s must be > 0, got {self.request_timeout_s}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingLimits:
+        env = os.environ if environ is None else environ
+        d = cls()
+
+        def num(var: str, default: float, kind: type) -> float:
+            raw = env.get(var, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{var} must be a positive {kind.__name__}, got {raw!r}") from None
+            if not value > 0:
+                raise ValueError(f"{var} must be a positive {kind.__name__}, got {raw!r}")
+            return value
+
+        return cls(
+            max_request_bytes=num(MAX_REQUEST_BYTES_ENV, d.max_request_bytes, int),
+            max_patches=num(MAX_PATCHES_ENV, d.max_patches, int),
+            max_slide_bytes=num(MAX_SLIDE_BYTES_ENV, d.max_slide_bytes, int),
+            request_timeout_s=num(REQUEST_TIMEOUT_ENV, d.request_timeout_s, float),
+            cache_max_bytes=cache_max_bytes(env),  # the parser `efcm predict` uses too
+            max_concurrent_slides=num(MAX_CONCURRENT_SLIDES_ENV, d.max_concurrent_slides, int),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """These limits as the env vars `from_env` reads back (the deploy renders them)."""
+        timeout = self.request_timeout_s
+        return {
+            MAX_REQUEST_BYTES_ENV: str(self.max_request_bytes),
+            MAX_PATCHES_ENV: str(self.max_patches),
+            MAX_SLIDE_BYTES_ENV: str(self.max_slide_bytes),
+            MAX_CONCURRENT_SLIDES_ENV: str(self.max_concurrent_slides),
+            REQUEST_TIMEOUT_ENV: str(int(timeout)) if timeout == int(timeout) else str(timeout),
+            CACHE_MAX_BYTES_ENV: str(self.cache_max_bytes),
+        }
+
+
+def cache_max_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """`EFCM_CACHE_MAX_BYTES` (bytes, > 0) of `environ` (default `os.environ`), else the default
+    (20 GiB). The one parser of that variable.
+    """
+    raw = (os.environ if environ is None else environ).get(CACHE_MAX_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CACHE_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{CACHE_MAX_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
+    return value
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """`EFCM_CACHE_DIR` of `environ` (default `os.environ`), else ~/.cache/efcm."""
+    raw = (os.environ if environ is None else environ).get(CACHE_DIR_ENV, "").strip()
+    return Path(raw) if raw else Path.home() / ".cache" / "efcm"
