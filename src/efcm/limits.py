@@ -76,16 +76,7 @@ class ServingLimits:
         d = cls()
 
         def num(var: str, default: float, kind: type) -> float:
-            raw = env.get(var, "").strip()
-            if not raw:
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise ValueError(f"{var} must be a positive {kind.__name__}, got {raw!r}") from None
-            if not value > 0:
-                raise ValueError(f"{var} must be a positive {kind.__name__}, got {raw!r}")
-            return value
+            return positive(env, var, default, kind)
 
         return cls(
             max_request_bytes=num(MAX_REQUEST_BYTES_ENV, d.max_request_bytes, int),
@@ -109,20 +100,25 @@ class ServingLimits:
         }
 
 
-def cache_max_bytes(environ: Mapping[str, str] | None = None) -> int:
-    """`EFCM_CACHE_MAX_BYTES` (bytes, > 0) of `environ` (default `os.environ`), else the default
-    (20 GiB). The one parser of that variable.
-    """
-    raw = (os.environ if environ is None else environ).get(CACHE_MAX_BYTES_ENV, "").strip()
+def positive(env: Mapping[str, str], var: str, default: float, kind: type = int) -> float:
+    """The positive `kind` (int or float) in env var `var`, or `default` when it is unset or
+    blank; ValueError naming the variable for anything else. The one parser of these variables."""
+    raw = env.get(var, "").strip()
     if not raw:
-        return DEFAULT_CACHE_MAX_BYTES
+        return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{CACHE_MAX_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
+        raise ValueError(f"{var} must be a positive {kind.__name__}, got {raw!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{var} must be a positive {kind.__name__}, got {raw!r}")
     return value
+
+
+def cache_max_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """`EFCM_CACHE_MAX_BYTES` (bytes, > 0) of `environ` (default `os.environ`), else 20 GiB."""
+    env = os.environ if environ is None else environ
+    return int(positive(env, CACHE_MAX_BYTES_ENV, DEFAULT_CACHE_MAX_BYTES, int))
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
