@@ -4,9 +4,9 @@ Each component converts its artifacts to paths and its `dict` parameters (params
 to a validated `efcm.config.Params` holding only its stage's sections
 (`efcm.config.params_for_stage`: a component's `dict` parameters are exactly
 `efcm.config.STAGE_SECTIONS[stage]`, a test checks), then makes ONE call into
-`efcm.stages` (or `efcm.io.manifest`, `efcm.deploy`). Function bodies import only `efcm` (and kserve in
-`deploy`): KFP ships the body alone to the container, and kfp.local runs it in a subprocess of the
-current interpreter.
+`efcm.stages` (or `efcm.io.manifest`, `efcm.deploy.rollout`). Function bodies import only
+`efcm` (and kserve in `deploy`): KFP ships the body alone to the container, and kfp.local runs it
+in a subprocess of the current interpreter.
 
 The component objects are re-exported here under the stage names (`components.patch` is the
 component, not its module).

@@ -32,7 +32,7 @@ def deploy(
     import kserve
 
     from efcm import config
-    from efcm.deploy import deploy as run
+    from efcm.deploy.rollout import deploy as run
 
     params = config.params_for_stage("deploy", {"export": export})
     return run(

@@ -28,7 +28,7 @@ from kfp.compiler import pipeline_spec_builder  # noqa: E402
 
 from components.image import IMAGE  # noqa: E402
 from efcm.config import Params, load_params, params_from_dict, params_to_dict  # noqa: E402
-from efcm.deploy import check_image_tag  # noqa: E402
+from efcm.deploy.render import check_image_tag  # noqa: E402
 from pipelines.pipeline import SECTIONS, build_pipeline, pipeline_keys  # noqa: E402
 
 DEFAULT_OUT = ROOT / "pipelines" / "efcm_pipeline.yaml"

@@ -1,5 +1,6 @@
-"""Write the InferenceService manifests from `efcm.deploy.inference_service`, the one renderer that
-the pipeline's deploy step also uses, so the static manifests and the deployed object never drift.
+"""Write the InferenceService manifests from `efcm.deploy.render.inference_service`, the one
+renderer that the pipeline's deploy step also uses, so the static manifests and the deployed object
+never drift.
 
     python pipelines/render_manifests.py [--root manifests]
 
@@ -24,7 +25,7 @@ if str(ROOT) not in sys.path:  # `python pipelines/render_manifests.py` puts pip
     sys.path.insert(0, str(ROOT))
 
 from components.image import SERVING_IMAGE  # noqa: E402
-from efcm.deploy import inference_service  # noqa: E402
+from efcm.deploy.render import inference_service  # noqa: E402
 
 # The reference deployment: placeholders for the package URI, the registry and the slide bucket.
 BASE: dict[str, Any] = {

@@ -1,17 +1,21 @@
-"""efcm.deploy: the rendered InferenceService, its rollout (create or patch, canary, readiness
-wait) and the API calls the real kserve SDK makes for it.
+"""efcm.deploy: the rendered InferenceService (`render`), its rollout (`rollout`: create or
+patch, canary, readiness wait), the API calls the real kserve SDK makes for it, and each behaviour
+of the SDK the rollout relies on beyond its documented API (`_kserve_sdk`).
 
 No Kubernetes cluster can run here. So every object the deploy step can send is validated against
 KServe's CRD schema made strict (tests/kserve_crd.py); create-vs-patch and the readiness wait are
-checked with a fake client that records the calls; and the real `kserve.KServeClient` is run
-against a local HTTP stub of the API server, to see which verbs the deploy step needs
-(manifests/base/rbac.yaml grants exactly those).
+checked with a fake client that records the calls (it raises the Kubernetes client's own
+`ApiException` the way the SDK does, and serialises bodies as the SDK does); and the real
+`kserve.KServeClient` is run against a local HTTP stub of the API server, to see which verbs the
+deploy step needs (manifests/base/rbac.yaml grants exactly those) and to pin the SDK's behaviours.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,16 +23,12 @@ from typing import ClassVar
 
 import pytest
 import yaml
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
-from efcm.deploy import (
-    CACHE_MOUNT,
-    DEPLOYMENT_MODE_ANNOTATION,
-    apply_inference_service,
-    deploy,
-    inference_service,
-    merge_patch,
-    rollout_target,
-)
+from efcm.deploy import _kserve_sdk
+from efcm.deploy.render import CACHE_MOUNT, DEPLOYMENT_MODE_ANNOTATION, inference_service
+from efcm.deploy.rollout import apply_inference_service, deploy, merge_patch, rollout_target
 from efcm.limits import CACHE_DIR_ENV, SLIDE_URI_PREFIXES_ENV, ServingLimits
 from efcm.serving.policy import SlideAccessPolicy
 from tests.kserve_crd import isvc_validator
@@ -244,15 +244,15 @@ def test_merge_patch_turns_the_old_spec_into_the_new_one():
 # -- apply with a fake client ---------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    def __init__(self, status):
-        super().__init__(f"({status})\nReason: status {status}")
-        self.status = status
+def _sent(body):
+    """What the SDK sends for `body` (CustomObjectsApi serialises it so)."""
+    return ApiClient().sanitize_for_serialization(body)
 
 
 class FakeKServeClient:
-    """Records the KServeClient calls used, wrapping API errors the way the SDK does (no cluster
-    can run here; the real SDK's requests are checked against an HTTP stub below)."""
+    """Records the KServeClient calls used, wrapping API errors and serialising bodies the way the
+    SDK does (no cluster can run here; the real SDK's requests are checked against an HTTP stub
+    below, and the behaviours imitated here are pinned in the `_kserve_sdk` tests)."""
 
     def __init__(self, existing=None, get_status=None, ready=True):
         self.existing, self.get_status, self.ready, self.calls = existing, get_status, ready, []
@@ -262,21 +262,22 @@ class FakeKServeClient:
         if self.get_status is not None:
             status, self.get_status = self.get_status, None  # once: it exists after the create
             try:
-                raise ApiError(status)
-            except ApiError as e:
-                raise RuntimeError(f"Exception when calling get: {e}") from e
+                raise ApiException(status=status, reason="status")
+            except ApiException as e:  # kserve 0.21: a RuntimeError raised while handling it
+                raise RuntimeError(f"Exception when calling get: {e}")  # noqa: B904
         return self.existing or {"status": {"url": "http://efcm.example.com"}}
 
     def create(self, body, namespace=None):
         assert body.api_version.split("/")[1] == "v1beta1"
-        self.calls.append(("create", body["metadata"]["name"], namespace))
-        return {**body, "metadata": {**body["metadata"], "generation": 1}}
+        self.body = sent = _sent(body)
+        self.calls.append(("create", sent["metadata"]["name"], namespace))
+        return {**sent, "metadata": {**sent["metadata"], "generation": 1}}
 
     def patch(self, name, body, namespace=None):
         assert body.api_version.split("/")[1] == "v1beta1"
         self.calls.append(("patch", name, namespace))
-        self.body = body
-        return {**body, "metadata": {**body["metadata"], "generation": 4}}
+        self.body = sent = _sent(body)
+        return {**sent, "metadata": {**sent["metadata"], "generation": 4}}
 
     def wait_isvc_ready(
         self,
@@ -298,6 +299,7 @@ def test_apply_creates_when_absent_and_waits_for_the_new_generation():
     assert [c[0] for c in client.calls] == ["get", "create", "wait", "get"]
     assert client.calls[2] == ("wait", "efcm", 1, 60, 6)
     assert url == "http://efcm.example.com"
+    assert client.body == _render()  # the rendered object, sent as it is
 
 
 def test_apply_patches_when_present_removing_what_the_new_rendering_lacks():
@@ -375,10 +377,13 @@ _COLLECTION = "/apis/serving.kserve.io/v1beta1/namespaces/efcm/inferenceservices
 
 
 class _StubApiServer(BaseHTTPRequestHandler):
-    """Just enough of the Kubernetes API for InferenceServices: one object, Ready once written."""
+    """Just enough of the Kubernetes API for InferenceServices: one object, Ready once written
+    (unless `ready` is False); the HTTP methods in `forbidden` get 403."""
 
     store: ClassVar[dict] = {}
     requests: ClassVar[list] = []
+    forbidden: ClassVar[set] = set()
+    ready: ClassVar[bool] = True
 
     def _send(self, code, obj):
         body = json.dumps(obj).encode()
@@ -396,6 +401,8 @@ class _StubApiServer(BaseHTTPRequestHandler):
         name = path.removeprefix(_COLLECTION).strip("/")
         if not path.startswith(_COLLECTION):
             return self._send(404, {"kind": "Status", "code": 404})
+        if self.command in self.forbidden:
+            return self._send(403, {"kind": "Status", "code": 403, "reason": "Forbidden"})
         if self.command == "GET":
             if name not in self.store:
                 return self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
@@ -414,7 +421,7 @@ class _StubApiServer(BaseHTTPRequestHandler):
         obj["status"] = {
             "url": f"http://{name}.efcm.example.com",
             "observedGeneration": obj["metadata"]["generation"],
-            "conditions": [{"type": "Ready", "status": "True"}],
+            "conditions": [{"type": "Ready", "status": str(self.ready)}],
         }
         return self._send(201 if self.command == "POST" else 200, obj)
 
@@ -429,6 +436,7 @@ def stub_api_server():
     import kubernetes.client
 
     _StubApiServer.store, _StubApiServer.requests = {}, []
+    _StubApiServer.forbidden, _StubApiServer.ready = set(), True
     server = ThreadingHTTPServer(("127.0.0.1", 0), _StubApiServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -461,19 +469,116 @@ def test_real_sdk_create_then_patch_uses_only_the_verbs_the_role_grants(stub_api
         return kserve.KServeClient(config_dict=kubeconfig)
 
     url = deploy(
-        URI, tmp_path / "1.yaml", "efcm", client_factory=factory, ready_timeout_s=1, **args
+        URI,
+        tmp_path / "1.yaml",
+        "efcm",
+        client_factory=factory,
+        ready_timeout_s=1,
+        **{**args, "gpu": True},
     )
     assert url == "http://efcm.efcm.example.com"
     created = [r for r in requests if r[0] == "POST"]
     assert [r[1] for r in created] == [_COLLECTION]
+    assert "nodeSelector" in _StubApiServer.store["efcm"]["spec"]["predictor"]
     url = deploy(
         NEW_URI, tmp_path / "2.yaml", "efcm", client_factory=factory, ready_timeout_s=1, **args
     )
     (patched,) = [r for r in requests if r[0] == "PATCH"]
     assert patched[1:] == (f"{_COLLECTION}/efcm", "application/merge-patch+json")
-    assert _env(_StubApiServer.store["efcm"])["STORAGE_URI"] == NEW_URI
+    stored = _StubApiServer.store["efcm"]
+    assert _env(stored)["STORAGE_URI"] == NEW_URI
+    # the patch's nulls reached the API server: the GPU placement is gone
+    assert stored["spec"] == yaml.safe_load((tmp_path / "2.yaml").read_text())["spec"]
     assert {r[1] for r in requests} == {_COLLECTION, f"{_COLLECTION}/efcm"}
 
     rbac = yaml.safe_load_all((ROOT / "manifests" / "base" / "rbac.yaml").read_text())
     (rule,) = next(d for d in rbac if d["kind"] == "Role")["rules"]
     assert {_VERBS[r[0]] for r in requests} == set(rule["verbs"])
+
+
+# -- the kserve SDK behaviours the rollout relies on (efcm.deploy._kserve_sdk) --------------------
+# Each test runs the real, pinned SDK: a new version that changes a behaviour fails here.
+
+
+def _pins():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep:
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_sdk_shim_names_the_pinned_versions_it_was_checked_against():
+    """A new pin of kserve or kubernetes means re-checking `_kserve_sdk` (and this note)."""
+    pins = _pins()
+    assert {k: pins[k] for k in _kserve_sdk.CHECKED_VERSIONS} == _kserve_sdk.CHECKED_VERSIONS
+
+
+def test_sdk_shim_reads_the_typed_status_of_a_kserve_client_error(stub_api_server):
+    import kserve
+
+    kubeconfig, _ = stub_api_server
+    client = kserve.KServeClient(config_dict=kubeconfig)
+    with pytest.raises(RuntimeError) as missing:
+        client.get("absent", namespace="efcm")
+    assert _kserve_sdk.api_status(missing.value) == 404
+    _StubApiServer.forbidden = {"GET"}
+    with pytest.raises(RuntimeError) as denied:
+        client.get("efcm", namespace="efcm")
+    assert _kserve_sdk.api_status(denied.value) == 403
+    assert _kserve_sdk.api_status(RuntimeError("(404) in the text only")) is None
+
+
+def test_sdk_shim_tells_the_readiness_timeout_from_an_api_error(stub_api_server):
+    import kserve
+
+    kubeconfig, _ = stub_api_server
+    client = kserve.KServeClient(config_dict=kubeconfig)
+    _StubApiServer.ready = False
+    isvc = inference_service("efcm", "efcm", URI, IMAGE, gpu=False)
+    client.create(_kserve_sdk.request_body(isvc), namespace="efcm")
+    wait = {"namespace": "efcm", "timeout_seconds": 0.1, "polling_interval": 0.1}
+    with pytest.raises(RuntimeError) as timeout:
+        client.wait_isvc_ready("efcm", expected_generation=1, **wait)
+    assert _kserve_sdk.is_wait_timeout(timeout.value)
+    _StubApiServer.forbidden = {"GET"}
+    with pytest.raises(RuntimeError) as denied:
+        client.wait_isvc_ready("efcm", expected_generation=1, **wait)
+    assert not _kserve_sdk.is_wait_timeout(denied.value)
+
+
+def test_real_sdk_deploy_raises_timeout_and_api_errors_typed(stub_api_server, tmp_path):
+    import kserve
+
+    kubeconfig, _ = stub_api_server
+    args = {"namespace": "efcm", "image": IMAGE, "gpu": False, "dry_run": False}
+
+    def factory():
+        return kserve.KServeClient(config_dict=kubeconfig)
+
+    _StubApiServer.ready = False
+    with pytest.raises(TimeoutError, match="not Ready after 1 s"):
+        deploy(URI, tmp_path / "a.yaml", "efcm", client_factory=factory, ready_timeout_s=1, **args)
+    _StubApiServer.forbidden = {"PATCH"}
+    with pytest.raises(RuntimeError, match="403"):
+        deploy(URI, tmp_path / "b.yaml", "efcm", client_factory=factory, ready_timeout_s=0, **args)
+
+
+def test_sdk_shim_request_body_is_the_sdks_model_and_sends_nulls():
+    import kserve
+
+    patch = {**_render(), "spec": {"canary": None, "predictor": {"nodeSelector": None}}}
+    body = _kserve_sdk.request_body(patch)
+    assert isinstance(body, kserve.V1beta1InferenceService)
+    assert body.api_version == "serving.kserve.io/v1beta1" and body.metadata.namespace == NS
+    assert _sent(body) == patch  # what CustomObjectsApi sends: the nulls remove the keys
+
+
+def test_importing_the_sdk_shim_hides_argv_from_kserve():
+    # kserve parses sys.argv on import: an ambiguous option prefix would exit the process.
+    code = "import efcm.deploy.rollout, sys; assert 'kserve' in sys.modules; print('ok')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--enable", "--max"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr

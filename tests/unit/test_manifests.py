@@ -31,7 +31,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from efcm.deploy import CACHE_MOUNT, GPU_RESOURCE
+from efcm.deploy.render import CACHE_MOUNT, GPU_RESOURCE
 from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
@@ -49,7 +49,7 @@ MANIFESTS = ROOT / "manifests"
 DOCKER = ROOT / "docker"
 K8S_VERSION = "1.33.0"  # a GKE / EKS release of 2025-2026; kubernetes-validate ships its schemas
 CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding"}
-# What efcm.deploy does through the kserve SDK (tests/unit/test_deploy.py runs the real SDK).
+# What efcm.deploy.rollout does through the kserve SDK (tests/unit/test_deploy.py runs the SDK).
 ISVC_VERBS = {"get", "create", "patch"}
 WORKLOAD_IDENTITY = "iam.gke.io/gcp-service-account"
 POLICY_ENV = {
@@ -290,7 +290,7 @@ def test_crd_schema_check_rejects_a_broken_inferenceservice(builds, isvc_validat
 
 
 def test_generated_manifests_are_the_deploy_renderers_output():
-    """base/inferenceservice.yaml and the overlay patches come from efcm.deploy."""
+    """base/inferenceservice.yaml and the overlay patches come from efcm.deploy.render."""
     from pipelines.render_manifests import render
 
     for rel, text in render().items():

@@ -117,9 +117,9 @@ def test_importing_the_adapter_hides_argv_from_kserve(module):
 
 
 def test_the_deploy_step_reads_the_serving_policy_without_kserve_or_torch():
-    # efcm.deploy takes the env var names and ServingLimits from efcm.serving.policy
+    # the deploy renderer checks slide URI prefixes with efcm.serving.policy
     code = (
-        "import sys, efcm.deploy, efcm.serving.policy, efcm.serving; "
+        "import sys, efcm.deploy.render, efcm.serving.policy, efcm.serving; "
         "print(sorted(m for m in ('kserve', 'torch') if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,8 +5,8 @@ This package is the only part of `efcm` that imports kserve. `model.EFCMModel` i
 `kserve.Model`; `server.serve` is what `efcm serve` runs; `request` parses request bodies and
 `policy` decides which slide URIs the server may open and the limits of a request.
 
-Importing this package (or `policy`, which `efcm.deploy` reads for the env var names and
-`ServingLimits`, or `request`) imports neither kserve nor torch: the package re-exports nothing,
+Importing this package (or `policy`, which `efcm.deploy.render` uses to check slide URI
+prefixes, or `request`) imports neither kserve nor torch: the package re-exports nothing,
 and only `model` and `server` import kserve, through `efcm.serving._kserve` (which hides
 `sys.argv` from kserve's import-time argument parsing).
 """
