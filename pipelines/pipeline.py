@@ -37,6 +37,7 @@ import components as c
 from components.image import IMAGE, SERVING_IMAGE
 from efcm import registry
 from efcm.config import PipelineParams
+from pipelines.kfp_shim import declare_channel_input
 
 PIPELINE_NAME = "efcm"
 GPU_TAINT = "nvidia.com/gpu"
@@ -151,10 +152,9 @@ def build_pipeline(
                 task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
             if res.gpu:
                 task.set_accelerator_type(gpu_accelerator_type).set_accelerator_limit(1)
-                # kfp 2.17 leaves a parameter used only as the accelerator type out of the
-                # inputs of a ParallelFor's sub-DAG (the task inside then cannot resolve it);
-                # declaring it a channel input of the task puts it there.
-                task._channel_inputs.append(gpu_accelerator_type)
+                # kfp leaves a parameter used only as the accelerator type out of the inputs
+                # of a ParallelFor's sub-DAG: see the shim
+                declare_channel_input(task, gpu_accelerator_type)
                 kubernetes.add_node_selector_json(task, gpu_node_selector)
                 kubernetes.add_toleration(
                     task, key=GPU_TAINT, operator="Exists", effect="NoSchedule"
