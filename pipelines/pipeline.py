@@ -29,6 +29,7 @@ points now) and deploy (it acts on the cluster).
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl import graph_component
@@ -37,6 +38,7 @@ import components as c
 from components.image import IMAGE, SERVING_IMAGE
 from efcm import registry
 from efcm.config import PipelineParams
+from pipelines.kfp_shim import declare_channel_input
 
 PIPELINE_NAME = "efcm"
 GPU_TAINT = "nvidia.com/gpu"
@@ -101,6 +103,324 @@ RESOURCES: dict[str, Res] = {
 GPU_STAGES = tuple(name for name, r in RESOURCES.items() if r.gpu)
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The pipeline's parameters: KFP channels while the graph is traced."""
+
+    manifest_path: Any
+    seed: Any
+    dataset: Any
+    patch: Any
+    teacher: Any
+    student: Any
+    extract: Any
+    distill: Any
+    train_mil: Any
+    ib: Any
+    mil: Any
+    evaluate: Any
+    export: Any
+    deploy: Any
+    shard_size: Any
+    gpu_accelerator_type: Any
+    gpu_node_selector: Any
+    repo_url: Any
+    revision: Any
+    namespace: Any
+    serving_image: Any
+    serving_service_account: Any
+    serve_on_gpu: Any
+    canary_traffic_percent: Any
+    ready_timeout_s: Any
+    slide_uri_prefixes: Any
+    dry_run: Any
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Puts a stage's task on its node: the image, `RESOURCES`, and on the GPU stages the
+    accelerator, node selector, GPU toleration and a memory-backed /dev/shm."""
+
+    image: str
+    accelerator: Any  # the gpu_accelerator_type parameter
+    node_selector: Any  # the gpu_node_selector parameter
+
+    def __call__(self, task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+        res = RESOURCES[stage]
+        task.set_container_image(self.image)
+        task.set_cpu_request(res.cpu).set_memory_request(res.memory)
+        kubernetes.set_timeout(task, res.timeout_s)
+        if res.retry:
+            task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
+        if res.gpu:
+            task.set_accelerator_type(self.accelerator).set_accelerator_limit(1)
+            # kfp leaves a parameter used only as the accelerator type out of the inputs of a
+            # ParallelFor's sub-DAG: see the shim
+            declare_channel_input(task, self.accelerator)
+            kubernetes.add_node_selector_json(task, self.node_selector)
+            kubernetes.add_toleration(task, key=GPU_TAINT, operator="Exists", effect="NoSchedule")
+            kubernetes.empty_dir_mount(
+                task, volume_name="dshm", mount_path="/dev/shm", medium="Memory"
+            )
+        return task
+
+
+@dataclass(frozen=True)
+class _Data:
+    """The artifacts the slide-level strategies, the evaluation and the report read."""
+
+    manifest: Any
+    patches: Any
+    teacher_features: Any
+    student_model: Any
+    student_features: Any
+    folds: Any
+    teacher_mil: Any
+
+
+def _manifest(run: _Schedule, p: _Inputs) -> Any:
+    """resolve_version -> resolve_dataset: the run's manifest, its slide URIs resolved."""
+    version = run(
+        c.resolve_version(repo_url=p.repo_url, revision=p.revision, manifest_path=p.manifest_path),
+        "resolve-version",
+    ).set_caching_options(False)
+    return run(
+        c.resolve_dataset(
+            repo_url=p.repo_url,
+            revision=p.revision,
+            manifest_path=p.manifest_path,
+            version=version.output,
+            dataset=p.dataset,
+        ),
+        "resolve-dataset",
+    ).outputs["manifest"]
+
+
+def _gather(run: _Schedule, p: _Inputs, shard_outputs: Any, stage: str, name: str) -> Any:
+    """The shards' `stage` outputs merged into one folder (fail_on applied to the whole batch)."""
+    return run(
+        c.gather(
+            shards=dsl.Collected(shard_outputs),
+            stage=stage,
+            dataset=p.dataset,
+            patch=p.patch,
+        ).set_display_name(name),
+        "gather",
+    ).outputs["merged"]
+
+
+def _patch_and_extract_shards(
+    run: _Schedule, p: _Inputs, manifest: Any, parallelism: int
+) -> tuple[Any, Any]:
+    """plan_shards -> ParallelFor shard: patch -> extract (teacher) -> gather both: the patches
+    and the teacher features of every slide."""
+    shards = run(c.plan_shards(manifest=manifest, shard_size=p.shard_size), "plan-shards")
+    with dsl.ParallelFor(shards.output, parallelism=parallelism, name="shards") as shard:
+        shard_patch = run(
+            c.patch(
+                manifest=manifest,
+                dataset=p.dataset,
+                patch=p.patch,
+                shard=shard,
+                shard_size=p.shard_size,
+            ),
+            "patch",
+        )
+        shard_extract = run(
+            c.extract(
+                manifest=manifest,
+                patches=shard_patch.outputs["patches"],
+                dataset=p.dataset,
+                teacher=p.teacher,
+                extract=p.extract,
+                encoder="teacher",
+                seed=p.seed,
+                shard=shard,
+                shard_size=p.shard_size,
+            ).set_display_name("extract-teacher"),
+            "extract",
+        )
+    patches = _gather(run, p, shard_patch.outputs["patches"], "patch", "gather-patches")
+    teacher_features = _gather(
+        run, p, shard_extract.outputs["features"], "extract", "gather-teacher-features"
+    )
+    return patches, teacher_features
+
+
+def _distil_student(
+    run: _Schedule, p: _Inputs, manifest: Any, patches: Any, teacher_features: Any
+) -> tuple[Any, Any]:
+    """distill -> extract (student): the student model and its features of every slide."""
+    student_model = run(
+        c.distill(
+            manifest=manifest,
+            patches=patches,
+            teacher_features=teacher_features,
+            seed=p.seed,
+            dataset=p.dataset,
+            student=p.student,
+            distill=p.distill,
+        ),
+        "distill",
+    ).outputs["student_model"]
+    student_features = run(
+        c.extract(
+            manifest=manifest,
+            patches=patches,
+            dataset=p.dataset,
+            teacher=p.teacher,
+            extract=p.extract,
+            encoder="student",
+            seed=p.seed,
+            student_model=student_model,
+        ).set_display_name("extract-student"),
+        "extract",
+    ).outputs["features"]
+    return student_model, student_features
+
+
+def _train_teacher_mil(
+    run: _Schedule, p: _Inputs, manifest: Any, teacher_features: Any
+) -> tuple[Any, Any]:
+    """splits -> train_mil (teacher): the patient-level folds and the teacher-feature CLAM."""
+    folds = run(
+        c.splits(
+            manifest=manifest,
+            features=teacher_features,
+            seed=p.seed,
+            dataset=p.dataset,
+            train_mil=p.train_mil,
+        ),
+        "splits",
+    ).outputs["splits"]
+    teacher_mil = run(
+        c.train_mil(
+            manifest=manifest,
+            features=teacher_features,
+            splits=folds,
+            seed=p.seed,
+            dataset=p.dataset,
+            train_mil=p.train_mil,
+        ).set_display_name("train-mil-teacher"),
+        "train-mil",
+    ).outputs["mil"]
+    return folds, teacher_mil
+
+
+def _compare_strategies(run: _Schedule, p: _Inputs, data: _Data) -> dsl.PipelineTask:
+    """plan_strategies -> ParallelFor strategy: the task run once per strategy."""
+    # one task per strategy this run compares (efcm.registry: `mil.strategies`, `auto` resolved
+    # against `distill.method` at run time), each with every input: an entry reads only those it
+    # names
+    planned = run(c.plan_strategies(distill=p.distill, mil=p.mil), "plan-strategies")
+    with dsl.ParallelFor(
+        planned.output, parallelism=len(registry.STRATEGIES), name="strategies"
+    ) as name:
+        return run(
+            c.strategy(
+                name=name,
+                manifest=data.manifest,
+                splits=data.folds,
+                patches=data.patches,
+                teacher_features=data.teacher_features,
+                teacher_mil=data.teacher_mil,
+                student_model=data.student_model,
+                student_features=data.student_features,
+                seed=p.seed,
+                dataset=p.dataset,
+                distill=p.distill,
+                train_mil=p.train_mil,
+                ib=p.ib,
+                mil=p.mil,
+                extract=p.extract,
+            ),
+            "strategy",
+        )
+
+
+def _collected(outcome: dsl.PipelineTask) -> dsl.Collected:
+    """The strategies' outputs, fanned in: one per consumer (kfp 2.17 cannot share one)."""
+    return dsl.Collected(outcome.outputs["strategy"])
+
+
+def _evaluate_and_export(
+    run: _Schedule, p: _Inputs, data: _Data, outcome: dsl.PipelineTask
+) -> tuple[Any, Any]:
+    """evaluate -> export: the evaluation table and the deployable package."""
+    evaluation = run(
+        c.evaluate(
+            manifest=data.manifest,
+            teacher_mil=data.teacher_mil,
+            strategies=_collected(outcome),
+            student_model=data.student_model,
+            seed=p.seed,
+            dataset=p.dataset,
+            teacher=p.teacher,
+            distill=p.distill,
+            mil=p.mil,
+            extract=p.extract,
+            evaluate=p.evaluate,
+        ),
+        "evaluate",
+    ).outputs["evaluation"]
+    package = run(
+        c.export(
+            student_model=data.student_model,
+            strategies=_collected(outcome),
+            evaluation=evaluation,
+            patches=data.patches,
+            dataset=p.dataset,
+            patch=p.patch,
+            teacher=p.teacher,
+            distill=p.distill,
+            mil=p.mil,
+            export=p.export,
+        ),
+        "export",
+    ).outputs["package"]
+    return evaluation, package
+
+
+def _gate_report_and_deploy(
+    run: _Schedule,
+    p: _Inputs,
+    data: _Data,
+    outcome: dsl.PipelineTask,
+    evaluation: Any,
+    package: Any,
+) -> None:
+    """gate -> report, and deploy when the gate promotes the package."""
+    promote = run(c.gate(package=package, deploy=p.deploy), "gate")
+    run(
+        c.report(
+            patches=data.patches,
+            strategies=_collected(outcome),
+            package=package,
+            evaluation=evaluation,
+            verdict=promote.outputs["verdict"],
+            dataset=p.dataset,
+        ),
+        "report",
+    )
+    with dsl.If(promote.outputs["Output"] == True, name="promoted"):  # noqa: E712
+        run(
+            c.deploy(
+                package=package,
+                export=p.export,
+                namespace=p.namespace,
+                serving_image=p.serving_image,
+                service_account=p.serving_service_account,
+                gpu=p.serve_on_gpu,
+                dry_run=p.dry_run,
+                canary_traffic_percent=p.canary_traffic_percent,
+                ready_timeout_s=p.ready_timeout_s,
+                slide_uri_prefixes=p.slide_uri_prefixes,
+                gpu_node_selector=p.gpu_node_selector,
+            ),
+            "deploy",
+        ).set_caching_options(False)
+
+
 def build_pipeline(
     image: str = IMAGE, parallelism: int = PipelineParams().parallelism
 ) -> graph_component.GraphComponent:
@@ -142,231 +462,48 @@ def build_pipeline(
         slide_uri_prefixes: str = "",
         dry_run: bool = False,
     ):
-        def run(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
-            res = RESOURCES[stage]
-            task.set_container_image(image)
-            task.set_cpu_request(res.cpu).set_memory_request(res.memory)
-            kubernetes.set_timeout(task, res.timeout_s)
-            if res.retry:
-                task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2)
-            if res.gpu:
-                task.set_accelerator_type(gpu_accelerator_type).set_accelerator_limit(1)
-                # kfp 2.17 leaves a parameter used only as the accelerator type out of the
-                # inputs of a ParallelFor's sub-DAG (the task inside then cannot resolve it);
-                # declaring it a channel input of the task puts it there.
-                task._channel_inputs.append(gpu_accelerator_type)
-                kubernetes.add_node_selector_json(task, gpu_node_selector)
-                kubernetes.add_toleration(
-                    task, key=GPU_TAINT, operator="Exists", effect="NoSchedule"
-                )
-                kubernetes.empty_dir_mount(
-                    task, volume_name="dshm", mount_path="/dev/shm", medium="Memory"
-                )
-            return task
-
-        version = run(
-            c.resolve_version(repo_url=repo_url, revision=revision, manifest_path=manifest_path),
-            "resolve-version",
-        ).set_caching_options(False)
-        manifest = run(
-            c.resolve_dataset(
-                repo_url=repo_url,
-                revision=revision,
-                manifest_path=manifest_path,
-                version=version.output,
-                dataset=dataset,
-            ),
-            "resolve-dataset",
-        ).outputs["manifest"]
-
-        shards = run(c.plan_shards(manifest=manifest, shard_size=shard_size), "plan-shards")
-        with dsl.ParallelFor(shards.output, parallelism=parallelism, name="shards") as shard:
-            shard_patch = run(
-                c.patch(
-                    manifest=manifest,
-                    dataset=dataset,
-                    patch=patch,
-                    shard=shard,
-                    shard_size=shard_size,
-                ),
-                "patch",
-            )
-            shard_extract = run(
-                c.extract(
-                    manifest=manifest,
-                    patches=shard_patch.outputs["patches"],
-                    dataset=dataset,
-                    teacher=teacher,
-                    extract=extract,
-                    encoder="teacher",
-                    seed=seed,
-                    shard=shard,
-                    shard_size=shard_size,
-                ).set_display_name("extract-teacher"),
-                "extract",
-            )
-        patches = run(
-            c.gather(
-                shards=dsl.Collected(shard_patch.outputs["patches"]),
-                stage="patch",
-                dataset=dataset,
-                patch=patch,
-            ).set_display_name("gather-patches"),
-            "gather",
-        ).outputs["merged"]
-        teacher_features = run(
-            c.gather(
-                shards=dsl.Collected(shard_extract.outputs["features"]),
-                stage="extract",
-                dataset=dataset,
-                patch=patch,
-            ).set_display_name("gather-teacher-features"),
-            "gather",
-        ).outputs["merged"]
-
-        student_model = run(
-            c.distill(
-                manifest=manifest,
-                patches=patches,
-                teacher_features=teacher_features,
-                seed=seed,
-                dataset=dataset,
-                student=student,
-                distill=distill,
-            ),
-            "distill",
-        ).outputs["student_model"]
-
-        student_features = run(
-            c.extract(
-                manifest=manifest,
-                patches=patches,
-                dataset=dataset,
-                teacher=teacher,
-                extract=extract,
-                encoder="student",
-                seed=seed,
-                student_model=student_model,
-            ).set_display_name("extract-student"),
-            "extract",
-        ).outputs["features"]
-
-        folds = run(
-            c.splits(
-                manifest=manifest,
-                features=teacher_features,
-                seed=seed,
-                dataset=dataset,
-                train_mil=train_mil,
-            ),
-            "splits",
-        ).outputs["splits"]
-
-        teacher_mil = run(
-            c.train_mil(
-                manifest=manifest,
-                features=teacher_features,
-                splits=folds,
-                seed=seed,
-                dataset=dataset,
-                train_mil=train_mil,
-            ).set_display_name("train-mil-teacher"),
-            "train-mil",
-        ).outputs["mil"]
-
-        # one task per strategy this run compares (efcm.registry: `mil.strategies`, `auto`
-        # resolved against `distill.method` at run time), each with every input: an entry reads
-        # only those it names
-        planned = run(c.plan_strategies(distill=distill, mil=mil), "plan-strategies")
-        with dsl.ParallelFor(
-            planned.output, parallelism=len(registry.STRATEGIES), name="strategies"
-        ) as name:
-            outcome = run(
-                c.strategy(
-                    name=name,
-                    manifest=manifest,
-                    splits=folds,
-                    patches=patches,
-                    teacher_features=teacher_features,
-                    teacher_mil=teacher_mil,
-                    student_model=student_model,
-                    student_features=student_features,
-                    seed=seed,
-                    dataset=dataset,
-                    distill=distill,
-                    train_mil=train_mil,
-                    ib=ib,
-                    mil=mil,
-                    extract=extract,
-                ),
-                "strategy",
-            )
-
-        def strategies() -> dsl.Collected:  # one per consumer: kfp 2.17 cannot share one
-            return dsl.Collected(outcome.outputs["strategy"])
-
-        evaluation = run(
-            c.evaluate(
-                manifest=manifest,
-                teacher_mil=teacher_mil,
-                strategies=strategies(),
-                student_model=student_model,
-                seed=seed,
-                dataset=dataset,
-                teacher=teacher,
-                distill=distill,
-                mil=mil,
-                extract=extract,
-                evaluate=evaluate,
-            ),
-            "evaluate",
-        ).outputs["evaluation"]
-
-        package = run(
-            c.export(
-                student_model=student_model,
-                strategies=strategies(),
-                evaluation=evaluation,
-                patches=patches,
-                dataset=dataset,
-                patch=patch,
-                teacher=teacher,
-                distill=distill,
-                mil=mil,
-                export=export,
-            ),
-            "export",
-        ).outputs["package"]
-
-        promote = run(c.gate(package=package, deploy=deploy), "gate")
-        run(
-            c.report(
-                patches=patches,
-                strategies=strategies(),
-                package=package,
-                evaluation=evaluation,
-                verdict=promote.outputs["verdict"],
-                dataset=dataset,
-            ),
-            "report",
+        p = _Inputs(
+            manifest_path=manifest_path,
+            seed=seed,
+            dataset=dataset,
+            patch=patch,
+            teacher=teacher,
+            student=student,
+            extract=extract,
+            distill=distill,
+            train_mil=train_mil,
+            ib=ib,
+            mil=mil,
+            evaluate=evaluate,
+            export=export,
+            deploy=deploy,
+            shard_size=shard_size,
+            gpu_accelerator_type=gpu_accelerator_type,
+            gpu_node_selector=gpu_node_selector,
+            repo_url=repo_url,
+            revision=revision,
+            namespace=namespace,
+            serving_image=serving_image,
+            serving_service_account=serving_service_account,
+            serve_on_gpu=serve_on_gpu,
+            canary_traffic_percent=canary_traffic_percent,
+            ready_timeout_s=ready_timeout_s,
+            slide_uri_prefixes=slide_uri_prefixes,
+            dry_run=dry_run,
         )
-        with dsl.If(promote.outputs["Output"] == True, name="promoted"):  # noqa: E712
-            run(
-                c.deploy(
-                    package=package,
-                    export=export,
-                    namespace=namespace,
-                    serving_image=serving_image,
-                    service_account=serving_service_account,
-                    gpu=serve_on_gpu,
-                    dry_run=dry_run,
-                    canary_traffic_percent=canary_traffic_percent,
-                    ready_timeout_s=ready_timeout_s,
-                    slide_uri_prefixes=slide_uri_prefixes,
-                    gpu_node_selector=gpu_node_selector,
-                ),
-                "deploy",
-            ).set_caching_options(False)
+        run = _Schedule(image, gpu_accelerator_type, gpu_node_selector)
+        manifest = _manifest(run, p)
+        patches, teacher_features = _patch_and_extract_shards(run, p, manifest, parallelism)
+        student_model, student_features = _distil_student(
+            run, p, manifest, patches, teacher_features
+        )
+        folds, teacher_mil = _train_teacher_mil(run, p, manifest, teacher_features)
+        data = _Data(
+            manifest, patches, teacher_features, student_model, student_features, folds, teacher_mil
+        )
+        outcome = _compare_strategies(run, p, data)
+        evaluation, package = _evaluate_and_export(run, p, data, outcome)
+        _gate_report_and_deploy(run, p, data, outcome, evaluation, package)
 
     return efcm_pipeline
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from tqdm import tqdm
 
 from efcm.config import ExtractParams
+from efcm.errors import InvalidInput
 from efcm.io.files import atomic_path, remove_stale_parts
-from efcm.io.manifest import Manifest
-from efcm.io.status import OK, write_status
+from efcm.io.manifest import Manifest, SlideEntry
+from efcm.slides.batch import ALREADY_DONE, SlideLoop
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile, made_with, parse_settings, read_coords
 
@@ -199,6 +200,63 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(f["features"][:], np.float32), np.asarray(f["coords"][:], np.int64)
 
 
+def _coords_of(path: Path) -> CoordsFile:
+    try:
+        return read_coords(path)
+    except ValueError as err:  # an h5 that is not a coords file: the input's fault, not a bug
+        raise InvalidInput(str(err)) from err
+
+
+def _extract(
+    entry: SlideEntry,
+    row: dict[str, Any],
+    model: nn.Module,
+    base_dir: Path,
+    patches_dir: Path,
+    out: Path,
+    params: ExtractParams,
+    attrs: dict[str, Any],
+    overwrite: bool,
+) -> None:
+    """Extract one slide's features, unless they can be reused (a `SlideWork`)."""
+    coords_path = patches_dir / "patches" / f"{entry.slide_id}.h5"
+    dest = out / "features" / f"{entry.slide_id}.h5"
+    if not coords_path.is_file():
+        row.update(
+            status="no_patches", reason=f"no coords file {coords_path.name} (see patch status)"
+        )
+        return
+    coords = _coords_of(coords_path)
+    if len(coords.coords) == 0:
+        row.update(status="no_tissue", reason="its coords file has no patches")
+        return
+    settings = extract_settings(attrs, params, coords)
+    if (
+        not overwrite
+        and features_complete(dest)
+        and made_with(
+            entry.slide_id, dest, "extraction", read_extract_settings, settings, "an older efcm"
+        )
+    ):
+        with h5py.File(dest, "r") as f:
+            row.update(reason=ALREADY_DONE, n_patches=len(f["features"]))
+        return
+    sp = SlidePatches(entry.uri, coords, base_dir)
+    try:
+        feats = extract_slide(model, sp, params)
+    finally:
+        sp.close()
+    write_features(
+        dest,
+        feats,
+        coords.coords,
+        {**attrs, "coords_file": str(coords_path.name), "slide_id": entry.slide_id},
+        params.float16,
+        settings,
+    )
+    row["n_patches"] = len(feats)
+
+
 def extract_manifest(
     model: nn.Module,
     manifest: Manifest,
@@ -215,66 +273,22 @@ def extract_manifest(
     hash, input transform...) go into every features h5, and with `float16` and the coords read
     they are the settings a rerun compares to reuse a slide's features (see `extract_settings`).
     Writes out_dir/status.csv.
+
+    Raises:
+        BatchFailed: an unexpected error hit most slides (see `efcm.slides.batch.SlideLoop`).
     """
-    patches_dir, out = Path(patches_dir), Path(out_dir)
+    out = Path(out_dir)
     remove_stale_parts(out / "features")  # half-written files of a killed run
     model.eval()
-    rows = []
-    for entry in tqdm(manifest.slides, desc="extract", unit="slide", disable=None):
-        t0 = time.perf_counter()
-        coords_path = patches_dir / "patches" / f"{entry.slide_id}.h5"
-        dest = out / "features" / f"{entry.slide_id}.h5"
-        row: dict[str, Any] = {
-            "slide_id": entry.slide_id,
-            "status": OK,
-            "reason": "",
-            "n_patches": 0,
-        }
-        if not coords_path.is_file():
-            row.update(
-                status="no_patches", reason=f"no coords file {coords_path.name} (see patch status)"
-            )
-            rows.append(row)
-            continue
-        try:
-            coords = read_coords(coords_path)
-            if len(coords.coords) == 0:
-                row.update(status="no_tissue", reason="its coords file has no patches")
-                rows.append(row)
-                continue
-            settings = extract_settings(attrs, params, coords)
-            if (
-                not overwrite
-                and features_complete(dest)
-                and made_with(
-                    entry.slide_id,
-                    dest,
-                    "extraction",
-                    read_extract_settings,
-                    settings,
-                    "an older efcm",
-                )
-            ):
-                with h5py.File(dest, "r") as f:
-                    row.update(reason="already done", n_patches=len(f["features"]))
-                rows.append(row)
-                continue
-            sp = SlidePatches(entry.uri, coords, manifest.base_dir)
-            feats = extract_slide(model, sp, params)
-            sp.close()
-            write_features(
-                dest,
-                feats,
-                coords.coords,
-                {**attrs, "coords_file": str(coords_path.name), "slide_id": entry.slide_id},
-                params.float16,
-                settings,
-            )
-            row["n_patches"] = len(feats)
-        except (ValueError, FileNotFoundError, OSError) as err:
-            row.update(status="unreadable", reason=str(err))
-            log.warning("%s: %s", entry.slide_id, err)
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        rows.append(row)
-    write_status(out / "status.csv", rows)
-    return rows
+    work = partial(
+        _extract,
+        model=model,
+        base_dir=manifest.base_dir,
+        patches_dir=Path(patches_dir),
+        out=out,
+        params=params,
+        attrs=attrs,
+        overwrite=overwrite,
+    )
+    loop = SlideLoop("extract", work, {"n_patches": 0})
+    return loop.run(manifest.slides, out / "status.csv")

@@ -14,26 +14,9 @@ from typing import Any
 
 from efcm import registry
 from efcm.config import ConfigError, Params
-from efcm.errors import BatchFailed
 from efcm.io.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
-
-
-def _check_batch(
-    rows: list[dict[str, Any]], what: str, fail_on: str = "all"
-) -> list[dict[str, Any]]:
-    """Raise BatchFailed when `fail_on` says so: `all` slides failed (default), `any` failed, or
-    `never`. Failed slides are in the status CSV either way."""
-    failed = [r for r in rows if r["status"] != "ok"]
-    log.info("%s: %d/%d slides ok", what, len(rows) - len(failed), len(rows))
-    for r in failed:
-        log.warning("%s: %s %s: %s", what, r["slide_id"], r["status"], r["reason"])
-    if failed and (fail_on == "any" or (fail_on == "all" and len(failed) == len(rows))):
-        reasons = "; ".join(f"{r['slide_id']}: {r['reason']}" for r in failed[:3])
-        which = "every slide" if len(failed) == len(rows) else f"{len(failed)} slide(s)"
-        raise BatchFailed(f"{what}: {which} failed ({reasons})")
-    return rows
 
 
 def _read(manifest: str | Path, params: Params, shard: tuple[int, int] | None) -> Manifest:
@@ -91,7 +74,7 @@ def patch(
     over the manifest and the slides' metadata; `shard` = (index, shard_size) patches only that
     shard of the manifest (see `efcm.io.dataset.select_shard`)."""
     from efcm.io.manifest import apply_mpp_overrides
-    from efcm.slides.batch import patch_manifest
+    from efcm.slides.batch import check_batch, patch_manifest
 
     slides = _read(manifest, params, shard)
     if mpp_overrides:
@@ -104,7 +87,7 @@ def patch(
         overwrite=overwrite,
     )
     # a shard is part of a batch: `fail_on` is applied to the whole batch, by `gather`
-    return _check_batch(rows, "patch", "never" if shard else params.patch.fail_on)
+    return check_batch(rows, "patch", "never" if shard else params.patch.fail_on)
 
 
 def extract(
@@ -125,6 +108,7 @@ def extract(
     from efcm.features import extract_manifest
     from efcm.io.files import sha256_file
     from efcm.models.encoders import EncoderWithTransform, build_backbone
+    from efcm.slides.batch import check_batch
 
     if encoder == "teacher":
         torch.manual_seed(params.seed)  # a random-init (demo) teacher is the same on every run
@@ -164,7 +148,7 @@ def extract(
         attrs,
         overwrite=overwrite,
     )
-    return _check_batch(rows, "extract", "never" if shard else "all")
+    return check_batch(rows, "extract", "never" if shard else "all")
 
 
 def gather(
@@ -174,8 +158,9 @@ def gather(
     `efcm.io.dataset.merge_outputs`), then apply `fail_on` to the whole batch, as an unsharded
     `patch` / `extract` does (a shard alone never fails the run for its failed slides)."""
     from efcm.io.dataset import merge_outputs
+    from efcm.slides.batch import check_batch
 
-    return _check_batch(merge_outputs(shards, out_dir), what, fail_on)
+    return check_batch(merge_outputs(shards, out_dir), what, fail_on)
 
 
 def distill(

@@ -16,11 +16,12 @@ import yaml
 
 from efcm.cli import main
 from efcm.config import PatchParams, TissueParams
+from efcm.errors import BatchFailed
 from efcm.io.manifest import SlideEntry, read_manifest
 from efcm.slides.batch import patch_manifest, patch_slide
 from efcm.slides.patching import read_coords
 from efcm.slides.synthetic import SlideSpec, write_slide
-from tests.conftest import ROOT, tiny_params_dict
+from tests.conftest import ROOT, first_slides, tiny_params_dict
 
 pytestmark = pytest.mark.integration
 
@@ -371,3 +372,154 @@ def test_a_redone_slide_that_fails_keeps_no_coords_of_the_old_settings(tmp_path,
     rows = patch_manifest(m, tmp_path, P64.model_copy(update={"target_mpp": 0.2}))
     assert [r["status"] for r in rows] == ["too_coarse"] * 2
     assert _files(tmp_path) == {}
+
+
+# -- an unexpected exception (a bug) is told apart from bad slides --------------------------------
+
+
+def _three_slides(tiny_dataset: Path, out: Path) -> tuple[Path, list[str]]:
+    """A manifest of the first three tiny slides (absolute URIs) and their ids."""
+    path = first_slides(tiny_dataset, 3, out)
+    return path, [s.slide_id for s in read_manifest(path).slides]
+
+
+def _params_file(tmp_path: Path, fail_on: str) -> Path:
+    data = tiny_params_dict()
+    data["patch"]["fail_on"] = fail_on
+    path = tmp_path / f"params_{fail_on}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _inject_bug(monkeypatch, broken: set[str]) -> None:
+    """`plan_patches` raises a RuntimeError (as a bug would) for the slides in `broken`."""
+    from efcm.slides import batch
+
+    real = batch.plan_patches
+
+    def plan_patches(slide, params, *, mpp_override=None, name="slide"):
+        if name in broken:
+            raise RuntimeError(f"injected bug on {name}")
+        return real(slide, params, mpp_override=mpp_override, name=name)
+
+    monkeypatch.setattr(batch, "plan_patches", plan_patches)
+
+
+def _cli(command: str, manifest: Path, out: Path, params: Path, *more: str) -> int:
+    """`efcm <command>` run in process, as the entry point runs it; returns its exit status."""
+    return main(
+        [command, "--manifest", str(manifest), "--out", str(out), "--params", str(params), *more]
+    )
+
+
+def _status_rows(out: Path) -> dict[str, dict[str, str]]:
+    from efcm.io.status import read_status
+
+    return {r["slide_id"]: r for r in read_status(out / "status.csv")}
+
+
+@pytest.mark.parametrize("fail_on", ["all", "never"])
+def test_an_unexpected_error_on_most_slides_fails_patch_whatever_fail_on_says(
+    tmp_path, tiny_dataset, monkeypatch, capsys, caplog, fail_on
+):
+    manifest, ids = _three_slides(tiny_dataset, tmp_path / "m.csv")
+    _inject_bug(monkeypatch, set(ids[1:]))
+    out = tmp_path / "out"
+    code = _cli("patch", manifest, out, _params_file(tmp_path, fail_on))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "unexpected error on 2 of 3 attempted slides" in err
+    assert f"RuntimeError on {ids[1]}, {ids[2]}" in err
+    # each bug is logged with its traceback
+    logged = [r for r in caplog.records if r.exc_info and "unexpected error" in r.getMessage()]
+    assert [r.exc_info[0] for r in logged] == [RuntimeError, RuntimeError]
+    # nothing already written is lost: every row, and the finished slide's outputs
+    rows = _status_rows(out)
+    assert rows[ids[0]]["status"] == "ok"
+    _outputs_exist(out, ids[0])
+    for sid in ids[1:]:
+        assert rows[sid]["status"] == "error"
+        assert rows[sid]["reason"] == f"RuntimeError: injected bug on {sid}"
+        assert not (out / "patches" / f"{sid}.h5").exists()
+
+
+def test_an_unexpected_error_on_one_slide_does_not_stop_the_batch(
+    tmp_path, tiny_dataset, monkeypatch
+):
+    manifest, ids = _three_slides(tiny_dataset, tmp_path / "m.csv")
+    _inject_bug(monkeypatch, {ids[0]})
+    out = tmp_path / "out"
+    code = _cli("patch", manifest, out, _params_file(tmp_path, "all"))
+    assert code == 0
+    rows = _status_rows(out)
+    assert rows[ids[0]]["status"] == "error"
+    assert rows[ids[0]]["reason"] == f"RuntimeError: injected bug on {ids[0]}"
+    for sid in ids[1:]:
+        assert rows[sid]["status"] == "ok"
+        _outputs_exist(out, sid)
+
+
+def test_bad_slides_on_most_of_the_batch_keep_the_fail_on_all_policy(
+    tmp_path, tiny_dataset, shared_data
+):
+    """Expected failures (InvalidSlide, a missing file) are not bugs: with fail_on: all, one good
+    slide out of four is a successful batch, as before."""
+    good = read_manifest(tiny_dataset).slides[0]
+    (tmp_path / "zero.svs").write_bytes(b"")
+    shutil.copy(shared_data / "tiles/misc/stardist_histo.jpg", tmp_path / "photo.tif")
+    (tmp_path / "m.csv").write_text(
+        "slide_id,case_id,uri,label\n"
+        f"good,c0,{tiny_dataset.parent / good.uri},{good.label}\n"
+        "zero,c1,zero.svs,normal\nphoto,c2,photo.tif,normal\nabsent,c3,absent.svs,normal\n"
+    )
+    out = tmp_path / "out"
+    code = _cli("patch", tmp_path / "m.csv", out, _params_file(tmp_path, "all"))
+    assert code == 0
+    rows = _status_rows(out)
+    assert {s: r["status"] for s, r in rows.items()} == {
+        "good": "ok",
+        "zero": "unreadable",
+        "photo": "unreadable",
+        "absent": "missing",
+    }
+
+
+def test_reused_slides_do_not_count_as_attempted(tmp_path, tiny_dataset, monkeypatch):
+    """A rerun that reuses two slides and hits a bug on the only one it attempts fails."""
+    manifest, ids = _three_slides(tiny_dataset, tmp_path / "m.csv")
+    out = tmp_path / "out"
+    m = read_manifest(manifest)
+    patch_manifest(type(m)(m.path, m.slides[:2]), out, P64)
+    _inject_bug(monkeypatch, set(ids))
+    with pytest.raises(BatchFailed, match=rf"1 of 1 attempted slides \(RuntimeError on {ids[2]}\)"):
+        patch_manifest(m, out, P64)
+    rows = _status_rows(out)
+    assert [rows[s]["reason"] for s in ids] == [
+        "already done",
+        "already done",
+        f"RuntimeError: injected bug on {ids[2]}",
+    ]
+
+
+def test_an_unexpected_error_on_most_slides_fails_extract(tmp_path, tiny_dataset, monkeypatch):
+    from efcm import features
+
+    manifest, ids = _three_slides(tiny_dataset, tmp_path / "m.csv")
+    params = _params_file(tmp_path, "all")
+    assert _cli("patch", manifest, tmp_path / "p", params) == 0
+    real = features.extract_slide
+
+    def extract_slide(model, patches, params):
+        if patches.coords.name != ids[0]:
+            raise RuntimeError("injected bug")
+        return real(model, patches, params)
+
+    monkeypatch.setattr(features, "extract_slide", extract_slide)
+    out = tmp_path / "f"
+    code = _cli(
+        "extract", manifest, out, params, "--patches", str(tmp_path / "p"), "--encoder", "teacher"
+    )
+    assert code == 1
+    rows = _status_rows(out)
+    assert [rows[s]["status"] for s in ids] == ["ok", "error", "error"]
+    assert (out / "features" / f"{ids[0]}.h5").is_file()

@@ -1,6 +1,7 @@
-"""The `patch` stage over a manifest: tissue mask + patch grid per slide, a status row per slide.
+"""The `patch` stage over a manifest, and the per-slide loop every batch stage runs (`SlideLoop`).
 
-One bad slide never stops the batch: its error becomes a status row. Outputs are written
+One bad slide never stops the batch: its error becomes a status row. An unexpected exception (a bug,
+not a bad slide) is recorded too, but fails the batch when it hits most slides. Outputs are written
 atomically, and a rerun reuses a slide's coords h5 only when it is complete and was made with the
 same patch settings (unless `overwrite`); any other slide is redone, and the log says why.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import openslide
 from tqdm import tqdm
 
 from efcm.config import PatchParams
-from efcm.errors import InvalidSlide
+from efcm.errors import BatchFailed, InvalidInput, InvalidSlide
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest, SlideEntry
 from efcm.io.status import NO_TISSUE, OK, write_status
@@ -124,12 +127,210 @@ def write_qc(out_dir: Path, slide_id: str, plan: PatchPlan) -> None:
     _write_atomic(out_dir / "qc" / f"{slide_id}.geojson", json.dumps(geo).encode())
 
 
-def _remove_stale_coords(path: Path, slide_id: str) -> None:
+# -- the per-slide loop of every batch stage ------------------------------------------------------
+
+ERROR = "error"  # the status of a slide that hit an unexpected exception: a bug, not a bad slide
+ALREADY_DONE = "already done"  # the reason of a slide whose outputs a rerun reused
+
+# What a bad slide (or a bad file made from it) raises; anything else is unexpected.
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (InvalidInput, OSError, openslide.OpenSlideError)
+
+SlideWork = Callable[[SlideEntry, dict[str, Any]], None]
+"""A stage's work on one slide: fills the slide's status row (`status`, `reason` and the stage's
+columns) and raises when the slide fails; a reused slide gets the reason `ALREADY_DONE`."""
+
+
+def expected_failure(err: Exception, uri: str) -> tuple[str, str]:
+    """The status code and reason of an expected per-slide error (one of `EXPECTED_ERRORS`)."""
+    if isinstance(err, InvalidSlide):
+        return err.status, str(err)
+    if isinstance(err, FileNotFoundError):
+        return "missing", str(err)
+    if isinstance(err, PermissionError):
+        return "forbidden", str(err)
+    if isinstance(err, openslide.OpenSlideError):  # opened, but a tile cannot be decoded
+        return "unreadable", f"{uri}: corrupt or truncated slide ({err})"
+    return "unreadable", str(err)
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """One slide's status row, and the type of the unexpected exception it hit (None if none)."""
+
+    row: dict[str, Any]
+    unexpected: str | None = None
+
+
+def _unexpected_summary(hit: list[SlideOutcome], first: int = 3) -> str:
+    """`RuntimeError on s0, s1, s2 ...; KeyError on s5`: the first slides of each type."""
+    by_type: dict[str, list[str]] = {}
+    for o in hit:
+        by_type.setdefault(str(o.unexpected), []).append(o.row["slide_id"])
+    return "; ".join(
+        f"{kind} on {', '.join(ids[:first])}{' ...' if len(ids) > first else ''}"
+        for kind, ids in by_type.items()
+    )
+
+
+@dataclass(frozen=True)
+class SlideLoop:
+    """The one per-slide loop of the batch stages (`patch`, `extract`): every slide gets a status
+    row, and a bad slide never stops the batch.
+
+    An expected error (`EXPECTED_ERRORS`: a bad slide or file) becomes the slide's status and
+    reason (see `expected_failure`). Any other exception is a bug: it is logged with its
+    traceback, recorded with status `error` (the reason is its type and message) and counted apart;
+    when it hits more than half of the attempted slides (reused slides are not attempted),
+    `run` raises `BatchFailed` after writing the status CSV, whatever the stage's `fail_on` says
+    (that governs the expected failures: see `check_batch`). Finished slides keep their outputs.
+
+    Attributes:
+        what: the stage, in logs and errors.
+        work: the stage's work on one slide (see `SlideWork`); picklable when `run` uses workers.
+        columns: the stage's status columns and their values before the work fills them.
+        on_failure: called with a slide that failed, e.g. to remove outputs of an earlier run.
+    """
+
+    what: str
+    work: SlideWork
+    columns: Mapping[str, Any] = field(default_factory=dict)
+    on_failure: Callable[[SlideEntry], None] | None = None
+
+    def attempt(self, entry: SlideEntry) -> SlideOutcome:
+        """Run the work on one slide; never raises for a slide that fails."""
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"slide_id": entry.slide_id, "status": OK, "reason": ""}
+        row.update(self.columns)
+        failed, unexpected = True, None
+        try:
+            self.work(entry, row)
+            failed = False
+        except EXPECTED_ERRORS as err:
+            status, reason = expected_failure(err, entry.uri)
+            row.update(status=status, reason=reason)
+            log.warning("%s: %s: %s", self.what, entry.slide_id, reason)
+        except Exception as err:  # recorded in the slide's row and counted by `run`
+            row.update(status=ERROR, reason=f"{type(err).__name__}: {err}")
+            log.exception("%s: %s: unexpected error", self.what, entry.slide_id)
+            unexpected = type(err).__name__
+        if failed and self.on_failure is not None:
+            self.on_failure(entry)
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        return SlideOutcome(row, unexpected)
+
+    def run(
+        self, entries: Sequence[SlideEntry], status_path: Path, *, workers: int = 1
+    ) -> list[dict[str, Any]]:
+        """Attempt every slide (in `workers` processes when > 1), write the status CSV, and raise
+        when unexpected errors hit most slides.
+
+        Returns:
+            The status rows, in the order of `entries`.
+
+        Raises:
+            BatchFailed: an unexpected exception on more than half of the attempted slides.
+        """
+        outcomes = self._attempt_all(entries, workers)
+        rows = [o.row for o in outcomes]
+        write_status(status_path, rows)
+        attempted = [o for o in outcomes if o.row["reason"] != ALREADY_DONE]
+        hit = [o for o in attempted if o.unexpected]
+        if 2 * len(hit) > len(attempted):
+            raise BatchFailed(
+                f"{self.what}: an unexpected error on {len(hit)} of {len(attempted)} attempted "
+                f"slides ({_unexpected_summary(hit)}): a bug, not bad slides; the tracebacks "
+                f"are in the log, every slide's row in {status_path}"
+            )
+        return rows
+
+    def _attempt_all(self, entries: Sequence[SlideEntry], workers: int) -> list[SlideOutcome]:
+        bar = tqdm(total=len(entries), desc=self.what, unit="slide", disable=None)
+        outcomes = []
+        if workers > 1 and len(entries) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for fut in [pool.submit(self.attempt, e) for e in entries]:
+                    outcomes.append(fut.result())
+                    bar.update()
+        else:
+            for e in entries:
+                outcomes.append(self.attempt(e))
+                bar.update()
+        bar.close()
+        return outcomes
+
+
+def check_batch(
+    rows: list[dict[str, Any]], what: str, fail_on: str = "all"
+) -> list[dict[str, Any]]:
+    """Raise BatchFailed when `fail_on` says so: `all` slides failed (default), `any` failed, or
+    `never`. Failed slides are in the status CSV either way."""
+    failed = [r for r in rows if r["status"] != OK]
+    log.info("%s: %d/%d slides ok", what, len(rows) - len(failed), len(rows))
+    for r in failed:
+        log.warning("%s: %s %s: %s", what, r["slide_id"], r["status"], r["reason"])
+    if failed and (fail_on == "any" or (fail_on == "all" and len(failed) == len(rows))):
+        reasons = "; ".join(f"{r['slide_id']}: {r['reason']}" for r in failed[:3])
+        which = "every slide" if len(failed) == len(rows) else f"{len(failed)} slide(s)"
+        raise BatchFailed(f"{what}: {which} failed ({reasons})")
+    return rows
+
+
+# -- the patch stage ------------------------------------------------------------------------------
+
+_PATCH_COLUMNS = {"mpp": "", "mpp_source": "", "patch_level": "", "n_patches": 0}
+
+
+def _remove_stale_coords(out_dir: Path, entry: SlideEntry) -> None:
     """Delete the coords h5 an earlier run left for a slide that failed now: made with other
     settings (or from an older slide file), it would be extracted as if it were current."""
+    path = out_dir / "patches" / f"{entry.slide_id}.h5"
     if path.exists():
         path.unlink()
-        log.info("%s: removed %s, left by an earlier run", slide_id, path)
+        log.info("%s: removed %s, left by an earlier run", entry.slide_id, path)
+
+
+def _patch(
+    entry: SlideEntry, row: dict[str, Any], base_dir: Path, out_dir: Path, params: PatchParams
+) -> None:
+    """Segment and patch one slide (a `SlideWork`): coords h5, QC PNG and GeoJSON."""
+    with open_slide(entry.uri, base_dir=base_dir) as slide:
+        plan = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
+    row.update(
+        mpp=f"{plan.mpp.value:.5g}",
+        mpp_source=plan.mpp.source,
+        patch_level=plan.geometry.patch_level,
+        n_patches=len(plan.coords),
+    )
+    write_qc(out_dir, entry.slide_id, plan)
+    if len(plan.coords) == 0:
+        row.update(status=NO_TISSUE, reason="no tissue patches found (see the QC thumbnail)")
+        log.warning("%s: no tissue patches found", entry.slide_id)
+    path = out_dir / "patches" / f"{entry.slide_id}.h5"
+    settings = patch_settings(params, mpp_override=entry.mpp)
+    write_coords(path, plan.coords, plan.geometry, entry.slide_id, settings)
+
+
+def _patch_or_reuse(
+    entry: SlideEntry,
+    row: dict[str, Any],
+    base_dir: Path,
+    out_dir: Path,
+    params: PatchParams,
+    overwrite: bool,
+) -> None:
+    """`_patch`, unless the slide's coords h5 can be reused as it is (see `_reused_row`)."""
+    done = None if overwrite else _reused_row(entry, out_dir, params)
+    if done is None:
+        _patch(entry, row, base_dir, out_dir, params)
+    else:
+        row.update(done)
+
+
+def _patch_loop(base_dir: Path, out_dir: Path, params: PatchParams, overwrite: bool) -> SlideLoop:
+    work = partial(
+        _patch_or_reuse, base_dir=base_dir, out_dir=out_dir, params=params, overwrite=overwrite
+    )
+    return SlideLoop("patch", work, _PATCH_COLUMNS, partial(_remove_stale_coords, out_dir))
 
 
 def patch_slide(
@@ -140,55 +341,10 @@ def patch_slide(
     Writes patches/<id>.h5 (also for a slide without tissue: zero rows, so a rerun skips it), and
     the QC PNG and GeoJSON. A slide that fails keeps no coords h5 of an earlier run.
     """
-    t0 = time.perf_counter()
-    row: dict[str, Any] = {
-        "slide_id": entry.slide_id,
-        "status": OK,
-        "reason": "",
-        "mpp": "",
-        "mpp_source": "",
-        "patch_level": "",
-        "n_patches": 0,
-        "seconds": 0.0,
-    }
-    try:
-        with open_slide(entry.uri, base_dir=base_dir) as slide:
-            plan = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
-        row.update(
-            mpp=f"{plan.mpp.value:.5g}",
-            mpp_source=plan.mpp.source,
-            patch_level=plan.geometry.patch_level,
-            n_patches=len(plan.coords),
-        )
-        write_qc(out_dir, entry.slide_id, plan)
-        if len(plan.coords) == 0:
-            row.update(status=NO_TISSUE, reason="no tissue patches found (see the QC thumbnail)")
-            log.warning("%s: no tissue patches found", entry.slide_id)
-        path = out_dir / "patches" / f"{entry.slide_id}.h5"
-        settings = patch_settings(params, mpp_override=entry.mpp)
-        write_coords(path, plan.coords, plan.geometry, entry.slide_id, settings)
-    except InvalidSlide as err:
-        row.update(status=err.status, reason=str(err))
-        log.warning("%s: %s", entry.slide_id, err)
-    except FileNotFoundError as err:
-        row.update(status="missing", reason=str(err))
-        log.warning("%s: %s", entry.slide_id, err)
-    except PermissionError as err:
-        row.update(status="forbidden", reason=str(err))
-        log.warning("%s: %s", entry.slide_id, err)
-    except openslide.OpenSlideError as err:  # opened, but a tile cannot be decoded: truncated
-        row.update(status="unreadable", reason=f"{entry.uri}: corrupt or truncated slide ({err})")
-        log.warning("%s: %s", entry.slide_id, row["reason"])
-    except Exception as err:  # one bad slide never stops the batch
-        row.update(status="error", reason=f"{type(err).__name__}: {err}")
-        log.exception("%s: unexpected error", entry.slide_id)
-    if row["status"] not in (OK, NO_TISSUE):
-        _remove_stale_coords(out_dir / "patches" / f"{entry.slide_id}.h5", entry.slide_id)
-    row["seconds"] = round(time.perf_counter() - t0, 3)
-    return row
+    return _patch_loop(base_dir, out_dir, params, overwrite=True).attempt(entry).row
 
 
-def _skip_row(entry: SlideEntry, out_dir: Path, params: PatchParams) -> dict[str, Any] | None:
+def _reused_row(entry: SlideEntry, out_dir: Path, params: PatchParams) -> dict[str, Any] | None:
     """The status row of a slide whose outputs can be reused as they are, else None."""
     path = out_dir / "patches" / f"{entry.slide_id}.h5"
     current = patch_settings(params, mpp_override=entry.mpp)
@@ -200,14 +356,12 @@ def _skip_row(entry: SlideEntry, out_dir: Path, params: PatchParams) -> dict[str
     with h5py.File(path, "r") as f:
         d = f["coords"]
         return {
-            "slide_id": entry.slide_id,
             "status": OK if len(d) else NO_TISSUE,
-            "reason": "already done",
+            "reason": ALREADY_DONE,
             "mpp": f"{float(d.attrs['mpp']):.5g}",
             "mpp_source": str(d.attrs["mpp_source"]),
             "patch_level": int(d.attrs["patch_level"]),
             "n_patches": len(d),
-            "seconds": 0.0,
         }
 
 
@@ -219,32 +373,15 @@ def patch_manifest(
     workers: int = 1,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv."""
+    """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv.
+
+    Raises:
+        BatchFailed: an unexpected error hit most slides (see `SlideLoop`).
+    """
     out = Path(out_dir)
     (out / "patches").mkdir(parents=True, exist_ok=True)
     for folder in (out / "patches", out / "qc"):
         if folder.is_dir() and (n := remove_stale_parts(folder)):
             log.info("removed %d half-written file(s) of an interrupted run in %s", n, folder)
-    rows: dict[str, dict[str, Any]] = {}
-    todo = []
-    for entry in manifest.slides:
-        done = None if overwrite else _skip_row(entry, out, params)
-        if done:
-            rows[entry.slide_id] = done
-        else:
-            todo.append(entry)
-    bar = tqdm(total=len(todo), desc="patch", unit="slide", disable=None)
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(patch_slide, e, manifest.base_dir, out, params) for e in todo]
-            for e, fut in zip(todo, futures, strict=True):
-                rows[e.slide_id] = fut.result()
-                bar.update()
-    else:
-        for e in todo:
-            rows[e.slide_id] = patch_slide(e, manifest.base_dir, out, params)
-            bar.update()
-    bar.close()
-    ordered = [rows[e.slide_id] for e in manifest.slides]
-    write_status(out / "status.csv", ordered)
-    return ordered
+    loop = _patch_loop(manifest.base_dir, out, params, overwrite)
+    return loop.run(manifest.slides, out / "status.csv", workers=workers)

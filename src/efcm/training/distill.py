@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -276,21 +277,25 @@ def _fingerprint(
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def distill(
-    manifest: Manifest,
-    patches_dir: str | Path,
-    teacher_dir: str | Path,
-    out_dir: str | Path,
-    params: Params,
-    *,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Train the student on cached teacher features; writes out_dir/student.pt (the exported
-    student), metrics.json, and checkpoint.pt after every epoch (resumed by a rerun)."""
+@dataclass
+class _Data:
+    """What a distillation trains and validates on."""
+
+    train_ids: list[str]
+    val_ids: list[str]
+    train: Dataset
+    val_loader: DataLoader | None
+    train_targets: list[np.ndarray]  # (N_slide, D) teacher features of each training slide
+
+    @property
+    def teacher_dim(self) -> int:
+        return self.train_targets[0].shape[1]
+
+
+def _datasets(manifest: Manifest, patches_dir: Path, teacher_dir: Path, params: Params) -> _Data:
+    """The slides with teacher features, split into training and validation slides (by seed),
+    as the method's datasets (patch pairs, or windows for MCM)."""
     cfg = params.distill
-    patches_dir, teacher_dir, out = Path(patches_dir), Path(teacher_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(params.seed)
     available = [
         s.slide_id
         for s in manifest.slides
@@ -300,7 +305,6 @@ def distill(
         raise ValueError(f"no teacher features in {teacher_dir / 'features'}: run extract first")
     train_ids, val_ids = split_slides(available, cfg.val_fraction, params.seed)
     train_slides, train_targets = _slides(manifest, train_ids, patches_dir, teacher_dir)
-    teacher_dim = train_targets[0].shape[1]
 
     def dataset(slides: list[SlidePatches], targets: list[np.ndarray]) -> Dataset:
         if cfg.method == "mcm":
@@ -318,109 +322,196 @@ def distill(
         val = dataset(*_slides(manifest, val_ids, patches_dir, teacher_dir))
         if len(val):
             val_loader = DataLoader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    return _Data(train_ids, val_ids, train, val_loader, train_targets)
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = Trainee(params, teacher_dim)
-    all_targets = torch.from_numpy(np.concatenate(train_targets))
-    model.set_target_stats(all_targets.mean(0), all_targets.std(0))
-    model.to(dev)
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
-    opt = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, cfg.warmup_fraction)
-    amp = dev.type == "cuda" and cfg.amp
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
-    ckpt_path = out / "checkpoint.pt"
-    teacher = teacher_identity(teacher_dir, train_ids + val_ids)
-    fingerprint = _fingerprint(params, teacher_dim, train_ids, teacher)
-    history: list[dict[str, Any]] = []
-    start, before = 0, None
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        if ckpt.get("fingerprint") == fingerprint:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
-            sched.load_state_dict(ckpt["sched"])
-            start, history, before = ckpt["epoch"], ckpt["history"], ckpt["before"]
-            log.info("distill: resuming after epoch %d from %s", start, ckpt_path)
-        else:
-            log.info(
-                "distill: %s is from another configuration, slide set or teacher features: "
-                "starting over",
-                ckpt_path,
-            )
-    if start == 0 and val_loader is not None:
-        before = model.evaluate(val_loader, params.seed)
-        log.info("undistilled student (%s): val %s", cfg.method, before)
+@dataclass
+class _Optimiser:
+    """AdamW over the trainable parameters, the warm-up + cosine schedule, and mixed precision."""
 
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        g = torch.Generator().manual_seed(params.seed * 1000 + epoch)  # same order after a resume
-        loader = DataLoader(
-            train,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            generator=g,
-            num_workers=cfg.num_workers,
-            drop_last=len(train) > cfg.batch_size,
-            pin_memory=dev.type == "cuda",
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: bool
+    amp_dtype: torch.dtype
+
+    @classmethod
+    def build(
+        cls, model: Trainee, cfg: DistillParams, n_train: int, dev: torch.device
+    ) -> _Optimiser:
+        steps_per_epoch = max(1, n_train // cfg.batch_size)
+        opt = torch.optim.AdamW(model.trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = warmup_cosine(opt, cfg.epochs * steps_per_epoch, cfg.warmup_fraction)
+        amp = dev.type == "cuda" and cfg.amp
+        amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+        return cls(opt, sched, scaler, amp, amp_dtype)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+
+
+@dataclass
+class _Progress:
+    """Where a distillation is: epochs done, their records, the undistilled student's metrics."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    before: dict[str, float] | None = None
+
+
+def _resume(
+    ckpt_path: Path, fingerprint: str, model: Trainee, optim: _Optimiser, dev: torch.device
+) -> _Progress:
+    """Load the checkpoint of the same run (same fingerprint) into the model and optimiser;
+    a checkpoint of another run is ignored."""
+    if not ckpt_path.is_file():
+        return _Progress()
+    ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+    if ckpt.get("fingerprint") != fingerprint:
+        log.info(
+            "distill: %s is from another configuration, slide set or teacher features: "
+            "starting over",
+            ckpt_path,
         )
-        total, n = 0.0, 0
-        for batch in tqdm(
-            loader, desc=f"distill {cfg.method} {epoch + 1}/{cfg.epochs}", disable=None, leave=False
-        ):
-            batch = [t.to(dev, non_blocking=True) for t in batch]
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                loss = model.loss(batch, g)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total += loss.item() * len(batch[0])
-            n += len(batch[0])
-        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(n, 1)}
-        if val_loader is not None:
-            rec.update(
-                {
-                    f"val_{k}": v
-                    for k, v in model.evaluate(val_loader, params.seed).items()
-                    if k != "n"
-                }
-            )
-        history.append(rec)
-        log.info("distill %s epoch %d: %s", cfg.method, epoch + 1, rec)
-        tmp = atomic_path(ckpt_path)
-        torch.save(
-            {
-                "fingerprint": fingerprint,
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "history": history,
-                "before": before,
-            },
-            tmp,
-        )
-        os.replace(tmp, ckpt_path)
+        return _Progress()
+    model.load_state_dict(ckpt["model"])
+    optim.opt.load_state_dict(ckpt["opt"])
+    optim.sched.load_state_dict(ckpt["sched"])
+    log.info("distill: resuming after epoch %d from %s", ckpt["epoch"], ckpt_path)
+    return _Progress(ckpt["epoch"], ckpt["history"], ckpt["before"])
 
+
+def _save_checkpoint(
+    ckpt_path: Path, fingerprint: str, model: Trainee, optim: _Optimiser, progress: _Progress
+) -> None:
+    tmp = atomic_path(ckpt_path)
+    torch.save(
+        {
+            "fingerprint": fingerprint,
+            "epoch": progress.epoch,
+            "model": model.state_dict(),
+            "opt": optim.opt.state_dict(),
+            "sched": optim.sched.state_dict(),
+            "history": progress.history,
+            "before": progress.before,
+        },
+        tmp,
+    )
+    os.replace(tmp, ckpt_path)
+
+
+def _train_epoch(
+    model: Trainee,
+    train: Dataset,
+    optim: _Optimiser,
+    cfg: DistillParams,
+    seed: int,
+    epoch: int,
+    dev: torch.device,
+) -> float:
+    """One pass over the training items, shuffled by (seed, epoch); returns the mean loss."""
+    model.train()
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)  # the same order after a resume
+    loader = DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=g,
+        num_workers=cfg.num_workers,
+        drop_last=len(train) > cfg.batch_size,
+        pin_memory=dev.type == "cuda",
+    )
+    total, n = 0.0, 0
+    for batch in tqdm(
+        loader, desc=f"distill {cfg.method} {epoch + 1}/{cfg.epochs}", disable=None, leave=False
+    ):
+        batch = [t.to(dev, non_blocking=True) for t in batch]
+        with torch.autocast(dev.type, dtype=optim.amp_dtype, enabled=optim.amp):
+            loss = model.loss(batch, g)
+        optim.step(loss)
+        total += loss.item() * len(batch[0])
+        n += len(batch[0])
+    return total / max(n, 1)
+
+
+def _validate(model: Trainee, val_loader: DataLoader | None, seed: int) -> dict[str, float]:
+    """The validation metrics of an epoch record (`val_cosine`, ...); none without validation
+    slides."""
+    if val_loader is None:
+        return {}
+    return {f"val_{k}": v for k, v in model.evaluate(val_loader, seed).items() if k != "n"}
+
+
+def _write_outputs(
+    out: Path, model: Trainee, params: Params, data: _Data, progress: _Progress
+) -> dict[str, Any]:
+    """student.pt (the student as deployed) and metrics.json; returns the metrics."""
+    cfg = params.distill
     student = model.exported().cpu()
     save_student(out / "student.pt", student, params.student, fpd=cfg.fpd)
+    history = progress.history
     metrics = {
         "method": cfg.method,
-        "teacher_dim": teacher_dim,
+        "teacher_dim": data.teacher_dim,
         "student_dim": int(student.out_dim),
         "student_in_teacher_space": bool(student.teacher_space),
         "trainable_params": sum(p.numel() for p in model.trainable()),
-        "train_slides": train_ids,
-        "val_slides": val_ids,
+        "train_slides": data.train_ids,
+        "val_slides": data.val_ids,
         "history": history,
-        "val_before": before,
+        "val_before": progress.before,
         "val_after": history[-1] if history else None,
     }
     tmp = atomic_path(out / "metrics.json")
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
     return metrics
+
+
+def distill(
+    manifest: Manifest,
+    patches_dir: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train the student on cached teacher features; writes out_dir/student.pt (the exported
+    student), metrics.json, and checkpoint.pt after every epoch (resumed by a rerun)."""
+    cfg = params.distill
+    patches_dir, teacher_dir, out = Path(patches_dir), Path(teacher_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(params.seed)  # before the model's random init
+    data = _datasets(manifest, patches_dir, teacher_dir, params)
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = Trainee(params, data.teacher_dim)
+    all_targets = torch.from_numpy(np.concatenate(data.train_targets))
+    model.set_target_stats(all_targets.mean(0), all_targets.std(0))
+    model.to(dev)
+    optim = _Optimiser.build(model, cfg, len(data.train), dev)
+
+    ckpt_path = out / "checkpoint.pt"
+    teacher = teacher_identity(teacher_dir, data.train_ids + data.val_ids)
+    fingerprint = _fingerprint(params, data.teacher_dim, data.train_ids, teacher)
+    progress = _resume(ckpt_path, fingerprint, model, optim, dev)
+    if progress.epoch == 0 and data.val_loader is not None:
+        progress.before = model.evaluate(data.val_loader, params.seed)
+        log.info("undistilled student (%s): val %s", cfg.method, progress.before)
+
+    for epoch in range(progress.epoch, cfg.epochs):
+        loss = _train_epoch(model, data.train, optim, cfg, params.seed, epoch, dev)
+        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss}
+        rec.update(_validate(model, data.val_loader, params.seed))
+        progress.history.append(rec)
+        progress.epoch = epoch + 1
+        log.info("distill %s epoch %d: %s", cfg.method, epoch + 1, rec)
+        _save_checkpoint(ckpt_path, fingerprint, model, optim, progress)
+
+    return _write_outputs(out, model, params, data, progress)
