@@ -1,9 +1,9 @@
 """`efcm <stage>`: the entry point of the dvc.yaml stages and of the container images.
 
 Each command parses argv, loads params, and calls one core function. Exit status: 0 when the command
-did its job (a batch with some failed slides, reported in status.csv, is a success unless every
-slide
-failed), 2 for bad usage or configuration, 1 otherwise.
+did its job (a batch with some failed slides, reported in status.csv, is a success unless
+`patch.fail_on` says otherwise, or an unexpected error hit most slides), 2 for bad usage or
+configuration, 1 otherwise.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def features_identity(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     with h5py.File(path, "r") as f:
         if "features" not in f:
-            raise ValueError(f"{path}: no 'features' dataset")
+            raise InvalidInput(f"{path}: no 'features' dataset")
         d = f["features"]
         ident: dict[str, Any] = {"shape": list(d.shape), "dtype": str(d.dtype)}
         settings = parse_settings(f.attrs.get(SETTINGS_ATTR), f"{path}: attribute {SETTINGS_ATTR}")
@@ -196,15 +196,8 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, coords (N, 2) int64)."""
     with h5py.File(path, "r") as f:
         if "features" not in f:
-            raise ValueError(f"{path}: no 'features' dataset")
+            raise InvalidInput(f"{path}: no 'features' dataset")
         return np.asarray(f["features"][:], np.float32), np.asarray(f["coords"][:], np.int64)
-
-
-def _coords_of(path: Path) -> CoordsFile:
-    try:
-        return read_coords(path)
-    except ValueError as err:  # an h5 that is not a coords file: the input's fault, not a bug
-        raise InvalidInput(str(err)) from err
 
 
 def _extract(
@@ -226,7 +219,7 @@ def _extract(
             status="no_patches", reason=f"no coords file {coords_path.name} (see patch status)"
         )
         return
-    coords = _coords_of(coords_path)
+    coords = read_coords(coords_path)
     if len(coords.coords) == 0:
         row.update(status="no_tissue", reason="its coords file has no patches")
         return

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from efcm.config import PatchParams
+from efcm.errors import InvalidInput
 from efcm.io.files import atomic_path
 from efcm.slides.tissue import TissueMask
 
@@ -149,7 +150,7 @@ def read_patch_settings(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     with h5py.File(path, "r") as f:
         if "coords" not in f:
-            raise ValueError(f"{path}: no 'coords' dataset (not a coords h5)")
+            raise InvalidInput(f"{path}: no 'coords' dataset (not a coords h5)")
         raw = f["coords"].attrs.get(SETTINGS_ATTR)
     return parse_settings(raw, f"{path}: attribute {SETTINGS_ATTR}")
 
@@ -165,9 +166,9 @@ def parse_settings(raw: Any, where: str) -> dict[str, Any] | None:
     try:
         settings = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not valid JSON ({err})") from None
+        raise InvalidInput(f"{where} is not valid JSON ({err})") from None
     if not isinstance(settings, dict):
-        raise ValueError(f"{where} is not a JSON object")
+        raise InvalidInput(f"{where} is not a JSON object")
     return settings
 
 
@@ -292,12 +293,12 @@ def read_coords(path: str | Path) -> CoordsFile:
     path = Path(path)
     with h5py.File(path, "r") as f:
         if "coords" not in f:
-            raise ValueError(f"{path}: no 'coords' dataset (not a coords h5)")
+            raise InvalidInput(f"{path}: no 'coords' dataset (not a coords h5)")
         d = f["coords"]
         coords = np.asarray(d[:], dtype=np.int64).reshape(-1, 2)
         a = dict(d.attrs)
     if "patch_size" not in a:
-        raise ValueError(f"{path}: coords dataset lacks the 'patch_size' attribute")
+        raise InvalidInput(f"{path}: coords dataset lacks the 'patch_size' attribute")
     patch_size = int(a["patch_size"])
     level = int(a.get("patch_level", 0))
     if "read_size" in a:
