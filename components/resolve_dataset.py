@@ -18,10 +18,11 @@ def resolve_version(repo_url: str, revision: str, manifest_path: str) -> str:
     manifest at `manifest_path`)."""
     from dvc.repo import Repo
 
+    from efcm.io.cache import SlideCache
     from efcm.io.dataset import manifest_md5, open_error
 
     if not repo_url:
-        return manifest_md5(manifest_path)
+        return manifest_md5(manifest_path, cache=SlideCache.from_env())
     try:
         with Repo.open(repo_url, rev=revision or None, uninitialized=True) as repo:
             return repo.scm.resolve_rev(revision or "HEAD")
@@ -48,6 +49,7 @@ def resolve_dataset(
     from dvc_data.index import StorageKeyError
 
     from efcm import config
+    from efcm.io.cache import SlideCache
     from efcm.io.dataset import open_error
     from efcm.io.dataset import resolve_dataset as run
 
@@ -84,7 +86,14 @@ def resolve_dataset(
 
     rev = version or revision
     if not repo_url:
-        meta = run(None, revision, manifest_path, manifest.path, params.dataset.classes)
+        meta = run(
+            None,
+            revision,
+            manifest_path,
+            manifest.path,
+            params.dataset.classes,
+            cache=SlideCache.from_env(),
+        )
     else:
         try:
             repo = Repo.open(repo_url, rev=rev or None, uninitialized=True)

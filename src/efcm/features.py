@@ -25,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from tqdm import tqdm
 
 from efcm.config import ExtractParams
+from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest
 from efcm.io.status import OK, write_status
@@ -208,8 +209,10 @@ def extract_manifest(
     attrs: dict[str, Any],
     *,
     overwrite: bool = False,
+    cache: SlideCache | None = None,
 ) -> list[dict[str, Any]]:
-    """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5.
+    """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5 (a
+    gs:// slide is staged into `cache`).
 
     `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights
     hash, input transform...) go into every features h5, and with `float16` and the coords read
@@ -259,7 +262,7 @@ def extract_manifest(
                     row.update(reason="already done", n_patches=len(f["features"]))
                 rows.append(row)
                 continue
-            sp = SlidePatches(entry.uri, coords, manifest.base_dir)
+            sp = SlidePatches(entry.uri, coords, manifest.base_dir, cache)
             feats = extract_slide(model, sp, params)
             sp.close()
             write_features(

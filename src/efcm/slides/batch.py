@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from efcm.config import PatchParams
 from efcm.errors import InvalidSlide
+from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest, SlideEntry
 from efcm.io.status import NO_TISSUE, OK, write_status
@@ -133,9 +134,14 @@ def _remove_stale_coords(path: Path, slide_id: str) -> None:
 
 
 def patch_slide(
-    entry: SlideEntry, base_dir: Path, out_dir: Path, params: PatchParams
+    entry: SlideEntry,
+    base_dir: Path,
+    out_dir: Path,
+    params: PatchParams,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
-    """Segment and patch one slide; returns its status row. Never raises for a bad slide.
+    """Segment and patch one slide (a gs:// one staged into `cache`); returns its status row.
+    Never raises for a bad slide.
 
     Writes patches/<id>.h5 (also for a slide without tissue: zero rows, so a rerun skips it), and
     the QC PNG and GeoJSON. A slide that fails keeps no coords h5 of an earlier run.
@@ -152,7 +158,7 @@ def patch_slide(
         "seconds": 0.0,
     }
     try:
-        with open_slide(entry.uri, base_dir=base_dir) as slide:
+        with open_slide(entry.uri, base_dir=base_dir, cache=cache) as slide:
             plan = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
         row.update(
             mpp=f"{plan.mpp.value:.5g}",
@@ -218,8 +224,11 @@ def patch_manifest(
     *,
     workers: int = 1,
     overwrite: bool = False,
+    cache: SlideCache | None = None,
 ) -> list[dict[str, Any]]:
-    """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv."""
+    """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv;
+    gs:// slides are staged into `cache` (each worker process counts its downloads in its own copy
+    of it)."""
     out = Path(out_dir)
     (out / "patches").mkdir(parents=True, exist_ok=True)
     for folder in (out / "patches", out / "qc"):
@@ -236,13 +245,15 @@ def patch_manifest(
     bar = tqdm(total=len(todo), desc="patch", unit="slide", disable=None)
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(patch_slide, e, manifest.base_dir, out, params) for e in todo]
+            futures = [
+                pool.submit(patch_slide, e, manifest.base_dir, out, params, cache) for e in todo
+            ]
             for e, fut in zip(todo, futures, strict=True):
                 rows[e.slide_id] = fut.result()
                 bar.update()
     else:
         for e in todo:
-            rows[e.slide_id] = patch_slide(e, manifest.base_dir, out, params)
+            rows[e.slide_id] = patch_slide(e, manifest.base_dir, out, params, cache)
             bar.update()
     bar.close()
     ordered = [rows[e.slide_id] for e in manifest.slides]
