@@ -151,3 +151,27 @@ def test_resolve_dataset_names_what_is_wrong(data_repo, tmp_path):
         _resolve(repo, "main", "extra/manifest.csv", tmp_path / "m.csv")
     assert not (tmp_path / "m.csv").exists()
 
+
+def test_a_slide_dvc_cannot_look_up_is_an_error_naming_where_not_untracked(
+    data_repo, tmp_path, tiny_dataset, gcs_bucket
+):
+    repo, _, _ = data_repo
+    slide = read_manifest(tiny_dataset).slides[0]
+    (repo / "extra").mkdir()
+    (repo / "extra" / "manifest.csv").write_text(
+        f"slide_id,case_id,uri,label\n{slide.slide_id},c1,../data/{slide.uri},normal\n"
+    )
+    _git(repo, "add", "extra")
+    _git(repo, "commit", "-qm", "a manifest in git naming a DVC-tracked slide")
+    # the remote can no longer give the listing of data/slides (as when the credentials or the
+    # network fail): DVC cannot tell whether it tracks the slide
+    for blob in gcs_bucket.client.list_blobs(gcs_bucket.name):
+        if blob.name.endswith(".dir"):
+            blob.delete()
+    with pytest.raises(DatasetError) as err:
+        _resolve(repo, "main", "extra/manifest.csv", tmp_path / "m.csv")
+    msg = str(err.value)
+    assert str(repo) in msg and "revision 'main'" in msg and f"'data/{slide.uri}'" in msg
+    assert "DataIndexDirError" in msg
+    assert "not tracked" not in msg and "not in the repository" not in msg
+    assert not (tmp_path / "m.csv").exists()
