@@ -19,8 +19,16 @@ def distill(
 ):
     """`student.pt` and the distillation `metrics.json` in the `student_model` directory."""
     from efcm import config, stages
+    from efcm.io.cache import SlideCache
 
     params = config.params_for_stage(
         "distill", {"seed": seed, "dataset": dataset, "student": student, "distill": distill}
     )
-    stages.distill(manifest.path, patches.path, teacher_features.path, student_model.path, params)
+    stages.distill(
+        manifest.path,
+        patches.path,
+        teacher_features.path,
+        student_model.path,
+        params,
+        cache=SlideCache.from_env(),
+    )

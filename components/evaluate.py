@@ -48,6 +48,7 @@ def evaluate(
 
     from efcm import config, stages
     from efcm.evaluation.table import flat_metrics, prediction_curves
+    from efcm.io.cache import SlideCache
 
     params = config.params_for_stage(
         "evaluate",
@@ -68,6 +69,7 @@ def evaluate(
         params,
         manifest=manifest.path,
         student=student_model.path,
+        cache=SlideCache.from_env(),
     )
     for key, value in flat_metrics(result).items():
         metrics.log_metric(key, value)

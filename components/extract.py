@@ -26,6 +26,7 @@ def extract(
     import time
 
     from efcm import config, stages
+    from efcm.io.cache import SlideCache
     from efcm.io.dataset import status_counts
 
     started = time.time()
@@ -40,6 +41,7 @@ def extract(
         encoder=encoder,
         student=getattr(student_model, "path", None),
         shard=(shard, shard_size) if shard >= 0 else None,
+        cache=SlideCache.from_env(),
     )
     features.metadata.update(
         {"shard": shard, "started": started, "finished": time.time(), **status_counts(rows)}

@@ -22,6 +22,7 @@ def patch(
     import time
 
     from efcm import config, stages
+    from efcm.io.cache import SlideCache
     from efcm.io.dataset import status_counts
 
     started = time.time()
@@ -32,6 +33,7 @@ def patch(
         params,
         workers=workers,
         shard=(shard, shard_size) if shard >= 0 else None,
+        cache=SlideCache.from_env(),
     )
     patches.metadata.update(
         {"shard": shard, "started": started, "finished": time.time(), **status_counts(rows)}

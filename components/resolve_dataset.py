@@ -18,10 +18,11 @@ def resolve_version(repo_url: str, revision: str, manifest_path: str) -> str:
     manifest at `manifest_path`)."""
     from dvc.repo import Repo
 
+    from efcm.io.cache import SlideCache
     from efcm.io.dataset import manifest_md5, open_error
 
     if not repo_url:
-        return manifest_md5(manifest_path)
+        return manifest_md5(manifest_path, cache=SlideCache.from_env())
     try:
         with Repo.open(repo_url, rev=revision or None, uninitialized=True) as repo:
             return repo.scm.resolve_rev(revision or "HEAD")
@@ -44,11 +45,13 @@ def resolve_dataset(
     `manifest_path` is a plain manifest (local path or gs:// URI)."""
     from pathlib import Path
 
+    from dvc.exceptions import OutputNotFoundError
     from dvc.repo import Repo
     from dvc_data.index import StorageKeyError
 
     from efcm import config
-    from efcm.io.dataset import open_error
+    from efcm.io.cache import SlideCache
+    from efcm.io.dataset import DatasetError, open_error
     from efcm.io.dataset import resolve_dataset as run
 
     params = config.params_for_stage("resolve_dataset", {"dataset": dataset})
@@ -72,8 +75,17 @@ def resolve_dataset(
         def storage_url(self, path: str) -> str | None:
             try:
                 index, entry = self.repo.get_data_index_entry(path)
-            except Exception:  # not an output of this repository
+            except OutputNotFoundError:  # DVC does not track it (no output is or holds it)
                 return None
+            except Exception as err:  # the remote unreadable (auth, network), a broken index...:
+                # not "untracked"; say where, and why
+                cause = (
+                    f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ else ""
+                )
+                raise DatasetError(
+                    f"{self.url} at revision {rev or 'HEAD'!r} ({self.commit[:12]}): cannot look "
+                    f"up {path!r} in DVC: {type(err).__name__}: {err}{cause}"
+                ) from err
             try:
                 remote_fs, remote_path = index.storage_map.get_remote(entry)
             except (StorageKeyError, ValueError):
@@ -84,7 +96,14 @@ def resolve_dataset(
 
     rev = version or revision
     if not repo_url:
-        meta = run(None, revision, manifest_path, manifest.path, params.dataset.classes)
+        meta = run(
+            None,
+            revision,
+            manifest_path,
+            manifest.path,
+            params.dataset.classes,
+            cache=SlideCache.from_env(),
+        )
     else:
         try:
             repo = Repo.open(repo_url, rev=rev or None, uninitialized=True)

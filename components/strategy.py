@@ -44,6 +44,7 @@ def strategy(
 
     from efcm import config, stages
     from efcm.evaluation.table import prediction_curves
+    from efcm.io.cache import SlideCache
 
     params = config.params_for_stage(
         "strategy",
@@ -68,6 +69,7 @@ def strategy(
         teacher_mil=teacher_mil.path,
         student=student_model.path,
         student_features=student_features.path,
+        cache=SlideCache.from_env(),
     )
     strategy.metadata.update({"strategy": name, "skipped": bool(summary.get("skipped"))})
     if not summary.get("skipped"):

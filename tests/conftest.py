@@ -175,13 +175,20 @@ def gcs_emulator():
 
 @pytest.fixture
 def gcs_bucket(gcs_emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A fresh emulator bucket; `STORAGE_EMULATOR_HOST` points at it and `EFCM_CACHE_DIR` is private
-    to the test (tmp_path/"gcs-cache"); efcm's download counters start at zero."""
+    """A fresh emulator bucket; `STORAGE_EMULATOR_HOST` points at it and `EFCM_CACHE_DIR` (what
+    the adapters' `SlideCache.from_env()` reads) is private to the test: tmp_path/"gcs-cache"."""
     import uuid
 
-    from efcm.io import gcs as storage
     from tests import gcs
 
     gcs.use_emulator(monkeypatch, gcs_emulator, tmp_path / "gcs-cache")
-    storage.reset_download_stats()
     return gcs.create_bucket(gcs_emulator, f"efcm-test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def gcs_cache(gcs_bucket, tmp_path: Path):
+    """A fresh `SlideCache` over the test's private cache folder (the one `EFCM_CACHE_DIR` names),
+    20 GiB cap: its `stats` count what this test staged through it."""
+    from efcm.io.cache import SlideCache
+
+    return SlideCache(tmp_path / "gcs-cache", 20 << 30)

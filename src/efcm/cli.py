@@ -17,6 +17,7 @@ from pathlib import Path
 from efcm import registry, stages
 from efcm.config import ConfigError, Params, for_stage, load_params
 from efcm.errors import BatchFailed
+from efcm.io.cache import SlideCache
 
 log = logging.getLogger("efcm")
 
@@ -27,6 +28,11 @@ def _params(args: argparse.Namespace) -> Params:
     """The whole params file validated, then only the command's sections (as a KFP component
     gets them: `efcm.config.STAGE_SECTIONS`), so that dvc and Kubeflow runs read the same."""
     return for_stage(load_params(args.params), args.command.replace("-", "_"))
+
+
+def _cache() -> SlideCache:
+    """Where gs:// slides and weights are staged: EFCM_CACHE_DIR, EFCM_CACHE_MAX_BYTES."""
+    return SlideCache.from_env()
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -42,6 +48,7 @@ def cmd_patch(args: argparse.Namespace) -> None:
         workers=args.workers,
         overwrite=args.overwrite,
         mpp_overrides=args.mpp_overrides,
+        cache=_cache(),
     )
 
 
@@ -54,11 +61,14 @@ def cmd_extract(args: argparse.Namespace) -> None:
         encoder=args.encoder,
         student=args.student,
         overwrite=args.overwrite,
+        cache=_cache(),
     )
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
-    stages.distill(args.manifest, args.patches, args.teacher_features, args.out, _params(args))
+    stages.distill(
+        args.manifest, args.patches, args.teacher_features, args.out, _params(args), cache=_cache()
+    )
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
@@ -76,6 +86,7 @@ def cmd_strategy(args: argparse.Namespace) -> None:
         args.splits,
         args.out,
         _params(args),
+        cache=_cache(),
         **{k: getattr(args, k) for k in registry.INPUTS},
     )
 
@@ -90,6 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         student=args.student,
         patches_dir=args.patches,
         masks_dir=args.masks,
+        cache=_cache(),
     )
 
 
@@ -134,6 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         mpp=args.mpp,
         heatmap=bool(args.heatmap),
         gallery_k=args.gallery_k if args.gallery else 0,
+        cache=_cache(),
     )
     if args.heatmap:
         Path(args.heatmap).write_bytes(pred.heatmap_png)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from efcm.config import ExtractParams
 from efcm.errors import InvalidInput
+from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest, SlideEntry
 from efcm.slides.batch import ALREADY_DONE, SlideLoop
@@ -210,6 +211,7 @@ def _extract(
     params: ExtractParams,
     attrs: dict[str, Any],
     overwrite: bool,
+    cache: SlideCache | None = None,
 ) -> None:
     """Extract one slide's features, unless they can be reused (a `SlideWork`)."""
     coords_path = patches_dir / "patches" / f"{entry.slide_id}.h5"
@@ -234,7 +236,7 @@ def _extract(
         with h5py.File(dest, "r") as f:
             row.update(reason=ALREADY_DONE, n_patches=len(f["features"]))
         return
-    sp = SlidePatches(entry.uri, coords, base_dir)
+    sp = SlidePatches(entry.uri, coords, base_dir, cache)
     try:
         feats = extract_slide(model, sp, params)
     finally:
@@ -259,8 +261,10 @@ def extract_manifest(
     attrs: dict[str, Any],
     *,
     overwrite: bool = False,
+    cache: SlideCache | None = None,
 ) -> list[dict[str, Any]]:
-    """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5.
+    """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5 (a
+    gs:// slide is staged into `cache`).
 
     `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights
     hash, input transform...) go into every features h5, and with `float16` and the coords read
@@ -282,6 +286,7 @@ def extract_manifest(
         params=params,
         attrs=attrs,
         overwrite=overwrite,
+        cache=cache,
     )
     loop = SlideLoop("extract", work, {"n_patches": 0})
     return loop.run(manifest.slides, out / "status.csv")

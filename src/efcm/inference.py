@@ -32,7 +32,7 @@ from efcm.config import PatchParams
 from efcm.errors import Deadline, InvalidSlide, TooLarge
 from efcm.evaluation.heatmap import encode_png, gallery, overlay
 from efcm.features import embed_batches
-from efcm.io.gcs import staged
+from efcm.io.cache import SlideCache, staged
 from efcm.models.package import Package
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
@@ -182,15 +182,15 @@ def predict_slide(
     gallery_k: int = 0,
     max_patches: int | None = None,
     max_slide_bytes: int | None = None,
-    cache_max_bytes: int | None = None,
+    cache: SlideCache | None = None,
     deadline: float | None = None,
 ) -> Prediction:
     """Patch the slide with the packaged settings, embed every patch with the student, run CLAM;
     with `heatmap`, the attention overlay PNG; with `gallery_k`, a PNG of the k most and least
     attended patches.
 
-    `uri` is a local path or gs:// (staged into the cache, capped at `cache_max_bytes`, default
-    `EFCM_CACHE_MAX_BYTES`; see `efcm.io.gcs.staged`).
+    `uri` is a local path or gs:// (staged into `cache`, held there while it is used and kept to
+    its size cap; see `efcm.io.cache.SlideCache.staged`).
     `Prediction.timings` has the seconds of each step: download, patching (mpp, tissue, grid),
     features (reading + student), clam, heatmap (and gallery).
 
@@ -213,7 +213,7 @@ def predict_slide(
         t0 = now
 
     try:
-        with staged(uri, max_bytes=max_slide_bytes, cap_bytes=cache_max_bytes) as local:
+        with staged(uri, cache=cache, max_slide_bytes=max_slide_bytes) as local:
             lap("download")
             _check_time(deadline, "download")
             pred = _predict_local(

@@ -7,7 +7,8 @@ needs to know the strategies reads this table: config validation (`mil.strategie
 export and the gate. No other module spells a strategy or evaluation-row name.
 
 Adding a strategy is one entry here plus its function: a callable
-`run(inputs: StrategyInputs, out_dir, params) -> summary dict` that writes what `train_mil`
+`run(inputs: StrategyInputs, out_dir, params, *, cache) -> summary dict` (`cache`: the
+`efcm.io.cache.SlideCache` that stages gs:// slides, or None) that writes what `train_mil`
 writes (fold_<k>.pt, predictions.csv with the out-of-fold predictions, attention.h5,
 summary.json with `"strategy": name`), and `student_fold_<k>.pt` when `per_fold_student`.
 

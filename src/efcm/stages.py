@@ -14,6 +14,7 @@ from typing import Any
 
 from efcm import registry
 from efcm.config import ConfigError, Params
+from efcm.io.cache import SlideCache
 from efcm.io.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,12 @@ def patch(
     overwrite: bool = False,
     mpp_overrides: str | Path | None = None,
     shard: tuple[int, int] | None = None,
+    cache: SlideCache | None = None,
 ) -> list[dict[str, Any]]:
     """Tissue + patch grid for every slide; `mpp_overrides` is a CSV (`slide_id, mpp`) that wins
     over the manifest and the slides' metadata; `shard` = (index, shard_size) patches only that
-    shard of the manifest (see `efcm.io.dataset.select_shard`)."""
+    shard of the manifest (see `efcm.io.dataset.select_shard`); gs:// slides are staged into
+    `cache` (the adapters pass `SlideCache.from_env()`)."""
     from efcm.io.manifest import apply_mpp_overrides
     from efcm.slides.batch import check_batch, patch_manifest
 
@@ -85,6 +88,7 @@ def patch(
         params.patch,
         workers=workers,
         overwrite=overwrite,
+        cache=cache,
     )
     # a shard is part of a batch: `fail_on` is applied to the whole batch, by `gather`
     return check_batch(rows, "patch", "never" if shard else params.patch.fail_on)
@@ -100,9 +104,11 @@ def extract(
     student: str | Path | None = None,
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
+    cache: SlideCache | None = None,
 ) -> list[dict[str, Any]]:
     """Features of every patched slide with the teacher, or with a distilled student checkpoint;
-    `shard` = (index, shard_size) as for `patch`."""
+    `shard` = (index, shard_size) as for `patch`; gs:// slides and teacher weights are staged into
+    `cache`."""
     import torch
 
     from efcm.features import extract_manifest
@@ -112,7 +118,7 @@ def extract(
 
     if encoder == "teacher":
         torch.manual_seed(params.seed)  # a random-init (demo) teacher is the same on every run
-        backbone, sha = build_backbone(params.teacher)
+        backbone, sha = build_backbone(params.teacher, cache=cache)
         model, spec = EncoderWithTransform(backbone, params.teacher), params.teacher
     elif encoder == "student":
         from efcm.models.students import load_student
@@ -147,6 +153,7 @@ def extract(
         params.extract,
         attrs,
         overwrite=overwrite,
+        cache=cache,
     )
     return check_batch(rows, "extract", "never" if shard else "all")
 
@@ -169,11 +176,19 @@ def distill(
     teacher_dir: str | Path,
     out_dir: str | Path,
     params: Params,
+    *,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
+    """The distilled student (gs:// slides and student weights staged into `cache`)."""
     from efcm.training.distill import distill as run
 
     return run(
-        read_manifest(manifest, params.dataset.classes), patches_dir, teacher_dir, out_dir, params
+        read_manifest(manifest, params.dataset.classes),
+        patches_dir,
+        teacher_dir,
+        out_dir,
+        params,
+        cache=cache,
     )
 
 
@@ -229,12 +244,15 @@ def strategy(
     splits_path: str | Path,
     out_dir: str | Path,
     params: Params,
+    *,
+    cache: SlideCache | None = None,
     **inputs: str | Path | None,
 ) -> dict[str, Any]:
     """Run the slide-level strategy `name` (an entry of `efcm.registry.STRATEGIES`) with the
     inputs its entry names (`patches`, `teacher_features`, `teacher_mil`, `student` (a checkpoint
-    or the distill output dir), `student_features`). A strategy this run does not compare writes
-    only a summary saying so (`skipped`, with the reason), which evaluation leaves out."""
+    or the distill output dir), `student_features`); gs:// slides are staged into `cache`. A
+    strategy this run does not compare writes only a summary saying so (`skipped`, with the
+    reason), which evaluation leaves out."""
     entry = registry.get(name)
     run, left_out = plan_strategies(params)
     if name not in run:
@@ -250,7 +268,7 @@ def strategy(
     given.require(entry)
     from efcm.io.files import save_json
 
-    summary = {**entry.run()(given, out_dir, params), "strategy": name}
+    summary = {**entry.run()(given, out_dir, params, cache=cache), "strategy": name}
     save_json(Path(out_dir) / "summary.json", summary)
     return summary
 
@@ -280,14 +298,15 @@ def evaluate(
     student: str | Path | None = None,
     patches_dir: str | Path | None = None,
     masks_dir: str | Path | None = None,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
     """The teacher baseline (`teacher_mil`, train-mil on the teacher's features) and every
     strategy output of `strategy_dirs` that ran, on the same out-of-fold slides: one table, with
     case-level (`case_id` of the manifest) bootstrap intervals and, for each student row, the
     paired student-minus-teacher deltas. With `student`, teacher vs student cost too; with
     `patches_dir` and `masks_dir` (ground-truth tumour masks, `<slide_id>.png`), the attention
-    localisation AUROC of each row. `strategies.json` says which strategies ran and which were
-    left out, and why."""
+    localisation AUROC of each row (gs:// slides and weights are staged into `cache`).
+    `strategies.json` says which strategies ran and which were left out, and why."""
     from efcm.evaluation.table import evaluate as run
     from efcm.evaluation.table import localisation, measure_efficiency
     from efcm.io.files import save_json
@@ -300,11 +319,12 @@ def evaluate(
     rows: dict[str, Path] = {registry.TEACHER_ROW: Path(teacher_mil)}
     rows.update({row_name(params, n): done[n] for n in planned})
     m = read_manifest(manifest, params.dataset.classes)
-    eff = measure_efficiency(params, student_checkpoint(student)) if student else None
+    eff = measure_efficiency(params, student_checkpoint(student), cache=cache) if student else None
     loc = None
     if patches_dir and masks_dir:
         loc = {
-            name: localisation(d, m, Path(patches_dir), Path(masks_dir)) for name, d in rows.items()
+            name: localisation(d, m, Path(patches_dir), Path(masks_dir), cache)
+            for name, d in rows.items()
         }
     preds = {name: d / "predictions.csv" for name, d in rows.items()}
     cases = {s.slide_id: s.case_id for s in m.slides}

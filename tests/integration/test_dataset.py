@@ -17,7 +17,6 @@ from kfp import dsl
 
 import components as c
 from efcm.io.dataset import DatasetError
-from efcm.io.gcs import download_stats, local_path
 from efcm.io.manifest import read_manifest
 from efcm.slides.reader import open_slide
 
@@ -90,7 +89,7 @@ def data_repo(tmp_path, gcs_bucket, gcs_emulator, tiny_dataset):
 
 
 def test_resolve_dataset_reads_a_revision_from_the_gcs_remote(
-    data_repo, tmp_path, tiny_dataset, gcs_bucket
+    data_repo, tmp_path, tiny_dataset, gcs_cache, gcs_bucket
 ):
     repo, (rev1, md5_1), (rev2, md5_2) = data_repo
     assert md5_1 == hashlib.md5(tiny_dataset.read_bytes()).hexdigest()
@@ -126,9 +125,9 @@ def test_resolve_dataset_reads_a_revision_from_the_gcs_remote(
     for s, o in zip(slides, original, strict=True):
         digest = hashlib.md5((tiny_dataset.parent / o.uri).read_bytes()).hexdigest()
         assert s.uri == f"gs://{gcs_bucket.name}/dvc/files/md5/{digest[:2]}/{digest[2:]}"
-    with open_slide(str(local_path(slides[0].uri))) as slide:
+    with open_slide(slides[0].uri, cache=gcs_cache) as slide:
         assert slide.dimensions[0] > 0
-    assert download_stats().objects >= 1
+    assert gcs_cache.stats.objects == 1
 
     # the second commit: one slide fewer, another md5
     meta = _resolve(repo, rev2, "data/manifest.csv", tmp_path / "v2.csv").metadata
@@ -150,4 +149,29 @@ def test_resolve_dataset_names_what_is_wrong(data_repo, tmp_path):
     _git(repo, "commit", "-qm", "a manifest with a missing slide")
     with pytest.raises(DatasetError, match=r"slide s1 \(../data/slides/missing.tif\) is not in"):
         _resolve(repo, "main", "extra/manifest.csv", tmp_path / "m.csv")
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_a_slide_dvc_cannot_look_up_is_an_error_naming_where_not_untracked(
+    data_repo, tmp_path, tiny_dataset, gcs_bucket
+):
+    repo, _, _ = data_repo
+    slide = read_manifest(tiny_dataset).slides[0]
+    (repo / "extra").mkdir()
+    (repo / "extra" / "manifest.csv").write_text(
+        f"slide_id,case_id,uri,label\n{slide.slide_id},c1,../data/{slide.uri},normal\n"
+    )
+    _git(repo, "add", "extra")
+    _git(repo, "commit", "-qm", "a manifest in git naming a DVC-tracked slide")
+    # the remote can no longer give the listing of data/slides (as when the credentials or the
+    # network fail): DVC cannot tell whether it tracks the slide
+    for blob in gcs_bucket.client.list_blobs(gcs_bucket.name):
+        if blob.name.endswith(".dir"):
+            blob.delete()
+    with pytest.raises(DatasetError) as err:
+        _resolve(repo, "main", "extra/manifest.csv", tmp_path / "m.csv")
+    msg = str(err.value)
+    assert str(repo) in msg and "revision 'main'" in msg and f"'data/{slide.uri}'" in msg
+    assert "DataIndexDirError" in msg
+    assert "not tracked" not in msg and "not in the repository" not in msg
     assert not (tmp_path / "m.csv").exists()

@@ -14,7 +14,7 @@ import components as c
 import efcm.serving._kserve  # noqa: F401  (kserve, with a clean sys.argv, before deploy's body)
 from components.image import IMAGE, SERVING_IMAGE
 from efcm.errors import BatchFailed
-from efcm.io import gcs as storage
+from efcm.io.cache import SlideCache
 from efcm.io.dataset import select_shard
 from efcm.io.manifest import import_manifest, read_manifest
 from efcm.io.status import read_status, write_status
@@ -75,26 +75,28 @@ def test_import_manifest_makes_relative_slide_uris_absolute(tmp_path):
     assert [s.case_id for s in again.slides] == ["c1", "c2", "c3", "c4"]
 
 
-def test_import_manifest_from_gcs_resolves_against_the_manifest_folder(tmp_path, monkeypatch):
-    local = _write_manifest(
-        tmp_path / "cache" / "manifest.csv",
+def test_import_manifest_from_gcs_resolves_against_the_manifest_folder(gcs_bucket, tmp_path):
+    src = _write_manifest(
+        tmp_path / "src" / "manifest.csv",
         [["s1", "c1", "slides/a.svs", "normal"], ["s2", "c2", "../shared/b.svs", "tumour"]],
     )
-    seen = []
-    monkeypatch.setattr(storage, "download", lambda uri: seen.append(uri) or local)
-    copy = import_manifest("gs://bkt/study/v1/manifest.csv", tmp_path / "m.csv", CLASSES)
-    assert seen == ["gs://bkt/study/v1/manifest.csv"]
+    uri = gcs_bucket.upload_file(src, "study/v1/manifest.csv")
+    cache = SlideCache(tmp_path / "cache", 1 << 30)
+    copy = import_manifest(uri, tmp_path / "m.csv", CLASSES, cache=cache)
+    assert cache.stats.objects == 1  # the manifest, staged through the cache it was given
     assert [s.uri for s in copy.slides] == [
-        "gs://bkt/study/v1/slides/a.svs",
-        "gs://bkt/study/shared/b.svs",
+        gcs_bucket.uri("study/v1/slides/a.svs"),
+        gcs_bucket.uri("study/shared/b.svs"),
     ]
 
 
-def test_import_manifest_refuses_a_uri_above_the_bucket(tmp_path, monkeypatch):
-    local = _write_manifest(tmp_path / "m.csv", [["s1", "c1", "../../a.svs", "normal"]])
-    monkeypatch.setattr(storage, "download", lambda uri: local)
-    with pytest.raises(ValueError, match="leaves bucket bkt"):
-        import_manifest("gs://bkt/study/manifest.csv", tmp_path / "out.csv", CLASSES)
+def test_import_manifest_refuses_a_uri_above_the_bucket(gcs_bucket, tmp_path):
+    src = _write_manifest(tmp_path / "m.csv", [["s1", "c1", "../../a.svs", "normal"]])
+    uri = gcs_bucket.upload_file(src, "study/manifest.csv")
+    with pytest.raises(ValueError, match=f"leaves bucket {gcs_bucket.name}"):
+        import_manifest(
+            uri, tmp_path / "out.csv", CLASSES, cache=SlideCache(tmp_path / "c", 1 << 30)
+        )
     assert not (tmp_path / "out.csv").exists()
 
 

@@ -300,19 +300,20 @@ def _fake_staged(root: Path, name: str, size: int, age: float) -> None:
 def test_cache_evicts_least_recently_used_but_never_a_slide_in_use(tmp_path):
     import fcntl
 
-    from efcm.io.gcs import cache_size, evict_lru
+    from efcm.io.cache import SlideCache
 
+    cache = SlideCache(tmp_path, 200)
     for name, age in (("old.svs", 30), ("mid.svs", 20), ("new.svs", 10)):
         _fake_staged(tmp_path, name, 100, age)
     with open(tmp_path / "gcs-meta" / "b" / "old.svs.use", "a") as held:
         fcntl.flock(held, fcntl.LOCK_SH)  # a request is reading the oldest slide
-        assert evict_lru(tmp_path, 200) == 100
+        assert cache.evict() == 100
     assert (tmp_path / "gcs" / "b" / "old.svs").exists()
     assert not (tmp_path / "gcs" / "b" / "mid.svs").exists()
     assert not (tmp_path / "gcs-meta" / "b" / "mid.svs.json").exists()
     assert (tmp_path / "gcs" / "b" / "new.svs").exists()
-    assert cache_size(tmp_path) == 200
-    assert evict_lru(tmp_path, 100) == 100  # released: now the oldest goes
+    assert cache.size() == 200
+    assert cache.evict(100) == 100  # released: now the oldest goes
     assert not (tmp_path / "gcs" / "b" / "old.svs").exists()
 
 
@@ -419,32 +420,24 @@ def test_efcm_predict_reports_a_corrupt_slide_in_one_line(package, tmp_path, cap
     assert "Traceback" not in "\n".join(err)
 
 
-def _gs_model(package, monkeypatch, local: Path):
-    """A model allowed to read gs://lab/slides/, whose staging yields `local` (as the cache would
-    after a download)."""
-    from contextlib import contextmanager
-
-    import efcm.inference
-    from efcm.io.gcs import StagedSlide
+def _gs_model(package, bucket, cache: Path, monkeypatch, limits=None):
+    """A model allowed to read the emulator bucket's slides/; `EFCM_CACHE_DIR` is `cache`, where
+    the model stages them."""
     from efcm.serving.model import EFCMModel
 
-    @contextmanager
-    def staged(uri, **kwargs):
-        yield StagedSlide(local, downloaded_bytes=local.stat().st_size)
-
-    monkeypatch.setattr(efcm.inference, "staged", staged)
-    m = EFCMModel("efcm", package, slide_access=SlideAccessPolicy.of(["gs://lab/slides/"]))
+    monkeypatch.setenv("EFCM_CACHE_DIR", str(cache))
+    access = SlideAccessPolicy.of([bucket.uri("slides/")])
+    m = EFCMModel("efcm", package, slide_access=access, limits=limits)
     m.load()
     return m
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random-bytes", "corrupt-tiles"])
 def test_bad_gs_slides_are_named_by_their_gs_uri_without_openslide_internals(
-    package, tmp_path, monkeypatch, damage
+    package, gcs_bucket, tmp_path, monkeypatch, damage
 ):
     from kserve.errors import InvalidInput
 
-    cache = tmp_path / "cache" / "gcs" / "lab" / "slides"
     local = _slide(tmp_path, "s.tif")
     if damage == "truncated":  # the smallest level, hashed on open, loses its last bytes
         data = local.read_bytes()
@@ -453,93 +446,41 @@ def test_bad_gs_slides_are_named_by_their_gs_uri_without_openslide_internals(
         local.write_bytes(np.random.default_rng(0).bytes(200_000))
     else:
         _corrupt_tiles(local)
-    cache.mkdir(parents=True)
-    local = local.rename(cache / "s.tif")
-    m = _gs_model(package, monkeypatch, local)
-    uri = "gs://lab/slides/s.tif"
+    uri = gcs_bucket.upload_file(local, "slides/s.tif")
+    cache = tmp_path / "cache"
+    m = _gs_model(package, gcs_bucket, cache, monkeypatch)
     with pytest.raises(InvalidInput) as err:
         _predict(m, {"instances": [{"slide_uri": uri}]})
     msg = str(err.value)
     assert uri in msg
+    assert (cache / "gcs" / gcs_bucket.name / "slides" / "s.tif").is_file()  # it was staged
     assert str(tmp_path) not in msg and "cache" not in msg
     assert "Short read" not in msg and "JPEG" not in msg  # OpenSlide's own text stays in the log
 
 
-class _FakeBlob:
-    """The part of a google-cloud-storage Blob that staging uses; records the cache's size when
-    its download starts."""
-
-    def __init__(self, root: Path, name: str, size: int) -> None:
-        from types import SimpleNamespace
-
-        self.root, self.name, self.size, self.generation = root, name, size, 7
-        self.bucket = SimpleNamespace(name="b")
-        self.cache_at_download: int | None = None
-        self.present_at_download: list[str] = []
-
-    def download_to_filename(self, path: str, **_) -> None:
-        from efcm.io.gcs import cache_size
-
-        self.cache_at_download = cache_size(self.root)
-        self.present_at_download = sorted(p.name for p in (self.root / "gcs" / "b").iterdir())
-        Path(path).write_bytes(b"y" * self.size)
-
-
-def _fake_gcs(monkeypatch, blob: _FakeBlob) -> None:
-    from types import SimpleNamespace
-
-    from efcm.io import gcs as storage
-
-    bucket = SimpleNamespace(get_blob=lambda name, **_: blob if name == blob.name else None)
-    client = SimpleNamespace(bucket=lambda name: bucket)
-    monkeypatch.setattr(storage, "gcs_client", lambda: client)
-    monkeypatch.setenv("EFCM_CACHE_DIR", str(blob.root))
-
-
-def test_cache_makes_room_for_a_download_before_it_starts(tmp_path, monkeypatch):
-    import fcntl
-
-    from efcm.io.gcs import cache_size, staged
-
-    for name, age in (("old.svs", 30), ("mid.svs", 20), ("new.svs", 10)):
-        _fake_staged(tmp_path, name, 100, age)
-    blob = _FakeBlob(tmp_path, "incoming.svs", 100)
-    _fake_gcs(monkeypatch, blob)
-    with open(tmp_path / "gcs-meta" / "b" / "old.svs.use", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_SH)  # a request is reading the oldest slide
-        with staged("gs://b/incoming.svs", cap_bytes=300) as s:
-            assert s.downloaded_bytes == 100
-    assert blob.cache_at_download == 200  # cap - incoming size, before a byte moved
-    assert blob.present_at_download == ["new.svs", "old.svs"]  # mid went; old was in use
-    assert cache_size(tmp_path) == 300
-
-
-def test_the_servers_cache_cap_is_the_one_staging_uses(package, tmp_path, monkeypatch):
-    from contextlib import contextmanager
-
-    import efcm.inference
-    from efcm.io.gcs import StagedSlide
+def test_the_servers_cache_cap_is_the_one_staging_uses(package, gcs_bucket, tmp_path, monkeypatch):
     from efcm.limits import ServingLimits, cache_max_bytes
-    from efcm.serving.model import EFCMModel
 
-    slide = _slide(tmp_path)
-    caps: list[int | None] = []
-
-    @contextmanager
-    def staged(uri, *, max_bytes=None, cap_bytes=None):
-        caps.append(cap_bytes)
-        yield StagedSlide(slide)
-
-    monkeypatch.setattr(efcm.inference, "staged", staged)
-    m = EFCMModel(
-        "efcm",
+    a, b = _slide(tmp_path, "a.tif"), _slide(tmp_path, "b.tif")
+    uri_a = gcs_bucket.upload_file(a, "slides/a.tif")
+    uri_b = gcs_bucket.upload_file(b, "slides/b.tif")
+    cap = max(a.stat().st_size, b.stat().st_size) + 1  # room for one slide only
+    cache = tmp_path / "cache"
+    m = _gs_model(
         package,
-        slide_access=SlideAccessPolicy.of(["gs://lab/slides/"]),
-        limits=ServingLimits(cache_max_bytes=12345),
+        gcs_bucket,
+        cache,
+        monkeypatch=monkeypatch,
+        limits=ServingLimits(cache_max_bytes=cap),
     )
-    m.load()
-    _predict(m, {"instances": [{"slide_uri": "gs://lab/slides/s.tif"}]})
-    assert caps == [12345]
+    assert (m.cache.root, m.cache.max_bytes) == (cache, cap)
+    staged = cache / "gcs" / gcs_bucket.name / "slides"
+    _predict(m, {"instances": [{"slide_uri": uri_a}]})
+    assert (staged / "a.tif").is_file()
+    _predict(m, {"instances": [{"slide_uri": uri_b}]})
+    assert (staged / "b.tif").is_file() and not (staged / "a.tif").exists()  # a made room
+    assert m.cache.size() <= cap
+    assert m.cache.stats.objects == 2
     # one parser of EFCM_CACHE_MAX_BYTES: the server's limits and `efcm predict` read it alike
     env = {"EFCM_CACHE_MAX_BYTES": "4096"}
     assert ServingLimits.from_env(env).cache_max_bytes == cache_max_bytes(env) == 4096

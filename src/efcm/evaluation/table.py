@@ -35,6 +35,7 @@ from efcm.evaluation.metrics import (
     roc_points,
     summarise,
 )
+from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, save_json
 from efcm.io.manifest import Manifest
 from efcm.io.results import read_folds, read_predictions
@@ -99,11 +100,15 @@ def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> Non
 
 
 def localisation(
-    mil_dir: Path, manifest: Manifest, patches_dir: Path, masks_dir: Path
+    mil_dir: Path,
+    manifest: Manifest,
+    patches_dir: Path,
+    masks_dir: Path,
+    cache: SlideCache | None = None,
 ) -> float | None:
     """Mean over the test slides with a ground-truth tumour mask (masks_dir/<slide_id>.png, any
     resolution) of the AUROC of the CLAM attention against "patch is tumour"; None without
-    attention or masks."""
+    attention or masks. A gs:// slide is staged into `cache` (for its dimensions)."""
     import cv2
 
     from efcm.io.results import read_attention
@@ -120,7 +125,7 @@ def localisation(
             continue
         mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
         cf = read_coords(patches_dir / "patches" / f"{sid}.h5")
-        with open_slide(by_id[sid].uri, base_dir=manifest.base_dir) as slide:
+        with open_slide(by_id[sid].uri, base_dir=manifest.base_dir, cache=cache) as slide:
             downsample = slide.dimensions[0] / mask.shape[1]
         aurocs[sid] = localisation_auroc(attention, cf.coords, cf.size0, mask, downsample)
     return mean_localisation_auroc(aurocs) if aurocs else None
@@ -336,15 +341,17 @@ def measure_efficiency(
     student_ckpt: str | Path,
     batch_size: int | None = None,
     min_seconds: float = 1.0,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
     """Teacher vs the distilled student, in one run on this machine's default device, at the
-    extraction batch size (`extract.batch_size`) unless given."""
+    extraction batch size (`extract.batch_size`) unless given; gs:// teacher weights are staged
+    into `cache`."""
     import torch
 
     from efcm.models.encoders import build_backbone
     from efcm.models.students import load_student
 
-    teacher, _ = build_backbone(params.teacher, warn_random=False)
+    teacher, _ = build_backbone(params.teacher, warn_random=False, cache=cache)
     student, spec = load_student(student_ckpt)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return compare(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from efcm.errors import InvalidInput
-from efcm.io.gcs import local_path
+from efcm.io.cache import SlideCache, local_path
 from efcm.io.manifest import Manifest, SlideEntry, import_manifest, read_manifest, write_manifest
 from efcm.io.status import read_status, write_status
 
@@ -80,9 +80,9 @@ def open_error(url: str, revision: str, err: Exception) -> DatasetError:
     )
 
 
-def manifest_md5(path: str) -> str:
-    """The md5 of a manifest (local path or gs:// URI) as stored."""
-    return _md5(local_path(path))
+def manifest_md5(path: str, *, cache: SlideCache | None = None) -> str:
+    """The md5 of a manifest (local path, or gs:// URI staged into `cache`) as stored."""
+    return _md5(local_path(path, cache=cache))
 
 
 def _slide_url(repo: VersionedRepo, manifest_path: str, s: SlideEntry) -> str:
@@ -107,25 +107,28 @@ def resolve_dataset(
     path: str,
     dest: str | Path,
     classes: tuple[str, ...] | None = None,
+    *,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
     """Write the manifest `path` of `repo` (at the revision it was opened at, asked for as
     `revision`) to `dest`, every relative slide URI resolved to its DVC storage URL; returns the
     metadata of the result: the repository, the revision asked for, its commit, the manifest's DVC
     md5, the number of slides and how many of them are unlabelled. With no `repo`, `path` is a
-    plain manifest (local or gs://), imported with its relative URIs made absolute.
+    plain manifest (local, or gs:// staged into `cache`), imported with its relative URIs made
+    absolute.
 
     Raises:
         DatasetError: the manifest cannot be read, or a slide is not tracked by DVC.
         ValueError: the manifest itself is invalid (see `efcm.io.manifest.read_manifest`).
     """
     if repo is None:
-        manifest = import_manifest(path, dest, classes)
+        manifest = import_manifest(path, dest, classes, cache=cache)
         return {
             "repo_url": "",
             "revision": "",
             "commit": "",
             "path": path,
-            "md5": manifest_md5(path),  # of the manifest as stored, as DVC computes it
+            "md5": manifest_md5(path, cache=cache),  # of the manifest as stored, as DVC computes it
             "dvc_tracked": False,
             "slides": len(manifest.slides),
             "unlabelled": len(manifest.unlabelled),

@@ -6,32 +6,43 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 
 def atomic_path(path: Path) -> Path:
-    """A temporary sibling name to write to before `os.replace(tmp, path)`."""
-    return path.with_name(f".{path.name}.{os.getpid()}.part")
+    """A temporary sibling name to write to before `os.replace(tmp, path)`:
+    `.<name>.<pid>.<thread>.part`, so that two writers of the same path, in two processes or in two
+    threads of one, never write into the same temporary file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}.part")
 
 
 def remove_stale_parts(folder: Path) -> int:
-    """Delete the temporary files of `atomic_path` (`.<name>.<pid>.part`) that a killed run left in
-    `folder`; returns how many. A file whose writer is still alive is kept."""
+    """Delete the temporary files of `atomic_path` that a killed run left in `folder`; returns how
+    many. A file whose writer is still alive (another process, or another thread of this one) is
+    kept; one of the calling thread, or named otherwise, is removed."""
+    others = {t.native_id for t in threading.enumerate()} - {threading.get_native_id()}
     removed = 0
     for part in folder.glob(".*.part"):
-        try:
-            pid = int(part.name.rsplit(".", 2)[-2])
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # its writer is alive
-        except (ValueError, ProcessLookupError):
-            pass
-        except PermissionError:
+        pid, tid = part.name.split(".")[-3:-1]  # .<name>.<pid>.<thread>.part
+        if pid.isdigit() and tid.isdigit() and _writer_alive(int(pid), int(tid), others):
             continue
         part.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _writer_alive(pid: int, tid: int, other_threads: set[int | None]) -> bool:
+    if pid == os.getpid():
+        return tid in other_threads
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def save_json(path: Path, obj: Any) -> None:

@@ -1,104 +1,48 @@
-"""Where files live: local paths, and gs:// objects staged into a local cache.
+"""gs:// objects: the client, staging a slide's objects into a local store, and upload.
 
-A gs:// slide is downloaded once into the cache directory (`EFCM_CACHE_DIR`, default
-``~/.cache/efcm``) and reused while the object's generation matches: a later call costs one
-metadata request and no bytes. Layout of the cache::
+`stage` finds the objects a slide is made of and hands each one to an `ObjectStore` (the slide
+cache, `efcm.io.cache.SlideCache`), which keeps it current on local disk; this module knows GCS,
+the store knows the local layout, its locks and its size cap.
 
-    <cache>/gcs/<bucket>/<object>             the staged bytes, under the object's own name
-    <cache>/gcs-meta/<bucket>/<object>.json   generation, size and mtime of the staged file
-    <cache>/gcs-meta/<bucket>/<object>.lock   held (flock) while one process stages the object
-    <cache>/gcs-meta/<bucket>/<object>.*.part bytes in flight (unique per process, then renamed)
+What a URI stages:
 
-A download goes to a temporary name and is renamed into place only when complete (size and the
-library's CRC32C check), and its record is written after the rename, so a killed download never
-looks complete. Workers staging the same object take turns on the lock: one downloads, the others
-then find it current and reuse it. Metadata requests and downloads retry transient errors
-(google-cloud-storage's `DEFAULT_RETRY`: 408/429/5xx and connection errors, exponential
-backoff); an interrupted download resumes from the bytes it has.
-
-Multi-file slides are staged as a whole:
-
+- ``gs://b/d/x.svs`` (any object): that object.
 - ``gs://b/d/x.mrxs``: the ``.mrxs`` file and everything under its sibling folder ``gs://b/d/x/``
   (Slidedat.ini, Index.dat, Data*.dat); OpenSlide then opens the local ``.mrxs``.
 - ``gs://b/d/series/`` (a trailing slash, or a name that only exists as a folder): every object
-  under the prefix, e.g. a DICOM WSI series. OpenSlide opens a DICOM series by any one of its files
-  (it scans that file's folder for the same Series Instance UID), so `local_path` returns one
-  ``.dcm`` file of the staged folder. One series per folder.
+  under the prefix, e.g. a DICOM WSI series; folder placeholders (names ending in ``/``) are
+  skipped, and staged files whose objects are gone are pruned. One series per folder.
 
-Size cap (`staged`, used by `efcm predict` and the predictor): while a slide is used, a shared
-flock on each of its objects' ``<object>.use`` file marks it in use (its mtime is the last use).
-Before an object of known size (its metadata's) is downloaded, the least recently used objects
-are removed (record first, then bytes) until the cache holds at most the cap minus that size, so
-the volume needs the cap, not the cap plus a slide in flight; after staging the cache is trimmed to
-the cap again. The cap is `EFCM_CACHE_MAX_BYTES` (default 20 GiB) or the caller's `cap_bytes`. An
-object whose ``.use`` lock another request holds is never removed, so the cache can stay over the
-cap while every slide in it is in use. A later request for an evicted slide downloads it again.
+An object is handed over with the generation and size its metadata gave, and `RemoteObject.download`
+fetches exactly that generation (the size and the library's CRC32C are checked). If that
+generation is replaced while it downloads, the whole slide is looked up again, once. Metadata
+requests and downloads retry transient errors (google-cloud-storage's `DEFAULT_RETRY`:
+408/429/5xx and connection errors, exponential backoff); an interrupted download resumes from the
+bytes it has.
 
-Works against the real GCS API and against an emulator (`STORAGE_EMULATOR_HOST`).
-`download_stats()` counts what this process downloaded and reused (tests assert on it).
+The client is one per thread (and per process, and per emulator endpoint): google-cloud-storage
+builds it on a `requests` session, which requests does not promise to be thread-safe, so serving
+threads never share one. Works against the real GCS API and against an emulator
+(`STORAGE_EMULATOR_HOST`).
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
-import glob
-import json
 import logging
 import os
-import re
-import secrets
 import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from efcm.errors import TooLarge
-from efcm.limits import cache_dir, cache_max_bytes
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = 60.0  # seconds per HTTP request (connect / between bytes)
 METADATA_DEADLINE = 120.0  # seconds of retrying a metadata GET or a listing
 DOWNLOAD_DEADLINE = 1800.0  # seconds of retrying one object's download (slides are GBs)
-
-
-@dataclass(frozen=True)
-class DownloadStats:
-    """What this process staged from gs:// since the last reset."""
-
-    objects: int = 0  # objects downloaded
-    bytes: int = 0  # bytes downloaded
-    reused: int = 0  # objects found current in the cache (no bytes moved)
-
-
-_stats = DownloadStats()
-_stats_lock = threading.Lock()
-
-
-def download_stats() -> DownloadStats:
-    """Objects and bytes this process downloaded, and objects it reused, since the last reset.
-
-    Per process: downloads made by worker processes are counted in those processes.
-    """
-    return _stats
-
-
-def reset_download_stats() -> None:
-    global _stats
-    with _stats_lock:
-        _stats = DownloadStats()
-
-
-def _count(objects: int = 0, nbytes: int = 0, reused: int = 0) -> None:
-    global _stats
-    with _stats_lock:
-        _stats = DownloadStats(
-            _stats.objects + objects, _stats.bytes + nbytes, _stats.reused + reused
-        )
 
 
 def is_gcs(uri: str) -> bool:
@@ -119,14 +63,30 @@ def split_gcs(uri: str) -> tuple[str, str]:
     return bucket, blob
 
 
+# -- the client: one per thread -------------------------------------------------------------------
+
+_clients = threading.local()  # .by_key: {(pid, emulator endpoint): Client} of this thread
+
+
 def gcs_client():
-    """A google-cloud-storage client (one per process and endpoint); anonymous against an
-    emulator."""
-    return _client(os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST") or "")
+    """This thread's google-cloud-storage client (anonymous against an emulator).
+
+    One per thread: the client's `requests` session is not documented as safe to share between
+    threads. Keyed by pid as well, because a forked child inherits its parent's thread-local data
+    and must not reuse the parent's connections; and by `STORAGE_EMULATOR_HOST`, read on every call
+    (google-cloud-storage itself reads it when the client is made).
+    """
+    key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST") or "")
+    by_key: dict[tuple[int, str], Any] = getattr(_clients, "by_key", None) or {}
+    if key not in by_key:
+        if len(by_key) >= 4:  # another endpoint (tests switch emulators) or a fork: drop old ones
+            by_key.clear()
+        by_key[key] = _new_client(bool(key[1]))
+        _clients.by_key = by_key
+    return by_key[key]
 
 
-@functools.lru_cache(maxsize=4)
-def _client(pid: int, emulator: str):
+def _new_client(emulator: bool):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
@@ -141,38 +101,80 @@ def _retry(deadline: float):
     return DEFAULT_RETRY.with_timeout(deadline)
 
 
-def download(uri: str, dest_root: Path | None = None, *, max_bytes: int | None = None) -> Path:
-    """Stage a gs:// slide (or any object) into the local cache, once; returns its local path.
+# -- staging --------------------------------------------------------------------------------------
 
-    An object -> its local file. ``.mrxs`` -> the local ``.mrxs`` file, with its sibling data
-    folder staged beside it. A folder (``gs://b/series/``, or a name that exists only as a
-    prefix) -> the local folder holding every object under it. Objects whose generation and size
-    match the cache are reused without downloading.
 
-    Args:
-        uri: ``gs://bucket/object``, ``gs://bucket/slide.mrxs`` or ``gs://bucket/folder/``.
-        dest_root: the cache directory (default `cache_dir()`).
-        max_bytes: refuse (TooLarge, before any byte moves) a slide whose objects add up to more.
+@dataclass(frozen=True)
+class RemoteObject:
+    """One object at the generation and size its metadata gave when it was looked up."""
+
+    bucket: str
+    name: str
+    generation: int
+    size: int
+    _blob: Any = field(repr=False, compare=False)  # the Blob, pinned to `generation`
+
+    @property
+    def uri(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+    @classmethod
+    def of(cls, blob: Any) -> RemoteObject:
+        # read now: a download overwrites them from its response headers (if any)
+        return cls(blob.bucket.name, blob.name, int(blob.generation), int(blob.size or 0), blob)
+
+    def download(self, dest: Path) -> None:
+        """Write this generation's bytes to `dest` (retried; resumed when interrupted).
+
+        Raises:
+            OSError: the bytes written are not `size` bytes.
+            google.api_core.exceptions.NotFound: the generation was replaced meanwhile (`stage`
+                looks the slide up again).
+        """
+        self._blob.download_to_filename(str(dest), retry=_retry(DOWNLOAD_DEADLINE), timeout=TIMEOUT)
+        got = dest.stat().st_size
+        if got != self.size:
+            raise OSError(f"{self.uri}: downloaded {got} bytes, expected {self.size}")
+
+
+class ObjectStore(Protocol):
+    """Where `stage` puts objects: the local copy of each, kept current by generation."""
+
+    def put(self, obj: RemoteObject) -> Path:
+        """The local file of `obj`, downloaded unless the store holds this generation already."""
+
+    def prune(self, bucket: str, prefix: str, keep: set[str]) -> None:
+        """Remove the local files under `prefix` whose object names are not in `keep`."""
+
+    def folder(self, bucket: str, prefix: str) -> Path:
+        """The local folder that holds the objects under `prefix`."""
+
+
+def stage(uri: str, store: ObjectStore, *, max_bytes: int | None = None) -> Path:
+    """Put the objects of the slide `uri` into `store`; returns the local path to open.
+
+    An object -> its local file. ``.mrxs`` -> the local ``.mrxs`` file, with its sibling data folder
+    staged beside it. A folder (``gs://b/series/``, or a name that exists only as a prefix) -> the
+    local folder holding every object under it.
 
     Raises:
         ValueError: not a gs:// URI, no bucket or object name, or an object name that cannot be a
             local path (``..``, empty segments).
         FileNotFoundError: no such object (or folder, or MRXS data folder); names the URI.
         PermissionError: the credentials may not read it.
-        TooLarge: over `max_bytes`.
+        TooLarge: the slide's objects add up to more than `max_bytes` (before any byte moves).
     """
     from google.api_core import exceptions as gexc
 
     bucket, name = split_gcs(uri)
-    root = Path(dest_root) if dest_root is not None else cache_dir()
-    _check_name(uri, name)
+    check_name(uri, name)
     for attempt in range(2):
         try:
             if name.endswith("/"):
-                return _stage_folder(uri, bucket, name, root, max_bytes)
+                return _stage_folder(uri, bucket, name, store, max_bytes)
             if name.lower().endswith(".mrxs"):
-                return _stage_mrxs(uri, bucket, name, root, max_bytes)
-            return _stage_object(uri, bucket, name, root, max_bytes)
+                return _stage_mrxs(uri, bucket, name, store, max_bytes)
+            return _stage_object(uri, bucket, name, store, max_bytes)
         except gexc.NotFound as err:
             # the generation we listed was replaced while we downloaded it: look again, once
             if attempt:
@@ -183,37 +185,43 @@ def download(uri: str, dest_root: Path | None = None, *, max_bytes: int | None =
     raise AssertionError("unreachable")
 
 
-def _check_name(uri: str, name: str) -> None:
+def check_name(uri: str, name: str) -> None:
+    """Refuse an object name that cannot be a local path below the store (``..``, ``a//b``)."""
     parts = name.rstrip("/").split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"gs:// object name cannot be staged as a local path: {uri!r}")
 
 
-def _check_size(uri: str, blobs: list[Any], max_bytes: int | None) -> None:
-    total = sum(int(b.size or 0) for b in blobs)
+def _check_size(uri: str, objects: Iterable[RemoteObject], max_bytes: int | None) -> None:
+    total = sum(o.size for o in objects)
     if max_bytes is not None and total > max_bytes:
         raise TooLarge(f"{uri}: {total} bytes, over the limit of {max_bytes} bytes")
 
 
+def _get(bucket: str, name: str) -> RemoteObject | None:
+    blob = (
+        gcs_client().bucket(bucket).get_blob(name, retry=_retry(METADATA_DEADLINE), timeout=TIMEOUT)
+    )
+    return None if blob is None else RemoteObject.of(blob)
+
+
 def _stage_object(
-    uri: str, bucket: str, name: str, root: Path, max_bytes: int | None = None
+    uri: str, bucket: str, name: str, store: ObjectStore, max_bytes: int | None
 ) -> Path:
-    blob = (
-        gcs_client().bucket(bucket).get_blob(name, retry=_retry(METADATA_DEADLINE), timeout=TIMEOUT)
-    )
-    if blob is None:
+    obj = _get(bucket, name)
+    if obj is None:
         if _list(uri, bucket, name + "/", max_results=1, placeholders=True):
-            return _stage_folder(uri, bucket, name + "/", root, max_bytes)  # named without '/'
+            return _stage_folder(uri, bucket, name + "/", store, max_bytes)  # named without '/'
         raise FileNotFoundError(f"no such object: {uri}")
-    _check_size(uri, [blob], max_bytes)
-    return _stage_blob(blob, root)
+    _check_size(uri, [obj], max_bytes)
+    return store.put(obj)
 
 
-def _stage_mrxs(uri: str, bucket: str, name: str, root: Path, max_bytes: int | None = None) -> Path:
-    blob = (
-        gcs_client().bucket(bucket).get_blob(name, retry=_retry(METADATA_DEADLINE), timeout=TIMEOUT)
-    )
-    if blob is None:
+def _stage_mrxs(
+    uri: str, bucket: str, name: str, store: ObjectStore, max_bytes: int | None
+) -> Path:
+    obj = _get(bucket, name)
+    if obj is None:
         raise FileNotFoundError(f"no such object: {uri}")
     data_prefix = name[: -len(".mrxs")] + "/"
     data = _list(uri, bucket, data_prefix)
@@ -221,30 +229,30 @@ def _stage_mrxs(uri: str, bucket: str, name: str, root: Path, max_bytes: int | N
         raise FileNotFoundError(
             f"{uri}: MRXS slide without its data folder gs://{bucket}/{data_prefix}"
         )
-    _check_size(uri, [blob, *data], max_bytes)
-    for b in data:
-        _stage_blob(b, root)
-    _prune(root, bucket, data_prefix, {b.name for b in data})
-    return _stage_blob(blob, root)
+    _check_size(uri, [obj, *data], max_bytes)
+    for o in data:
+        store.put(o)
+    store.prune(bucket, data_prefix, {o.name for o in data})
+    return store.put(obj)
 
 
 def _stage_folder(
-    uri: str, bucket: str, prefix: str, root: Path, max_bytes: int | None = None
+    uri: str, bucket: str, prefix: str, store: ObjectStore, max_bytes: int | None
 ) -> Path:
-    blobs = _list(uri, bucket, prefix)
-    if not blobs:
+    objects = _list(uri, bucket, prefix)
+    if not objects:
         raise FileNotFoundError(f"no objects under {uri}")
-    _check_size(uri, blobs, max_bytes)
-    for b in blobs:
-        _check_name(f"gs://{bucket}/{b.name}", b.name)
-        _stage_blob(b, root)
-    _prune(root, bucket, prefix, {b.name for b in blobs})
-    return _data_path(root, bucket, prefix)
+    _check_size(uri, objects, max_bytes)
+    for o in objects:
+        check_name(o.uri, o.name)
+        store.put(o)
+    store.prune(bucket, prefix, {o.name for o in objects})
+    return store.folder(bucket, prefix)
 
 
 def _list(
     uri: str, bucket: str, prefix: str, max_results: int | None = None, placeholders: bool = False
-) -> list[Any]:
+) -> list[RemoteObject]:
     """The objects under `prefix`; folder placeholders (names ending in '/') only if asked."""
     from google.api_core import exceptions as gexc
 
@@ -256,283 +264,11 @@ def _list(
             retry=_retry(METADATA_DEADLINE),
             timeout=TIMEOUT,
         )
-        return [b for b in it if placeholders or not b.name.endswith("/")]
+        return [RemoteObject.of(b) for b in it if placeholders or not b.name.endswith("/")]
     except gexc.NotFound:
         raise FileNotFoundError(f"no such object: {uri} (no bucket {bucket!r})") from None
-
-
-def _data_path(root: Path, bucket: str, name: str) -> Path:
-    return root / "gcs" / bucket / PurePosixPath(name)
-
-
-def _meta_path(root: Path, bucket: str, name: str, suffix: str) -> Path:
-    p = root / "gcs-meta" / bucket / PurePosixPath(name)
-    return p.with_name(p.name + suffix)
-
-
-def _record(dest: Path, generation: int, size: int) -> dict[str, int]:
-    return {"generation": int(generation), "size": int(size), "mtime_ns": dest.stat().st_mtime_ns}
-
-
-def _is_current(dest: Path, meta: Path, generation: int, size: int) -> bool:
-    """The staged file is this generation of the object, complete and untouched since."""
-    try:
-        rec = json.loads(meta.read_text())
-        return rec == _record(dest, generation, size) and dest.stat().st_size == size
-    except (OSError, ValueError):
-        return False
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock between processes (no-op where flock does not exist)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: unique temp names + rename still hold
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _stage_blob(blob: Any, root: Path) -> Path:
-    """Download one listed/fetched object unless the cache already holds its generation."""
-    bucket, name = blob.bucket.name, blob.name
-    uri = f"gs://{bucket}/{name}"
-    # read before downloading: the download overwrites them from response headers (if any)
-    generation, size = int(blob.generation), int(blob.size)
-    dest = _data_path(root, bucket, name)
-    meta = _meta_path(root, bucket, name, ".json")
-    _hold(root, bucket, name)  # inside `staged`: in use from here on, never evicted
-    if _is_current(dest, meta, generation, size):
-        _count(reused=1)
-        return dest
-    with _locked(_meta_path(root, bucket, name, ".lock")):
-        if _is_current(dest, meta, generation, size):  # another worker staged it while we waited
-            _count(reused=1)
-            return dest
-        _remove_stale_parts(meta.parent, dest.name)
-        holder = _holder.get()
-        if holder is not None and holder.cap_bytes is not None:
-            # room first: the cache volume must hold the cap, not the cap plus this download
-            evict_lru(root, holder.cap_bytes - size)
-        t0 = time.perf_counter()
-        tmp = _meta_path(root, bucket, name, f".{os.getpid()}.{secrets.token_hex(4)}.part")
-        try:
-            # `blob` carries its generation, so these bytes are exactly the version we checked
-            blob.download_to_filename(str(tmp), retry=_retry(DOWNLOAD_DEADLINE), timeout=TIMEOUT)
-            got = tmp.stat().st_size
-            if got != size:
-                raise OSError(f"{uri}: downloaded {got} bytes, expected {size}")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _write_json(meta, _record(dest, generation, size))
-    _count(objects=1, nbytes=size)
-    if holder is not None:
-        holder.downloaded_bytes += size
-    log.info(
-        "downloaded %s (generation %s, %d bytes, %.1f s)",
-        uri,
-        generation,
-        size,
-        time.perf_counter() - t0,
-    )
-    return dest
-
-
-def _remove_stale_parts(folder: Path, name: str) -> None:
-    """Bytes left by a killed download of this object (we hold its lock: no one else writes)."""
-    part = re.compile(rf"{re.escape(name)}\.\d+\.[0-9a-f]{{8}}\.part")
-    for p in folder.glob(f"{glob.escape(name)}.*.part"):
-        if part.fullmatch(p.name):
-            log.info("removing %s: left by an interrupted download", p)
-            p.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def _prune(root: Path, bucket: str, prefix: str, keep: Iterable[str]) -> None:
-    """Remove staged files under `prefix` whose objects are gone (a series must not gain stale
-    files)."""
-    folder = _data_path(root, bucket, prefix)
-    keep_paths = {_data_path(root, bucket, n) for n in keep}
-    for p in folder.rglob("*"):
-        if p.is_file() and p not in keep_paths:
-            log.info("removing %s: its object is gone from gs://%s/%s", p, bucket, prefix)
-            p.unlink(missing_ok=True)
-            rel = p.relative_to(root / "gcs" / bucket).as_posix()
-            _meta_path(root, bucket, rel, ".json").unlink(missing_ok=True)
-
-
-# -- the size cap: in-use marks and LRU eviction ----------------------------------------------
-
-
-@dataclass
-class StagedSlide:
-    """What `staged` yields: the local path OpenSlide opens, and the bytes this call downloaded
-    (0 when the cache already held the slide, and for local paths)."""
-
-    path: Path
-    downloaded_bytes: int = 0
-    cap_bytes: int | None = field(default=None, repr=False)  # the cache cap while staging
-    _held: list[Any] = field(default_factory=list, repr=False)
-
-
-_holder: contextvars.ContextVar[StagedSlide | None] = contextvars.ContextVar(
-    "efcm_cache_holder", default=None
-)
-
-
-def _hold(root: Path, bucket: str, name: str) -> None:
-    """Inside `staged`: mark the object in use (a shared flock, released when `staged` exits)."""
-    holder = _holder.get()
-    if holder is None:
-        return
-    import fcntl
-
-    use = _meta_path(root, bucket, name, ".use")
-    use.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(use, "a")  # noqa: SIM115 (closed when `staged` exits)
-    fcntl.flock(fh, fcntl.LOCK_SH)
-    holder._held.append(fh)
-    os.utime(use)  # the last use, for LRU
-
-
-def _release(held: list[Any]) -> None:
-    import fcntl
-
-    for fh in held:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        finally:
-            fh.close()
-
-
-@contextmanager
-def staged(
-    uri: str, *, max_bytes: int | None = None, cap_bytes: int | None = None
-) -> Iterator[StagedSlide]:
-    """The local path of a slide, held in the cache for the duration of the block.
-
-    A gs:// slide is staged (see `download`) and its objects are marked in use, so that no
-    eviction removes them while the block runs. The cache is kept to `cap_bytes` (default
-    `cache_max_bytes()`), least recently used first: before each download it is trimmed to
-    `cap_bytes` minus the object's size, and after staging to `cap_bytes`. A local path is
-    returned as it is (its size is checked against `max_bytes` too).
-
-    Raises:
-        TooLarge: the slide is over `max_bytes`.
-        and what `download` / `local_path` raise.
-    """
-    if not is_gcs(uri):
-        p = local_path(uri)
-        if max_bytes is not None and p.is_file() and p.stat().st_size > max_bytes:
-            raise TooLarge(f"{uri}: {p.stat().st_size} bytes, over the limit of {max_bytes} bytes")
-        yield StagedSlide(p)
-        return
-    cap = cache_max_bytes() if cap_bytes is None else cap_bytes
-    holder = StagedSlide(Path(), cap_bytes=cap)
-    token = _holder.set(holder)
-    try:
-        try:
-            p = download(uri, max_bytes=max_bytes)
-        finally:
-            _holder.reset(token)
-        holder.path = dicom_series_file(p) if p.is_dir() else p
-        evict_lru(cache_dir(), cap)
-        yield holder
-    finally:
-        _release(holder._held)
-
-
-def _cache_entries(root: Path) -> list[tuple[float, int, Path, Path, Path]]:
-    """(last use, size, record, data, use-mark) of every staged object."""
-    out = []
-    meta_root, data_root = root / "gcs-meta", root / "gcs"
-    for rec in meta_root.rglob("*.json"):
-        rel = rec.relative_to(meta_root).as_posix()[: -len(".json")]
-        data = data_root / PurePosixPath(rel)
-        use = rec.with_name(rec.name[: -len(".json")] + ".use")
-        try:
-            size = int(json.loads(rec.read_text())["size"])
-            last = use.stat().st_mtime if use.exists() else rec.stat().st_mtime
-        except (OSError, ValueError, KeyError):
-            continue
-        out.append((last, size, rec, data, use))
-    return sorted(out, key=lambda e: e[0])
-
-
-def cache_size(root: Path | None = None) -> int:
-    """Bytes of staged objects in the cache (by their records)."""
-    return sum(e[1] for e in _cache_entries(cache_dir() if root is None else root))
-
-
-def evict_lru(root: Path, cap_bytes: int) -> int:
-    """Remove least recently used staged objects until the cache holds at most `cap_bytes`;
-    objects in use (their `.use` lock held by anyone) are skipped. Returns the bytes removed."""
-    import fcntl
-
-    entries = _cache_entries(root)
-    total = sum(e[1] for e in entries)
-    removed = 0
-    for _, size, rec, data, use in entries:
-        if total <= cap_bytes:
-            break
-        with open(use, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # in use by a request (of this or another process)
-            try:
-                rec.unlink(missing_ok=True)  # the record first: no one takes it as current
-                data.unlink(missing_ok=True)
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-        log.info("cache: evicted %s (%d bytes, least recently used)", data, size)
-        total -= size
-        removed += size
-    if total > cap_bytes:
-        log.warning(
-            "cache: %d bytes over the cap of %d: every other slide is in use", total, cap_bytes
-        )
-    return removed
-
-
-def dicom_series_file(folder: Path) -> Path:
-    """The file OpenSlide should open for a DICOM series folder: its first ``.dcm`` file (any file
-    of the series opens the whole series); the folder itself when it has none."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
-    return files[0] if files else Path(folder)
 
 
 def upload(path: str | Path, uri: str) -> None:
     bucket_name, name = split_gcs(uri)
     gcs_client().bucket(bucket_name).blob(name).upload_from_filename(str(path), timeout=TIMEOUT)
-
-
-def local_path(uri: str, *, base_dir: str | Path | None = None) -> Path:
-    """A local path for `uri`, ready for OpenSlide or `open`.
-
-    gs:// is staged into the cache (see `download`); a relative path is taken from `base_dir`.
-    A folder holding a DICOM series (staged or local) becomes one of its ``.dcm`` files.
-    """
-    if is_gcs(uri):
-        p = download(uri)
-    elif "://" in uri:
-        raise ValueError(f"unsupported URI scheme: {uri!r} (use a local path or gs://)")
-    else:
-        p = Path(uri).expanduser()
-        if not p.is_absolute() and base_dir is not None:
-            p = Path(base_dir) / p
-    return dicom_series_file(p) if p.is_dir() else p

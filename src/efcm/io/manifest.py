@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from efcm.io.cache import SlideCache, local_path
+
 REQUIRED = ("slide_id", "case_id", "uri", "label")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -120,9 +122,14 @@ def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> M
 
 
 def import_manifest(
-    uri: str | Path, dest: str | Path, classes: tuple[str, ...] | None = None
+    uri: str | Path,
+    dest: str | Path,
+    classes: tuple[str, ...] | None = None,
+    *,
+    cache: SlideCache | None = None,
 ) -> Manifest:
-    """Copy a manifest (local path or gs:// URI) to `dest`, checked, with every slide URI absolute.
+    """Copy a manifest (local path, or gs:// URI staged into `cache`) to `dest`, checked, with every
+    slide URI absolute.
 
     A relative slide URI is taken from the source manifest's folder (``slides/a.svs`` next to
     ``gs://bkt/ds/manifest.csv`` becomes ``gs://bkt/ds/slides/a.svs``), so the copy works from any
@@ -136,10 +143,10 @@ def import_manifest(
     import os
     import posixpath
 
-    from efcm.io.gcs import is_gcs, local_path, split_gcs
+    from efcm.io.gcs import is_gcs, split_gcs
 
     src = str(uri)
-    manifest = read_manifest(local_path(src), classes)
+    manifest = read_manifest(local_path(src, cache=cache), classes)
     if is_gcs(src):
         bucket, blob = split_gcs(src)
         base = posixpath.dirname(blob)

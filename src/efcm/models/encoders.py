@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from efcm.config import EncoderParams
+from efcm.io.cache import SlideCache, local_path
 from efcm.io.files import sha256_file
-from efcm.io.gcs import local_path
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,15 @@ def _state_dict_of(ckpt: Any, source: str) -> dict[str, torch.Tensor]:
     )
 
 
-def load_weights(model: nn.Module, uri: str) -> str:
-    """Load a checkpoint (local path or gs://) into `model`; returns the file's sha256.
+def load_weights(model: nn.Module, uri: str, *, cache: SlideCache | None = None) -> str:
+    """Load a checkpoint (local path, or gs:// staged into `cache`) into `model`; returns the
+    file's sha256.
 
     Strips `module.`, `backbone.` and `encoder.` prefixes, logs missing and unexpected keys, and
     fails
     on a shape mismatch naming the key.
     """
-    path = local_path(uri)
+    path = local_path(uri, cache=cache)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights not found: {uri}")
     state = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True), uri)
@@ -122,13 +123,14 @@ def create_timm(arch: str, **kwargs: Any) -> nn.Module:
 
 
 def build_backbone(
-    spec: EncoderParams, *, warn_random: bool = True
+    spec: EncoderParams, *, warn_random: bool = True, cache: SlideCache | None = None
 ) -> tuple[nn.Module, str | None]:
-    """A timm model with pooled-feature output; returns (model, weights sha256 or None)."""
+    """A timm model with pooled-feature output; returns (model, weights sha256 or None). gs://
+    weights are staged into `cache`."""
     model = create_timm(spec.arch, **spec.model_kwargs)
     sha = None
     if spec.weights:
-        sha = load_weights(model, spec.weights)
+        sha = load_weights(model, spec.weights, cache=cache)
     elif warn_random:
         log.warning(
             "encoder %s has NO pretrained weights: random initialisation (demo only)", spec.arch

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from efcm.config import EncoderParams, FpdParams
+from efcm.io.cache import SlideCache
 from efcm.io.checkpoints import load_checkpoint, save_checkpoint
 from efcm.models.encoders import build_backbone, load_weights
 from efcm.models.transscan import TransScan
@@ -117,19 +118,30 @@ class BackboneStudent(nn.Module):
         return self.backbone(x)  # (B, 3, H, W) -> (B, num_features)
 
 
-def build_vfd(spec: EncoderParams, out_dim: int, *, warn_random: bool = True) -> VFDStudent:
-    backbone, _ = build_backbone(spec, warn_random=warn_random)
+def build_vfd(
+    spec: EncoderParams,
+    out_dim: int,
+    *,
+    warn_random: bool = True,
+    cache: SlideCache | None = None,
+) -> VFDStudent:
+    backbone, _ = build_backbone(spec, warn_random=warn_random, cache=cache)
     return VFDStudent(backbone, out_dim)
 
 
 def build_fpd(
-    spec: EncoderParams, out_dim: int, cfg: FpdParams, *, warn_random: bool = True
+    spec: EncoderParams,
+    out_dim: int,
+    cfg: FpdParams,
+    *,
+    warn_random: bool = True,
+    cache: SlideCache | None = None,
 ) -> FPDStudent:
-    """The student's first `cfg.shallow_stage` stages, with `spec.weights` loaded (pretrained), and
-    a fresh TransScan."""
+    """The student's first `cfg.shallow_stage` stages, with `spec.weights` loaded (pretrained; gs://
+    staged into `cache`), and a fresh TransScan."""
     shallow = ShallowCNN(spec.arch, cfg.shallow_stage, **spec.model_kwargs)
     if spec.weights:
-        load_weights(shallow.body, spec.weights)
+        load_weights(shallow.body, spec.weights, cache=cache)
     elif warn_random:
         import logging
 

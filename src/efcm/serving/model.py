@@ -48,7 +48,8 @@ from kserve.protocol.infer_type import to_http_parameters
 
 from efcm.errors import Deadline, Forbidden, PackageError, TooLarge
 from efcm.inference import Prediction, patch_size, predict_features, predict_patches, predict_slide
-from efcm.limits import ServingLimits
+from efcm.io.cache import SlideCache
+from efcm.limits import ServingLimits, cache_dir
 from efcm.models.package import Package, load_package
 from efcm.serving import errors
 from efcm.serving import request as rq
@@ -66,11 +67,16 @@ class EFCMModel(kserve.Model):
         slide_access: SlideAccessPolicy | None = None,
         limits: ServingLimits | None = None,
         read_workers: int = 2,
+        cache: SlideCache | None = None,
     ) -> None:
         super().__init__(name)
         self.package_dir = Path(package_dir)
         self.slide_access = slide_access if slide_access is not None else SlideAccessPolicy()
         self.limits = limits if limits is not None else ServingLimits()
+        # gs:// slides: EFCM_CACHE_DIR, capped at the limits' EFCM_CACHE_MAX_BYTES
+        self.cache = (
+            cache if cache is not None else SlideCache(cache_dir(), self.limits.cache_max_bytes)
+        )
         self.read_workers = read_workers
         self.package: Package | None = None
         self._slide_pool: ThreadPoolExecutor | None = None
@@ -160,7 +166,7 @@ class EFCMModel(kserve.Model):
                 read_workers=self.read_workers,
                 max_patches=lim.max_patches,
                 max_slide_bytes=lim.max_slide_bytes,
-                cache_max_bytes=lim.cache_max_bytes,
+                cache=self.cache,
                 deadline=deadline,
             )
         except Forbidden as err:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from efcm.config import PatchParams
 from efcm.errors import BatchFailed, InvalidInput, InvalidSlide
+from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest, SlideEntry
 from efcm.io.status import NO_TISSUE, OK, write_status
@@ -290,10 +291,16 @@ def _remove_stale_coords(out_dir: Path, entry: SlideEntry) -> None:
 
 
 def _patch(
-    entry: SlideEntry, row: dict[str, Any], base_dir: Path, out_dir: Path, params: PatchParams
+    entry: SlideEntry,
+    row: dict[str, Any],
+    base_dir: Path,
+    out_dir: Path,
+    params: PatchParams,
+    cache: SlideCache | None = None,
 ) -> None:
-    """Segment and patch one slide (a `SlideWork`): coords h5, QC PNG and GeoJSON."""
-    with open_slide(entry.uri, base_dir=base_dir) as slide:
+    """Segment and patch one slide (a `SlideWork`): coords h5, QC PNG and GeoJSON; a gs://
+    slide is staged into `cache`."""
+    with open_slide(entry.uri, base_dir=base_dir, cache=cache) as slide:
         plan = plan_patches(slide, params, mpp_override=entry.mpp, name=entry.slide_id)
     row.update(
         mpp=f"{plan.mpp.value:.5g}",
@@ -317,31 +324,48 @@ def _patch_or_reuse(
     out_dir: Path,
     params: PatchParams,
     overwrite: bool,
+    cache: SlideCache | None = None,
 ) -> None:
     """`_patch`, unless the slide's coords h5 can be reused as it is (see `_reused_row`)."""
     done = None if overwrite else _reused_row(entry, out_dir, params)
     if done is None:
-        _patch(entry, row, base_dir, out_dir, params)
+        _patch(entry, row, base_dir, out_dir, params, cache)
     else:
         row.update(done)
 
 
-def _patch_loop(base_dir: Path, out_dir: Path, params: PatchParams, overwrite: bool) -> SlideLoop:
+def _patch_loop(
+    base_dir: Path,
+    out_dir: Path,
+    params: PatchParams,
+    overwrite: bool,
+    cache: SlideCache | None = None,
+) -> SlideLoop:
     work = partial(
-        _patch_or_reuse, base_dir=base_dir, out_dir=out_dir, params=params, overwrite=overwrite
+        _patch_or_reuse,
+        base_dir=base_dir,
+        out_dir=out_dir,
+        params=params,
+        overwrite=overwrite,
+        cache=cache,
     )
     return SlideLoop("patch", work, _PATCH_COLUMNS, partial(_remove_stale_coords, out_dir))
 
 
 def patch_slide(
-    entry: SlideEntry, base_dir: Path, out_dir: Path, params: PatchParams
+    entry: SlideEntry,
+    base_dir: Path,
+    out_dir: Path,
+    params: PatchParams,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
-    """Segment and patch one slide; returns its status row. Never raises for a bad slide.
+    """Segment and patch one slide (a gs:// one staged into `cache`); returns its status row.
+    Never raises for a bad slide.
 
     Writes patches/<id>.h5 (also for a slide without tissue: zero rows, so a rerun skips it), and
     the QC PNG and GeoJSON. A slide that fails keeps no coords h5 of an earlier run.
     """
-    return _patch_loop(base_dir, out_dir, params, overwrite=True).attempt(entry).row
+    return _patch_loop(base_dir, out_dir, params, overwrite=True, cache=cache).attempt(entry).row
 
 
 def _reused_row(entry: SlideEntry, out_dir: Path, params: PatchParams) -> dict[str, Any] | None:
@@ -372,6 +396,7 @@ def patch_manifest(
     *,
     workers: int = 1,
     overwrite: bool = False,
+    cache: SlideCache | None = None,
 ) -> list[dict[str, Any]]:
     """Patch every slide of the manifest into out_dir/patches, out_dir/qc and out_dir/status.csv.
 
@@ -383,5 +408,5 @@ def patch_manifest(
     for folder in (out / "patches", out / "qc"):
         if folder.is_dir() and (n := remove_stale_parts(folder)):
             log.info("removed %d half-written file(s) of an interrupted run in %s", n, folder)
-    loop = _patch_loop(manifest.base_dir, out, params, overwrite)
+    loop = _patch_loop(manifest.base_dir, out, params, overwrite, cache)
     return loop.run(manifest.slides, out / "status.csv", workers=workers)

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import openslide
 
+from efcm.io.cache import SlideCache
 from efcm.slides.patching import CoordsFile
 from efcm.slides.reader import open_slide, read_rgb
 
@@ -19,10 +20,17 @@ from efcm.slides.reader import open_slide, read_rgb
 class SlidePatches:
     """Patch pixels of one slide: `read(i)` -> uint8 (patch_size, patch_size, 3)."""
 
-    def __init__(self, uri: str, coords: CoordsFile, base_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        coords: CoordsFile,
+        base_dir: str | Path | None = None,
+        cache: SlideCache | None = None,
+    ) -> None:
         self.uri = uri
         self.coords = coords
         self.base_dir = base_dir
+        self.cache = cache  # stages a gs:// slide (see `open_slide`)
         self._slide: openslide.OpenSlide | None = None
         self._pid: int | None = None
 
@@ -39,7 +47,7 @@ class SlidePatches:
         import os
 
         if self._slide is None or self._pid != os.getpid():
-            self._slide = open_slide(self.uri, base_dir=self.base_dir)
+            self._slide = open_slide(self.uri, base_dir=self.base_dir, cache=self.cache)
             self._pid = os.getpid()
         return self._slide
 

@@ -15,7 +15,7 @@ import numpy as np
 import openslide
 
 from efcm.errors import InvalidSlide
-from efcm.io.gcs import local_path
+from efcm.io.cache import SlideCache, local_path
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,19 @@ class Mpp:
     source: str  # override | openslide | tiff | objective_power | default
 
 
-def open_slide(uri: str | Path, *, base_dir: str | Path | None = None) -> openslide.OpenSlide:
-    """Open a slide by local path or gs:// URI (staged once into the local cache).
+def open_slide(
+    uri: str | Path, *, base_dir: str | Path | None = None, cache: SlideCache | None = None
+) -> openslide.OpenSlide:
+    """Open a slide by local path (relative ones from `base_dir`) or gs:// URI (staged once into
+    `cache`, which a gs:// URI needs).
 
     Raises:
         FileNotFoundError: the path does not exist.
+        ValueError: a gs:// URI with no `cache`, or an unsupported URI scheme.
         InvalidSlide: the file is not a slide OpenSlide can read (zero bytes, corrupt, unsupported,
         a folder).
     """
-    path = local_path(str(uri), base_dir=base_dir)
+    path = local_path(str(uri), cache=cache, base_dir=base_dir)
     if not path.exists():
         raise FileNotFoundError(f"slide not found: {uri}")
     if path.is_dir():

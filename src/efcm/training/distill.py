@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from efcm.config import DistillParams, Params
 from efcm.features import device_of, features_identity, read_features
+from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path
 from efcm.io.manifest import Manifest
 from efcm.models.encoders import PatchTransform, build_backbone
@@ -109,7 +110,11 @@ class WindowDataset(Dataset):
 
 
 def _slides(
-    manifest: Manifest, slide_ids: list[str], patches_dir: Path, teacher_dir: Path
+    manifest: Manifest,
+    slide_ids: list[str],
+    patches_dir: Path,
+    teacher_dir: Path,
+    cache: SlideCache | None,
 ) -> tuple[list[SlidePatches], list[np.ndarray]]:
     by_id = {s.slide_id: s for s in manifest.slides}
     slides, targets = [], []
@@ -120,7 +125,7 @@ def _slides(
             raise ValueError(
                 f"{sid}: teacher features do not match its coords file (re-run extract)"
             )
-        slides.append(SlidePatches(by_id[sid].uri, cf, manifest.base_dir))
+        slides.append(SlidePatches(by_id[sid].uri, cf, manifest.base_dir, cache))
         targets.append(feats)
     return slides, targets
 
@@ -153,7 +158,7 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.T
 class Trainee(nn.Module):
     """What one distillation step trains, with the method's loss. Targets are standardised."""
 
-    def __init__(self, params: Params, teacher_dim: int) -> None:
+    def __init__(self, params: Params, teacher_dim: int, cache: SlideCache | None = None) -> None:
         super().__init__()
         cfg: DistillParams = params.distill
         self.method, self.cfg = cfg.method, cfg
@@ -161,11 +166,11 @@ class Trainee(nn.Module):
         self.register_buffer("mean", torch.zeros(teacher_dim))
         self.register_buffer("std", torch.ones(teacher_dim))
         if cfg.method == "vfd":
-            self.student: nn.Module = build_vfd(params.student, teacher_dim)
+            self.student: nn.Module = build_vfd(params.student, teacher_dim, cache=cache)
         elif cfg.method == "fpd":
-            self.student = build_fpd(params.student, teacher_dim, cfg.fpd)
+            self.student = build_fpd(params.student, teacher_dim, cfg.fpd, cache=cache)
         else:
-            backbone, _ = build_backbone(params.student)
+            backbone, _ = build_backbone(params.student, cache=cache)
             self.student = MaskedContextModel(
                 backbone,
                 teacher_dim,
@@ -292,7 +297,13 @@ class _Data:
         return self.train_targets[0].shape[1]
 
 
-def _datasets(manifest: Manifest, patches_dir: Path, teacher_dir: Path, params: Params) -> _Data:
+def _datasets(
+    manifest: Manifest,
+    patches_dir: Path,
+    teacher_dir: Path,
+    params: Params,
+    cache: SlideCache | None = None,
+) -> _Data:
     """The slides with teacher features, split into training and validation slides (by seed),
     as the method's datasets (patch pairs, or windows for MCM)."""
     cfg = params.distill
@@ -304,7 +315,7 @@ def _datasets(manifest: Manifest, patches_dir: Path, teacher_dir: Path, params: 
     if not available:
         raise ValueError(f"no teacher features in {teacher_dir / 'features'}: run extract first")
     train_ids, val_ids = split_slides(available, cfg.val_fraction, params.seed)
-    train_slides, train_targets = _slides(manifest, train_ids, patches_dir, teacher_dir)
+    train_slides, train_targets = _slides(manifest, train_ids, patches_dir, teacher_dir, cache)
 
     def dataset(slides: list[SlidePatches], targets: list[np.ndarray]) -> Dataset:
         if cfg.method == "mcm":
@@ -319,7 +330,7 @@ def _datasets(manifest: Manifest, patches_dir: Path, teacher_dir: Path, params: 
         )
     val_loader = None
     if val_ids:
-        val = dataset(*_slides(manifest, val_ids, patches_dir, teacher_dir))
+        val = dataset(*_slides(manifest, val_ids, patches_dir, teacher_dir, cache))
         if len(val):
             val_loader = DataLoader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     return _Data(train_ids, val_ids, train, val_loader, train_targets)
@@ -481,17 +492,19 @@ def distill(
     params: Params,
     *,
     device: str | None = None,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
     """Train the student on cached teacher features; writes out_dir/student.pt (the exported
-    student), metrics.json, and checkpoint.pt after every epoch (resumed by a rerun)."""
+    student), metrics.json, and checkpoint.pt after every epoch (resumed by a rerun). gs:// slides
+    and student weights are staged into `cache`."""
     cfg = params.distill
     patches_dir, teacher_dir, out = Path(patches_dir), Path(teacher_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)  # before the model's random init
-    data = _datasets(manifest, patches_dir, teacher_dir, params)
+    data = _datasets(manifest, patches_dir, teacher_dir, params, cache)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = Trainee(params, data.teacher_dim)
+    model = Trainee(params, data.teacher_dim, cache)
     all_targets = torch.from_numpy(np.concatenate(data.train_targets))
     model.set_target_stats(all_targets.mean(0), all_targets.std(0))
     model.to(dev)

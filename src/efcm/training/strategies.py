@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from efcm.config import ConfigError, EtcParams, Params
 from efcm.features import embed_batches
+from efcm.io.cache import SlideCache
 from efcm.io.files import save_json
 from efcm.io.manifest import Manifest, read_manifest
 from efcm.io.results import read_summary, write_predictions
@@ -199,8 +200,10 @@ def etc(
     params: Params,
     *,
     device: str | None = None,
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
-    """End2end Train CLAM, fold by fold (see the module docstring)."""
+    """End2end Train CLAM, fold by fold (see the module docstring); gs:// slides are staged into
+    `cache`."""
     from efcm.training.ib import read_top_k, train_ib, write_top_k
 
     patches_dir, out = Path(patches_dir), Path(out_dir)
@@ -213,7 +216,10 @@ def etc(
     teacher_bags, coords = load_bags_and_coords(Path(teacher_features_dir), needed)
     slides = {
         s: SlidePatches(
-            by_id[s].uri, read_coords(patches_dir / "patches" / f"{s}.h5"), manifest.base_dir
+            by_id[s].uri,
+            read_coords(patches_dir / "patches" / f"{s}.h5"),
+            manifest.base_dir,
+            cache,
         )
         for s in needed
     }
@@ -269,7 +275,10 @@ def _manifest(inputs: StrategyInputs, params: Params) -> Manifest:
     return read_manifest(inputs.manifest, params.dataset.classes)
 
 
-def run_reuse(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:
+def run_reuse(
+    inputs: StrategyInputs, out_dir: str | Path, params: Params, *, cache: SlideCache | None = None
+) -> dict[str, Any]:
+    """Reuse CLAM: reads features only (`cache` is not needed)."""
     return reuse(
         _manifest(inputs, params),
         inputs.teacher_mil,
@@ -280,13 +289,18 @@ def run_reuse(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> di
     )
 
 
-def run_retrain(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:
+def run_retrain(
+    inputs: StrategyInputs, out_dir: str | Path, params: Params, *, cache: SlideCache | None = None
+) -> dict[str, Any]:
+    """Retrain CLAM: reads features only (`cache` is not needed)."""
     return train_mil(
         _manifest(inputs, params), inputs.student_features, _splits(inputs), out_dir, params
     )
 
 
-def run_etc(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict[str, Any]:
+def run_etc(
+    inputs: StrategyInputs, out_dir: str | Path, params: Params, *, cache: SlideCache | None = None
+) -> dict[str, Any]:
     return etc(
         _manifest(inputs, params),
         inputs.patches,
@@ -295,4 +309,5 @@ def run_etc(inputs: StrategyInputs, out_dir: str | Path, params: Params) -> dict
         _splits(inputs),
         out_dir,
         params,
+        cache=cache,
     )
