@@ -195,3 +195,38 @@ def test_the_layer_check_finds_an_upward_import_and_a_cycle(tmp_path):
         "efcm.io.files (efcm.io, layer 1) imports efcm.slides.reader (efcm.slides, layer 2)"
     ]
     assert cycles(graph) == [["efcm.io.files", "efcm.slides.reader"]]
+
+
+# where the environment may be read: efcm.limits parses every EFCM_* variable, the adapters call it;
+# the GCS client reads google's own STORAGE_EMULATOR_HOST (as google-cloud-storage itself does)
+ENV_READERS = {"efcm.limits", "efcm.io.gcs"}
+
+
+def env_reads(src: Path) -> list[str]:
+    """`os.environ`, `os.getenv` and `*.from_env(...)` calls in core modules other than
+    ENV_READERS and the adapters (layer 8)."""
+    out = []
+    for name, path in modules(src).items():
+        if not name.startswith("efcm") or name in ENV_READERS or group_of(name)[0] == 8:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+                out.append(f"{name}:{node.lineno}: os.{node.attr}")
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "from_env"
+            ):
+                out.append(f"{name}:{node.lineno}: {ast.unparse(node.func)}()")
+    return sorted(out)
+
+
+def test_only_the_adapters_and_limits_read_the_environment(tmp_path):
+    assert env_reads(SRC) == []
+    (tmp_path / "efcm" / "io").mkdir(parents=True)
+    (tmp_path / "efcm" / "io" / "cache.py").write_text(
+        "import os\n\ndef f():\n    return os.environ.get('X')\n\n"
+        "class C:\n    @classmethod\n    def from_env(cls):\n        return cls()\n\n"
+        "def g():\n    return C.from_env()\n"
+    )
+    assert env_reads(tmp_path) == ["efcm.io.cache:12: C.from_env()", "efcm.io.cache:4: os.environ"]
