@@ -2,8 +2,8 @@
 
 CLAM (per `--models`, at feature width `--dim`, default 768 = the teacher's, 2 classes, the
 project's `TrainMilParams()` defaults: hidden 128, attn_dim 64, k_sample 8, CE instance loss): one
-"epoch" is `--bags` training steps (default 8), each exactly `efcm.training.mil.train_fold`'s step (forward
-with the label, bag_weight x CE + (1 - bag_weight) x instance loss, backward, Adam step), on one
+"epoch" is `--bags` training steps (default 8), each one `efcm.training.mil.train_fold` step
+(forward with the label, bag_weight x CE + (1 - bag_weight) x instance loss, backward, Adam step), on one
 random bag of N instances per size in `--sizes` (default 1k, 10k, 50k), reused for every step so
 the bags in memory are one N x D float32 tensor. One warm-up step is excluded; `--repeats` epochs
 (default 3) are timed and the fastest is reported (the median too), which damps interference from
@@ -19,7 +19,7 @@ Per model: ratio_time = time(largest N) / time(smallest N) against the linear ra
 their linear ratio (fixed per-step costs make small bags relatively slower, so the ratios sit at
 or below linear when the cost is linear in N).
 
-ETC (`efcm.training.strategies.train_etc_fold`, given only the `strategy` stage's params sections, as
+ETC (`efcm.training.strategies.train_etc_fold`, given only the `strategy` stage's params, as
 `efcm strategy etc` runs it): one ETC epoch over `--etc-bags` top-K bags of `--etc-k` patches
 (random uint8 pixels of the configured patch size, served by a stand-in for the slide reader, so
 no slide I/O is timed), the repo's params.yaml student (randomly initialised VFD,

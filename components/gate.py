@@ -10,9 +10,9 @@ from components.image import IMAGE
 def gate(
     package: Input[Model], deploy: dict, verdict: Output[Artifact], decision: Output[Markdown]
 ) -> bool:
-    """True when the exported package may be deployed (`efcm.evaluation.gate`: the lower bound of its paired
-    student-minus-teacher AUROC interval is >= -`deploy.max_auc_drop`, and its AUROC is above
-    `deploy.min_auc`). `decision.json` and `decision.md` go to `verdict`; the Markdown also to
+    """True when the exported package may be deployed (`efcm.evaluation.gate`: the lower bound of
+    its paired student-minus-teacher AUROC interval is >= -`deploy.max_auc_drop`, and its AUROC is
+    above `deploy.min_auc`). `decision.json` and `decision.md` go to `verdict`; the Markdown also to
     `decision`, which the UI shows, deployed or not."""
     import shutil
     from pathlib import Path

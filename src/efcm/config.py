@@ -328,8 +328,8 @@ class ExportParams(_Section):
 
 
 class DeployParams(_Section):
-    """The promotion gate (efcm.evaluation.gate), a non-inferiority rule on the exported package: deploy
-    only when the lower bound of the paired (case-level bootstrap) interval of student minus
+    """The promotion gate (efcm.evaluation.gate), a non-inferiority rule on the exported package:
+    deploy only when the lower bound of the paired (case-level bootstrap) interval of student minus
     teacher AUROC is >= -`max_auc_drop`, and the student's AUROC is > `min_auc`."""
 
     max_auc_drop: float = Field(0.05, ge=0, le=1)

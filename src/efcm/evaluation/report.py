@@ -1,15 +1,15 @@
 """A self-contained HTML page for the Kubeflow UI (and `dvc repro`): the audit of a run.
 
-- Evaluation (`efcm.evaluation.report_eval`, from the evaluation and gate directories when given): the
+- Evaluation (`efcm.evaluation.report_eval`, from the evaluation and gate directories if given): the
   promotion gate's verdict and rule, the teacher vs student table with the paired deltas and their
-  intervals, the ROC curves (inline SVG, `efcm.evaluation.report_svg`), the efficiency figures, and what the
-  distillation saw. A missing part shows as "not available".
+  intervals, the ROC curves (inline SVG, `efcm.evaluation.report_svg`), the efficiency figures, and
+  what the distillation saw. A missing part shows as "not available".
 - Patching: every slide's status (ok, no_tissue, no_mpp, ...) and patch count, and the QC
   thumbnails (tissue contours, holes, patch grid), the slides that did not patch first.
 - Heatmaps: for the `n_heatmaps` slides the model (a train-mil or strategy output with
   `predictions.csv` and `attention.h5`) is most sure are of the last class, the out-of-fold
-  attention over the QC thumbnail (`efcm.evaluation.heatmap.overlay`, percentile ranks, jet), with the label
-  and the predicted probabilities.
+  attention over the QC thumbnail (`efcm.evaluation.heatmap.overlay`, percentile ranks, jet),
+  with the label and the predicted probabilities.
 
 Images are PNG data URIs, downscaled to `max_px`, so the page is one file the UI can show.
 """

@@ -1,6 +1,6 @@
-"""The evaluation half of the HTML report (`efcm.evaluation.report`): the promotion gate's verdict and rule,
-the teacher vs student table with the paired deltas, the ROC curves, the efficiency figures, and
-what the distillation saw.
+"""The evaluation half of the HTML report (`efcm.evaluation.report`): the promotion gate's verdict
+and rule, the teacher vs student table with the paired deltas, the ROC curves, the efficiency
+figures, and what the distillation saw.
 
 It reads what `efcm evaluate` and `efcm gate` write:
 - evaluation dir: `metrics.json` (`{row: {...}, "efficiency": {...}}`, a row being `teacher` or
@@ -246,7 +246,7 @@ def gate_section(gate_dir: Path | None) -> tuple[str, str | None]:
 
 
 def efficiency_section(efficiency: Any) -> str:
-    """Teacher and student cost per patch, measured in one run (`efcm.evaluation.efficiency.compare`)."""
+    """Teacher and student cost per patch, measured in one run (`evaluation.efficiency.compare`)."""
     if not isinstance(efficiency, dict):
         return f"<p>{_na('no efficiency figures in metrics.json or efficiency.json')}</p>"
     profiles = [

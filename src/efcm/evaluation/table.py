@@ -8,7 +8,8 @@ teacher table, and the cost table.
 Every row's predictions are aligned by slide id before anything is computed, and every row is
 resampled with the same seed over the same cases (`case_id` from the manifest), so the intervals of
 all rows come from the same patient-level resamples and each `student.*` row carries the paired
-bootstrap of student minus teacher (`delta_auc`, `delta_auc_ci_low`, ...; `efcm.evaluation.metrics`).
+bootstrap of student minus teacher (`delta_auc`, `delta_auc_ci_low`, ...; see
+`efcm.evaluation.metrics`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 - `reuse` (Reuse CLAM): the teacher-feature CLAM of each fold, unchanged, on the student's projected
   features. Only a student that outputs the teacher's space (VFD, FPD) can be reused; the
   configuration refuses `reuse` with MCM-KD.
-- `retrain` (Retrain CLAM): a new CLAM on the frozen student's features: `efcm.training.mil.train_mil`.
+- `retrain` (Retrain CLAM): a new CLAM on the frozen student's features
+  (`efcm.training.mil.train_mil`).
 - `etc` (End2end Train CLAM): per fold, an information-bottleneck head on the teacher features picks
   each training slide's top-K patches; the student and a CLAM are trained end to end on those bags
   (patch pixels re-read from the slides, flips / 90-degree rotations / mild colour jitter; the
