@@ -3,9 +3,9 @@
 CLAM (per `--models`, at feature width `--dim`, default 768 = the teacher's, 2 classes, the
 project's `TrainMilParams()` defaults: hidden 128, attn_dim 64, k_sample 8, CE instance loss): one
 "epoch" is `--bags` training steps (default 8), each one `efcm.training.mil.train_fold` step
-(forward with the label, bag_weight x CE + (1 - bag_weight) x instance loss, backward, Adam step), on one
-random bag of N instances per size in `--sizes` (default 1k, 10k, 50k), reused for every step so
-the bags in memory are one N x D float32 tensor. One warm-up step is excluded; `--repeats` epochs
+(forward with the label, bag_weight x CE + (1 - bag_weight) x instance loss, backward, Adam step),
+on one random bag of N instances per size in `--sizes` (default 1k, 10k, 50k), reused for every step
+so the bags in memory are one N x D float32 tensor. One warm-up step is excluded; `--repeats` epochs
 (default 3) are timed and the fastest is reported (the median too), which damps interference from
 other load. Every (model, N) runs in a fresh subprocess, so its peak memory is its own:
   seconds_per_epoch, seconds_per_bag, us_per_instance (from the fastest epoch)

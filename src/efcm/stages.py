@@ -388,7 +388,8 @@ def report(
 ) -> Path:
     """The run's HTML page (see `efcm.evaluation.report`): the evaluation table with the paired
     deltas, the ROC curves, the gate's verdict and the efficiency figures, then the exported
-    strategy's out-of-fold attention heatmaps over the patching QC thumbnails, and every slide's status."""
+    strategy's out-of-fold attention heatmaps over the patching QC thumbnails, and every slide's
+    status."""
     from efcm.evaluation.report import html_report
 
     meta = json.loads((Path(package_dir) / "model.json").read_text())
