@@ -4,10 +4,10 @@ or student encoder in well under a second.
 It writes what the stages before export write (a strategy output dir with its fold CLAMs,
 out-of-fold predictions.csv and summary.json; the evaluation's metrics with the strategy's row and
 the teacher row; coords files that record the patch settings they were made with), then calls the
-real `efcm.training.export.export_package`. The weights are random, so its predictions mean nothing; its
-files, format and loader are the real ones. A package whose fold members reproduce an evaluation
-comes from the demo stages instead (`tests.conftest.run_demo_pipeline`, the `demo_package`
-fixture).
+real `efcm.training.export.export_package`. The weights are random, so its predictions mean
+nothing; its files, format and loader are the real ones. A package whose fold members reproduce an
+evaluation comes from the demo stages instead (`tests.conftest.run_demo_pipeline`, the
+`demo_package` fixture).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from efcm import registry
-from efcm.config import Params, PatchParams, for_stage
+from efcm.config import FpdParams, Params, PatchParams, for_stage
 from efcm.io.files import save_json
 from efcm.io.results import write_predictions
 from efcm.models.clam import CLAMSB, save_clam
-from efcm.models.students import build_vfd, save_student
+from efcm.models.students import build_fpd, build_vfd, save_student
 from efcm.slides.patching import PatchGeometry, patch_settings, write_coords
 from efcm.training.export import export_package
 
@@ -63,17 +63,19 @@ def write_strategy(
     clams: list[CLAMSB],
     classes: tuple[str, ...],
     students: list[tuple[torch.nn.Module, Any]] | None = None,
+    fpd: FpdParams | None = None,
 ) -> list[str]:
     """A strategy output dir as `efcm strategy NAME` writes it: fold_<k>.pt, predictions.csv
     (SLIDES_PER_FOLD test slides per fold, made-up probabilities), summary.json, and with
-    `students` ((model, spec) per fold) student_fold_<k>.pt. Returns the tested slide ids."""
+    `students` ((model, spec) per fold; FPD ones with their `fpd` settings) student_fold_<k>.pt.
+    Returns the tested slide ids."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for k, clam in enumerate(clams):
         save_clam(out_dir / f"fold_{k}.pt", clam, {"fold": k, "classes": list(classes)})
         if students:
             model, spec = students[k]
-            save_student(out_dir / f"student_fold_{k}.pt", model, spec)
+            save_student(out_dir / f"student_fold_{k}.pt", model, spec, fpd=fpd)
         for i in range(SLIDES_PER_FOLD):
             label = i % len(classes)
             probs = np.full(len(classes), 0.4 / max(len(classes) - 1, 1))
@@ -120,29 +122,33 @@ def build_package(
     folds: int = 2,
     clam: dict[str, Any] | None = None,
     seed: int = 0,
+    fpd: FpdParams | None = None,
 ) -> Path:
     """A real package of `strategy`'s `folds` fold models: a random `params.student` with `dim`-d
     output (the distilled student, `out/student.pt`; for a strategy that fine-tunes the student
     per fold, one more random student per fold too) and random CLAM-SB heads (`clam`: their
-    keyword arguments, SMALL_CLAM by default). Its metrics say it passes the gate's default rule.
+    keyword arguments, SMALL_CLAM by default). With `fpd`, the students are FPD students (the
+    frozen shallow CNN of `params.student` and a TransScan of those settings) instead of VFD ones.
+    Its metrics say it passes the gate's default rule.
     Returns `out/package`; the strategy dir is `out/strategies/<strategy>`."""
     entry = registry.get(strategy)
     classes = tuple(params.dataset.classes)
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    save_student(
-        out / "student.pt", build_vfd(params.student, dim, warn_random=False), params.student
-    )
+
+    def student() -> torch.nn.Module:
+        if fpd is None:
+            return build_vfd(params.student, dim, warn_random=False)
+        return build_fpd(params.student, dim, fpd, warn_random=False)
+
+    save_student(out / "student.pt", student(), params.student, fpd=fpd)
     students = None
     if entry.per_fold_student:
-        students = [
-            (build_vfd(params.student, dim, warn_random=False), params.student)
-            for _ in range(folds)
-        ]
+        students = [(student(), params.student) for _ in range(folds)]
     kwargs = SMALL_CLAM if clam is None else clam
     clams = [CLAMSB(dim, len(classes), **kwargs) for _ in range(folds)]
     mil_dir = out / "strategies" / strategy
-    tested = write_strategy(mil_dir, strategy, clams, classes, students)
+    tested = write_strategy(mil_dir, strategy, clams, classes, students, fpd)
     write_patches(out / "patch", tested, params.patch)
     metrics = metrics_for(entry.row(params.distill.method))
     (out / "metrics.json").write_text(json.dumps(metrics))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from efcm import registry, stages
 from efcm.config import ConfigError, Params, for_stage, load_params
-from efcm.errors import BatchFailed
+from efcm.errors import EfcmError
 from efcm.io.cache import SlideCache
 
 log = logging.getLogger("efcm")
@@ -168,15 +168,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from efcm.serving.server import serve
+    from efcm.serving.server import main as serve
 
-    serve(
-        args.package,
-        model_name=args.model_name,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        allow_slides=args.allow_slides,
-    )
+    serve(args.serve_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def add(name: str, fn, help: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kwargs)
         p.set_defaults(fn=fn)
         if name not in ("predict", "serve"):
             p.add_argument(
@@ -296,19 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-k", type=int, default=8, help="patches per gallery row (8)")
     p.add_argument("--mpp", type=float, help="override the slide's mpp")
 
-    p = add("serve", cmd_serve, "serve a package with KServe (v1 + v2 REST, gRPC)")
-    p.add_argument("package")
-    p.add_argument("--http-port", type=int, default=8080)
-    p.add_argument("--grpc-port", type=int, default=8081)
-    p.add_argument("--model-name", default="efcm")
-    p.add_argument(
-        "--allow-slides",
-        action="append",
-        default=[],
-        metavar="DIR_OR_GS_PREFIX",
-        help="a local directory or gs://bucket/prefix/ the slide_uri input may read (repeatable; "
-        "adds to EFCM_SLIDE_URI_PREFIXES; none: slide input is refused)",
+    # `efcm serve`'s options are kserve's plus efcm's, parsed by efcm.serving.server (which
+    # imports kserve): every argument after `serve` is handed there as is (no prefix chars here,
+    # so options and --help are arguments too); `efcm serve --help` lists them.
+    p = add(
+        "serve",
+        cmd_serve,
+        "serve a package with KServe (v1 + v2 REST, gRPC): efcm serve PACKAGE_DIR [--http-port "
+        "8080] [--grpc-port 8081] [--model-name efcm] [--allow-slides DIR] [kserve options]",
+        add_help=False,
+        prefix_chars="\0",
     )
+    p.add_argument("serve_args", nargs="*", metavar="ARGS")
     return ap
 
 
@@ -325,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"efcm {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, BatchFailed) as err:
+    except (ValueError, FileNotFoundError, EfcmError) as err:
         print(f"efcm {args.command}: {err}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK

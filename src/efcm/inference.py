@@ -29,7 +29,7 @@ import openslide
 import torch
 
 from efcm.config import PatchParams
-from efcm.errors import Deadline, InvalidSlide, TooLarge
+from efcm.errors import Deadline, InvalidSlide, InvalidTensor, TooLarge
 from efcm.evaluation.heatmap import encode_png, gallery, overlay
 from efcm.features import embed_batches
 from efcm.io.cache import SlideCache, staged
@@ -55,17 +55,17 @@ class Prediction:
 
 
 def check_features(features: np.ndarray, dim: int) -> np.ndarray:
-    """Validate a bag: float, [N, dim], N >= 1, finite. Raises ValueError naming the expected
-    shape."""
+    """Validate a bag: float, [N, dim], N >= 1, finite. Raises InvalidTensor (a client error: what
+    was sent cannot be a bag) naming the expected shape."""
     arr = np.asarray(features)
     if arr.dtype.kind != "f":
-        raise ValueError(f"features must be floating point (FP32 or FP16), got {arr.dtype}")
+        raise InvalidTensor(f"features must be floating point (FP32 or FP16), got {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != dim:
-        raise ValueError(f"features must have shape [N, {dim}], got {list(arr.shape)}")
+        raise InvalidTensor(f"features must have shape [N, {dim}], got {list(arr.shape)}")
     if arr.shape[0] == 0:
-        raise ValueError(f"features must have shape [N, {dim}] with N >= 1: got an empty bag")
+        raise InvalidTensor(f"features must have shape [N, {dim}] with N >= 1: got an empty bag")
     if not np.isfinite(arr).all():
-        raise ValueError("features contain NaN or infinite values")
+        raise InvalidTensor("features contain NaN or infinite values")
     return arr.astype(np.float32, copy=False)
 
 
@@ -94,16 +94,16 @@ def patch_size(pkg: Package) -> int:
 
 
 def check_patches(patches: np.ndarray, size: int) -> np.ndarray:
-    """Validate patch pixels: uint8 [N, size, size, 3], N >= 1. Raises ValueError naming the
+    """Validate patch pixels: uint8 [N, size, size, 3], N >= 1. Raises InvalidTensor naming the
     expected shape."""
     arr = np.asarray(patches)
     want = f"[N, {size}, {size}, 3] (N >= 1 patches, UINT8 RGB)"
     if arr.dtype != np.uint8:
-        raise ValueError(f"patches must be UINT8, got {arr.dtype}; expected {want}")
+        raise InvalidTensor(f"patches must be UINT8, got {arr.dtype}; expected {want}")
     if arr.ndim != 4 or tuple(arr.shape[1:]) != (size, size, 3):
-        raise ValueError(f"patches must have shape {want}, got {list(arr.shape)}")
+        raise InvalidTensor(f"patches must have shape {want}, got {list(arr.shape)}")
     if arr.shape[0] == 0:
-        raise ValueError(f"patches: got an empty bag; expected {want}")
+        raise InvalidTensor(f"patches: got an empty bag; expected {want}")
     return arr
 
 
@@ -195,9 +195,9 @@ def predict_slide(
     features (reading + student), clam, heatmap (and gallery).
 
     Raises:
-        FileNotFoundError: no such slide.
-        InvalidSlide: unreadable/corrupt, at open or at any tile read (status `unreadable`), no
-            mpp (`no_mpp`), no tissue (`no_tissue`), too coarse.
+        InvalidSlide: no such slide (status `missing`), an I/O error reading it or
+            unreadable/corrupt, at open or at any tile read (`unreadable`), no mpp (`no_mpp`),
+            no tissue (`no_tissue`), too coarse. A client error: the caller named that slide.
         TooLarge: over `max_slide_bytes` or `max_patches`.
         Deadline: still running at `deadline`.
     """
@@ -232,6 +232,14 @@ def predict_slide(
             )
     except TooLarge as err:
         raise TooLarge(f"slide {err}") from None
+    except FileNotFoundError as err:
+        msg = str(err)
+        raise InvalidSlide(msg if uri in msg else f"slide {uri}: {msg}", status="missing") from None
+    except OSError as err:  # an I/O error staging or reading the slide: its name, not its bytes
+        log.warning("%s: %s: %s", uri, type(err).__name__, err)
+        raise InvalidSlide(
+            f"slide {uri}: cannot be read ({type(err).__name__})", status="unreadable"
+        ) from None
     pred.timings = timings
     pred.downloaded_bytes = local.downloaded_bytes
     return pred

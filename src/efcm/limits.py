@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +125,27 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     """`EFCM_CACHE_DIR` of `environ` (default `os.environ`), else ~/.cache/efcm."""
     raw = (os.environ if environ is None else environ).get(CACHE_DIR_ENV, "").strip()
     return Path(raw) if raw else Path.home() / ".cache" / "efcm"
+
+
+def parse_slide_uri_prefixes(prefixes: Iterable[str]) -> tuple[str, ...]:
+    """The places slide requests may read from (`EFCM_SLIDE_URI_PREFIXES`, `--allow-slides`), in
+    the form the server compares with: gs:// prefixes end in `/`, local directories are resolved.
+    ValueError for another scheme or a gs:// prefix with no bucket. The server's check, and the
+    deploy's before it renders them."""
+    out: list[str] = []
+    for p in prefixes:
+        p = p.strip()
+        if not p:
+            continue
+        if p.startswith("gs://"):
+            bucket = p[5:].partition("/")[0]
+            if not bucket:
+                raise ValueError(f"{SLIDE_URI_PREFIXES_ENV}: gs:// prefix needs a bucket: {p!r}")
+            out.append(p if p.endswith("/") else p + "/")
+        elif "://" in p:
+            raise ValueError(
+                f"{SLIDE_URI_PREFIXES_ENV}: only gs:// and local directories, got {p!r}"
+            )
+        else:
+            out.append(str(Path(p).expanduser().resolve()))
+    return tuple(dict.fromkeys(out))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +36,18 @@ def build_package(out: Path, dim: int = DIM) -> Path:
     """A real package of `dim`-d features, made by hand in well under a second (random tiny
     student and fold CLAMs, see `tests.packages`), for tests that need a given width."""
     return packages.build_package(out, params_from_dict(tiny_params_dict()), dim)
+
+
+def faulty_package(package: Path, out: Path) -> Path:
+    """A copy of `package` whose model.json carries a wrong-typed field that loading never reads:
+    `patch.fail_on` (a batch setting, not part of the geometry the loader checks) as a number.
+    The server starts and serves features; every slide request fails on the server's side, when
+    the patch settings are validated."""
+    shutil.copytree(package, out)
+    meta = json.loads((out / "model.json").read_text())
+    meta["patch"]["fail_on"] = 5
+    (out / "model.json").write_text(json.dumps(meta))
+    return out
 
 
 def _free_port() -> int:
@@ -314,3 +328,100 @@ def test_unloadable_package_fails_at_startup_with_one_line(tmp_path, package):
     )
     assert proc.returncode == 1
     assert "sha256" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _grpc_infer(server: Server, inputs):
+    from kserve import InferenceGRPCClient, InferRequest
+
+    async def call():
+        client = InferenceGRPCClient(server.grpc, timeout=30)
+        try:
+            return await client.infer(InferRequest(MODEL, inputs))
+        finally:
+            await client.close()
+
+    return asyncio.run(call())
+
+
+def test_a_bad_tensor_is_invalid_argument_over_grpc_as_400_over_rest(server):
+    import grpc
+    from kserve import InferInput
+
+    x = _bag(3, dim=DIM + 1)
+    inp = InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_infer(server, [inp])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"[N, {DIM}]" in err.value.details() and f"[3, {DIM + 1}]" in err.value.details()
+    res = _v2_json(server, _features(x))
+    assert res.status_code == 400 and res.json()["error"] == err.value.details()
+
+
+def test_v2_binary_data_short_of_the_declared_shape_is_400(server):
+    # kserve decodes the binary part before the model sees it (efcm.serving._kserve)
+    header = {
+        "inputs": [
+            {
+                "name": "features",
+                "datatype": "FP32",
+                "shape": [3, DIM],
+                "parameters": {"binary_data_size": 2 * DIM * 4},
+            }
+        ]
+    }
+    head = json.dumps(header).encode()
+    res = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer",
+        content=head + _bag(2).tobytes(),
+        headers={
+            "inference-header-content-length": str(len(head)),
+            "content-type": "application/octet-stream",
+        },
+        timeout=30,
+    )
+    assert res.status_code == 400, res.text
+    assert "do not match the inputs' shapes" in res.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def faulty_server(package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`efcm serve` of `faulty_package(package)`, slide input allowed under `<base>/slides`
+    (one synthetic slide there, `s.tif`)."""
+    from efcm.slides.synthetic import SlideSpec, write_slide
+
+    base = tmp_path_factory.mktemp("faulty")
+    write_slide(base / "slides" / "s.tif", SlideSpec(1024, 1024, mpp=1.0, levels=2, seed=1))
+    bad = faulty_package(package, base / "package")
+    args = ["--allow-slides", str(base / "slides")]
+    with serve_subprocess(bad, base / "server.log", args) as srv:
+        yield srv
+
+
+def test_a_server_fault_is_a_500_with_a_request_id_and_no_internals(faulty_server):
+    import re
+
+    import grpc
+    from kserve import InferInput
+
+    slide = str(faulty_server.package.parent / "slides" / "s.tif")
+    v1 = _v1(faulty_server, {"instances": [{"slide_uri": slide}]})
+    v2 = _v2_json(
+        faulty_server,
+        {"inputs": [{"name": "slide_uri", "datatype": "BYTES", "shape": [1], "data": [slide]}]},
+    )
+    uri = InferInput("slide_uri", [1], "BYTES")
+    uri.set_data_from_numpy(np.array([slide.encode()], dtype=object), binary_data=True)
+    with pytest.raises(grpc.RpcError) as rpc:
+        _grpc_infer(faulty_server, [uri])
+    assert rpc.value.code() == grpc.StatusCode.INTERNAL
+    answers = [v1.json()["error"], v2.json()["error"], rpc.value.details()]
+    assert (v1.status_code, v2.status_code) == (500, 500)
+    ids = [re.fullmatch(r"internal error \(request id ([0-9a-f]{16})\)", a) for a in answers]
+    assert all(ids), answers
+    log = faulty_server.log.read_text()
+    for m in ids:  # each fault is in the server's log, with its traceback, under its id
+        assert f"request id {m.group(1)}" in log
+    assert "Traceback" in log and "fail_on" in log
+    # features requests never read the broken field: the server keeps serving them
+    assert _v1(faulty_server, {"instances": [{"features": _bag(3).tolist()}]}).status_code == 200

@@ -87,13 +87,27 @@ def test_fpd_trains_only_the_projection():
 def test_selective_kernel_fuses_two_dilations_by_branch_attention():
     sk = SelectiveKernel(8, reduction=2)
     assert [b[0].dilation for b in sk.branches] == [(1, 1), (2, 2)]
-    out = sk(torch.randn(2, 8, 5, 5))
+    x = torch.randn(2, 8, 5, 5)
+    out, attn = sk.forward_with_attention(x)
     assert out.shape == (2, 8, 5, 5)
-    assert torch.allclose(sk.last_attention.sum(1), torch.ones(2, 8))
+    assert torch.allclose(attn.sum(1), torch.ones(2, 8))
+    assert torch.equal(sk(x), out)
     assert TransScan(8, 24, embed_dim=16, depth=1, heads=2)(torch.randn(3, 8, 4, 6)).shape == (
         3,
         24,
     )
+
+
+def test_selective_kernel_keeps_no_per_call_state_on_the_module():
+    # one module serves several threads at once (the predictor): a call may write nothing that
+    # another call reads
+    sk = SelectiveKernel(8, reduction=2).eval()
+    before = {k: v for k, v in vars(sk).items() if not k.startswith("_")}
+    with torch.inference_mode():
+        sk(torch.randn(2, 8, 5, 5))
+        sk.forward_with_attention(torch.randn(3, 8, 4, 4))
+    after = {k: v for k, v in vars(sk).items() if not k.startswith("_")}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
 
 def test_mcm_masks_the_configured_fraction_of_valid_positions():

@@ -1,8 +1,11 @@
-"""The KServe predictor in process: request parsing, the slide access policy, EFCMModel errors."""
+"""The KServe predictor in process: request parsing, the slide access policy, the error table,
+the kserve shim and `efcm serve`'s options, EFCMModel (called as kserve calls it:
+`model(body)` runs preprocess -> predict -> postprocess) and its bounded executor."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 from efcm.errors import Forbidden, PackageError
 from efcm.serving import request as rq
 from efcm.serving.policy import SlideAccessPolicy
-from tests.integration.test_serving import DIM, build_package
+from tests.integration.test_serving import DIM, build_package, faulty_package
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,9 @@ def _infer_request(x: np.ndarray, datatype: str = "FP32", name: str = "features"
 
 
 def _predict(model, payload):
-    return asyncio.run(model.predict(payload))
+    """The response to `payload`, through the model's whole kserve pipeline."""
+    response, _headers = asyncio.run(model(payload))
+    return response
 
 
 # -- request parsing ------------------------------------------------------------------------------
@@ -103,10 +108,144 @@ def test_slide_access_rejects_other_schemes_in_config():
         SlideAccessPolicy.of(["s3://bucket/"])
 
 
+# -- the error table ------------------------------------------------------------------------------
+
+
+def test_the_error_table_gives_each_client_error_its_status_and_message():
+    from kserve.errors import InvalidInput as KServeInvalidInput
+
+    from efcm.errors import Busy, Deadline, InvalidInput, InvalidSlide, InvalidTensor, TooLarge
+    from efcm.serving.errors import refusal
+
+    cases = [
+        (InvalidInput("a bad request"), 400, "INVALID_ARGUMENT"),
+        (InvalidTensor("features must have shape [N, 7]"), 400, "INVALID_ARGUMENT"),
+        (InvalidSlide("s.svs: no tissue found", status="no_tissue"), 400, "INVALID_ARGUMENT"),
+        (KServeInvalidInput("kserve's own"), 400, "INVALID_ARGUMENT"),
+        (Forbidden("slide_uri '/etc/passwd': outside"), 403, "PERMISSION_DENIED"),
+        (TooLarge("5 patches, over the limit of 4"), 413, "RESOURCE_EXHAUSTED"),
+        (Deadline("past its time budget of 1 s"), 504, "DEADLINE_EXCEEDED"),
+        (Busy("all 2 model workers are busy"), 503, "UNAVAILABLE"),
+    ]
+    for err, http, code in cases:
+        r = refusal(err)
+        assert (r.http_status, r.status_code.name, r.details) == (http, code, str(err)), err
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        PackageError("/srv/models/pkg/clam_fold_0.pt: sha256 does not match"),
+        ValueError("operands could not be broadcast together with shapes (3,) (4,)"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x64 and 65x16)"),
+        KeyError("patch_size"),
+    ],
+    ids=["package", "value-error", "torch", "bug"],
+)
+def test_a_server_fault_is_a_logged_500_that_names_only_a_request_id(err, caplog):
+    import re
+
+    from efcm.serving.errors import refusal
+
+    try:
+        raise err
+    except Exception as raised:
+        r = refusal(raised)
+    assert (r.http_status, r.status_code.name) == (500, "INTERNAL")
+    match = re.fullmatch(r"internal error \(request id ([0-9a-f]{16})\)", r.details)
+    assert match, r.details
+    record = next(rec for rec in caplog.records if match.group(1) in rec.getMessage())
+    assert record.levelname == "ERROR" and record.exc_info[1] is err  # the traceback is logged
+
+
+# -- the kserve shim and efcm serve's options -----------------------------------------------------
+
+
+def test_the_kserve_shim_matches_the_installed_kserve():
+    import argparse
+
+    from fastapi import FastAPI
+
+    from efcm.serving import _kserve
+
+    installed = _kserve.installed_version()
+    assert installed == _kserve.CHECKED_VERSION, (
+        f"kserve {installed} is installed, efcm.serving._kserve was checked against "
+        f"{_kserve.CHECKED_VERSION}: re-check every private API listed in its docstring, then "
+        "bump CHECKED_VERSION"
+    )
+    from kserve import model_server
+    from kserve.protocol.dataplane import DataPlane
+
+    assert isinstance(model_server.app, FastAPI)
+    assert isinstance(model_server.parser, argparse.ArgumentParser)
+    for field in _kserve.ARGS_FIELDS:
+        assert hasattr(model_server.args, field), field
+    dests = {a.dest for a in model_server.parser._actions}
+    assert {"http_port", "grpc_port", "model_name", "workers", *_kserve.ARGS_FIELDS} <= dests
+    assert callable(DataPlane.decode_inference_request)
+    server = model_server.ModelServer(http_port=0, grpc_port=0)
+    assert isinstance(server.dataplane, DataPlane)  # what start() hands the REST/gRPC servers
+
+
+def test_binary_data_short_of_the_declared_shape_is_invalid_input_at_kserves_decoding():
+    from kserve.errors import InvalidInput
+    from kserve.model_repository import ModelRepository
+
+    from efcm.serving._kserve import CheckedDataPlane
+
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "features",
+                    "datatype": "FP32",
+                    "shape": [3, DIM],
+                    "parameters": {"binary_data_size": 2 * DIM * 4},
+                }
+            ]
+        }
+    ).encode()
+    body = header + np.zeros((2, DIM), np.float32).tobytes()
+    headers = {"inference-header-content-length": str(len(header))}
+    plane = CheckedDataPlane(ModelRepository())
+    with pytest.raises(InvalidInput, match="do not match the inputs' shapes"):
+        plane.decode_inference_request(body, headers, "efcm")
+    with pytest.raises(ValueError) as raw:  # what kserve's own data plane lets out
+        super(CheckedDataPlane, plane).decode_inference_request(body, headers, "efcm")
+    assert not isinstance(raw.value, InvalidInput)
+
+
+def test_efcm_serve_options_are_kserves_parser_plus_efcms():
+    from kserve import model_server
+
+    from efcm.serving.server import parse_args
+
+    args = parse_args(["pkg", "--http-port", "9000", "--max_threads", "2", "--allow-slides", "/a"])
+    assert (args.package, args.http_port, args.grpc_port) == ("pkg", 9000, 8081)
+    assert (args.model_name, args.max_threads, args.allow_slides) == ("efcm", 2, ["/a"])
+    assert parse_args(["pkg", "--model_name", "m", "--grpc-port", "1"]).model_name == "m"
+    assert model_server.parser.get_default("model_name") == "model"  # kserve's is untouched
+    with pytest.raises(SystemExit):
+        parse_args(["pkg", "--workers", "2"])
+
+
+def test_efcm_serve_help_lists_kserves_and_efcms_options(capsys):
+    from efcm.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--allow-slides" in out and "--max_threads" in out and "--http-port" in out
+
+
 # -- the model ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["efcm.serving.model", "efcm.serving.server"])
+@pytest.mark.parametrize(
+    "module", ["efcm.serving.model", "efcm.serving.server", "efcm.serving.errors"]
+)
 def test_importing_the_adapter_hides_argv_from_kserve(module):
     # kserve parses sys.argv on import: an ambiguous option prefix would exit the process.
     code = f"import {module}, sys; assert 'kserve' in sys.modules; print('ok')"
@@ -148,11 +287,12 @@ def test_v2_and_v1_give_the_same_prediction(model):
     ],
     ids=["width", "empty", "nan", "int32"],
 )
-def test_bad_features_are_invalid_input(model, x, datatype):
-    from kserve.errors import InvalidInput
+def test_bad_features_are_400_naming_the_expected_shape(model, x, datatype):
+    from efcm.serving.errors import Refused
 
-    with pytest.raises(InvalidInput, match=rf"\[N, {DIM}\]"):
+    with pytest.raises(Refused, match=rf"\[N, {DIM}\]") as err:
         _predict(model, _infer_request(x, datatype))
+    assert (err.value.http_status, err.value.status_code.name) == (400, "INVALID_ARGUMENT")
 
 
 def test_a_model_that_is_not_loaded_is_not_ready(package):
@@ -183,8 +323,6 @@ def test_missing_package_is_a_package_error(tmp_path):
 
 
 def test_slide_input_where_the_policy_allows_it(package, tmp_path):
-    from kserve.errors import InvalidInput
-
     from efcm.serving.model import EFCMModel
     from efcm.slides.synthetic import SlideSpec, write_slide
 
@@ -207,8 +345,9 @@ def test_slide_input_where_the_policy_allows_it(package, tmp_path):
     with pytest.raises(Refused, match="outside the allowed") as err:
         _predict(m, {"instances": [{"slide_uri": str(tmp_path / "elsewhere.tif")}]})
     assert err.value.http_status == 403
-    with pytest.raises(InvalidInput, match="not found"):
+    with pytest.raises(Refused, match="not found") as err:
         _predict(m, {"instances": [{"slide_uri": str(slide.parent / "missing.tif")}]})
+    assert err.value.http_status == 400
 
 
 # -- policy: access and limits --------------------------------------------------------------------
@@ -398,15 +537,15 @@ def _corrupt_tiles(slide: Path) -> Path:
 
 
 def test_a_slide_with_corrupt_tiles_is_invalid_input_not_a_500(package, tmp_path):
-    from kserve.errors import InvalidInput
-
+    from efcm.serving.errors import Refused
     from efcm.serving.model import EFCMModel
 
     slide = _corrupt_tiles(_slide(tmp_path, "corrupt.tif"))
     m = EFCMModel("efcm", package, slide_access=SlideAccessPolicy.of([str(slide.parent)]))
     m.load()
-    with pytest.raises(InvalidInput, match="corrupt or unreadable") as err:
+    with pytest.raises(Refused, match="corrupt or unreadable") as err:
         _predict(m, {"instances": [{"slide_uri": str(slide)}]})
+    assert err.value.http_status == 400
     assert str(slide) in str(err.value) and "JPEG" not in str(err.value)
 
 
@@ -436,7 +575,7 @@ def _gs_model(package, bucket, cache: Path, monkeypatch, limits=None):
 def test_bad_gs_slides_are_named_by_their_gs_uri_without_openslide_internals(
     package, gcs_bucket, tmp_path, monkeypatch, damage
 ):
-    from kserve.errors import InvalidInput
+    from efcm.serving.errors import Refused
 
     local = _slide(tmp_path, "s.tif")
     if damage == "truncated":  # the smallest level, hashed on open, loses its last bytes
@@ -449,8 +588,9 @@ def test_bad_gs_slides_are_named_by_their_gs_uri_without_openslide_internals(
     uri = gcs_bucket.upload_file(local, "slides/s.tif")
     cache = tmp_path / "cache"
     m = _gs_model(package, gcs_bucket, cache, monkeypatch)
-    with pytest.raises(InvalidInput) as err:
+    with pytest.raises(Refused) as err:
         _predict(m, {"instances": [{"slide_uri": uri}]})
+    assert err.value.http_status == 400
     msg = str(err.value)
     assert uri in msg
     assert (cache / "gcs" / gcs_bucket.name / "slides" / "s.tif").is_file()  # it was staged
@@ -490,7 +630,7 @@ def test_the_servers_cache_cap_is_the_one_staging_uses(package, gcs_bucket, tmp_
             ServingLimits.from_env({"EFCM_CACHE_MAX_BYTES": bad})
 
 
-# -- slide workers: bounded, and never in the way of features requests ----------------------------
+# -- model workers: one bounded executor for every kind of request -------------------------------
 
 
 class _GatedSlides:
@@ -516,9 +656,7 @@ class _GatedSlides:
         await asyncio.to_thread(self.running.acquire)
 
 
-def test_busy_slide_workers_answer_503_while_features_are_still_served(
-    package, tmp_path, monkeypatch
-):
+def test_every_kind_of_request_shares_the_bounded_model_workers(package, tmp_path, monkeypatch):
     from efcm.limits import ServingLimits
     from efcm.serving.errors import Refused
     from efcm.serving.model import EFCMModel
@@ -529,24 +667,38 @@ def test_busy_slide_workers_answer_503_while_features_are_still_served(
         "efcm",
         package,
         slide_access=SlideAccessPolicy.of([str(slide.parent)]),
-        limits=ServingLimits(max_concurrent_slides=1),
+        limits=ServingLimits(max_concurrent_slides=2),
     )
     m.load()
     slide_req = {"instances": [{"slide_uri": str(slide)}]}
+    features_req = {"instances": [[[0.5] * DIM] * 3]}
+    size = int(m.get_input_types()[1]["shape"][1])
+    patches_req = _infer_request(np.zeros((2, size, size, 3), np.uint8), "UINT8", "patches")
 
     async def scenario():
-        first = asyncio.create_task(m.predict(slide_req))
-        await gated.started()  # the one slide worker is busy
-        feats = await m.predict({"instances": [[[0.5] * DIM] * 3]})
-        with pytest.raises(Refused, match="busy") as busy:
-            await m.predict(slide_req)
-        gated.gate.set()
-        return feats, busy.value, await first
+        first = asyncio.create_task(m(slide_req))
+        try:
+            await gated.started()  # one of the two workers is busy
+            feats, _ = await m(features_req)  # the other one serves it
+            second = asyncio.create_task(m(slide_req))
+            await gated.started()  # both are busy now: every kind of request is refused at once
+            refusals = []
+            for req in (features_req, patches_req, slide_req):
+                with pytest.raises(Refused, match="busy") as busy:
+                    await m(req)
+                refusals.append(busy.value)
+        finally:
+            gated.gate.set()  # a failing check must not leave the slides waiting forever
+        return feats, refusals, [(await t)[0] for t in (first, second)]
 
-    feats, busy, first = asyncio.run(scenario())
+    feats, refusals, slides = asyncio.run(scenario())
     assert len(feats["predictions"][0]["attention"]) == 3
-    assert busy.http_status == 503 and busy.status_code.name == "UNAVAILABLE"
-    assert len(first["predictions"][0]["coords"]) > 0
+    for busy in refusals:
+        assert busy.http_status == 503 and busy.status_code.name == "UNAVAILABLE"
+        assert "EFCM_MAX_CONCURRENT_SLIDES" in busy.details
+    assert all(len(s["predictions"][0]["coords"]) > 0 for s in slides)
+    assert m.executor.busy == 0
+    assert len(_predict(m, features_req)["predictions"]) == 1  # free again
 
 
 def test_a_slide_past_its_budget_keeps_its_worker_until_it_stops(package, tmp_path, monkeypatch):
@@ -566,12 +718,14 @@ def test_a_slide_past_its_budget_keeps_its_worker_until_it_stops(package, tmp_pa
     slide_req = {"instances": [{"slide_uri": str(slide)}]}
 
     async def scenario():
-        with pytest.raises(Refused) as late:
-            await m.predict(slide_req)  # the worker is held at the gate past the budget
-        with pytest.raises(Refused) as busy:
-            await m.predict(slide_req)  # its thread still runs: no second one is started
-        gated.gate.set()
-        while m.slides_busy:  # the abandoned worker stops at its deadline check
+        try:
+            with pytest.raises(Refused) as late:
+                await m(slide_req)  # the worker is held at the gate past the budget
+            with pytest.raises(Refused) as busy:
+                await m(slide_req)  # its thread still runs: no second one is started
+        finally:
+            gated.gate.set()
+        while m.executor.busy:  # the abandoned worker stops at its deadline check
             await asyncio.sleep(0.01)
         return late.value, busy.value
 
@@ -607,3 +761,106 @@ def test_a_v1_request_has_one_budget_and_an_instance_cap(package, tmp_path, monk
     assert err.value.http_status == 413
     out = _predict(m, {"instances": [bag] * rq.MAX_V1_INSTANCES})
     assert len(out["predictions"]) == rq.MAX_V1_INSTANCES
+
+
+# -- server faults, and thread safety -------------------------------------------------------------
+
+
+def test_a_package_fault_at_request_time_is_a_500_without_internals(package, tmp_path, caplog):
+    # model.json's patch settings are read again by every slide request: a wrong-typed field
+    # there fails on the server's side, and the client learns nothing but a request id
+    from efcm.serving.errors import Refused
+    from efcm.serving.model import EFCMModel
+
+    slide = _slide(tmp_path)
+    bad = faulty_package(package, tmp_path / "faulty")
+    m = EFCMModel("efcm", bad, slide_access=SlideAccessPolicy.of([str(slide.parent)]))
+    m.load()  # loading never reads the field
+    assert len(_predict(m, {"instances": [[[0.5] * DIM] * 2]})["predictions"]) == 1
+    with pytest.raises(Refused) as err:
+        _predict(m, {"instances": [{"slide_uri": str(slide)}]})
+    assert (err.value.http_status, err.value.status_code.name) == (500, "INTERNAL")
+    assert err.value.details.startswith("internal error (request id ")
+    for internal in ("fail_on", "PatchParams", "validation", str(bad), str(slide)):
+        assert internal not in err.value.details
+    request_id = err.value.details.rsplit(" ", 1)[-1].rstrip(")")
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and "fail_on" in str(logged[0].exc_info[1])
+    assert m.executor.busy == 0
+
+
+def test_concurrent_requests_on_an_fpd_package_answer_as_serial_ones(tmp_path):
+    # one FPD student (TransScan's selective kernel included) serves every worker thread at once
+    from efcm.config import FpdParams, params_from_dict
+    from efcm.limits import ServingLimits
+    from efcm.serving.model import EFCMModel
+    from tests.conftest import tiny_params_dict
+    from tests.packages import build_package as build
+
+    fpd = FpdParams(shallow_stage=2, embed_dim=16, depth=1, heads=2, sk_reduction=2)
+    pkg = build(tmp_path, params_from_dict(tiny_params_dict()), DIM, fpd=fpd)
+    n = 6
+    m = EFCMModel("efcm", pkg, limits=ServingLimits(max_concurrent_slides=n))
+    m.load()
+    assert type(m.package.encoder.encoder).__name__ == "FPDStudent"
+    size = int(m.get_input_types()[1]["shape"][1])
+    rng = np.random.default_rng(0)
+    bags = [rng.integers(0, 256, (5 + i, size, size, 3), dtype=np.uint8) for i in range(n)]
+
+    def outputs(res) -> tuple[np.ndarray, np.ndarray]:
+        out = {o.name: np.asarray(o.data, np.float32) for o in res.outputs if o.datatype == "FP32"}
+        return out["probabilities"], out["attention"]
+
+    serial = [outputs(_predict(m, _infer_request(b, "UINT8", "patches"))) for b in bags]
+
+    async def together():
+        reqs = [_infer_request(b, "UINT8", "patches") for b in bags]
+        return [r for r, _ in await asyncio.gather(*(m(q) for q in reqs))]
+
+    for _ in range(3):
+        for (probs, attn), res in zip(serial, asyncio.run(together()), strict=True):
+            got_probs, got_attn = outputs(res)
+            np.testing.assert_allclose(got_probs, probs, atol=1e-6)
+            np.testing.assert_allclose(got_attn, attn, atol=1e-6)
+
+
+def test_threads_that_start_reading_a_slide_together_open_one_handle(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import efcm.slides.patches as patches_mod
+    from efcm.slides.patches import SlidePatches
+    from efcm.slides.patching import CoordsFile
+
+    slide = _slide(tmp_path)
+    opened = []
+    real_open = patches_mod.open_slide
+
+    def slow_open(*args, **kwargs):
+        handle = real_open(*args, **kwargs)
+        time.sleep(0.05)  # every thread would be inside the open at once without the lock
+        opened.append(handle)
+        return handle
+
+    monkeypatch.setattr(patches_mod, "open_slide", slow_open)
+    coords = np.array([[0, 0], [64, 0]], np.int64)
+    patches = SlidePatches(str(slide), CoordsFile(coords, 0, 64, 64, "s", 64, 64))
+    start = threading.Barrier(8)
+    got = []
+
+    def read() -> None:
+        start.wait()
+        got.append(patches.slide)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(opened) == 1 and all(h is opened[0] for h in got)
+        assert patches.read_batch([0, 1]).shape == (2, 64, 64, 3)
+    finally:
+        patches.close()
+        for h in opened[1:]:
+            h.close()

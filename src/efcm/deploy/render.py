@@ -51,11 +51,8 @@ from efcm.limits import (
     CACHE_MAX_BYTES_ENV,
     SLIDE_URI_PREFIXES_ENV,
     ServingLimits,
+    parse_slide_uri_prefixes,
 )
-
-# The one check of slide URI prefixes is the server's own (an adapter of the same layer): the
-# deploy step refuses at render time exactly what `efcm serve` would refuse at start.
-from efcm.serving.policy import SlideAccessPolicy
 
 API_VERSION = "serving.kserve.io/v1beta1"
 DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
@@ -148,7 +145,7 @@ def serving_env(limits: ServingLimits, slide_uri_prefixes: str = "") -> dict[str
     Raises:
         ValueError: a prefix the server would refuse (another scheme, a gs:// URI with no bucket).
     """
-    SlideAccessPolicy.of(slide_uri_prefixes.split(","))  # the server's own check, at deploy time
+    parse_slide_uri_prefixes(slide_uri_prefixes.split(","))  # the server's own check, at deploy
     env = {SLIDE_URI_PREFIXES_ENV: slide_uri_prefixes, **limits.to_env()}
     # The cache directory is on the writable emptyDir (the root filesystem is read-only); it goes
     # next to the cache's cap, where the committed manifests have it.

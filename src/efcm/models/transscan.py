@@ -50,8 +50,10 @@ def token_transformer(
 class SelectiveKernel(nn.Module):
     """Two 3x3 branches (dilation 1 and 2) fused by a softmax attention over the branches.
 
-    `last_attention` keeps the branch weights of the last call, (B, 2, C): how much of each
-    channel came from the small and from the large receptive field.
+    `forward_with_attention` also returns the branch weights, (B, 2, C): how much of each channel
+    came from the small and from the large receptive field. They are returned, never kept on the
+    module: one module serves several threads at once (the predictor), and state written by one
+    call would be read by another.
     """
 
     def __init__(self, channels: int, reduction: int = 4) -> None:
@@ -67,15 +69,17 @@ class SelectiveKernel(nn.Module):
         hidden = max(channels // reduction, 8)
         self.squeeze = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True))
         self.select = nn.Linear(hidden, channels * len(self.branches))
-        self.last_attention: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> the fused map (B, C, H, W) and the branch weights (B, 2, C)."""
         b, c = x.shape[:2]
         feats = torch.stack([branch(x) for branch in self.branches], 1)  # (B, 2, C, H, W)
         summary = feats.sum(1).mean((2, 3))  # (B, C)
         attn = self.select(self.squeeze(summary)).view(b, len(self.branches), c).softmax(1)
-        self.last_attention = attn.detach()
-        return (feats * attn[..., None, None]).sum(1)  # (B, C, H, W)
+        return (feats * attn[..., None, None]).sum(1), attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_attention(x)[0]  # (B, C, H, W)
 
 
 class TransScan(nn.Module):

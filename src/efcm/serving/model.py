@@ -1,27 +1,27 @@
-"""`EFCMModel`: the `kserve.Model` that serves one exported package.
+"""`EFCMModel`: the `kserve.Model` that serves one exported package, built as kserve's own model
+servers are: `load()` once, then per request `preprocess` -> `predict` -> `postprocess`.
 
-The package is loaded once, in `load()`, by `efcm.training.export.load_package` (sha256-verified); a
-package that cannot be loaded raises `PackageError` there, so `efcm serve` stops at startup with one
-line instead of serving 500s. Prediction is `efcm.inference.predict_features` (features in),
-`predict_patches` (patch pixels in) or `predict_slide` (slide URI in, where
-`policy.SlideAccessPolicy` allows it), run in a worker thread so health checks stay answered during
-a long slide, under the `efcm.limits.ServingLimits` of the server.
+- `load()`: the package, by `efcm.models.package.load_package` (sha256-verified); a package that
+  cannot be loaded raises `PackageError` there, so `efcm serve` stops at startup with one line
+  instead of serving 500s.
+- `preprocess()`: the v1 or v2 body -> its bags (`efcm.serving.request`) and the request's time
+  budget (`EFCM_REQUEST_TIMEOUT_S`, one for all the instances of a v1 request; at most
+  `request.MAX_V1_INSTANCES` of them, 413 past it).
+- `predict()`: the bags through `efcm.inference` (`predict_features`, `predict_patches`, or
+  `predict_slide` where `policy.SlideAccessPolicy` allows the URI), as ONE job on the server's
+  bounded `executor.ModelExecutor`, whatever the input kind: at most `EFCM_MAX_CONCURRENT_SLIDES`
+  requests at model work at once, 503 at once when all are, 504 past the budget.
+- `postprocess()`: the predictions -> the v1 or v2 response.
 
-Slide requests run on their own pool of EFCM_MAX_CONCURRENT_SLIDES threads;
-features and patches requests run on asyncio's default executor, so slides never hold them up. A
-slide request that finds every slide worker busy is answered 503 (gRPC UNAVAILABLE) at once, not
-queued. A worker stays busy until its slide really stops: a request answered 504 leaves its thread
-running to its next deadline check, and that thread keeps its slot until then, so abandoned work is
-bounded by the pool. A v1 request has one time budget for all its instances (at most
-`request.MAX_V1_INSTANCES`, 413 past it). CLAM runs on the CPU (it is small and
-`predict_features` feeds it CPU tensors); the student moves to the GPU when there is one.
+Errors: `__call__` is the one boundary. Every exception of a request leaves it as an
+`efcm.serving.errors.Refused`, with the status of `errors.STATUS` (the same over REST and gRPC): a
+client error (400 bad tensor or slide, 403, 413, 504, 503) with its message; anything else a
+logged 500 that names only a request id. A request before the model is ready is kserve's
+`ModelNotReady` (503), answered by kserve.
 
-Errors (see `efcm.serving.errors` for the gRPC codes): a malformed request, a bad tensor (wrong
-dtype, rank, width, NaN, empty bag) or a bad slide (missing, empty, corrupt, no mpp, no tissue) is
-`kserve.errors.InvalidInput` (HTTP 400, gRPC INVALID_ARGUMENT) with a message naming the input and
-what is wrong; a slide URI outside the allowed locations is 403; a bag or slide over a limit is 413;
-a request past its time budget is 504; a slide request while every slide worker is busy is 503; a
-request before the model is ready is kserve's `ModelNotReady` (HTTP 503).
+CLAM runs on the CPU (it is small and `predict_features` feeds it CPU tensors); the student moves
+to the GPU when there is one. One package serves every worker thread at once: its modules keep no
+per-call state (`efcm.models.transscan.SelectiveKernel`).
 """
 
 from __future__ import annotations
@@ -29,33 +29,50 @@ from __future__ import annotations
 from efcm.serving import _kserve  # noqa: F401  (first: hides sys.argv from kserve)
 
 # isort: split
-import asyncio
 import base64
 import json
 import logging
-import threading
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kserve
 import numpy as np
 import torch
-from kserve.errors import InvalidInput, ModelNotReady
+from kserve.errors import ModelNotReady
+from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import to_http_parameters
 
-from efcm.errors import Deadline, Forbidden, PackageError, TooLarge
+from efcm.errors import InvalidSlide, InvalidTensor, PackageError, TooLarge
 from efcm.inference import Prediction, patch_size, predict_features, predict_patches, predict_slide
 from efcm.io.cache import SlideCache
 from efcm.limits import ServingLimits, cache_dir
 from efcm.models.package import Package, load_package
 from efcm.serving import errors
 from efcm.serving import request as rq
+from efcm.serving.executor import Budget, ModelExecutor
 from efcm.serving.policy import SlideAccessPolicy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What `preprocess` hands `predict`: the bags, their budget, and the v2 request they came
+    from (None for v1), which the response answers."""
+
+    bags: tuple[rq.Bag, ...]
+    budget: Budget
+    v2: kserve.InferRequest | None = None
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What `predict` hands `postprocess`: one prediction per bag."""
+
+    parsed: Parsed
+    predictions: list[Prediction]
 
 
 class EFCMModel(kserve.Model):
@@ -79,14 +96,8 @@ class EFCMModel(kserve.Model):
         )
         self.read_workers = read_workers
         self.package: Package | None = None
-        self._slide_pool: ThreadPoolExecutor | None = None
-        self._slide_lock = threading.Lock()
-        self._slides_busy = 0
-
-    @property
-    def slides_busy(self) -> int:
-        """Slide workers at work now (including ones whose request was already answered 504)."""
-        return self._slides_busy
+        # sized once: `limits.max_concurrent_slides` is read here, the rest per request
+        self.executor = ModelExecutor(self.limits.max_concurrent_slides)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -146,21 +157,95 @@ class EFCMModel(kserve.Model):
             {"name": rq.HEATMAP_PNG, "datatype": "BYTES", "shape": [1]},
         ]
 
-    # -- inference -------------------------------------------------------------------------------
+    # -- a request -------------------------------------------------------------------------------
 
-    def _run(self, pkg: Package, bag: rq.Bag, deadline: float) -> Prediction:
-        lim = self.limits
+    async def __call__(
+        self,
+        body: dict[str, Any] | kserve.InferRequest,
+        headers: dict[str, str] | None = None,
+        verb: InferenceVerb = InferenceVerb.PREDICT,
+    ) -> tuple[Any, dict[str, str]]:
+        """kserve's preprocess -> predict -> postprocess; the one place where an exception
+        becomes its answer (`errors.refusal`), so REST and gRPC give the same status."""
+        if verb is not InferenceVerb.PREDICT:  # explain: not served, kserve answers 501 itself
+            return await super().__call__(body, headers, verb)
         try:
-            if isinstance(bag, rq.FeaturesBag):
+            return await super().__call__(body, headers, verb)
+        except ModelNotReady:
+            raise  # kserve's own, answered 503 / UNAVAILABLE by kserve
+        except Exception as err:
+            raise errors.refusal(err) from None
+
+    def validate(self, payload: Any) -> Any:
+        # `preprocess` has parsed and checked the request; kserve's checks are for raw bodies
+        return payload
+
+    def preprocess(
+        self, payload: dict[str, Any] | kserve.InferRequest, headers: dict[str, str] | None = None
+    ) -> Parsed:
+        """The body -> its bags; the request's time budget starts here."""
+        dim = self._pkg().feature_dim
+        budget = Budget.start(self.limits.request_timeout_s)
+        if isinstance(payload, kserve.InferRequest):
+            params = to_http_parameters(payload.parameters) if payload.parameters else None
+            return Parsed((rq.v2_bag(payload.inputs, params, dim),), budget, payload)
+        bags = rq.v1_bags(payload, dim)
+        if len(bags) > rq.MAX_V1_INSTANCES:
+            raise TooLarge(
+                f"{len(bags)} instances in one request, over the limit of "
+                f"{rq.MAX_V1_INSTANCES} instances; send several requests"
+            )
+        return Parsed(tuple(bags), budget)
+
+    async def predict(
+        self,
+        payload: Parsed,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> Answered:
+        """Every bag of the request, in turn, as one job on the bounded executor."""
+        pkg = self._pkg()
+        preds = await self.executor.run(
+            self._predict_bags, pkg, payload.bags, payload.budget, budget=payload.budget
+        )
+        return Answered(payload, preds)
+
+    def postprocess(
+        self,
+        result: Answered,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any] | kserve.InferResponse:
+        pkg = self._pkg()
+        if result.parsed.v2 is not None:
+            return self._v2_response(result.parsed.v2, result.predictions[0])
+        return {"predictions": [_v1_prediction(pkg, p) for p in result.predictions]}
+
+    # -- model work (on an executor thread) ------------------------------------------------------
+
+    def _predict_bags(
+        self, pkg: Package, bags: tuple[rq.Bag, ...], budget: Budget
+    ) -> list[Prediction]:
+        preds = []
+        for i, bag in enumerate(bags):
+            if i:  # the worker of a request answered 504 stops here, at the latest
+                budget.check(f"instance {i + 1} of {len(bags)}")
+            preds.append(self._predict_bag(pkg, bag, budget.deadline))
+        return preds
+
+    def _predict_bag(self, pkg: Package, bag: rq.Bag, deadline: float) -> Prediction:
+        lim = self.limits
+        if isinstance(bag, rq.FeaturesBag):
+            try:
                 return predict_features(pkg, bag.features, max_patches=lim.max_patches)
-            if isinstance(bag, rq.PatchesBag):
-                return predict_patches(
-                    pkg, bag.patches, max_patches=lim.max_patches, deadline=deadline
-                )
-            uri = self.slide_access.check(bag.uri)
+            except InvalidTensor as err:  # say what the input should have been
+                raise InvalidTensor(f"{err}; {rq.expected(pkg.feature_dim)}") from None
+        if isinstance(bag, rq.PatchesBag):
+            return predict_patches(pkg, bag.patches, max_patches=lim.max_patches, deadline=deadline)
+        try:
             return predict_slide(
                 pkg,
-                uri,
+                self.slide_access.check(bag.uri),
                 mpp=bag.mpp,
                 heatmap=bag.heatmap,
                 read_workers=self.read_workers,
@@ -169,110 +254,13 @@ class EFCMModel(kserve.Model):
                 cache=self.cache,
                 deadline=deadline,
             )
-        except Forbidden as err:
-            raise errors.forbidden(str(err)) from None
-        except TooLarge as err:
-            raise errors.too_large(str(err)) from None
-        except Deadline as err:
-            raise errors.timed_out(f"{err} of {lim.request_timeout_s:g} s") from None
-        except (ValueError, FileNotFoundError) as err:
-            if isinstance(bag, rq.FeaturesBag):
-                raise InvalidInput(f"{err}; {rq.expected(pkg.feature_dim)}") from None
-            if isinstance(bag, rq.PatchesBag):
-                raise InvalidInput(str(err)) from None
+        except InvalidSlide as err:  # named as the client sent it, not as resolved
             msg = str(err)
-            raise InvalidInput(msg if bag.uri in msg else f"slide {bag.uri}: {msg}") from None
-        except OSError as err:  # an I/O error reading an allowed slide: its name, not its bytes
-            raise InvalidInput(
-                f"slide {getattr(bag, 'uri', '')}: cannot be read ({type(err).__name__})"
-            ) from None
+            if bag.uri in msg:
+                raise
+            raise InvalidSlide(f"slide {bag.uri}: {msg}", status=err.status) from None
 
-    def _start_slide(self, pkg: Package, bag: rq.Bag, deadline: float) -> asyncio.Future:
-        """`_run` on a free slide worker; 503 at once when there is none."""
-        size = self.limits.max_concurrent_slides
-        with self._slide_lock:
-            if self._slides_busy >= size:
-                raise errors.busy(
-                    f"all {size} slide workers are busy (EFCM_MAX_CONCURRENT_SLIDES); retry later"
-                )
-            if self._slide_pool is None:
-                self._slide_pool = ThreadPoolExecutor(size, thread_name_prefix="efcm-slide")
-            self._slides_busy += 1
-        try:
-            fut = self._slide_pool.submit(self._run, pkg, bag, deadline)
-        except BaseException:
-            self._slide_done(None)
-            raise
-        # released when the work really ends (or is cancelled before it starts), not when the
-        # client is answered: a 504'd slide keeps its slot until its thread stops
-        fut.add_done_callback(self._slide_done)
-        return asyncio.wrap_future(fut)
-
-    def _slide_done(self, _) -> None:
-        with self._slide_lock:
-            self._slides_busy -= 1
-
-    async def _run_within_budget(self, pkg: Package, bag: rq.Bag, deadline: float) -> Prediction:
-        budget = self.limits.request_timeout_s
-        timed_out = errors.timed_out(f"the request ran past its time budget of {budget:g} s")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise timed_out
-        if isinstance(bag, rq.SlideBag):
-            work = self._start_slide(pkg, bag, deadline)
-        else:  # the default executor: never behind slides
-            work = asyncio.to_thread(self._run, pkg, bag, deadline)
-        try:
-            # the worker stops by itself at its next batch past `deadline`; wait_for answers on
-            # time even when it is inside one long step (a download, a thumbnail)
-            return await asyncio.wait_for(work, left)
-        except TimeoutError:
-            raise timed_out from None
-
-    async def predict(
-        self,
-        payload: dict[str, Any] | kserve.InferRequest,
-        headers: dict[str, str] | None = None,
-        response_headers: dict[str, str] | None = None,
-    ) -> dict[str, Any] | kserve.InferResponse:
-        pkg = self._pkg()
-        deadline = time.monotonic() + self.limits.request_timeout_s  # one budget per request
-        if isinstance(payload, kserve.InferRequest):
-            try:
-                params = to_http_parameters(payload.parameters) if payload.parameters else None
-                bag = rq.v2_bag(payload.inputs, params, pkg.feature_dim)
-            except ValueError as err:
-                raise InvalidInput(str(err)) from None
-            pred = await self._run_within_budget(pkg, bag, deadline)
-            return self._v2_response(payload, pred)
-        try:
-            bags = rq.v1_bags(payload, pkg.feature_dim)
-        except ValueError as err:
-            raise InvalidInput(str(err)) from None
-        if len(bags) > rq.MAX_V1_INSTANCES:
-            raise errors.too_large(
-                f"{len(bags)} instances in one request, over the limit of "
-                f"{rq.MAX_V1_INSTANCES} instances; send several requests"
-            )
-        preds = [await self._run_within_budget(pkg, bag, deadline) for bag in bags]
-        return {"predictions": [self._v1_prediction(pkg, p) for p in preds]}
-
-    @staticmethod
-    def _v1_prediction(pkg: Package, pred: Prediction) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "label": pred.label,
-            "classes": pkg.classes,
-            "probabilities": pred.probabilities.tolist(),
-            "attention": pred.attention.tolist(),
-        }
-        if pred.coords is not None:
-            out["coords"] = pred.coords.tolist()
-        if pred.heatmap_png is not None:
-            out["heatmap_png"] = base64.b64encode(pred.heatmap_png).decode("ascii")
-        if pred.timings:
-            out["timings"] = pred.timings
-            out["downloaded_bytes"] = pred.downloaded_bytes
-        return out
+    # -- responses -------------------------------------------------------------------------------
 
     def _v2_response(self, req: kserve.InferRequest, pred: Prediction) -> kserve.InferResponse:
         tensors = [
@@ -309,3 +297,20 @@ class EFCMModel(kserve.Model):
             use_binary_outputs=req.use_binary_outputs,
             requested_outputs=req.request_outputs,
         )
+
+
+def _v1_prediction(pkg: Package, pred: Prediction) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "label": pred.label,
+        "classes": pkg.classes,
+        "probabilities": pred.probabilities.tolist(),
+        "attention": pred.attention.tolist(),
+    }
+    if pred.coords is not None:
+        out["coords"] = pred.coords.tolist()
+    if pred.heatmap_png is not None:
+        out["heatmap_png"] = base64.b64encode(pred.heatmap_png).decode("ascii")
+    if pred.timings:
+        out["timings"] = pred.timings
+        out["downloaded_bytes"] = pred.downloaded_bytes
+    return out

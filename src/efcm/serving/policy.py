@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from efcm.errors import Forbidden
-from efcm.limits import SLIDE_URI_PREFIXES_ENV
+from efcm.limits import SLIDE_URI_PREFIXES_ENV, parse_slide_uri_prefixes
 
 
 @dataclass(frozen=True)
@@ -37,25 +37,7 @@ class SlideAccessPolicy:
 
     @classmethod
     def of(cls, prefixes: Iterable[str]) -> SlideAccessPolicy:
-        out: list[str] = []
-        for p in prefixes:
-            p = p.strip()
-            if not p:
-                continue
-            if p.startswith("gs://"):
-                bucket = p[5:].partition("/")[0]
-                if not bucket:
-                    raise ValueError(
-                        f"{SLIDE_URI_PREFIXES_ENV}: gs:// prefix needs a bucket: {p!r}"
-                    )
-                out.append(p if p.endswith("/") else p + "/")
-            elif "://" in p:
-                raise ValueError(
-                    f"{SLIDE_URI_PREFIXES_ENV}: only gs:// and local directories, got {p!r}"
-                )
-            else:
-                out.append(str(Path(p).expanduser().resolve()))
-        return cls(tuple(dict.fromkeys(out)))
+        return cls(parse_slide_uri_prefixes(prefixes))
 
     @property
     def enabled(self) -> bool:

@@ -12,9 +12,11 @@ it), all under one time budget:
   {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5, "heatmap": true},
    [[...], ...]]}
 
-Everything malformed raises ValueError with a message naming the expected input; the value checks of
-the features themselves (shape, empty bag, NaN) are `efcm.inference.check_features`, called by
-`efcm.inference.predict_features`.
+Everything malformed is a client error (HTTP 400, `efcm.serving.errors.STATUS`) with a message
+naming the expected input: `InvalidTensor` for a tensor that cannot be one (wrong datatype, ragged,
+data that do not fill the declared shape), `InvalidInput` for the rest of the request. The value
+checks of the tensors themselves (shape, empty bag, NaN) are `efcm.inference.check_features` and
+`check_patches`, called by the predict functions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from efcm.errors import InvalidInput, InvalidTensor
 
 FEATURES = "features"
 SLIDE_URI = "slide_uri"
@@ -76,7 +80,7 @@ def _mpp(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"mpp must be a positive number, got {value!r}")
+        raise InvalidInput(f"mpp must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -87,7 +91,7 @@ def _flag(value: Any, name: str) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise ValueError(f"parameter '{name}' must be true or false, got {value!r}")
+    raise InvalidInput(f"parameter '{name}' must be true or false, got {value!r}")
 
 
 def _uri(value: Any) -> str:
@@ -95,9 +99,9 @@ def _uri(value: Any) -> str:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"input '{SLIDE_URI}' is not UTF-8 text") from None
+            raise InvalidInput(f"input '{SLIDE_URI}' is not UTF-8 text") from None
     if not isinstance(value, str) or not value:
-        raise ValueError(f"input '{SLIDE_URI}' must be a non-empty string, got {value!r}")
+        raise InvalidInput(f"input '{SLIDE_URI}' must be a non-empty string, got {value!r}")
     return value
 
 
@@ -106,11 +110,11 @@ def _v1_features(data: Any, dim: int) -> np.ndarray:
     try:
         arr = np.asarray(data)
     except ValueError:
-        raise ValueError(f"features are not a rectangular array; {expected(dim)}") from None
+        raise InvalidTensor(f"features are not a rectangular array; {expected(dim)}") from None
     if arr.dtype.kind in "iu":
         return arr.astype(np.float32)
     if arr.dtype.kind != "f":
-        raise ValueError(f"features must be numbers, got {arr.dtype}; {expected(dim)}")
+        raise InvalidTensor(f"features must be numbers, got {arr.dtype}; {expected(dim)}")
     return arr
 
 
@@ -121,14 +125,14 @@ def v1_bags(body: Any, dim: int) -> list[Bag]:
         try:
             body = json.loads(body)
         except ValueError:
-            raise ValueError("the request body is not JSON; " + expected(dim)) from None
+            raise InvalidInput("the request body is not JSON; " + expected(dim)) from None
     if not isinstance(body, dict) or "instances" not in body:
-        raise ValueError(
+        raise InvalidInput(
             'a v1 request is {"instances": [{"features": [[...], ...]}]}; ' + expected(dim)
         )
     instances = body["instances"]
     if not isinstance(instances, list) or not instances:
-        raise ValueError(f'"instances" must be a non-empty list; {expected(dim)}')
+        raise InvalidInput(f'"instances" must be a non-empty list; {expected(dim)}')
     bags: list[Bag] = []
     for inst in instances:
         if isinstance(inst, dict) and FEATURES in inst:
@@ -136,13 +140,13 @@ def v1_bags(body: Any, dim: int) -> list[Bag]:
         elif isinstance(inst, dict) and SLIDE_URI in inst:
             uri = inst[SLIDE_URI]
             if not isinstance(uri, str) or not uri:
-                raise ValueError(f"{SLIDE_URI} must be a non-empty string, got {uri!r}")
+                raise InvalidInput(f"{SLIDE_URI} must be a non-empty string, got {uri!r}")
             bags.append(SlideBag(uri, _mpp(inst.get("mpp")), _flag(inst.get("heatmap"), "heatmap")))
         elif isinstance(inst, list):
             bags.append(FeaturesBag(_v1_features(inst, dim)))
         else:
             keys = sorted(inst) if isinstance(inst, dict) else type(inst).__name__
-            raise ValueError(
+            raise InvalidInput(
                 f"an instance needs '{FEATURES}' or '{SLIDE_URI}', got {keys}; {expected(dim)}"
             )
     return bags
@@ -153,46 +157,49 @@ def v2_bag(inputs: list[V2Input], parameters: dict[str, Any] | None, dim: int) -
     by_name = {i.name: i for i in inputs}
     given = [n for n in INPUTS if n in by_name]
     if len(given) > 1:
-        raise ValueError(f"send exactly one of the inputs {list(INPUTS)}, got {given}")
+        raise InvalidInput(f"send exactly one of the inputs {list(INPUTS)}, got {given}")
     if PATCHES in by_name:
         inp = by_name[PATCHES]
         if inp.datatype != "UINT8":
-            raise ValueError(
+            raise InvalidTensor(
                 f"input '{PATCHES}' has datatype {inp.datatype}, shape {list(inp.shape)}; "
                 "expected UINT8 [N, S, S, 3] patch pixels"
             )
         try:
             arr = inp.as_numpy()
-        except (ValueError, TypeError) as err:
-            raise ValueError(
+        except (ValueError, TypeError) as err:  # kserve's as_numpy: numpy's reshape
+            raise InvalidTensor(
                 f"input '{PATCHES}' data does not match its shape {list(inp.shape)} ({err})"
             ) from None
         return PatchesBag(arr)
     if FEATURES in by_name:
         inp = by_name[FEATURES]
         if inp.datatype not in FEATURE_DATATYPES:
-            raise ValueError(
+            raise InvalidTensor(
                 f"input '{FEATURES}' has datatype {inp.datatype}, shape {list(inp.shape)}; "
                 + expected(dim)
             )
         try:
             arr = inp.as_numpy()  # the declared shape; raises if the data does not fill it
-        except (ValueError, TypeError) as err:
-            raise ValueError(
+        except (ValueError, TypeError) as err:  # kserve's as_numpy: numpy's reshape
+            raise InvalidTensor(
                 f"input '{FEATURES}' data does not match its shape {list(inp.shape)} ({err}); "
                 + expected(dim)
             ) from None
         return FeaturesBag(arr)
     if SLIDE_URI in by_name:
         inp = by_name[SLIDE_URI]
-        values = inp.as_numpy().reshape(-1) if inp.datatype == "BYTES" else ()
+        try:
+            values = inp.as_numpy().reshape(-1) if inp.datatype == "BYTES" else ()
+        except (ValueError, TypeError):  # kserve's as_numpy: numpy's reshape
+            values = ()
         if len(values) != 1:
-            raise ValueError(f"input '{SLIDE_URI}' must be BYTES of shape [1]")
+            raise InvalidInput(f"input '{SLIDE_URI}' must be BYTES of shape [1]")
         params = parameters or {}
         return SlideBag(
             _uri(values[0]), _mpp(params.get("mpp")), _flag(params.get("heatmap"), "heatmap")
         )
-    raise ValueError(
+    raise InvalidInput(
         f"no input '{FEATURES}', '{PATCHES}' or '{SLIDE_URI}' (got {sorted(by_name)}); "
         + expected(dim)
     )
