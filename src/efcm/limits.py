@@ -12,8 +12,9 @@ EFCM_MAX_PATCHES           100000             patches in one bag (features, patc
 EFCM_MAX_SLIDE_BYTES       8 GiB              size of one slide file (or staged gs:// slide)
 EFCM_REQUEST_TIMEOUT_S     300                seconds one request may take (all its v1 instances
                                               together); 504 past it
-EFCM_MAX_CONCURRENT_SLIDES 2                  requests at model work at once; 503 at once when
-                                              all are busy
+EFCM_MAX_CONCURRENT_SLIDES 2                  requests at model work at once
+EFCM_MAX_QUEUED_REQUESTS   16                 requests waiting for a worker (within their time
+                                              budget); 503 at once when this many are waiting
 EFCM_CACHE_DIR             ~/.cache/efcm      where gs:// slides are staged (`efcm.io.cache`)
 EFCM_CACHE_MAX_BYTES       20 GiB             size cap of the staged slides, LRU eviction
 =========================  =================  ====================================================
@@ -39,6 +40,7 @@ MAX_PATCHES_ENV = "EFCM_MAX_PATCHES"
 MAX_SLIDE_BYTES_ENV = "EFCM_MAX_SLIDE_BYTES"
 REQUEST_TIMEOUT_ENV = "EFCM_REQUEST_TIMEOUT_S"
 MAX_CONCURRENT_SLIDES_ENV = "EFCM_MAX_CONCURRENT_SLIDES"
+MAX_QUEUED_REQUESTS_ENV = "EFCM_MAX_QUEUED_REQUESTS"
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -54,6 +56,7 @@ class ServingLimits:
     request_timeout_s: float = 300.0
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     max_concurrent_slides: int = 2
+    max_queued_requests: int = 16
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,6 +68,10 @@ class ServingLimits:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ServingLimits.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_queued_requests < 0:
+            raise ValueError(
+                f"ServingLimits.max_queued_requests must be >= 0, got {self.max_queued_requests}"
+            )
         if not (self.request_timeout_s > 0 and math.isfinite(self.request_timeout_s)):
             raise ValueError(
                 f"ServingLimits.request_timeout_s must be > 0, got {self.request_timeout_s}"
@@ -85,6 +92,9 @@ class ServingLimits:
             request_timeout_s=num(REQUEST_TIMEOUT_ENV, d.request_timeout_s, float),
             cache_max_bytes=cache_max_bytes(env),  # the parser `efcm predict` uses too
             max_concurrent_slides=num(MAX_CONCURRENT_SLIDES_ENV, d.max_concurrent_slides, int),
+            max_queued_requests=int(
+                nonnegative(env, MAX_QUEUED_REQUESTS_ENV, d.max_queued_requests)
+            ),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -95,6 +105,7 @@ class ServingLimits:
             MAX_PATCHES_ENV: str(self.max_patches),
             MAX_SLIDE_BYTES_ENV: str(self.max_slide_bytes),
             MAX_CONCURRENT_SLIDES_ENV: str(self.max_concurrent_slides),
+            MAX_QUEUED_REQUESTS_ENV: str(self.max_queued_requests),
             REQUEST_TIMEOUT_ENV: str(int(timeout)) if timeout == int(timeout) else str(timeout),
             CACHE_MAX_BYTES_ENV: str(self.cache_max_bytes),
         }
@@ -113,6 +124,16 @@ def positive(env: Mapping[str, str], var: str, default: float, kind: type = int)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{var} must be a positive {kind.__name__}, got {raw!r}")
     return value
+
+
+def nonnegative(env: Mapping[str, str], var: str, default: int) -> int:
+    """The integer >= 0 in env var `var`, or `default` when it is unset or blank."""
+    raw = env.get(var, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"{var} must be an integer >= 0, got {raw!r}")
+    return int(raw)
 
 
 def cache_max_bytes(environ: Mapping[str, str] | None = None) -> int:

@@ -667,7 +667,7 @@ def test_every_kind_of_request_shares_the_bounded_model_workers(package, tmp_pat
         "efcm",
         package,
         slide_access=SlideAccessPolicy.of([str(slide.parent)]),
-        limits=ServingLimits(max_concurrent_slides=2),
+        limits=ServingLimits(max_concurrent_slides=2, max_queued_requests=0),
     )
     m.load()
     slide_req = {"instances": [{"slide_uri": str(slide)}]}
@@ -696,9 +696,48 @@ def test_every_kind_of_request_shares_the_bounded_model_workers(package, tmp_pat
     for busy in refusals:
         assert busy.http_status == 503 and busy.status_code.name == "UNAVAILABLE"
         assert "EFCM_MAX_CONCURRENT_SLIDES" in busy.details
+        assert "EFCM_MAX_QUEUED_REQUESTS" in busy.details
     assert all(len(s["predictions"][0]["coords"]) > 0 for s in slides)
     assert m.executor.busy == 0
     assert len(_predict(m, features_req)["predictions"]) == 1  # free again
+
+
+def test_a_request_waits_for_a_worker_in_the_bounded_queue(package, tmp_path, monkeypatch):
+    from efcm.limits import ServingLimits
+    from efcm.serving.errors import Refused
+    from efcm.serving.model import EFCMModel
+
+    slide = _slide(tmp_path)
+    gated = _GatedSlides(monkeypatch)
+    m = EFCMModel(
+        "efcm",
+        package,
+        slide_access=SlideAccessPolicy.of([str(slide.parent)]),
+        limits=ServingLimits(max_concurrent_slides=1, max_queued_requests=1),
+    )
+    m.load()
+    slide_req = {"instances": [{"slide_uri": str(slide)}]}
+    features_req = {"instances": [[[0.5] * DIM] * 3]}
+
+    async def scenario():
+        first = asyncio.create_task(m(slide_req))
+        try:
+            await gated.started()  # the one worker is busy
+            waiting = asyncio.create_task(m(features_req))  # waits in the queue
+            while m.executor.waiting == 0:
+                await asyncio.sleep(0.001)
+            assert not waiting.done()
+            with pytest.raises(Refused, match="busy") as busy:  # the queue is full
+                await m(features_req)
+        finally:
+            gated.gate.set()
+        return (await waiting)[0], busy.value, (await first)[0]
+
+    feats, busy, slide_pred = asyncio.run(scenario())
+    assert len(feats["predictions"][0]["attention"]) == 3  # served once the slide was done
+    assert busy.http_status == 503
+    assert len(slide_pred["predictions"][0]["coords"]) > 0
+    assert m.executor.busy == 0 and m.executor.waiting == 0
 
 
 def test_a_slide_past_its_budget_keeps_its_worker_until_it_stops(package, tmp_path, monkeypatch):
@@ -712,7 +751,7 @@ def test_a_slide_past_its_budget_keeps_its_worker_until_it_stops(package, tmp_pa
         "efcm",
         package,
         slide_access=SlideAccessPolicy.of([str(slide.parent)]),
-        limits=ServingLimits(max_concurrent_slides=1, request_timeout_s=0.5),
+        limits=ServingLimits(max_concurrent_slides=1, max_queued_requests=0, request_timeout_s=0.5),
     )
     m.load()
     slide_req = {"instances": [{"slide_uri": str(slide)}]}

@@ -96,8 +96,10 @@ class EFCMModel(kserve.Model):
         )
         self.read_workers = read_workers
         self.package: Package | None = None
-        # sized once: `limits.max_concurrent_slides` is read here, the rest per request
-        self.executor = ModelExecutor(self.limits.max_concurrent_slides)
+        # sized once: the workers and the queue are read here, the other limits per request
+        self.executor = ModelExecutor(
+            self.limits.max_concurrent_slides, self.limits.max_queued_requests
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
