@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from efcm.io.files import atomic_path
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def save_checkpoint(path: str | Path, fmt: str, content: dict[str, Any]) -> None:
@@ -27,3 +30,24 @@ def load_checkpoint(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise ValueError(f"{path}: not an efcm {what} checkpoint ({fmt})")
     return ckpt
+
+
+def save_module(
+    path: str | Path, fmt: str, model: Any, extra: dict[str, Any] | None = None
+) -> None:
+    """A module that describes itself (`model.config()`) with its weights, and `extra`."""
+    save_checkpoint(
+        path, fmt, {"config": model.config(), "state_dict": model.state_dict(), **(extra or {})}
+    )
+
+
+def load_module(path: str | Path, fmt: str, what: str, build: Callable[[dict[str, Any]], M]) -> M:
+    """The module `save_module` wrote: `build(config)` with its weights, in eval mode; a config
+    `build` refuses is a ValueError naming the file."""
+    ckpt = load_checkpoint(path, fmt, what)
+    try:
+        model = build(ckpt["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a usable {what} config ({err})") from err
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()

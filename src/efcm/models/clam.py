@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from efcm.config import TrainMilParams
-from efcm.io.checkpoints import load_checkpoint, save_checkpoint
+from efcm.io.checkpoints import load_module, save_module
 
 INSTANCE_LOSSES = ("ce", "svm")
 
@@ -276,19 +276,9 @@ def build_clam(in_dim: int, n_classes: int, cfg: TrainMilParams) -> CLAMBase:
 
 
 def save_clam(path: Path, model: CLAMBase, extra: dict[str, Any] | None = None) -> None:
-    save_checkpoint(
-        path,
-        "efcm.clam/1",
-        {"config": model.config(), "state_dict": model.state_dict(), **(extra or {})},
-    )
+    save_module(path, "efcm.clam/1", model, extra)
 
 
 def load_clam(path: str | Path) -> CLAMBase:
     """A CLAM-SB or CLAM-MB saved by `save_clam` (checkpoints without a model kind are SB)."""
-    ckpt = load_checkpoint(path, "efcm.clam/1", "CLAM")
-    try:
-        model = clam_from_config(ckpt["config"])
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return load_module(path, "efcm.clam/1", "CLAM", clam_from_config)

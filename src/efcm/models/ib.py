@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from efcm.config import IbParams
-from efcm.io.checkpoints import load_checkpoint, save_checkpoint
+from efcm.io.checkpoints import load_module, save_module
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +176,11 @@ def build_ib(in_dim: int, n_classes: int, cfg: IbParams) -> IBHead:
 
 
 def save_ib(path: str | Path, model: IBHead, extra: dict[str, Any] | None = None) -> None:
-    save_checkpoint(
-        path,
-        "efcm.ib/1",
-        {"config": model.config(), "state_dict": model.state_dict(), **(extra or {})},
-    )
+    save_module(path, "efcm.ib/1", model, extra)
 
 
-def load_ib(path: str | Path) -> IBHead:
-    ckpt = load_checkpoint(path, "efcm.ib/1", "IB")
-    c = ckpt["config"]
-    model = IBHead(
+def _ib_from_config(c: dict[str, Any]) -> IBHead:
+    return IBHead(
         int(c["in_dim"]),
         int(c["n_classes"]),
         hidden=int(c["hidden"]),
@@ -194,8 +188,10 @@ def load_ib(path: str | Path) -> IBHead:
         samples=int(c["samples"]),
         prior=float(c["prior"]),
     )
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+
+
+def load_ib(path: str | Path) -> IBHead:
+    return load_module(path, "efcm.ib/1", "IB", _ib_from_config)
 
 
 def select_top_k(
