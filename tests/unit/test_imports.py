@@ -24,6 +24,7 @@ LAYERS: list[tuple[int, str]] = [
     (0, "efcm.config"),
     (0, "efcm.registry"),
     (0, "efcm.limits"),
+    (0, "efcm.argv"),
     (1, "efcm.io"),
     (2, "efcm.slides"),
     (3, "efcm.models"),

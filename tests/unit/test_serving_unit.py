@@ -656,21 +656,30 @@ class _GatedSlides:
         await asyncio.to_thread(self.running.acquire)
 
 
-def test_every_kind_of_request_shares_the_bounded_model_workers(package, tmp_path, monkeypatch):
-    from efcm.limits import ServingLimits
-    from efcm.serving.errors import Refused
+def _gated_model(package, tmp_path, monkeypatch, limits):
+    """A loaded model that may read one slide, whose slide requests wait at `gated` (a
+    `_GatedSlides`) until the test opens the gate; and the request for that slide."""
     from efcm.serving.model import EFCMModel
 
     slide = _slide(tmp_path)
     gated = _GatedSlides(monkeypatch)
     m = EFCMModel(
-        "efcm",
-        package,
-        slide_access=SlideAccessPolicy.of([str(slide.parent)]),
-        limits=ServingLimits(max_concurrent_slides=2, max_queued_requests=0),
+        "efcm", package, slide_access=SlideAccessPolicy.of([str(slide.parent)]), limits=limits
     )
     m.load()
-    slide_req = {"instances": [{"slide_uri": str(slide)}]}
+    return m, gated, {"instances": [{"slide_uri": str(slide)}]}
+
+
+def test_every_kind_of_request_shares_the_bounded_model_workers(package, tmp_path, monkeypatch):
+    from efcm.limits import ServingLimits
+    from efcm.serving.errors import Refused
+
+    m, gated, slide_req = _gated_model(
+        package,
+        tmp_path,
+        monkeypatch,
+        ServingLimits(max_concurrent_slides=2, max_queued_requests=0),
+    )
     features_req = {"instances": [[[0.5] * DIM] * 3]}
     size = int(m.get_input_types()[1]["shape"][1])
     patches_req = _infer_request(np.zeros((2, size, size, 3), np.uint8), "UINT8", "patches")
@@ -705,18 +714,13 @@ def test_every_kind_of_request_shares_the_bounded_model_workers(package, tmp_pat
 def test_a_request_waits_for_a_worker_in_the_bounded_queue(package, tmp_path, monkeypatch):
     from efcm.limits import ServingLimits
     from efcm.serving.errors import Refused
-    from efcm.serving.model import EFCMModel
 
-    slide = _slide(tmp_path)
-    gated = _GatedSlides(monkeypatch)
-    m = EFCMModel(
-        "efcm",
+    m, gated, slide_req = _gated_model(
         package,
-        slide_access=SlideAccessPolicy.of([str(slide.parent)]),
-        limits=ServingLimits(max_concurrent_slides=1, max_queued_requests=1),
+        tmp_path,
+        monkeypatch,
+        ServingLimits(max_concurrent_slides=1, max_queued_requests=1),
     )
-    m.load()
-    slide_req = {"instances": [{"slide_uri": str(slide)}]}
     features_req = {"instances": [[[0.5] * DIM] * 3]}
 
     async def scenario():
@@ -743,18 +747,13 @@ def test_a_request_waits_for_a_worker_in_the_bounded_queue(package, tmp_path, mo
 def test_a_slide_past_its_budget_keeps_its_worker_until_it_stops(package, tmp_path, monkeypatch):
     from efcm.limits import ServingLimits
     from efcm.serving.errors import Refused
-    from efcm.serving.model import EFCMModel
 
-    slide = _slide(tmp_path)
-    gated = _GatedSlides(monkeypatch)
-    m = EFCMModel(
-        "efcm",
+    m, gated, slide_req = _gated_model(
         package,
-        slide_access=SlideAccessPolicy.of([str(slide.parent)]),
-        limits=ServingLimits(max_concurrent_slides=1, max_queued_requests=0, request_timeout_s=0.5),
+        tmp_path,
+        monkeypatch,
+        ServingLimits(max_concurrent_slides=1, max_queued_requests=0, request_timeout_s=0.5),
     )
-    m.load()
-    slide_req = {"instances": [{"slide_uri": str(slide)}]}
 
     async def scenario():
         try:

@@ -20,20 +20,16 @@ stub API server), so a new pinned version that changes one fails there, not in a
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 from kubernetes.client import V1ObjectMeta
 from kubernetes.client.exceptions import ApiException
 
-_argv = sys.argv
-sys.argv = _argv[:1]
-try:
+from efcm.argv import hidden_argv
+
+with hidden_argv():
     from kserve import V1beta1InferenceService
-finally:
-    sys.argv = _argv
-del _argv
 
 CHECKED_VERSIONS = {"kserve": "0.21.0", "kubernetes": "30.1.0"}
 

@@ -27,20 +27,16 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import sys
 from importlib import metadata
 from typing import Any
 
-_argv = sys.argv
-sys.argv = _argv[:1]
-try:
+from efcm.argv import hidden_argv
+
+with hidden_argv():
     import kserve
     from kserve import model_server as _model_server
     from kserve.errors import InvalidInput
     from kserve.protocol.dataplane import DataPlane
-finally:
-    sys.argv = _argv
-del _argv
 
 CHECKED_VERSION = "0.21.0"
 # model_server.args fields efcm writes or relies on (item 3)
