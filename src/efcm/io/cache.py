@@ -51,6 +51,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from efcm.errors import TooLarge
+from efcm.io.files import save_json
 from efcm.io.gcs import RemoteObject, is_gcs, stage
 from efcm.limits import cache_dir, cache_max_bytes
 
@@ -257,7 +258,7 @@ class _Staging:
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
-            _write_json(meta, _record(dest, obj.generation, obj.size))
+            save_json(meta, _record(dest, obj.generation, obj.size))
         cache._count(objects=1, nbytes=obj.size)
         self.downloaded_bytes += obj.size
         log.info(
@@ -342,12 +343,6 @@ def _remove_stale_parts(folder: Path, name: str) -> None:
         if part.fullmatch(p.name):
             log.info("removing %s: left by an interrupted download", p)
             p.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 # -- local paths ----------------------------------------------------------------------------------
