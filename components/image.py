@@ -1,8 +1,9 @@
 """The container images of the pipeline, tagged with the efcm version (never :latest).
 
-`IMAGE` runs every component: docker/Dockerfile.component (efcm with the [pipeline] extra; the
-deploy step also imports kserve, so the image needs the [serve] extra too). `SERVING_IMAGE` is what
-the deployed InferenceService runs: docker/Dockerfile.serving (`efcm serve`). The registry is the
+`IMAGE` runs every component: the `component` target of docker/Dockerfile (efcm with the
+[pipeline] extra; the deploy step also imports kserve, so the image needs the [serve] extra too).
+`SERVING_IMAGE` is what the deployed InferenceService runs: its `serving` target (`efcm serve`).
+scripts/images.sh builds both. The registry is the
 one of manifests/; `pipelines/compile.py --image` overrides `IMAGE` at compile time, and the
 `serving_image` pipeline parameter overrides `SERVING_IMAGE` per run.
 """

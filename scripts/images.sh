@@ -162,6 +162,9 @@ for t in "${targets[@]}"; do
     results+=("{\"target\": \"$t\", \"image\": \"$image\", \"bytes\": $bytes, \"build_s\": $seconds}")
 done
 
+# Images these tags no longer name (an older build) go; the layer cache stays.
+"$engine" image prune -f >/dev/null 2>&1 || true
+
 if [ -n "$json_out" ]; then
     joined=$(IFS=,; echo "${results[*]}")
     printf '{"engine": "%s", "base": "%s", "stand_in_base": %s, "images": [%s]}\n' \

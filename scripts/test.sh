@@ -13,4 +13,11 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
         exit 1
     }
 fi
+# Both images (scripts/images.sh: podman or docker; podman, runc and debootstrap are installed in CI
+# as root; the stand-in base where no registry answers). The container tests (tests/container) build
+# them themselves when needed; building here first puts the sizes and build times in the log. The
+# layers are cached between runs on one machine.
+if [ $# -eq 0 ]; then
+    bash scripts/images.sh --local-base-if-offline
+fi
 exec python -m pytest "$@"

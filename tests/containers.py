@@ -52,7 +52,8 @@ def cli(*args: str, timeout: float = 120, check: bool = True) -> subprocess.Comp
         [engine(), *args], capture_output=True, text=True, timeout=timeout, env=engine_env()
     )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{engine()} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+        command = " ".join([engine(), *args])
+        raise RuntimeError(f"{command} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
 
 
@@ -69,7 +70,8 @@ def build_images(log: Path) -> dict:
             timeout=1800,
         )
     if proc.returncode != 0:
-        raise RuntimeError(f"scripts/images.sh failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"scripts/images.sh failed ({proc.returncode}):\n{tail}")
     return json.loads(record.read_text())
 
 

@@ -90,8 +90,7 @@ def docker_runner_on_podman(docker_host: str) -> Iterator[list[ContainerRun]]:
     without auto-removal, `wait()` returns the real exit code, and the container is removed after
     it. The record of each run is what the test checks: which image ran which task, as whom.
     """
-    import docker
-    from docker.models.containers import ContainerCollection
+    import docker  # docker-py (its package imports docker.models)
 
     runs: list[ContainerRun] = []
 
@@ -117,7 +116,7 @@ def docker_runner_on_podman(docker_host: str) -> Iterator[list[ContainerRun]]:
             self._c.remove(force=True)
             return result
 
-    class _Containers(ContainerCollection):
+    class _Containers(docker.models.containers.ContainerCollection):
         def run(self, image, command=None, stdout=True, stderr=False, remove=False, **kwargs):
             kwargs["auto_remove"] = False
             container = super().run(image, command, stdout, stderr, remove, **kwargs)

@@ -1,5 +1,5 @@
-"""Both images, built by scripts/images.sh once per session (a layer-cache hit when the README's test
-command built them just before)."""
+"""Both images, built by scripts/images.sh once per session (a layer-cache hit when the README's
+test command built them just before)."""
 
 from __future__ import annotations
 

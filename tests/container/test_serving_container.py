@@ -144,7 +144,8 @@ def mounts(tmp_path_factory, demo_package) -> tuple[Path, Path]:
     package = base / "package"
     shutil.copytree(demo_package, package)
     slides = base / "slides"
-    write_slide(slides / "tumour.tif", SlideSpec(1536, 1536, mpp=0.5, levels=2, tumour=True, seed=3))
+    spec = SlideSpec(1536, 1536, mpp=0.5, levels=2, tumour=True, seed=3)
+    write_slide(slides / "tumour.tif", spec)
     if CMU.exists():
         shutil.copy2(CMU, slides / CMU.name)
     _readable(base)

@@ -354,7 +354,7 @@ def inference_service(
         namespace: Kubernetes namespace.
         storage_uri: the exported package (gs://, s3://, pvc://...), given to the container as
             `STORAGE_URI` and downloaded by KServe to /mnt/models.
-        image: the serving image (docker/Dockerfile.serving), with an explicit tag.
+        image: the serving image (docker/Dockerfile, target `serving`), with an explicit tag.
         gpu: request one `nvidia.com/gpu` and schedule on GPU nodes.
         deployment_mode: `Standard` (default, see the module docstring) or `Knative`.
         service_account: the predictor's service account (one that may read the package bucket,

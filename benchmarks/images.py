@@ -1,0 +1,229 @@
+"""Benchmark of the images: sizes, build times (cold, cached, after a source change), and the
+serving container's time from start to ready against `efcm serve` on the host, in one run.
+
+  sizes     each image's size, and the bytes the two share (their common layers: the base and the
+            dependency layer), from the engine's own records
+  build     `scripts/images.sh --no-cache` (every layer rebuilt, packages downloaded again; the
+            base is kept), then `scripts/images.sh` again with nothing changed (the layer cache),
+            then a copy of the build context with one line added to src/efcm/__init__.py (only the
+            package layers rebuild), seconds per image
+  ready     `--repeats` times each, alternating: the serving image started read-only as uid 10001
+            with the package mounted at /mnt/models, and `efcm serve PACKAGE` on the host, each
+            timed from the start command to the first 200 of /v2/health/ready; medians and their
+            ratio (container / host)
+
+The package is the demo's (`runs/package`, from ./scripts/demo.sh) unless `--package` names one.
+Absolute times mean little on a shared 2-core CPU; the ratios are the point. Prints one JSON object.
+Usage: python benchmarks/images.py [--package DIR] [--repeats N] [--skip-cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.containers: the engine as scripts/images.sh picks it
+from tests import containers  # noqa: E402
+
+
+def images_sh(context: Path, *args: str) -> dict:
+    """scripts/images.sh of `context` with `args`; its JSON record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "images.json"
+        proc = subprocess.run(
+            [
+                "bash",
+                str(context / "scripts" / "images.sh"),
+                "--local-base-if-offline",
+                "--json",
+                str(record),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            sys.exit(f"images.sh failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        return json.loads(record.read_text())
+
+
+def build_seconds(record: dict) -> dict[str, float]:
+    return {i["target"]: i["build_s"] for i in record["images"]}
+
+
+def history(image: str) -> list[tuple[str, str, int]]:
+    """(step id, command, bytes) of each build step of `image`, oldest first (podman's JSON)."""
+    steps = json.loads(containers.cli("history", "--format", "json", image).stdout)
+    return [(s["id"], s.get("CreatedBy", ""), int(s["size"])) for s in reversed(steps)]
+
+
+def shared_bytes(a: str, b: str) -> int | None:
+    """Bytes of the build steps `a` and `b` have in common (the base and the dependency layer):
+    stored, pushed and pulled once for both. None where the engine's history is not podman's."""
+    try:
+        ha, hb = history(a), history(b)
+    except (KeyError, TypeError, ValueError):
+        return None
+    common = 0
+    for x, y in zip(ha, hb, strict=False):
+        if x != y:
+            break
+        common += x[2]
+    return common
+
+
+def source_change_build(tag: str) -> dict[str, float]:
+    """The images built from a copy of the build context with one source line added."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Path(tmp)
+        for name in ("pyproject.toml", "constraints.txt", "README.md", ".dockerignore"):
+            shutil.copy2(ROOT / name, ctx / name)
+        for name in ("src", "docker", "scripts"):
+            shutil.copytree(ROOT / name, ctx / name, ignore=shutil.ignore_patterns("__pycache__"))
+        init = ctx / "src" / "efcm" / "__init__.py"
+        init.write_text(init.read_text() + f"# benchmark {time.time()}\n")
+        record = images_sh(ctx, "--tag", tag)
+    for i in record["images"]:
+        containers.cli("rmi", i["image"], check=False)
+    return build_seconds(record)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _poll_ready(url: str, alive, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            sys.exit(f"the server behind {url} stopped before it was ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    sys.exit(f"{url} not ready after {timeout} s")
+
+
+def container_ready_s(image: str, package: Path) -> float:
+    port = _free_port()
+    name = f"efcm-bench-{os.getpid()}-{port}"
+    start = time.monotonic()
+    containers.cli(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--read-only",
+        "--user",
+        "10001:10001",
+        "-v",
+        f"{package}:/mnt/models:ro",
+        "-p",
+        f"127.0.0.1:{port}:8080",
+        image,
+    )
+    try:
+        _poll_ready(f"http://127.0.0.1:{port}/v2/health/ready", lambda: True)
+        return time.monotonic() - start
+    finally:
+        containers.cli("rm", "-f", name, check=False)
+
+
+def host_ready_s(package: Path) -> float:
+    http, grpc = _free_port(), _free_port()
+    efcm = Path(sys.executable).with_name("efcm")
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            str(efcm),
+            "serve",
+            str(package),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--model-name",
+            "efcm",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _poll_ready(f"http://127.0.0.1:{http}/v2/health/ready", lambda: proc.poll() is None)
+        return time.monotonic() - start
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def readable_copy(package: Path, tmp: Path) -> Path:
+    """The package copied world-readable (the container's user is 10001)."""
+    out = tmp / "package"
+    shutil.copytree(package, out)
+    for p in [tmp, out, *out.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--package", type=Path, default=ROOT / "runs" / "package")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-cold", action="store_true", help="no --no-cache build")
+    args = ap.parse_args()
+    if not (args.package / "model.json").is_file():
+        sys.exit(f"no package at {args.package}: run ./scripts/demo.sh first, or pass --package")
+
+    cpu = platform.processor() or platform.machine()
+    out: dict = {"machine": {"cpus": os.cpu_count(), "cpu": cpu}}
+    if not args.skip_cold:
+        cold = images_sh(ROOT, "--no-cache")
+        out["build_cold_s"] = build_seconds(cold)
+    cached = images_sh(ROOT)
+    out["engine"], out["base"], out["stand_in_base"] = (
+        cached["engine"],
+        cached["base"],
+        cached["stand_in_base"],
+    )
+    out["build_cached_s"] = build_seconds(cached)
+    out["build_after_source_change_s"] = source_change_build("bench-source-change")
+    tags = {i["target"]: i["image"] for i in cached["images"]}
+    out["bytes"] = {i["target"]: i["bytes"] for i in cached["images"]}
+    out["bytes"]["shared"] = shared_bytes(tags["serving"], tags["component"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        package = readable_copy(args.package, Path(tmp))
+        runs: dict[str, list[float]] = {"container": [], "host": []}
+        for _ in range(args.repeats):
+            runs["container"].append(container_ready_s(tags["serving"], package))
+            runs["host"].append(host_ready_s(package))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    out["ready_s"] = {
+        "container_median": round(med["container"], 2),
+        "host_median": round(med["host"], 2),
+        "container_runs": [round(x, 2) for x in runs["container"]],
+        "host_runs": [round(x, 2) for x in runs["host"]],
+        "ratio_container_over_host": round(med["container"] / med["host"], 2),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
