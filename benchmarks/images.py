@@ -3,8 +3,9 @@ serving container's time from start to ready against `efcm serve` on the host, i
 
   sizes     each image's size, and the bytes the two share (their common layers: the base and the
             dependency layer), from the engine's own records
-  build     `scripts/images.sh --no-cache` (every layer rebuilt, packages downloaded again; the
-            base is kept), then `scripts/images.sh` again with nothing changed (the layer cache),
+  build     `scripts/images.sh --no-cache` (every layer rebuilt once, packages downloaded again,
+            the component image on the shared stage the serving build has just made; the base is
+            kept), then `scripts/images.sh` again with nothing changed (the layer cache),
             then a copy of the build context with one line added to src/efcm/__init__.py (only the
             package layers rebuild), seconds per image
   ready     `--repeats` times each, alternating: the serving image started read-only as uid 10001

@@ -13,7 +13,7 @@
 #     --target T              serving, component or all (default)
 #     --ca-bundle FILE        a CA bundle pip trusts during the build (a build secret, never in a
 #                             layer); default: $EFCM_BUILD_CA_BUNDLE, else $PIP_CERT, else none
-#     --no-cache              rebuild every layer
+#     --no-cache              rebuild every layer (once: the second image reuses the shared ones)
 #     --json FILE             also write what was built (tags, sizes, seconds) as JSON to FILE
 #
 # The dependency layer is rebuilt only when pyproject.toml or constraints.txt change. With podman, the
@@ -159,6 +159,7 @@ for t in "${targets[@]}"; do
         "$start" "$(date +%s.%N)")
     bytes=$(image_bytes "$image")
     printf 'images.sh: %s  %s MB  built in %s s\n' "$image" "$((bytes / 1000000))" "$seconds"
+    no_cache=()  # the next target reuses the shared stages this build has just made
     results+=("{\"target\": \"$t\", \"image\": \"$image\", \"bytes\": $bytes, \"build_s\": $seconds}")
 done
 

@@ -9,6 +9,7 @@ this repository, never the machine's /etc.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ IMAGES_SH = ROOT / "scripts" / "images.sh"
 PODMAN_CONF = ROOT / "docker" / "podman-containers.conf"
 
 
+@functools.cache
 def engine() -> str:
     """The engine `scripts/images.sh` picks: EFCM_CONTAINER_ENGINE, else docker if its engine
     answers, else podman."""
