@@ -87,6 +87,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -832,6 +833,7 @@ class Runner:
         self.current: str | None = None
         self.device = torch.device(result["device"])
         self.timer: threading.Timer | None = None
+        self.work: Path | None = None  # removed by the watchdog (os._exit skips its cleanup)
 
     def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         spent = time.perf_counter() - self.t0
@@ -904,6 +906,8 @@ class Runner:
                 text = self._finish(f"killed at the hard limit while running {name}")
                 self._write(text)
             print(text, flush=True)
+            if self.work is not None:
+                shutil.rmtree(self.work, ignore_errors=True)
             os._exit(3)
 
         self.timer = threading.Timer(max(0.0, limit_s - (time.perf_counter() - self.t0)), fire)
@@ -954,6 +958,7 @@ def main() -> None:
         result["environment"] = {"error": f"{type(err).__name__}: {err}"}
     with tempfile.TemporaryDirectory(prefix="efcm-device-check-") as tmp:
         ctx = Context(device, sizes, Path(tmp))
+        runner.work = ctx.work
         sections: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("extraction_teacher", lambda: extraction(ctx, "teacher")),
             ("extraction_student", lambda: extraction(ctx, "student")),
