@@ -102,6 +102,7 @@ import numpy as np
 import openslide
 import timm
 import torch
+from _timing import model_only, sync
 from torch import nn
 from torch.utils.data import Subset
 
@@ -117,7 +118,7 @@ from efcm.config import (
     PatchParams,
     TrainMilParams,
 )
-from efcm.features import embed_batches, extract_slide
+from efcm.features import extract_slide
 from efcm.inference import predict_slide
 from efcm.models.encoders import EncoderWithTransform, build_backbone, create_timm, feature_dim
 from efcm.models.package import load_package
@@ -258,11 +259,6 @@ def _r(x: float, digits: int = 3) -> float:
     return round(float(x), digits)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -378,32 +374,13 @@ def _encoder(ctx: Context, which: str) -> tuple[nn.Module, EncoderParams]:
     return model.to(ctx.device).eval(), spec
 
 
-def _model_only(model: nn.Module, x: torch.Tensor, seconds: float, warmup: int) -> float:
-    """Patches/s of `embed_batches` fed the device-resident batch `x` over and over."""
-    embed_batches(model, [x] * warmup)
-    _sync(x.device)
-    n = 0
-
-    def batches():
-        nonlocal n
-        t0 = time.perf_counter()
-        while n == 0 or time.perf_counter() - t0 < seconds:
-            n += len(x)
-            yield x  # embed_batches keeps outputs on the device; its final .cpu() synchronises
-
-    t0 = time.perf_counter()
-    embed_batches(model, batches())
-    _sync(x.device)
-    return n / (time.perf_counter() - t0)
-
-
 def _engine(model: nn.Module, slide: Path, coords: CoordsFile, batch: int, workers: int) -> float:
     """Patches/s of `extract_slide` over every patch of `coords` (worker start-up included)."""
     patches = SlidePatches(str(slide), coords)
     try:
         t0 = time.perf_counter()
         feats = extract_slide(model, patches, ExtractParams(batch_size=batch, num_workers=workers))
-        _sync(next(model.parameters()).device)
+        sync(next(model.parameters()).device)
         seconds = time.perf_counter() - t0
     finally:
         patches.close()
@@ -421,8 +398,7 @@ def extraction(ctx: Context, which: str) -> dict[str, Any]:
     x = torch.randint(0, 256, (s.extract_batch, size, size, 3), generator=gen, dtype=torch.uint8)
     x = x.to(dev)
     _reset_peak(dev)
-    model_rate = _model_only(model, x, s.model_seconds, s.warmup_batches)
-    peak_model = _peak_mb(dev)
+    model_rate, peak_model = model_only(model, x, s.model_seconds, s.warmup_batches)
     engine_rate = _engine(
         model, slide, _tiled(coords, s.engine_patches), s.extract_batch, s.engine_workers
     )
@@ -528,7 +504,7 @@ def distill(ctx: Context, method: str) -> dict[str, Any]:
         _reset_peak(dev)
         t0 = time.perf_counter()
         loss = _train_epoch(model, timed, optim, cfg, SEED, 1, dev)
-        _sync(dev)
+        sync(dev)
         seconds = time.perf_counter() - t0
     finally:
         patches.close()
@@ -596,7 +572,7 @@ def etc(ctx: Context) -> dict[str, Any]:
         _reset_peak(dev)
         t0 = time.perf_counter()
         train_etc_fold(student, ctx.student, slides, topk, labels, ids[1:], params, SEED, dev)
-        _sync(dev)
+        sync(dev)
         seconds = time.perf_counter() - t0
     finally:
         patches.close()

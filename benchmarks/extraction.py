@@ -38,10 +38,11 @@ from typing import Any
 import numpy as np
 import openslide
 import torch
+from _timing import model_only, sync
 
 from efcm.config import EncoderParams, ExtractParams, PatchParams
 from efcm.evaluation.efficiency import count_params, gflops_per_patch
-from efcm.features import embed_batches, extract_slide
+from efcm.features import extract_slide
 from efcm.models.encoders import EncoderWithTransform, build_backbone
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
@@ -107,39 +108,6 @@ def _slide(tmp: Path, force_synthetic: bool) -> tuple[Path, CoordsFile, str]:
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _model_only(
-    model: torch.nn.Module, x: torch.Tensor, seconds: float, warmup: int
-) -> tuple[float, float | None]:
-    """(patches/s, peak CUDA memory MB or None): `x` fed through embed_batches repeatedly."""
-    device = x.device
-    embed_batches(model, [x] * warmup)
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    n = 0
-
-    def batches():
-        nonlocal n
-        t0 = time.perf_counter()
-        while n == 0 or time.perf_counter() - t0 < seconds:
-            n += len(x)
-            yield x  # embed_batches copies each output to the CPU: every step is synchronised
-
-    t0 = time.perf_counter()
-    embed_batches(model, batches())
-    _sync(device)
-    rate = n / (time.perf_counter() - t0)
-    peak = None
-    if device.type == "cuda":
-        peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return rate, peak
-
-
 def _engine(
     model: torch.nn.Module,
     patches: SlidePatches,
@@ -150,7 +118,7 @@ def _engine(
     params = ExtractParams(batch_size=batch_size, num_workers=workers)
     t0 = time.perf_counter()
     feats = extract_slide(model, patches, params)
-    _sync(next(model.parameters()).device)
+    sync(next(model.parameters()).device)
     seconds = time.perf_counter() - t0
     if feats.shape[0] != len(patches) or not np.isfinite(feats).all():
         raise SystemExit(f"engine returned {feats.shape} features for {len(patches)} patches")
@@ -173,7 +141,7 @@ def _bench_model(
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (b, coords.patch_size, coords.patch_size, 3), generator=gen)
     x = x.to(torch.uint8).to(device)
-    model_rate, peak = _model_only(model, x, args.seconds, args.warmup)
+    model_rate, peak = model_only(model, x, args.seconds, args.warmup)
     if args.patches:
         n = args.patches
     else:  # about `seconds` of engine time at the model's rate, at least `min_batches` batches

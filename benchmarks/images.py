@@ -37,7 +37,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.containers: the engine as scripts/images.sh picks it
-from tests import containers  # noqa: E402
+from tests import containers, processes  # noqa: E402
 
 
 def images_sh(context: Path, *args: str) -> dict:
@@ -170,8 +170,7 @@ def host_ready_s(package: Path) -> float:
         _poll_ready(f"http://127.0.0.1:{http}/v2/health/ready", lambda: proc.poll() is None)
         return time.monotonic() - start
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        processes.stop(proc, timeout=30)
 
 
 def readable_copy(package: Path, tmp: Path) -> Path:

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _timing import sync
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_MB = 4096
@@ -55,11 +56,6 @@ LIMIT_MB = 4096
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _peak_mb(dev: torch.device) -> float:
@@ -92,11 +88,11 @@ def _clam_worker(job: dict[str, Any]) -> dict[str, Any]:
     step(1)  # warm-up
     epochs = []
     for _ in range(job["repeats"]):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for i in range(bags):
             step(i % 2)
-        _sync(dev)
+        sync(dev)
         epochs.append(time.perf_counter() - t0)
     dt = min(epochs)
     peak = _peak_mb(dev)
@@ -142,10 +138,10 @@ def _etc_worker(job: dict[str, Any]) -> dict[str, Any]:
     spec = params.student
     stage = for_stage(params, "strategy")  # what the strategy stage may read
     train_etc_fold(student, spec, slides, topk, labels, ids[:1], stage, 0, dev)  # warm-up bag
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     train_etc_fold(student, spec, slides, topk, labels, ids[1:], stage, 0, dev)
-    _sync(dev)
+    sync(dev)
     dt = time.perf_counter() - t0
     peak = _peak_mb(dev)
     return {

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+from tests import processes
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES_SH = ROOT / "scripts" / "images.sh"
 PODMAN_CONF = ROOT / "docker" / "podman-containers.conf"
@@ -168,10 +170,6 @@ def docker_api() -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        processes.stop(proc)
         log.close()
         shutil.rmtree(folder, ignore_errors=True)

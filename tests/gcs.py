@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tests import processes
+
 HOST = "127.0.0.1"
 PROJECT = "efcm-local"
 
@@ -83,13 +85,7 @@ def emulator(timeout: float = 30.0) -> Iterator[Emulator]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    processes.stop(proc, timeout=10)
     if proc.stderr:
         proc.stderr.close()
 

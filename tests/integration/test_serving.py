@@ -23,7 +23,7 @@ import pytest
 from efcm.config import params_from_dict
 from efcm.inference import predict_features
 from efcm.models.package import load_package
-from tests import packages
+from tests import packages, processes
 from tests.conftest import tiny_params_dict
 
 pytestmark = pytest.mark.integration
@@ -118,12 +118,7 @@ def serve_subprocess(
             time.sleep(0.2)
         yield Server(url, f"127.0.0.1:{grpc_port}", package, log, proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        processes.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,44 @@
+"""Timing helpers the benchmarks share (they run as scripts: `import _timing` finds this file)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it means something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_only(
+    model: torch.nn.Module, x: torch.Tensor, seconds: float, warmup: int
+) -> tuple[float, float | None]:
+    """(patches/s, peak CUDA memory MB or None): the device-resident batch `x` fed through
+    `embed_batches` over and over for about `seconds`, after `warmup` batches."""
+    from efcm.features import embed_batches  # here: mil.py measures its RSS without efcm loaded
+
+    device = x.device
+    embed_batches(model, [x] * warmup)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n = 0
+
+    def batches():
+        nonlocal n
+        t0 = time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            n += len(x)
+            yield x  # embed_batches copies each output to the CPU: every step is synchronised
+
+    t0 = time.perf_counter()
+    embed_batches(model, batches())
+    sync(device)
+    rate = n / (time.perf_counter() - t0)
+    peak = None
+    if device.type == "cuda":
+        peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return rate, peak
