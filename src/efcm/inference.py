@@ -1,5 +1,5 @@
 """Inference with an exported package: features -> CLAM; patch pixels -> student -> CLAM; or a
-whole slide -> patches -> student -> CLAM (+ heatmap).
+whole slide -> patches -> student -> CLAM (+ heatmap PNG, + attention GeoJSON).
 
 One code path for `efcm predict` and the KServe predictor. The limits a server sets
 (`efcm.limits.ServingLimits`) are arguments here: a bag over `max_patches` or a slide over
@@ -29,8 +29,9 @@ import openslide
 import torch
 
 from efcm.config import PatchParams
-from efcm.errors import Deadline, InvalidSlide, InvalidTensor, TooLarge
-from efcm.evaluation.heatmap import encode_png, gallery, overlay
+from efcm.errors import Deadline, InvalidInput, InvalidSlide, InvalidTensor, TooLarge
+from efcm.evaluation import geojson
+from efcm.evaluation.heatmap import DEFAULT_SIZE, check_size, encode_png, gallery, render
 from efcm.features import embed_batches
 from efcm.io.cache import SlideCache, staged
 from efcm.models.package import Package
@@ -48,7 +49,8 @@ class Prediction:
     attention: np.ndarray  # (N,) float32, sums to 1
     label: str
     coords: np.ndarray | None = None  # (N, 2) int64 level-0 top-left, for slide input
-    heatmap_png: bytes | None = None
+    heatmap_png: bytes | None = None  # longest side: the requested heatmap size, legend included
+    heatmap_geojson: bytes | None = None  # JSON text: one QuPath tile per patch (evaluation.geojson)
     gallery_png: bytes | None = None  # the top-k and bottom-k attended patches
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step (slide input)
     downloaded_bytes: int = 0  # bytes staged from gs:// for this prediction
@@ -179,6 +181,8 @@ def predict_slide(
     batch_size: int = 64,
     read_workers: int = 2,
     heatmap: bool = False,
+    heatmap_size: int = DEFAULT_SIZE,
+    geojson_out: bool = False,
     gallery_k: int = 0,
     max_patches: int | None = None,
     max_slide_bytes: int | None = None,
@@ -186,13 +190,15 @@ def predict_slide(
     deadline: float | None = None,
 ) -> Prediction:
     """Patch the slide with the packaged settings, embed every patch with the student, run CLAM;
-    with `heatmap`, the attention overlay PNG; with `gallery_k`, a PNG of the k most and least
-    attended patches.
+    with `heatmap`, the attention overlay PNG, `heatmap_size` px on its longest side, with a
+    colour legend (`efcm.evaluation.heatmap.render`); with `geojson_out`, the attention as
+    GeoJSON tiles QuPath opens (`efcm.evaluation.geojson.tiles`); with `gallery_k`, a PNG of the
+    k most and least attended patches.
 
     `uri` is a local path or gs:// (staged into `cache`, held there while it is used and kept to
     its size cap; see `efcm.io.cache.SlideCache.staged`).
     `Prediction.timings` has the seconds of each step: download, patching (mpp, tissue, grid),
-    features (reading + student), clam, heatmap (and gallery).
+    features (reading + student), clam, heatmap, geojson, gallery (those asked for).
 
     Raises:
         InvalidSlide: no such slide (status `missing`), an I/O error reading it or
@@ -200,7 +206,12 @@ def predict_slide(
             no tissue (`no_tissue`), too coarse. A client error: the caller named that slide.
         TooLarge: over `max_slide_bytes` or `max_patches`.
         Deadline: still running at `deadline`.
+        InvalidInput: `heatmap_size` out of range (checked before the slide is read).
     """
+    try:
+        heatmap_size = check_size(heatmap_size, "heatmap_size")
+    except ValueError as err:
+        raise InvalidInput(str(err)) from None
     uri = str(uri)
     params = PatchParams.model_validate(pkg.meta["patch"])
     timings: dict[str, float] = {}
@@ -224,8 +235,7 @@ def predict_slide(
                 mpp,
                 batch_size,
                 read_workers,
-                heatmap,
-                gallery_k,
+                _Outputs(heatmap, heatmap_size, geojson_out, gallery_k),
                 max_patches,
                 deadline,
                 lap,
@@ -245,6 +255,16 @@ def predict_slide(
     return pred
 
 
+@dataclass(frozen=True)
+class _Outputs:
+    """The optional outputs a slide prediction was asked for."""
+
+    heatmap: bool
+    heatmap_size: int
+    geojson: bool
+    gallery_k: int
+
+
 def _predict_local(
     pkg: Package,
     uri: str,
@@ -253,8 +273,7 @@ def _predict_local(
     mpp: float | None,
     batch_size: int,
     read_workers: int,
-    heatmap: bool,
-    gallery_k: int,
+    outputs: _Outputs,
     max_patches: int | None,
     deadline: float | None,
     lap,
@@ -288,13 +307,20 @@ def _predict_local(
         pred = predict_features(pkg, feats)
         lap("clam")
         pred.coords = plan.coords
-        if heatmap:
+        if outputs.heatmap:
+            # the readers are done: their shared handle reads the heatmap's pyramid level
             pred.heatmap_png = encode_png(
-                overlay(plan.thumbnail, plan.mask.scale, plan.coords, g.size0, pred.attention)
+                render(patches.slide, plan.coords, g.size0, pred.attention, outputs.heatmap_size)
             )
             lap("heatmap")
-        if gallery_k:
-            pred.gallery_png = encode_png(gallery(patches.read, pred.attention, gallery_k))
+        if outputs.geojson:
+            dims = patches.slide.dimensions
+            pred.heatmap_geojson = geojson.encode(
+                geojson.tiles(plan.coords, g.size0, pred.attention, dims)
+            )
+            lap("geojson")
+        if outputs.gallery_k:
+            pred.gallery_png = encode_png(gallery(patches.read, pred.attention, outputs.gallery_k))
             lap("gallery")
     except InvalidSlide as err:  # the handle the readers open lazily
         raise _as_sent(err, path, uri) from None
