@@ -30,6 +30,18 @@ def _params(args: argparse.Namespace) -> Params:
     return for_stage(load_params(args.params), args.command.replace("-", "_"))
 
 
+def _heatmap_size(text: str) -> int:
+    """argparse type of --heatmap-size (argparse names the option in its error)."""
+    from efcm.evaluation.heatmap import MAX_SIZE, MIN_SIZE, check_size
+
+    try:
+        return check_size(int(text), "the heatmap size")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {text!r}"
+        ) from None
+
+
 def _cache() -> SlideCache:
     """Where gs:// slides and weights are staged: EFCM_CACHE_DIR, EFCM_CACHE_MAX_BYTES."""
     return SlideCache.from_env()
@@ -145,11 +157,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
         args.slide,
         mpp=args.mpp,
         heatmap=bool(args.heatmap),
+        heatmap_size=args.heatmap_size,
+        geojson_out=bool(args.geojson),
         gallery_k=args.gallery_k if args.gallery else 0,
         cache=_cache(),
     )
     if args.heatmap:
         Path(args.heatmap).write_bytes(pred.heatmap_png)
+    if args.geojson:
+        Path(args.geojson).write_bytes(pred.heatmap_geojson)
     if args.gallery:
         Path(args.gallery).write_bytes(pred.gallery_png)
     print(
@@ -285,7 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict, "predict one slide with a package; prints JSON")
     p.add_argument("package")
     p.add_argument("slide")
-    p.add_argument("--heatmap", metavar="OUT.png", help="also write the attention heatmap")
+    p.add_argument(
+        "--heatmap", metavar="OUT.png", help="also write the attention heatmap (with its legend)"
+    )
+    p.add_argument(
+        "--heatmap-size",
+        type=_heatmap_size,
+        default=1024,
+        metavar="PX",
+        help="the heatmap's longest side in px, 64 .. 8192 (1024)",
+    )
+    p.add_argument(
+        "--geojson",
+        metavar="OUT.geojson",
+        help="also write the attention as GeoJSON tiles (one per patch) that QuPath opens",
+    )
     p.add_argument("--gallery", metavar="OUT.png", help="also write the top/bottom patch gallery")
     p.add_argument("--gallery-k", type=int, default=8, help="patches per gallery row (8)")
     p.add_argument("--mpp", type=float, help="override the slide's mpp")

@@ -50,7 +50,7 @@ class Prediction:
     label: str
     coords: np.ndarray | None = None  # (N, 2) int64 level-0 top-left, for slide input
     heatmap_png: bytes | None = None  # longest side: the requested heatmap size, legend included
-    heatmap_geojson: bytes | None = None  # JSON text: one QuPath tile per patch (evaluation.geojson)
+    heatmap_geojson: bytes | None = None  # JSON text: a QuPath tile per patch (evaluation.geojson)
     gallery_png: bytes | None = None  # the top-k and bottom-k attended patches
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step (slide input)
     downloaded_bytes: int = 0  # bytes staged from gs:// for this prediction

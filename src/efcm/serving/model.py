@@ -157,6 +157,7 @@ class EFCMModel(kserve.Model):
             {"name": rq.ATTENTION, "datatype": "FP32", "shape": [-1]},
             {"name": rq.COORDS, "datatype": "INT64", "shape": [-1, 2]},
             {"name": rq.HEATMAP_PNG, "datatype": "BYTES", "shape": [1]},
+            {"name": rq.HEATMAP_GEOJSON, "datatype": "BYTES", "shape": [1]},
         ]
 
     # -- a request -------------------------------------------------------------------------------
@@ -250,6 +251,8 @@ class EFCMModel(kserve.Model):
                 self.slide_access.check(bag.uri),
                 mpp=bag.mpp,
                 heatmap=bag.heatmap,
+                heatmap_size=bag.heatmap_size,
+                geojson_out=bag.geojson,
                 read_workers=self.read_workers,
                 max_patches=lim.max_patches,
                 max_slide_bytes=lim.max_slide_bytes,
@@ -287,6 +290,10 @@ class EFCMModel(kserve.Model):
                 else base64.b64encode(pred.heatmap_png).decode("ascii")
             )
             outputs.append(kserve.InferOutput(rq.HEATMAP_PNG, [1], "BYTES", data=[png]))
+        if pred.heatmap_geojson is not None:
+            # JSON text: UTF-8 bytes over gRPC, a string over REST
+            text = pred.heatmap_geojson if req.from_grpc else pred.heatmap_geojson.decode("utf-8")
+            outputs.append(kserve.InferOutput(rq.HEATMAP_GEOJSON, [1], "BYTES", data=[text]))
         parameters: dict[str, Any] = {"label": pred.label, "n_patches": len(pred.attention)}
         if pred.timings:
             parameters["timings"] = json.dumps(pred.timings)
@@ -312,6 +319,8 @@ def _v1_prediction(pkg: Package, pred: Prediction) -> dict[str, Any]:
         out["coords"] = pred.coords.tolist()
     if pred.heatmap_png is not None:
         out["heatmap_png"] = base64.b64encode(pred.heatmap_png).decode("ascii")
+    if pred.heatmap_geojson is not None:  # the GeoJSON object itself: v1 answers JSON
+        out["heatmap_geojson"] = json.loads(pred.heatmap_geojson)
     if pred.timings:
         out["timings"] = pred.timings
         out["downloaded_bytes"] = pred.downloaded_bytes

@@ -5,12 +5,13 @@ v2 (Open Inference Protocol), one bag per request, exactly one of
   input `patches`: UINT8 [N, S, S, 3], patch pixels (S = the packaged patch size) the student
   embeds, or
   input `slide_uri`: BYTES [1], a slide the server patches and embeds itself (the request
-  parameter `mpp` overrides the slide's mpp, `heatmap: true` adds the heatmap PNG); only where the
-  access policy allows it.
+  parameter `mpp` overrides the slide's mpp, `heatmap: true` adds the heatmap PNG, `heatmap_size`
+  its longest side in px (64 .. 8192, default 1024), `geojson: true` the attention as GeoJSON
+  tiles QuPath opens); only where the access policy allows it.
 v1, one bag per instance, at most `MAX_V1_INSTANCES` (16) instances (the model answers 413 past
 it), all under one time budget:
-  {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5, "heatmap": true},
-   [[...], ...]]}
+  {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5, "heatmap": true,
+   "heatmap_size": 2048, "geojson": true}, [[...], ...]]}
 
 Everything malformed is a client error (HTTP 400, `efcm.serving.errors.STATUS`) with a message
 naming the expected input: `InvalidTensor` for a tensor that cannot be one (wrong datatype, ragged,
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from efcm.errors import InvalidInput, InvalidTensor
+from efcm.evaluation.heatmap import DEFAULT_SIZE, check_size
 
 FEATURES = "features"
 SLIDE_URI = "slide_uri"
@@ -36,6 +38,9 @@ ATTENTION = "attention"
 COORDS = "coords"
 LABEL = "label"
 HEATMAP_PNG = "heatmap_png"
+HEATMAP_GEOJSON = "heatmap_geojson"
+HEATMAP_SIZE = "heatmap_size"
+GEOJSON = "geojson"
 PATCHES = "patches"
 FEATURE_DATATYPES = ("FP32", "FP16")
 MAX_V1_INSTANCES = 16  # bags in one v1 request; each is also under EFCM_MAX_PATCHES
@@ -57,6 +62,8 @@ class SlideBag:
     uri: str
     mpp: float | None = None
     heatmap: bool = False
+    heatmap_size: int = DEFAULT_SIZE
+    geojson: bool = False
 
 
 Bag = FeaturesBag | PatchesBag | SlideBag
@@ -92,6 +99,29 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     raise InvalidInput(f"parameter '{name}' must be true or false, got {value!r}")
+
+
+def _size(value: Any) -> int:
+    if value is None:
+        return DEFAULT_SIZE
+    # JSON has one number type: 1024.0 is 1024 px; REST parameters may also arrive as text
+    whole_float = isinstance(value, float) and value.is_integer()
+    if whole_float or (isinstance(value, str) and value.strip().isdigit()):
+        value = int(value)
+    try:
+        return check_size(value, f"parameter '{HEATMAP_SIZE}'")
+    except ValueError as err:
+        raise InvalidInput(str(err)) from None
+
+
+def _slide_bag(uri: str, params: dict[str, Any]) -> SlideBag:
+    return SlideBag(
+        uri,
+        _mpp(params.get("mpp")),
+        _flag(params.get("heatmap"), "heatmap"),
+        _size(params.get(HEATMAP_SIZE)),
+        _flag(params.get(GEOJSON), GEOJSON),
+    )
 
 
 def _uri(value: Any) -> str:
@@ -141,7 +171,7 @@ def v1_bags(body: Any, dim: int) -> list[Bag]:
             uri = inst[SLIDE_URI]
             if not isinstance(uri, str) or not uri:
                 raise InvalidInput(f"{SLIDE_URI} must be a non-empty string, got {uri!r}")
-            bags.append(SlideBag(uri, _mpp(inst.get("mpp")), _flag(inst.get("heatmap"), "heatmap")))
+            bags.append(_slide_bag(uri, inst))
         elif isinstance(inst, list):
             bags.append(FeaturesBag(_v1_features(inst, dim)))
         else:
@@ -195,10 +225,7 @@ def v2_bag(inputs: list[V2Input], parameters: dict[str, Any] | None, dim: int) -
             values = ()
         if len(values) != 1:
             raise InvalidInput(f"input '{SLIDE_URI}' must be BYTES of shape [1]")
-        params = parameters or {}
-        return SlideBag(
-            _uri(values[0]), _mpp(params.get("mpp")), _flag(params.get("heatmap"), "heatmap")
-        )
+        return _slide_bag(_uri(values[0]), parameters or {})
     raise InvalidInput(
         f"no input '{FEATURES}', '{PATCHES}' or '{SLIDE_URI}' (got {sorted(by_name)}); "
         + expected(dim)
