@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import h5py
 import numpy as np
+import openslide
 import pytest
 
 from efcm.config import PatchParams
-from efcm.evaluation.heatmap import gallery, overlay
+from efcm.evaluation import geojson
+from efcm.evaluation.heatmap import (
+    check_size,
+    colour_map,
+    gallery,
+    legend_height,
+    overlay,
+    render,
+)
 from efcm.evaluation.metrics import (
     confusion,
     localisation_auroc,
@@ -22,6 +32,7 @@ from efcm.slides.batch import patch_slide
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
 from efcm.slides.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
+from tests.geojson_check import check_attention_geojson
 
 P64 = PatchParams(target_mpp=1.0, patch_size=64, step=64)
 
@@ -175,3 +186,126 @@ def test_confusion_matrix_counts_true_rows_and_predicted_columns():
     assert confusion(np.zeros((0, 2)), np.zeros(0), 2) == [[0, 0], [0, 0]]
     with pytest.raises(ValueError, match=r"\[N, 3\]"):
         confusion(probs[:, :2], labels, 3)
+
+
+# -- the rendered heatmap (size, pyramid level, legend) and the GeoJSON ----------------------------
+
+LEVEL_COLOURS = ((200, 40, 40), (40, 200, 40), (40, 40, 200), (120, 120, 120))  # RGB per level
+
+
+def level_coloured_slide(path: Path, side: int, levels: int = 3, factor: int = 4) -> Path:
+    """A pyramidal TIFF whose level i is one flat colour, LEVEL_COLOURS[i]: the colour of a
+    heatmap's background says which level it was read from."""
+    import tifffile
+
+    tile = 256
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for level in range(levels):
+            n = side // factor**level
+            block = np.empty((tile, tile, 3), np.uint8)
+            block[:] = LEVEL_COLOURS[level]
+            count = (-(-n // tile)) ** 2
+            tif.write(
+                (block for _ in range(count)),
+                shape=(n, n, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=1 if level else 0,
+                resolution=(1e4 / (0.5 * factor**level),) * 2,
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    return path
+
+
+def background(img: np.ndarray, size: int) -> np.ndarray:
+    """The median colour of the slide area above the legend band (no patches drawn there)."""
+    band = legend_height(size)
+    return np.median(img[: img.shape[0] - band].reshape(-1, 3), axis=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "level"),
+    [(256, 2), (1024, 1), (2000, 0)],  # levels of 4096, 1024 and 256 px: not smaller than asked
+)
+def test_heatmap_reads_the_level_closest_to_its_size_not_smaller(tmp_path, size, level):
+    slide_path = level_coloured_slide(tmp_path / "levels.tif", 4096)
+    with openslide.OpenSlide(str(slide_path)) as slide:
+        assert slide.level_dimensions == ((4096, 4096), (1024, 1024), (256, 256))
+        img = render(slide, np.zeros((0, 2), np.int64), 256, np.zeros(0), size)
+    assert max(img.shape[:2]) == size
+    np.testing.assert_allclose(background(img, size), LEVEL_COLOURS[level], atol=3)
+
+
+def test_heatmap_of_a_big_slide_is_the_requested_size_with_patches_where_they_are(tmp_path):
+    # 16384 px, 4 levels down to 256: a 512 px heatmap reads level 2 (1024 px), never level 0
+    slide_path = level_coloured_slide(tmp_path / "big.tif", 16384, levels=4)
+    coords = np.array([[0, 0], [8192, 8192]])
+    with openslide.OpenSlide(str(slide_path)) as slide:
+        img = render(slide, coords, 4096, np.array([0.1, 0.9]), 512)
+    band = legend_height(512)
+    assert img.shape == (512, 512 - band, 3)  # a square slide drawn (512 - band) px square
+    np.testing.assert_allclose(background(img, 512), LEVEL_COLOURS[2], atol=3)
+    s = (512 - band) / 16384  # output px per level-0 px
+    low = img[int(2048 * s), int(2048 * s)]  # inside patch 0 (lowest attention)
+    high = img[int(10240 * s), int(10240 * s)]  # inside patch 1 (highest)
+    # each half-blended with its percentile's colour: 0 for the lowest, 1 for the highest
+    bg = np.asarray(LEVEL_COLOURS[2], float)
+    lo_c, hi_c = colour_map(np.array([0.0, 1.0])).astype(float)
+    np.testing.assert_allclose(low, (bg + lo_c) / 2, atol=4)
+    np.testing.assert_allclose(high, (bg + hi_c) / 2, atol=4)
+
+
+def test_heatmap_longest_side_is_the_requested_size_for_any_slide_shape(tmp_path):
+    for name, w, h in (("wide", 1536, 768), ("tall", 512, 1536)):
+        path = tmp_path / f"{name}.tif"
+        write_slide(path, SlideSpec(w, h, mpp=0.5, levels=2, seed=1))
+        with openslide.OpenSlide(str(path)) as slide:
+            for size in (64, 700, 2048):  # 2048: a slide smaller than the heatmap is scaled up
+                img = render(slide, np.array([[0, 0]]), 256, np.array([1.0]), size)
+                assert max(img.shape[:2]) == size, (name, size, img.shape)
+                if name == "tall":  # widened so the legend stays legible
+                    assert img.shape[1] >= min(size, 360)
+
+
+def test_heatmap_has_a_colour_legend_from_blue_to_red(tmp_path):
+    path = tmp_path / "s.tif"
+    write_slide(path, SlideSpec(1024, 1024, mpp=0.5, levels=2, seed=1))
+    with openslide.OpenSlide(str(path)) as slide:
+        img = render(slide, np.array([[0, 0], [512, 512]]), 256, np.array([0.2, 0.8]), 1024)
+    band = img[img.shape[0] - legend_height(1024) :]
+    jet = colour_map(np.array([0.0, 0.5, 1.0])).astype(int)
+    # the bar's colours, left to right: the lowest percentile's, the median's, the highest's
+    row = band[band.shape[0] // 4].astype(int)
+    dist = [np.abs(row - c).sum(axis=1) for c in jet]
+    xs = [int(np.argmin(d)) for d in dist]
+    assert all(d.min() <= 12 for d in dist), [int(d.min()) for d in dist]
+    assert xs[0] < xs[1] < xs[2] and xs[2] - xs[0] > band.shape[1] // 2
+    assert (band[band.shape[0] // 2 :] < 80).all(axis=2).any()  # the title's dark text
+    # the slide area above keeps the slide's own colours: no bar there
+    assert np.abs(img[: -legend_height(1024)].astype(int) - jet[0]).sum(axis=2).min() > 12
+
+
+@pytest.mark.parametrize("size", [63, 8193, 0, -5, 512.5, True, "1024"])
+def test_heatmap_size_out_of_range_is_refused_naming_it(size):
+    with pytest.raises(ValueError, match="heatmap_size must be"):
+        check_size(size, "heatmap_size")
+
+
+def test_geojson_is_one_closed_tile_per_patch_with_the_attention_as_measurements():
+    coords = np.array([[0, 0], [256, 0], [900, 700]])  # the last patch runs off the slide's edge
+    attention = np.array([0.2, 0.5, 0.3], np.float32)
+    doc = json.loads(geojson.encode(geojson.tiles(coords, 256, attention, (1000, 800))))
+    check_attention_geojson(doc, coords, 256, attention, (1000, 800))
+    assert doc["features"][2]["geometry"]["coordinates"][0][2] == [1000, 800]  # clipped
+    pct = [f["properties"]["measurements"]["attention percentile"] for f in doc["features"]]
+    assert pct == [0.0, 100.0, 50.0]
+
+
+def test_geojson_refuses_mismatched_or_outside_patches():
+    with pytest.raises(ValueError, match="2 coords but 1 attention"):
+        geojson.tiles(np.zeros((2, 2)), 256, np.ones(1), (100, 100))
+    with pytest.raises(ValueError, match="patch 0 at \\(100, 0\\) lies outside the 100 x 100"):
+        geojson.tiles(np.array([[100, 0]]), 256, np.ones(1), (100, 100))

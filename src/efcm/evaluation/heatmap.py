@@ -45,6 +45,8 @@ def percentile_ranks(scores: np.ndarray) -> np.ndarray:
 def colour_map(ranks: np.ndarray) -> np.ndarray:
     """(N, 3) uint8 RGB: the jet colour of each rank in [0, 1] (0 dark blue .. 1 dark red)."""
     levels = (np.clip(np.asarray(ranks, np.float64), 0, 1) * 255).astype(np.uint8)
+    if levels.size == 0:  # OpenCV returns None for an empty image
+        return np.zeros((0, 3), np.uint8)
     return cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_JET).reshape(-1, 3)[:, ::-1]
 
 
