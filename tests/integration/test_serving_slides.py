@@ -30,6 +30,7 @@ from efcm.slides.reader import open_slide
 from efcm.slides.synthetic import SlideSpec, write_slide
 from tests import gcs
 from tests.conftest import SHARED_DATA
+from tests.geojson_check import check_attention_geojson
 from tests.integration.test_serving import (
     MODEL,
     Server,
@@ -131,9 +132,9 @@ def _png(data) -> np.ndarray:
     return img
 
 
-def efcm_predict(package: Path, slide: Path) -> dict:
+def efcm_predict(package: Path, slide: Path, *options: str) -> dict:
     proc = subprocess.run(
-        [*_efcm_cmd(), "predict", str(package), str(slide)],
+        [*_efcm_cmd(), "predict", str(package), str(slide), *options],
         capture_output=True,
         text=True,
         timeout=300,
@@ -154,29 +155,55 @@ def _check_slide_prediction(out: dict[str, np.ndarray]) -> None:
 
 def test_synthetic_slide_uri_over_rest_and_grpc_with_heatmap(env):
     uri = str(env.root / "tumour.tif")
-    res = rest(env.server, [_slide_input(uri)], {"heatmap": True})
+    params = {"heatmap": True, "heatmap_size": 800, "geojson": True}
+    res = rest(env.server, [_slide_input(uri)], params)
     out = _outputs(res)
     _check_slide_prediction(out)
     assert out["label"][0] in ("normal", "tumour", b"normal", b"tumour")
     assert res.parameters["n_patches"] == len(out["attention"])
-    _png(base64.b64decode(out["heatmap_png"][0]))  # REST: base64 text
-    g = grpc(env.server, [_slide_input(uri, binary=True)], {"heatmap": True})
+    # a square slide: 800 px high, its legend band under it (REST: base64 text)
+    assert _png(base64.b64decode(out["heatmap_png"][0])).shape[0] == 800
+    dims = (1536, 1536)
+    check_attention_geojson(out["heatmap_geojson"][0], out["coords"], None, out["attention"], dims)
+    g = grpc(env.server, [_slide_input(uri, binary=True)], params)
     gout = _outputs(g)
     np.testing.assert_allclose(gout["probabilities"], out["probabilities"], atol=1e-5)
     np.testing.assert_array_equal(gout["coords"], out["coords"])
-    _png(gout["heatmap_png"][0])  # gRPC: the PNG bytes
+    assert _png(gout["heatmap_png"][0]).shape[0] == 800  # gRPC: the PNG bytes
+    gjson = gout["heatmap_geojson"][0]
+    assert isinstance(gjson, bytes)  # gRPC: the JSON text's bytes
+    check_attention_geojson(gjson, gout["coords"], None, gout["attention"], dims)
     timings = json.loads(res.parameters["timings"])
-    assert {"download", "patching", "features", "clam", "heatmap"} <= set(timings)
+    assert {"download", "patching", "features", "clam", "heatmap", "geojson"} <= set(timings)
+    plain = _outputs(rest(env.server, [_slide_input(uri)]))  # neither asked for: neither sent
+    assert "heatmap_png" not in plain and "heatmap_geojson" not in plain
 
 
-def test_real_svs_slide_uri(env, shared_data):
+def test_real_svs_slide_uri(env, shared_data, tmp_path):
     res = rest(env.server, [_slide_input(str(CMU))], {"heatmap": True})
     out = _outputs(res)
     _check_slide_prediction(out)
-    _png(base64.b64decode(out["heatmap_png"][0]))
-    local = efcm_predict(env.server.package, CMU)
+    # 2220 x 2967 px: the default heatmap is 1024 px high, the slide drawn above its legend
+    assert max(_png(base64.b64decode(out["heatmap_png"][0])).shape[:2]) == 1024
+    png, geo = tmp_path / "cmu.png", tmp_path / "cmu.geojson"
+    local = efcm_predict(
+        env.server.package,
+        CMU,
+        "--heatmap",
+        str(png),
+        "--heatmap-size",
+        "1500",
+        "--geojson",
+        str(geo),
+    )
     assert local["n_patches"] == len(out["attention"])
     np.testing.assert_allclose(out["probabilities"][0], local["probabilities"], atol=1e-5)
+    assert _png(png.read_bytes()).shape[0] == 1500
+    attention = np.asarray(local["attention"])  # rounded to 6 places in the printed JSON
+    doc = json.loads(geo.read_text())
+    raw = [f["properties"]["measurements"]["attention"] for f in doc["features"]]
+    np.testing.assert_allclose(raw, attention, atol=1e-6)
+    check_attention_geojson(doc, np.asarray(local["coords"]), None, np.asarray(raw), (2220, 2967))
 
 
 def test_features_and_patches_give_the_probabilities_of_efcm_predict(env):
@@ -267,6 +294,16 @@ def _refusals(env: Env) -> dict[str, tuple[dict | bytes, int, str]]:
         "no-tissue-slide": (_uri_body(str(root / "blank.tif")), 400, "no tissue"),
         "no-mpp-slide": (_uri_body(str(root / "no_mpp.tif")), 400, "no mpp"),
         "missing-slide": (_uri_body(str(root / "missing.svs")), 400, "not found"),
+        "heatmap-size-too-small": (
+            {**_uri_body(str(root / "tumour.tif")), "parameters": {"heatmap_size": 10}},
+            400,
+            "'heatmap_size' must be from 64 to 8192",
+        ),
+        "heatmap-size-not-a-number": (
+            {**_uri_body(str(root / "tumour.tif")), "parameters": {"heatmap_size": "big"}},
+            400,
+            "'heatmap_size' must be a whole number",
+        ),
         "too-large-request": (b"{" + b" " * (MAX_REQUEST_BYTES + 10) + b"}", 413, "limit"),
         "too-many-patches": (
             _tensor("features", np.zeros((MAX_PATCHES + 1, DIM)), "FP32"),

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from efcm.cli import main
@@ -132,3 +133,12 @@ def test_gate_reads_the_package_and_prints_its_decision(tmp_path, capsys, tiny_p
     tiny_params_file.write_text(yaml.safe_dump(raw))
     assert main(["gate", *args]) == 0
     assert json.loads((out / "decision.json").read_text())["promote"] is False
+
+
+@pytest.mark.parametrize("size", ["10", "9000", "big"])
+def test_predict_heatmap_size_out_of_range_exits_2_naming_it(capsys, size):
+    with pytest.raises(SystemExit) as err:
+        main(["predict", "pkg", "slide.svs", "--heatmap", "h.png", "--heatmap-size", size])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "--heatmap-size" in msg and "64 to 8192" in msg and repr(size) in msg
