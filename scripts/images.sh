@@ -100,8 +100,11 @@ debian_mirror() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
+base_made_s=null
 make_stand_in_base() {
     if image_exists "$STAND_IN_BASE" && [ "$refresh_base" = 0 ]; then return; fi
+    local started
+    started=$(date +%s)
     command -v debootstrap >/dev/null || {
         if in_ci_as_root; then apt_install debootstrap
         else die "--local-base needs debootstrap (apt-get install debootstrap)"; fi
@@ -118,6 +121,7 @@ make_stand_in_base() {
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | "$engine" import - "$STAND_IN_BASE" >/dev/null
     rm -rf "$rootfs" "$rootfs.log"
+    base_made_s=$(($(date +%s) - started))
 }
 
 case "$base_mode" in
@@ -168,6 +172,6 @@ done
 
 if [ -n "$json_out" ]; then
     joined=$(IFS=,; echo "${results[*]}")
-    printf '{"engine": "%s", "base": "%s", "stand_in_base": %s, "images": [%s]}\n' \
-        "$engine" "$base" "$stand_in" "$joined" >"$json_out"
+    printf '{"engine": "%s", "base": "%s", "stand_in_base": %s, "base_made_s": %s, "images": [%s]}\n' \
+        "$engine" "$base" "$stand_in" "$base_made_s" "$joined" >"$json_out"
 fi
