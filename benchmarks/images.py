@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.containers: the engine as scripts/images.sh picks it
-from tests import containers, processes  # noqa: E402
+from tests import containers  # noqa: E402
+from tests.integration.test_serving import serve_subprocess  # noqa: E402
 
 
 def images_sh(context: Path, *args: str, env: dict[str, str] | None = None) -> dict:
@@ -132,84 +130,21 @@ def source_change_build(tag: str) -> dict[str, float]:
     return build_seconds(record)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _poll_ready(url: str, alive, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            sys.exit(f"the server behind {url} stopped before it was ready")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    sys.exit(f"{url} not ready after {timeout} s")
-
-
-def container_ready_s(image: str, package: Path) -> float:
-    port = _free_port()
-    name = f"efcm-bench-{os.getpid()}-{port}"
+def container_ready_s(image: str, package: Path, log: Path) -> float:
+    """Seconds from `run` to ready: the serving image, read-only as uid 10001, the package at
+    /mnt/models."""
     start = time.monotonic()
-    containers.cli(
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--read-only",
-        "--user",
-        "10001:10001",
-        "-v",
-        f"{package}:/mnt/models:ro",
-        "-p",
-        f"127.0.0.1:{port}:8080",
-        image,
-    )
-    try:
-        _poll_ready(f"http://127.0.0.1:{port}/v2/health/ready", lambda: True)
+    opts = ["--read-only", "--user", "10001:10001", "-v", f"{package}:/mnt/models:ro"]
+    with containers.running(image, [*opts, "-p", "127.0.0.1::8080"], [], log) as box:
+        box.wait_http(f"http://127.0.0.1:{box.port(8080)}/v2/health/ready")
         return time.monotonic() - start
-    finally:
-        containers.cli("rm", "-f", name, check=False)
 
 
-def host_ready_s(package: Path) -> float:
-    http, grpc = _free_port(), _free_port()
-    efcm = Path(sys.executable).with_name("efcm")
+def host_ready_s(package: Path, log: Path) -> float:
+    """Seconds from starting `efcm serve package` on the host (the tests' own launcher) to ready."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            str(efcm),
-            "serve",
-            str(package),
-            "--http-port",
-            str(http),
-            "--grpc-port",
-            str(grpc),
-            "--model-name",
-            "efcm",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _poll_ready(f"http://127.0.0.1:{http}/v2/health/ready", lambda: proc.poll() is None)
+    with serve_subprocess(package, log):
         return time.monotonic() - start
-    finally:
-        processes.stop(proc, timeout=30)
-
-
-def readable_copy(package: Path, tmp: Path) -> Path:
-    """The package copied world-readable (the container's user is 10001)."""
-    out = tmp / "package"
-    shutil.copytree(package, out)
-    for p in [tmp, out, *out.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    return out
 
 
 def main() -> None:
@@ -238,11 +173,14 @@ def main() -> None:
     out["bytes"]["shared"] = shared_bytes(tags["serving"], tags["component"])
 
     with tempfile.TemporaryDirectory() as tmp:
-        package = readable_copy(args.package, Path(tmp))
+        package = Path(tmp) / "package"
+        shutil.copytree(args.package, package)
+        containers.readable(Path(tmp))
         runs: dict[str, list[float]] = {"container": [], "host": []}
-        for _ in range(args.repeats):
-            runs["container"].append(container_ready_s(tags["serving"], package))
-            runs["host"].append(host_ready_s(package))
+        for i in range(args.repeats):
+            log = Path(tmp) / f"container-{i}.log"
+            runs["container"].append(container_ready_s(tags["serving"], package, log))
+            runs["host"].append(host_ready_s(package, Path(tmp) / f"host-{i}.log"))
     med = {k: statistics.median(v) for k, v in runs.items()}
     out["ready_s"] = {
         "container_median": round(med["container"], 2),

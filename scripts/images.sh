@@ -15,6 +15,7 @@
 #                             layer); default: $EFCM_BUILD_CA_BUNDLE, else $PIP_CERT, else none
 #     --no-cache              rebuild every layer (once: the second image reuses the shared ones)
 #     --json FILE             also write what was built (tags, sizes, seconds) as JSON to FILE
+#     --print-engine          print the engine it would use (installing it in CI) and build nothing
 #
 # The dependency layer is rebuilt only when pyproject.toml or constraints.txt change. With podman, the
 # machine-specific settings come from docker/podman-containers.conf (through CONTAINERS_CONF, unless it
@@ -27,7 +28,7 @@ root=$PWD
 UPSTREAM_BASE=python:3.11.14-slim-bookworm
 STAND_IN_BASE=localhost/efcm-base:bookworm
 base_mode=upstream base=$UPSTREAM_BASE refresh_base=0 registry=localhost tag="" target=all
-ca_bundle="${EFCM_BUILD_CA_BUNDLE:-${PIP_CERT:-}}" no_cache=() json_out=""
+ca_bundle="${EFCM_BUILD_CA_BUNDLE:-${PIP_CERT:-}}" no_cache=() json_out="" print_engine=0
 
 die() { echo "images.sh: $*" >&2; exit 1; }
 while [ $# -gt 0 ]; do
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
         --ca-bundle) ca_bundle=${2:?--ca-bundle needs a file}; shift ;;
         --no-cache) no_cache=(--no-cache) ;;
         --json) json_out=${2:?--json needs a file}; shift ;;
+        --print-engine) print_engine=1 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -85,6 +87,7 @@ if [ "$engine" = podman ]; then
         else die "$CONTAINERS_CONF runs containers with runc, which is not installed (apt-get install runc)"; fi
     fi
 fi
+if [ "$print_engine" = 1 ]; then echo "$engine"; exit 0; fi
 image_exists() { "$engine" image inspect "$1" >/dev/null 2>&1; }
 image_bytes() { "$engine" image inspect --format '{{.Size}}' "$1"; }
 

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -32,16 +33,14 @@ PODMAN_CONF = ROOT / "docker" / "podman-containers.conf"
 
 @functools.cache
 def engine() -> str:
-    """The engine `scripts/images.sh` picks: EFCM_CONTAINER_ENGINE, else docker if its engine
-    answers, else podman."""
-    chosen = os.environ.get("EFCM_CONTAINER_ENGINE")
-    if chosen:
-        return chosen
-    if shutil.which("docker"):
-        ok = subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
-        if ok:
-            return "docker"
-    return "podman"
+    """The engine `scripts/images.sh` picks, asked with `--print-engine` (EFCM_CONTAINER_ENGINE,
+    else docker if its engine answers, else podman, installed in CI)."""
+    proc = subprocess.run(
+        ["bash", str(IMAGES_SH), "--print-engine"], capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/images.sh --print-engine failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout.strip()
 
 
 def engine_env() -> dict[str, str]:
@@ -83,6 +82,17 @@ def image_config(image: str) -> dict:
     """The image's config (User, Env, Entrypoint, Cmd, Labels, ...)."""
     (info,) = json.loads(cli("image", "inspect", image).stdout)
     return info.get("Config") or info["config"]
+
+
+def readable(tree: Path) -> Path:
+    """`tree` made world-readable, to be mounted into a container (pytest's temporary folders are
+    root's, 0700; the images' user is 10001)."""
+    for p in [tree, *tree.rglob("*")]:
+        extra = stat.S_IRGRP | stat.S_IROTH
+        if p.is_dir():
+            extra |= stat.S_IXGRP | stat.S_IXOTH
+        p.chmod(p.stat().st_mode | extra)
+    return tree
 
 
 @dataclass

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,17 +125,6 @@ def run_as_kserve(
     return opts, argv, ports
 
 
-def _readable(tree: Path) -> Path:
-    """`tree` made world-readable (pytest's temporary folders are root's, 0700; the container's
-    user is 10001)."""
-    for p in [tree, *tree.rglob("*")]:
-        extra = stat.S_IRGRP | stat.S_IROTH
-        if p.is_dir():
-            extra |= stat.S_IXGRP | stat.S_IXOTH
-        p.chmod(p.stat().st_mode | extra)
-    return tree
-
-
 @pytest.fixture(scope="module")
 def mounts(tmp_path_factory, demo_package) -> tuple[Path, Path]:
     """(the package, the allowed slide folder), readable by the container's user."""
@@ -148,7 +136,7 @@ def mounts(tmp_path_factory, demo_package) -> tuple[Path, Path]:
     write_slide(slides / "tumour.tif", spec)
     if CMU.exists():
         shutil.copy2(CMU, slides / CMU.name)
-    _readable(base)
+    containers.readable(base)
     return package, slides
 
 
