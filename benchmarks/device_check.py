@@ -123,6 +123,7 @@ from efcm.inference import predict_slide
 from efcm.models.encoders import EncoderWithTransform, build_backbone, create_timm, feature_dim
 from efcm.models.package import load_package
 from efcm.models.students import build_vfd
+from efcm.runtimes.torch_runtime import TorchRuntime
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile
@@ -652,9 +653,8 @@ def _package(ctx: Context, name: str, encoder: EncoderParams):
         folds=s.package_folds,
         clam=s.package_clam,
     )
-    pkg = load_package(path)
-    pkg.encoder.to(ctx.device)
-    return pkg
+    # the torch runtime the predictor runs (student on the device, channels_last, autocast)
+    return TorchRuntime(load_package(path), device=str(ctx.device))
 
 
 def _request(pkg, slide: Path, device: torch.device) -> dict[str, Any]:
@@ -695,15 +695,16 @@ def slide_request(ctx: Context) -> dict[str, Any]:
             who: {
                 "arch": pkg.meta["encoder"]["arch"],
                 "input_size": pkg.meta["encoder"]["input_size"],
-                "fold_members": pkg.n_members,
-                "weights_channels_last": _channels_last(pkg.encoder),
+                "fold_members": pkg.package.n_members,
+                "weights_channels_last": _channels_last(pkg.package.encoder),
+                "runtime": pkg.describe(),
             }
             for who, pkg in pkgs.items()
         },
         "patch": {k: first.meta["patch"][k] for k in ("patch_size", "target_mpp")},
         "feature_dim": first.feature_dim,
-        "encoder_device": str(next(first.encoder.parameters()).device),
-        "clam_device": str(next(first.clam.parameters()).device),
+        "encoder_device": str(next(first.package.encoder.parameters()).device),
+        "clam_device": str(next(first.package.clam.parameters()).device),
         "slides": runs,
     }
 

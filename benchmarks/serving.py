@@ -45,7 +45,7 @@ import yaml
 
 from efcm.config import params_from_dict
 from efcm.inference import predict_slide
-from efcm.models.package import load_package
+from efcm.runtimes import load_runtime
 from efcm.slides.batch import plan_patches
 from efcm.slides.reader import open_slide
 from efcm.slides.synthetic import SlideSpec, write_slide
@@ -193,7 +193,7 @@ def main() -> None:
 
     student_dir = build_package(work / "student", {"preset": "resnet18", "input_size": 112})
     teacher_dir = build_package(work / "teacher", {"preset": "brow"})
-    student, teacher = load_package(student_dir), load_package(teacher_dir)
+    student, teacher = load_runtime(student_dir, "torch"), load_runtime(teacher_dir, "torch")
     big, big_n = synthetic_slide(work, args.synthetic_patches, student)
     small, small_n = synthetic_slide(work, args.teacher_patches, student)
 
@@ -231,7 +231,7 @@ def main() -> None:
             + f" @ {teacher.meta['encoder']['input_size']}",
             "patch": {k: student.meta["patch"][k] for k in ("patch_size", "target_mpp")},
             "feature_dim": DIM,
-            "fold_members": student.n_members,
+            "fold_members": student.package.n_members,
         },
         "slides": slides,
         "student_teacher_speedup": speedups,

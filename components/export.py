@@ -12,6 +12,7 @@ def export(
     strategies: Input[list[Model]],
     evaluation: Input[Artifact],
     patches: Input[Dataset],
+    manifest: Input[Dataset],
     dataset: dict,
     patch: dict,
     teacher: dict,
@@ -20,13 +21,15 @@ def export(
     export: dict,
     package: Output[Model],
 ):
-    """The package directory (`efcm.training.export.load_package` reads it): the k fold models of
-    `export.strategy` as one ensemble, its evaluation row and metrics, and the patch geometry read
-    from the training coords files."""
+    """The package directory (`efcm.runtimes.load_runtime` serves it): the k fold models of
+    `export.strategy` as one ensemble, its evaluation row and metrics, the patch geometry read
+    from the training coords files, and the CPU runtimes of `export.runtimes` (ONNX FP32, INT8),
+    checked for parity on the evaluation slides of `manifest`."""
     import json
     from pathlib import Path
 
     from efcm import config, stages
+    from efcm.io.cache import SlideCache
 
     params = config.params_for_stage(
         "export",
@@ -46,6 +49,8 @@ def export(
         params,
         metrics_path=Path(evaluation.path) / "metrics.json",
         patches_dir=patches.path,
+        manifest=manifest.path,
+        cache=SlideCache.from_env(),
     )
     meta = json.loads((Path(package.path) / "model.json").read_text())
     package.metadata.update({"strategy": meta["strategy"], "row": meta["row"]})

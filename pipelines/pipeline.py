@@ -369,6 +369,7 @@ def _evaluate_and_export(
             strategies=_collected(outcome),
             evaluation=evaluation,
             patches=data.patches,
+            manifest=data.manifest,
             dataset=p.dataset,
             patch=p.patch,
             teacher=p.teacher,

@@ -165,9 +165,17 @@ def stages() -> dict[str, dict[str, Any]]:
         [
             "efcm export --student runs/distill",
             *each,
-            "--metrics runs/evaluate/metrics.json --patches runs/patch --out runs/package",
+            "--metrics runs/evaluate/metrics.json --patches runs/patch",
+            f"--manifest {MANIFEST} --out runs/package",
         ],
-        ["src/efcm", "runs/distill", "runs/patch", "runs/evaluate/metrics.json", *every],
+        [
+            "src/efcm",
+            "data/demo",
+            "runs/distill",
+            "runs/patch",
+            "runs/evaluate/metrics.json",
+            *every,
+        ],
         "export",
         outs=["runs/package"],
     )

@@ -133,6 +133,7 @@ def run_demo_pipeline(manifest: Path, work: Path, params, strategies: tuple[str,
         p("export"),
         metrics_path=w["evaluate"] / "metrics.json",
         patches_dir=w["patch"],
+        manifest=manifest,
     )
     return w
 

@@ -22,10 +22,12 @@ import torch
 from efcm import registry
 from efcm.config import FpdParams, Params, PatchParams, for_stage
 from efcm.io.files import save_json
+from efcm.io.manifest import Manifest, SlideEntry, write_manifest
 from efcm.io.results import write_predictions
 from efcm.models.clam import CLAMSB, save_clam
 from efcm.models.students import build_fpd, build_vfd, save_student
 from efcm.slides.patching import PatchGeometry, patch_settings, write_coords
+from efcm.slides.synthetic import SlideSpec, write_slide
 from efcm.training.export import export_package
 
 SLIDES_PER_FOLD = 2
@@ -123,13 +125,16 @@ def build_package(
     clam: dict[str, Any] | None = None,
     seed: int = 0,
     fpd: FpdParams | None = None,
+    runtimes: tuple[str, ...] = (),
 ) -> Path:
     """A real package of `strategy`'s `folds` fold models: a random `params.student` with `dim`-d
     output (the distilled student, `out/student.pt`; for a strategy that fine-tunes the student
     per fold, one more random student per fold too) and random CLAM-SB heads (`clam`: their
     keyword arguments, SMALL_CLAM by default). With `fpd`, the students are FPD students (the
     frozen shallow CNN of `params.student` and a TransScan of those settings) instead of VFD ones.
-    Its metrics say it passes the gate's default rule.
+    Its metrics say it passes the gate's default rule. With `runtimes` (onnx, int8), it carries
+    those CPU runtimes too, their parity measured on one small synthetic slide that every tested
+    slide id names (a few seconds more); without, none (`export.runtimes: []`).
     Returns `out/package`; the strategy dir is `out/strategies/<strategy>`."""
     entry = registry.get(strategy)
     classes = tuple(params.dataset.classes)
@@ -152,11 +157,21 @@ def build_package(
     write_patches(out / "patch", tested, params.patch)
     metrics = metrics_for(entry.row(params.distill.method))
     (out / "metrics.json").write_text(json.dumps(metrics))
+    export = params.export.model_copy(update={"runtimes": list(runtimes)})
     return export_package(
         out / "student.pt",
         mil_dir,
         out / "package",
-        for_stage(params, "export"),
+        for_stage(params.model_copy(update={"export": export}), "export"),
         metrics,
         out / "patch",
+        write_slide_manifest(out, tested, params.patch.patch_size) if runtimes else None,
     )
+
+
+def write_slide_manifest(out: Path, slide_ids: list[str], patch_size: int) -> Manifest:
+    """A manifest naming one small synthetic slide (`out/slide.tiff`) for every id of
+    `slide_ids`: real pixels under the coords `write_patches` records."""
+    write_slide(out / "slide.tiff", SlideSpec(8 * patch_size, 8 * patch_size, levels=1))
+    entries = [SlideEntry(sid, sid, "slide.tiff", "") for sid in slide_ids]
+    return write_manifest(out / "manifest.csv", entries)

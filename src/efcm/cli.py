@@ -125,6 +125,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         _params(args),
         metrics_path=args.metrics,
         patches_dir=args.patches,
+        manifest=args.manifest,
+        cache=_cache(),
     )
     log.info("package: %s", out)
 
@@ -149,12 +151,17 @@ def cmd_gate(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from efcm.inference import predict_slide
-    from efcm.models.package import load_package
+    from efcm.limits import RuntimeSettings
+    from efcm.runtimes import load_runtime
 
-    pkg = load_package(args.package)
+    settings = RuntimeSettings.from_env()
+    rt = load_runtime(
+        args.package, args.runtime or settings.runtime, threads=args.threads or settings.threads
+    )
     pred = predict_slide(
-        pkg,
+        rt,
         args.slide,
+        read_workers=args.read_workers or settings.read_workers,
         mpp=args.mpp,
         heatmap=bool(args.heatmap),
         heatmap_size=args.heatmap_size,
@@ -172,7 +179,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "label": pred.label,
-                "classes": pkg.classes,
+                "classes": rt.classes,
+                "runtime": rt.name,
                 "probabilities": [round(float(x), 6) for x in pred.probabilities],
                 "n_patches": len(pred.attention),
                 "attention": [round(float(x), 6) for x in pred.attention],
@@ -281,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--metrics", required=True, help="metrics.json of evaluate")
     p.add_argument("--patches", required=True, help="output dir of `efcm patch` (the geometry)")
+    p.add_argument(
+        "--manifest", required=True, help="the slides: the runtimes' parity is checked on them"
+    )
     p.add_argument("--out", required=True)
 
     p = add("report", cmd_report, "HTML page: the audit (table, ROC, gate), heatmaps and QC")
@@ -319,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", metavar="OUT.png", help="also write the top/bottom patch gallery")
     p.add_argument("--gallery-k", type=int, default=8, help="patches per gallery row (8)")
     p.add_argument("--mpp", type=float, help="override the slide's mpp")
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "onnx", "int8"),
+        help="what runs the package (default: EFCM_RUNTIME, else auto: torch where it is "
+        "installed, else the package's int8, else onnx)",
+    )
+    p.add_argument("--threads", type=int, help="the runtime's threads (EFCM_RUNTIME_THREADS)")
+    p.add_argument("--read-workers", type=int, help="patch reading threads (EFCM_READ_WORKERS)")
 
     # `efcm serve`'s options are kserve's plus efcm's, parsed by efcm.serving.server (which
     # imports kserve): every argument after `serve` is handed there as is (no prefix chars here,

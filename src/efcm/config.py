@@ -320,6 +320,17 @@ class ExportParams(_Section):
     strategy: str = Field(
         registry.DEFAULT_EXPORT, description="the strategy whose fold models are shipped"
     )
+    runtimes: list[Literal["onnx", "int8"]] = Field(
+        ["onnx", "int8"],
+        description="the CPU runtimes the package carries besides torch (efcm.runtimes); each is "
+        "checked for parity with the evaluated model, and export refuses one that misses it",
+    )
+    calibration_patches: int = Field(
+        512, ge=16, description="patches from the training slides that calibrate the INT8 student"
+    )
+    parity_max_patches: int = Field(
+        512, ge=16, description="the most patches of each evaluation slide the parity check reads"
+    )
 
     @model_validator(mode="after")
     def _known(self) -> ExportParams:

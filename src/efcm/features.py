@@ -59,17 +59,27 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def embed_batches(
-    model: nn.Module, batches, *, total: int | None = None, desc: str = "extract"
+    model: nn.Module,
+    batches,
+    *,
+    total: int | None = None,
+    desc: str = "extract",
+    cpu_bf16: bool = False,
 ) -> np.ndarray:
-    """Run `model` (uint8 patches in, features out) over an iterable of uint8 batches.
+    """Run `model` (uint8 patches in, features out) over an iterable of uint8 batches: under
+    autocast on CUDA (bf16 where supported, else fp16), and on the CPU under bf16 autocast only
+    with `cpu_bf16` (the serving runtime sets it where the package's export measured its parity).
 
     Returns:
         (N, D) float32.
     """
     device = device_of(model)
     out = []
-    amp = device.type == "cuda"
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        amp = True
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        amp, dtype = cpu_bf16, torch.bfloat16
     bar = tqdm(total=total, desc=desc, unit="patch", disable=None, leave=False)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
         for batch in batches:

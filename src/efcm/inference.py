@@ -1,7 +1,9 @@
 """Inference with an exported package: features -> CLAM; patch pixels -> student -> CLAM; or a
 whole slide -> patches -> student -> CLAM (+ heatmap PNG, + attention GeoJSON).
 
-One code path for `efcm predict` and the KServe predictor. The limits a server sets
+One code path for `efcm predict` and the KServe predictor, whatever runtime serves the package
+(`efcm.runtimes`: torch, onnx or int8): this module imports no torch, so a CPU server without torch
+runs it. The limits a server sets
 (`efcm.limits.ServingLimits`) are arguments here: a bag over `max_patches` or a slide over
 `max_slide_bytes` raises `TooLarge`, and a slide still running at `deadline` (a
 `time.monotonic()` value) stops between batches with `Deadline`; `efcm predict` passes
@@ -9,7 +11,8 @@ none of them.
 
 Patch reading overlaps the encoder: `read_workers` threads read and resize whole batches
 (OpenSlide and OpenCV release the GIL, and one OpenSlide handle is safe to share between threads)
-a few batches ahead of `efcm.features.embed_batches`, the extraction engine's encoder loop. Threads,
+a few batches ahead of the runtime's `embed` (for torch, `efcm.features.embed_batches`, the
+extraction engine's encoder loop). Threads,
 not the engine's DataLoader worker processes: a server process runs gRPC's threads, and forking it
 per request is unsafe, while spawning workers would cost seconds per request.
 """
@@ -26,15 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-import torch
 
 from efcm.config import PatchParams
 from efcm.errors import Deadline, InvalidInput, InvalidSlide, InvalidTensor, TooLarge
 from efcm.evaluation import geojson
 from efcm.evaluation.heatmap import DEFAULT_SIZE, check_size, encode_png, gallery, render
-from efcm.features import embed_batches
 from efcm.io.cache import SlideCache, staged
-from efcm.models.package import Package
+from efcm.runtimes import Runtime
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import CoordsFile
@@ -77,22 +78,13 @@ def _check_count(n: int, max_patches: int | None, what: str) -> None:
 
 
 def predict_features(
-    pkg: Package, features: np.ndarray, *, max_patches: int | None = None
+    rt: Runtime, features: np.ndarray, *, max_patches: int | None = None
 ) -> Prediction:
     """CLAM on a bag of student features [N, D]."""
-    feats = check_features(features, pkg.feature_dim)
+    feats = check_features(features, rt.feature_dim)
     _check_count(len(feats), max_patches, "features")
-    with torch.inference_mode():
-        out = pkg.clam(torch.from_numpy(feats))
-    probs = out["probs"][0].numpy().astype(np.float32)
-    return Prediction(
-        probs, out["attention"].numpy().astype(np.float32), pkg.classes[int(probs.argmax())]
-    )
-
-
-def patch_size(pkg: Package) -> int:
-    """The side of the patches the package's student embeds (px at the packaged target mpp)."""
-    return int(pkg.meta["patch"]["patch_size"])
+    probs, attention = rt.head(feats)
+    return Prediction(probs, attention, rt.classes[int(probs.argmax())])
 
 
 def check_patches(patches: np.ndarray, size: int) -> np.ndarray:
@@ -115,7 +107,7 @@ def _check_time(deadline: float | None, step: str) -> None:
 
 
 def predict_patches(
-    pkg: Package,
+    rt: Runtime,
     patches: np.ndarray,
     *,
     batch_size: int = 64,
@@ -124,27 +116,27 @@ def predict_patches(
 ) -> Prediction:
     """The student embeds patch pixels uint8 [N, S, S, 3] (S = the packaged patch size), then
     CLAM."""
-    arr = check_patches(patches, patch_size(pkg))
+    arr = check_patches(patches, rt.patch_size)
     _check_count(len(arr), max_patches, "patches")
 
-    def batches() -> Iterator[torch.Tensor]:
+    def batches() -> Iterator[np.ndarray]:
         for i in range(0, len(arr), batch_size):
             _check_time(deadline, "feature extraction")
-            yield torch.from_numpy(np.ascontiguousarray(arr[i : i + batch_size]))
+            yield np.ascontiguousarray(arr[i : i + batch_size])
 
-    feats = embed_batches(pkg.encoder, batches(), total=len(arr), desc="predict")
-    return predict_features(pkg, feats)
+    feats = rt.embed(batches(), total=len(arr), desc="predict")
+    return predict_features(rt, feats)
 
 
 def _read_ahead(
     patches: SlidePatches, batch_size: int, workers: int, deadline: float | None
-) -> Iterator[torch.Tensor]:
+) -> Iterator[np.ndarray]:
     """uint8 batches in order, read by `workers` threads up to 2 x workers batches ahead."""
     starts = range(0, len(patches), batch_size)
     if workers <= 0:
         for i in starts:
             _check_time(deadline, "patch reading")
-            yield torch.from_numpy(patches.read_batch(range(i, min(i + batch_size, len(patches)))))
+            yield patches.read_batch(range(i, min(i + batch_size, len(patches))))
         return
     patches.slide  # noqa: B018  (open the shared handle once, before the threads)
     pending: deque[Future] = deque()
@@ -167,14 +159,14 @@ def _read_ahead(
                             patches.read_batch, range(nxt, min(nxt + batch_size, len(patches)))
                         )
                     )
-                yield torch.from_numpy(batch)
+                yield batch
         finally:
             for f in pending:
                 f.cancel()
 
 
 def predict_slide(
-    pkg: Package,
+    rt: Runtime,
     uri: str | Path,
     *,
     mpp: float | None = None,
@@ -213,7 +205,7 @@ def predict_slide(
     except ValueError as err:
         raise InvalidInput(str(err)) from None
     uri = str(uri)
-    params = PatchParams.model_validate(pkg.meta["patch"])
+    params = PatchParams.model_validate(rt.meta["patch"])
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -228,7 +220,7 @@ def predict_slide(
             lap("download")
             _check_time(deadline, "download")
             pred = _predict_local(
-                pkg,
+                rt,
                 uri,
                 str(local.path),
                 params,
@@ -266,7 +258,7 @@ class _Outputs:
 
 
 def _predict_local(
-    pkg: Package,
+    rt: Runtime,
     uri: str,
     path: str,
     params: PatchParams,
@@ -297,14 +289,14 @@ def _predict_local(
     reader = _read_ahead(patches, batch_size, read_workers, deadline)
     try:
         try:
-            feats = embed_batches(pkg.encoder, reader, total=len(patches), desc="predict")
+            feats = rt.embed(reader, total=len(patches), desc="predict")
         finally:
             # A consumer that raised leaves the generator suspended, its pool still reading:
             # close() runs its `finally` (cancel what is queued, wait for what runs) before the
             # slide handle those threads share is closed below.
             reader.close()
         lap("features")
-        pred = predict_features(pkg, feats)
+        pred = predict_features(rt, feats)
         lap("clam")
         pred.coords = plan.coords
         if outputs.heatmap:

@@ -17,7 +17,15 @@ EFCM_MAX_QUEUED_REQUESTS   16                 requests waiting for a worker (wit
                                               budget); 503 at once when this many are waiting
 EFCM_CACHE_DIR             ~/.cache/efcm      where gs:// slides are staged (`efcm.io.cache`)
 EFCM_CACHE_MAX_BYTES       20 GiB             size cap of the staged slides, LRU eviction
+EFCM_RUNTIME               auto               torch, onnx or int8 (`efcm.runtimes`); auto: torch
+                                              where it is installed, else int8, else onnx
+EFCM_RUNTIME_THREADS       the cores          the runtime's intra-op threads
+EFCM_READ_WORKERS          cores - threads,   threads reading, decoding and resizing a slide's
+                           at least 1         patches ahead of the runtime
 =========================  =================  ====================================================
+
+"The cores" are this container's: its cgroup CPU quota (a pod's CPU limit), else the CPUs it may
+run on (`available_cpus`).
 
 Read only by the adapters (the CLI, the server, the components); the core is handed the values.
 """
@@ -41,6 +49,10 @@ MAX_SLIDE_BYTES_ENV = "EFCM_MAX_SLIDE_BYTES"
 REQUEST_TIMEOUT_ENV = "EFCM_REQUEST_TIMEOUT_S"
 MAX_CONCURRENT_SLIDES_ENV = "EFCM_MAX_CONCURRENT_SLIDES"
 MAX_QUEUED_REQUESTS_ENV = "EFCM_MAX_QUEUED_REQUESTS"
+RUNTIME_ENV = "EFCM_RUNTIME"
+RUNTIME_THREADS_ENV = "EFCM_RUNTIME_THREADS"
+READ_WORKERS_ENV = "EFCM_READ_WORKERS"
+RUNTIME_CHOICES = ("auto", "torch", "onnx", "int8")  # efcm.runtimes: AUTO and RUNTIMES
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -170,3 +182,43 @@ def parse_slide_uri_prefixes(prefixes: Iterable[str]) -> tuple[str, ...]:
         else:
             out.append(str(Path(p).expanduser().resolve()))
     return tuple(dict.fromkeys(out))
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: the cgroup v2 CPU quota (a pod's CPU limit, rounded up)
+    where one is set, capped by the CPUs it may run on."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Which runtime serves the package (`efcm.runtimes`), its intra-op threads, and the threads
+    that read a slide's patches ahead of it: by default the runtime takes every core and one
+    reader runs beside it (reading and decoding is a fraction of the model's work; see
+    benchmarks/serving.py)."""
+
+    runtime: str = "auto"
+    threads: int | None = None
+    read_workers: int = 1
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, cpus: int | None = None
+    ) -> RuntimeSettings:
+        env = os.environ if environ is None else environ
+        runtime = env.get(RUNTIME_ENV, "").strip() or "auto"
+        if runtime not in RUNTIME_CHOICES:
+            raise ValueError(
+                f"{RUNTIME_ENV} must be one of {list(RUNTIME_CHOICES)}, got {runtime!r}"
+            )
+        cpus = available_cpus() if cpus is None else cpus
+        threads = int(positive(env, RUNTIME_THREADS_ENV, cpus, int))
+        readers = int(positive(env, READ_WORKERS_ENV, max(1, cpus - threads), int))
+        return cls(runtime, threads, readers)

@@ -344,10 +344,13 @@ def export(
     *,
     metrics_path: str | Path,
     patches_dir: str | Path,
+    manifest: str | Path,
+    cache: SlideCache | None = None,
 ) -> Path:
     """The package of `export.strategy`: its k fold models as one ensemble, with the evaluation
     row that estimates it and the patch geometry its CLAMs were trained on (from the coords files
-    in `patches_dir`); see `efcm.training.export`."""
+    in `patches_dir`), and its CPU runtimes checked on the evaluation slides of `manifest`; see
+    `efcm.training.export`."""
     from efcm.training.export import export_package
 
     name = params.export.strategy
@@ -359,7 +362,14 @@ def export(
         )
     metrics = json.loads(Path(metrics_path).read_text())
     return export_package(
-        student_checkpoint(student), done[name], out_dir, params, metrics, Path(patches_dir)
+        student_checkpoint(student),
+        done[name],
+        out_dir,
+        params,
+        metrics,
+        Path(patches_dir),
+        read_manifest(manifest, params.dataset.classes),
+        cache=cache,
     )
 
 

@@ -36,7 +36,7 @@ import pytest
 from efcm.deploy.render import inference_service
 from efcm.inference import predict_features
 from efcm.limits import SLIDE_URI_PREFIXES_ENV
-from efcm.models.package import load_package
+from efcm.runtimes import load_runtime
 from efcm.slides.synthetic import SlideSpec, write_slide
 from tests import containers
 from tests.conftest import SHARED_DATA
@@ -175,7 +175,7 @@ def test_manifest_settings_reach_the_container(images, mounts, tmp_path):
 def test_features_over_rest_and_grpc_equal_the_core_on_the_host(images, mounts, tmp_path):
     x = np.random.default_rng(0).normal(size=(9, 64)).astype(np.float32)
     with served(images, mounts, tmp_path) as (server, _):
-        expected = predict_features(load_package(server.package), x)
+        expected = predict_features(load_runtime(server.package, "torch"), x)
         for call, binary in ((rest, False), (rest, True), (grpc, True)):
             out = _outputs(call(server, [_input("features", x, "FP32", binary)]))
             np.testing.assert_allclose(out["probabilities"][0], expected.probabilities, atol=1e-5)

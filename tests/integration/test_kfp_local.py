@@ -215,9 +215,10 @@ def test_every_method_runs_on_kubeflow_and_exports_what_it_evaluated(
     with open(out["resolve-dataset/manifest"], newline="") as f:
         uris = {r["slide_id"]: r["uri"] for r in csv.DictReader(f)}
     from efcm.inference import predict_slide
+    from efcm.runtimes.torch_runtime import TorchRuntime
 
-    for row in oof[:2]:
-        member = pkg.member(int(row["fold"]))
+    for row in oof[:2]:  # in the evaluation's FP32 arithmetic (no CPU bf16 autocast)
+        member = TorchRuntime(pkg.member(int(row["fold"])), cpu_bf16=False)
         got = predict_slide(member, uris[row["slide_id"]], read_workers=0).probabilities
         want = [float(row["prob_normal"]), float(row["prob_tumour"])]
         assert got == pytest.approx(want, abs=1e-4), row["slide_id"]

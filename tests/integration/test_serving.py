@@ -23,6 +23,7 @@ import pytest
 from efcm.config import params_from_dict
 from efcm.inference import predict_features
 from efcm.models.package import load_package
+from efcm.runtimes import load_runtime
 from tests import packages, processes
 from tests.conftest import tiny_params_dict
 
@@ -165,7 +166,7 @@ def test_v2_infer_returns_probabilities_and_attention_equal_to_core(server, bina
     assert probs.shape == (1, 2) and attn.shape == (7,)
     assert probs.sum() == pytest.approx(1, abs=1e-5)
     assert attn.sum() == pytest.approx(1, abs=1e-5)
-    expected = predict_features(load_package(server.package), x)
+    expected = predict_features(load_runtime(server.package, "torch"), x)
     np.testing.assert_allclose(probs[0], expected.probabilities, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(attn, expected.attention, rtol=1e-5, atol=1e-6)
     assert res.parameters["label"] == expected.label
@@ -174,7 +175,7 @@ def test_v2_infer_returns_probabilities_and_attention_equal_to_core(server, bina
 def test_v2_accepts_fp16_binary_features(server):
     x = _bag(5).astype(np.float16)
     out = {o.name: o.as_numpy() for o in _v2_infer(server, x, "FP16", binary=True).outputs}
-    expected = predict_features(load_package(server.package), x.astype(np.float32))
+    expected = predict_features(load_runtime(server.package, "torch"), x.astype(np.float32))
     np.testing.assert_allclose(out["probabilities"][0], expected.probabilities, atol=1e-5)
 
 
@@ -204,7 +205,7 @@ def test_v1_json_predictions(server):
     assert res.status_code == 200, res.text
     preds = res.json()["predictions"]
     assert len(preds) == 2
-    pkg = load_package(server.package)
+    pkg = load_runtime(server.package, "torch")
     for bag, pred in zip(bags, preds, strict=True):
         expected = predict_features(pkg, bag)
         assert pred["label"] == expected.label

@@ -175,7 +175,7 @@ def test_distill_stage_runs_each_method(method, tiny_dataset, tmp_path):
     from efcm.inference import predict_features
     from efcm.io.manifest import read_manifest
     from efcm.io.status import ok_slides
-    from efcm.models.package import load_package
+    from efcm.runtimes import load_runtime
     from tests.conftest import run_demo_pipeline
 
     raw = _params(method, epochs=1, batch_size=8).model_dump(mode="json")
@@ -189,11 +189,18 @@ def test_distill_stage_runs_each_method(method, tiny_dataset, tmp_path):
     ids = [s.slide_id for s in read_manifest(tiny_dataset).slides]
     assert sorted(ok_slides(w["extract_student"] / "status.csv")) == sorted(ids)
     # the rest of the chain takes the student's features, whatever their width
-    pkg = load_package(w["package"])
+    pkg = load_runtime(w["package"], "torch")
     assert pkg.meta["strategy"] == "retrain" and pkg.meta["row"] == f"student.{method}.retrain"
     assert pkg.feature_dim == student.out_dim and pkg.meta["distill_method"] == method
-    pred = predict_features(pkg, np.zeros((5, student.out_dim), np.float32))
-    assert pred.probabilities.shape == (2,)
+    bag = np.random.default_rng(0).normal(size=(5, student.out_dim)).astype(np.float32)
+    want = predict_features(pkg, bag).probabilities
+    assert want.shape == (2,)
+    # every method's student exports to ONNX (FP32 and INT8), within parity of the torch model
+    for name in ("onnx", "int8"):
+        parity = pkg.meta["runtimes"][name]["parity"]
+        assert parity["slides"] == len(ids) and parity["same_label"] == f"{len(ids)}/{len(ids)}"
+        got = predict_features(load_runtime(w["package"], name), bag).probabilities
+        np.testing.assert_allclose(got, want, atol=1e-5)  # the same FP32 head
 
 
 @pytest.mark.integration

@@ -2,8 +2,9 @@
 
 - The core never imports kfp or dvc; only the serving adapter imports kserve, and the deploy
   adapter in its SDK shim.
-- Dependencies point one way: adapters -> stages -> inference -> training, evaluation -> features
-  -> models -> slides -> io -> base. A module imports only from its own layer or a lower one;
+- Dependencies point one way: adapters -> stages -> inference -> training, evaluation ->
+  runtimes -> features -> models -> slides -> io -> base. A module imports only from its own layer
+  or a lower one;
   training and evaluation never import each other; the adapters import each other only where
   `ADAPTER_CALLS` says (the CLI starts the server). No import cycles.
 
@@ -29,13 +30,14 @@ LAYERS: list[tuple[int, str]] = [
     (2, "efcm.slides"),
     (3, "efcm.models"),
     (4, "efcm.features"),
-    (5, "efcm.training"),
-    (5, "efcm.evaluation"),
-    (6, "efcm.inference"),
-    (7, "efcm.stages"),
-    (8, "efcm.cli"),
-    (8, "efcm.serving"),
-    (8, "efcm.deploy"),
+    (5, "efcm.runtimes"),
+    (6, "efcm.training"),
+    (6, "efcm.evaluation"),
+    (7, "efcm.inference"),
+    (8, "efcm.stages"),
+    (9, "efcm.cli"),
+    (9, "efcm.serving"),
+    (9, "efcm.deploy"),
 ]
 BASE = {g for r, g in LAYERS if r == 0}
 ADAPTER_CALLS = {("efcm.cli", "efcm.serving")}
@@ -207,10 +209,10 @@ ENV_READERS = {"efcm.limits", "efcm.io.gcs"}
 
 def env_reads(src: Path) -> list[str]:
     """`os.environ`, `os.getenv` and `*.from_env(...)` calls in core modules other than
-    ENV_READERS and the adapters (layer 8)."""
+    ENV_READERS and the adapters (layer 9)."""
     out = []
     for name, path in modules(src).items():
-        if not name.startswith("efcm") or name in ENV_READERS or group_of(name)[0] == 8:
+        if not name.startswith("efcm") or name in ENV_READERS or group_of(name)[0] == 9:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):

@@ -114,10 +114,11 @@ def test_package_round_trip_and_tamper_detection(demo_run, tmp_path):
     from efcm.features import read_features
     from efcm.inference import predict_features
     from efcm.models.package import load_package
+    from efcm.runtimes import load_runtime
 
     pkg_dir = tmp_path / "pkg"
     shutil.copytree(demo_run["package"], pkg_dir)  # the session's package stays intact
-    pkg = load_package(pkg_dir)
+    pkg = load_runtime(pkg_dir, "torch")
     feats, _ = read_features(next((demo_run["extract_student"] / "features").glob("*.h5")))
     dim = feats.shape[1]
     assert pkg.classes == ["normal", "tumour"] and pkg.feature_dim == dim
@@ -138,9 +139,9 @@ def test_predict_slide_gives_heatmap_and_gallery_pngs(demo_package, tiny_dataset
 
     from efcm.inference import predict_slide
     from efcm.io.manifest import read_manifest
-    from efcm.models.package import load_package
+    from efcm.runtimes import load_runtime
 
-    pkg = load_package(demo_package)
+    pkg = load_runtime(demo_package, "torch")
     slide = read_manifest(tiny_dataset).slides[0]
     pred = predict_slide(pkg, tiny_dataset.parent / slide.uri, heatmap=True, gallery_k=4)
     assert len(pred.attention) == len(pred.coords) > 4

@@ -15,6 +15,7 @@ from efcm.inference import predict_features, predict_slide
 from efcm.io.manifest import read_manifest
 from efcm.io.results import read_predictions
 from efcm.models.package import load_package
+from efcm.runtimes.torch_runtime import TorchRuntime
 from efcm.slides.patching import read_patch_settings
 from tests.conftest import tiny_params_dict
 
@@ -53,21 +54,25 @@ def test_each_member_reproduces_the_evaluated_out_of_fold_predictions(demo_run, 
     manifest = read_manifest(tiny_dataset, CLASSES)
     by_id = {s.slide_id: s for s in manifest.slides}
     assert len(oof) == len(manifest.slides)
+
+    def fp32(p):  # the torch runtime in the evaluation's arithmetic (no CPU bf16 autocast)
+        return TorchRuntime(p, cpu_bf16=False)
+
     for sid, (fold, probs) in oof.items():
         feats, _ = read_features(demo_run["extract_student"] / "features" / f"{sid}.h5")
         np.testing.assert_allclose(
-            predict_features(pkg.member(fold), feats).probabilities, probs, atol=1e-5
+            predict_features(fp32(pkg.member(fold)), feats).probabilities, probs, atol=1e-5
         )
         # the whole path a served slide takes: patching with the packaged geometry, the student
         uri = manifest.base_dir / by_id[sid].uri
-        served = predict_slide(pkg.member(fold), uri, read_workers=0)
+        served = predict_slide(fp32(pkg.member(fold)), uri, read_workers=0)
         np.testing.assert_allclose(served.probabilities, probs, atol=1e-4)
         # the package answers with the mean of its members
         members = [
-            predict_features(pkg.member(k), feats).probabilities for k in range(pkg.n_members)
+            predict_features(fp32(pkg.member(k)), feats).probabilities for k in range(pkg.n_members)
         ]
         np.testing.assert_allclose(
-            predict_features(pkg, feats).probabilities, np.mean(members, 0), atol=1e-6
+            predict_features(fp32(pkg), feats).probabilities, np.mean(members, 0), atol=1e-6
         )
 
 
@@ -104,11 +109,12 @@ def test_export_refuses_params_whose_patching_differs_from_the_training_coords(
             params,
             metrics_path=demo_run["evaluate"] / "metrics.json",
             patches_dir=demo_run["patch"],
+            manifest=tiny_dataset,
         )
     assert not (tmp_path / "pkg").exists()
 
 
-def test_export_refuses_a_strategy_the_evaluation_did_not_score(demo_run, tmp_path):
+def test_export_refuses_a_strategy_the_evaluation_did_not_score(demo_run, tiny_dataset, tmp_path):
     raw = tiny_params_dict()
     raw["mil"] = {**raw["mil"], "strategies": ["reuse", "retrain"]}
     metrics = json.loads((demo_run["evaluate"] / "metrics.json").read_text())
@@ -122,6 +128,7 @@ def test_export_refuses_a_strategy_the_evaluation_did_not_score(demo_run, tmp_pa
             for_stage(params_from_dict(raw), "export"),
             metrics_path=tmp_path / "metrics.json",
             patches_dir=demo_run["patch"],
+            manifest=tiny_dataset,
         )
 
 

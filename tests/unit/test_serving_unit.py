@@ -478,6 +478,7 @@ def test_an_encoder_failure_stops_the_patch_readers_before_the_slide_is_closed(
 
     from efcm.inference import predict_slide
     from efcm.models.package import load_package
+    from efcm.runtimes.torch_runtime import TorchRuntime
     from efcm.slides.patches import SlidePatches
 
     slide = _slide(tmp_path)
@@ -507,7 +508,7 @@ def test_an_encoder_failure_stops_the_patch_readers_before_the_slide_is_closed(
                 raise RuntimeError("encoder failed on batch 2")
             return torch.zeros(len(x), DIM)
 
-    pkg = dataclasses.replace(load_package(package), encoder=FailsOnSecondBatch())
+    pkg = TorchRuntime(dataclasses.replace(load_package(package), encoder=FailsOnSecondBatch()))
     before = set(threading.enumerate())
     with pytest.raises(RuntimeError, match="encoder failed on batch 2"):
         predict_slide(pkg, slide, batch_size=2, read_workers=2)
@@ -840,7 +841,7 @@ def test_concurrent_requests_on_an_fpd_package_answer_as_serial_ones(tmp_path):
     n = 6
     m = EFCMModel("efcm", pkg, limits=ServingLimits(max_concurrent_slides=n))
     m.load()
-    assert type(m.package.encoder.encoder).__name__ == "FPDStudent"
+    assert type(m.package.package.encoder.encoder).__name__ == "FPDStudent"
     size = int(m.get_input_types()[1]["shape"][1])
     rng = np.random.default_rng(0)
     bags = [rng.integers(0, 256, (5 + i, size, size, 3), dtype=np.uint8) for i in range(n)]

@@ -123,11 +123,15 @@ def test_export_of_an_etc_dir_packs_its_fine_tuned_students(tmp_path):
     from efcm.errors import PackageError
     from efcm.models.package import load_package
     from efcm.models.students import load_student
+    from efcm.runtimes import load_runtime
     from efcm.training.export import export_package
-    from tests.packages import build_package
+    from tests.packages import SLIDES_PER_FOLD, build_package
 
     params = params_from_dict(tiny_params_dict())
-    pkg = load_package(build_package(tmp_path, params, 16, strategy="etc", folds=2))
+    runtimes = ("onnx", "int8")
+    pkg = load_package(
+        build_package(tmp_path, params, 16, strategy="etc", folds=2, runtimes=runtimes)
+    )
     assert pkg.meta["strategy"] == "etc" and pkg.meta["row"] == "student.vfd.etc"
     assert pkg.meta["ensemble"]["students"] == ["student_fold_0.pt", "student_fold_1.pt"]
     assert pkg.n_members == 2 and pkg.feature_dim == 2 * 16
@@ -142,6 +146,11 @@ def test_export_of_an_etc_dir_packs_its_fine_tuned_students(tmp_path):
             assert torch.allclose(members[k], tuned.eval()(enc.transform(x)))
             assert not torch.allclose(members[k], distilled.eval()(enc.transform(x)))
         assert torch.allclose(pkg.encoder(x), torch.cat(members, dim=1))
+        # the ONNX graph is the same ensemble: the k students side by side
+        onnx = load_runtime(pkg.path, "onnx")
+        np.testing.assert_allclose(onnx.embed([x.numpy()]), pkg.encoder(x).numpy(), atol=1e-4)
+    for name in runtimes:  # measured on every test slide of both folds
+        assert pkg.meta["runtimes"][name]["parity"]["slides"] == 2 * SLIDES_PER_FOLD
     (tmp_path / "skip").mkdir()
     (tmp_path / "skip" / "summary.json").write_text(
         json.dumps({"strategy": "etc", "skipped": True, "reason": "r"})

@@ -225,12 +225,12 @@ class CLAMMB(CLAMBase):
         attn = torch.softmax(scores, dim=1)
         pooled = attn @ h  # (C, hidden): one pooled vector per class
         logits = torch.cat([clf(pooled[c]) for c, clf in enumerate(self.classifiers)])[None]
-        pred = int(logits.argmax())
+        pred = logits.argmax(-1)  # (1,): a tensor, not an int, so that ONNX export traces it
         out = {
             "logits": logits,
             "probs": torch.softmax(logits, -1),
-            "attention": attn[pred],
-            "scores": scores[pred],
+            "attention": attn.index_select(0, pred)[0],
+            "scores": scores.index_select(0, pred)[0],
             "attention_all": attn,
             "scores_all": scores,
         }

@@ -63,8 +63,13 @@ class FoldEnsembleCLAM(nn.Module):
             for k, m in enumerate(self.members)
         ]
         probs = torch.stack([o["probs"] for o in outs]).mean(0)  # (1, C)
-        pred = int(probs.argmax())
+        pred = probs.argmax(-1)  # (1,): a tensor, not an int, so that ONNX export traces it
         attention = torch.stack(
-            [o["attention_all"][pred] if "attention_all" in o else o["attention"] for o in outs]
+            [
+                o["attention_all"].index_select(0, pred)[0]
+                if "attention_all" in o
+                else o["attention"]
+                for o in outs
+            ]
         ).mean(0)  # (N,), sums to 1 as each member's does
         return {"probs": probs, "logits": probs.clamp_min(1e-12).log(), "attention": attention}

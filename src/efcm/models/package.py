@@ -1,10 +1,9 @@
 """A model package loaded as modules: `load_package` verifies the package's files
-(`efcm.io.package`) and builds its fold ensemble (students and CLAMs). The one loader of the
+(`efcm.models.meta`) and builds its fold ensemble (students and CLAMs). The one loader of the
 evaluation, the CLI and the predictor."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,11 @@ from torch import nn
 
 from efcm.config import EncoderParams
 from efcm.errors import PackageError
-from efcm.io.files import sha256_file
-from efcm.io.package import FORMAT, geometry
 from efcm.models.clam import load_clam
 from efcm.models.encoders import EncoderWithTransform
 from efcm.models.ensemble import FoldEnsembleCLAM, FoldEnsembleEncoder
+from efcm.models.meta import read_package_meta
 from efcm.models.students import load_student
-from efcm.slides.patching import settings_changes
 
 
 @dataclass
@@ -54,34 +51,10 @@ class Package:
 
 
 def load_package(path: str | Path, *, verify: bool = True) -> Package:
-    """Load a package directory; checks its format, the sha256 of every file, and that the
-    geometry it records is its params' (a package edited by hand to serve other patches than it
-    was trained on is refused)."""
+    """Load a package directory as torch modules, after `read_package_meta`'s checks (format, the
+    sha256 of every file, geometry)."""
     path = Path(path)
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise PackageError(f"{path}: not a model package (no model.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise PackageError(f"{meta_path}: not valid JSON ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise PackageError(
-            f"{path}: unknown package format {meta.get('format')!r}, expected {FORMAT}"
-        )
-    for f in meta["files"]:
-        if not (path / f).is_file():
-            raise PackageError(f"{path}: missing {f}")
-        if verify and sha256_file(path / f) != meta["sha256"][f]:
-            raise PackageError(f"{path}/{f}: sha256 does not match model.json (corrupt or altered)")
-    recorded = geometry(meta["patch"])
-    configured = geometry(meta.get("params", {}).get("patch", {}))
-    if recorded != configured:
-        raise PackageError(
-            f"{path}: model.json's patch geometry differs from its params "
-            f"({'; '.join(settings_changes(recorded, configured))}): refusing to serve other "
-            "patches than the model was trained on"
-        )
+    meta = read_package_meta(path, verify=verify)
     ens = meta["ensemble"]
     encoders = []
     for f in ens["students"]:

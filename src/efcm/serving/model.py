@@ -1,9 +1,10 @@
 """`EFCMModel`: the `kserve.Model` that serves one exported package, built as kserve's own model
 servers are: `load()` once, then per request `preprocess` -> `predict` -> `postprocess`.
 
-- `load()`: the package, by `efcm.models.package.load_package` (sha256-verified); a package that
-  cannot be loaded raises `PackageError` there, so `efcm serve` stops at startup with one line
-  instead of serving 500s.
+- `load()`: the package, served by the runtime of `EFCM_RUNTIME` (`efcm.runtimes.load_runtime`:
+  torch, or ONNX Runtime FP32 / INT8 without torch; sha256-verified); a package that cannot be
+  loaded raises `PackageError` there, so `efcm serve` stops at startup with one line instead of
+  serving 500s.
 - `preprocess()`: the v1 or v2 body -> its bags (`efcm.serving.request`) and the request's time
   budget (`EFCM_REQUEST_TIMEOUT_S`, one for all the instances of a v1 request; at most
   `request.MAX_V1_INSTANCES` of them, 413 past it).
@@ -19,9 +20,9 @@ client error (400 bad tensor or slide, 403, 413, 504, 503) with its message; any
 logged 500 that names only a request id. A request before the model is ready is kserve's
 `ModelNotReady` (503), answered by kserve.
 
-CLAM runs on the CPU (it is small and `predict_features` feeds it CPU tensors); the student moves
-to the GPU when there is one. One package serves every worker thread at once: its modules keep no
-per-call state (`efcm.models.transscan.SelectiveKernel`).
+With the torch runtime, CLAM runs on the CPU (it is small) and the student on the GPU when there
+is one. One runtime serves every worker thread at once: its modules and ONNX Runtime sessions keep
+no per-call state (`efcm.models.transscan.SelectiveKernel`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -39,16 +40,15 @@ from typing import Any
 
 import kserve
 import numpy as np
-import torch
 from kserve.errors import ModelNotReady
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import to_http_parameters
 
 from efcm.errors import InvalidSlide, InvalidTensor, PackageError, TooLarge
-from efcm.inference import Prediction, patch_size, predict_features, predict_patches, predict_slide
+from efcm.inference import Prediction, predict_features, predict_patches, predict_slide
 from efcm.io.cache import SlideCache
-from efcm.limits import ServingLimits, cache_dir
-from efcm.models.package import Package, load_package
+from efcm.limits import RuntimeSettings, ServingLimits, cache_dir
+from efcm.runtimes import Runtime, load_runtime
 from efcm.serving import errors
 from efcm.serving import request as rq
 from efcm.serving.executor import Budget, ModelExecutor
@@ -83,7 +83,7 @@ class EFCMModel(kserve.Model):
         *,
         slide_access: SlideAccessPolicy | None = None,
         limits: ServingLimits | None = None,
-        read_workers: int = 2,
+        runtime: RuntimeSettings | None = None,
         cache: SlideCache | None = None,
     ) -> None:
         super().__init__(name)
@@ -94,8 +94,8 @@ class EFCMModel(kserve.Model):
         self.cache = (
             cache if cache is not None else SlideCache(cache_dir(), self.limits.cache_max_bytes)
         )
-        self.read_workers = read_workers
-        self.package: Package | None = None
+        self.settings = runtime if runtime is not None else RuntimeSettings()
+        self.package: Runtime | None = None
         # sized once: the workers and the queue are read here, the other limits per request
         self.executor = ModelExecutor(
             self.limits.max_concurrent_slides, self.limits.max_queued_requests
@@ -106,7 +106,9 @@ class EFCMModel(kserve.Model):
     def load(self) -> bool:
         """Load the package; raises PackageError (one line, no traceback needed) if it cannot."""
         try:
-            pkg = load_package(self.package_dir)
+            pkg = load_runtime(
+                self.package_dir, self.settings.runtime, threads=self.settings.threads
+            )
         except PackageError:
             self.ready = False
             raise
@@ -115,17 +117,17 @@ class EFCMModel(kserve.Model):
             raise PackageError(
                 f"{self.package_dir}: cannot load the model package ({type(err).__name__}: {err})"
             ) from err
-        if torch.cuda.is_available():
-            pkg.encoder.to("cuda")
         self.package = pkg
         self.ready = True
         log.info(
-            "model %s: package %s, %d-d features, classes %s, slide input %s",
+            "model %s: package %s, %d-d features, classes %s, slide input %s, %s, %d read workers",
             self.name,
             self.package_dir,
             pkg.feature_dim,
             pkg.classes,
             "on" if self.slide_access.enabled else "off",
+            pkg.describe(),
+            self.settings.read_workers,
         )
         return True
 
@@ -133,7 +135,7 @@ class EFCMModel(kserve.Model):
         # kserve's default marks every registered model ready, loaded or not.
         self.ready = self.package is not None
 
-    def _pkg(self) -> Package:
+    def _pkg(self) -> Runtime:
         if self.package is None or not self.ready:
             raise ModelNotReady(self.name, "The model package is not loaded.")
         return self.package
@@ -142,7 +144,7 @@ class EFCMModel(kserve.Model):
 
     def get_input_types(self) -> list[dict[str, Any]]:
         pkg = self._pkg()
-        size = patch_size(pkg)
+        size = pkg.patch_size
         return [
             {"name": rq.FEATURES, "datatype": "FP32", "shape": [-1, pkg.feature_dim]},
             {"name": rq.PATCHES, "datatype": "UINT8", "shape": [-1, size, size, 3]},
@@ -227,7 +229,7 @@ class EFCMModel(kserve.Model):
     # -- model work (on an executor thread) ------------------------------------------------------
 
     def _predict_bags(
-        self, pkg: Package, bags: tuple[rq.Bag, ...], budget: Budget
+        self, pkg: Runtime, bags: tuple[rq.Bag, ...], budget: Budget
     ) -> list[Prediction]:
         preds = []
         for i, bag in enumerate(bags):
@@ -236,7 +238,7 @@ class EFCMModel(kserve.Model):
             preds.append(self._predict_bag(pkg, bag, budget.deadline))
         return preds
 
-    def _predict_bag(self, pkg: Package, bag: rq.Bag, deadline: float) -> Prediction:
+    def _predict_bag(self, pkg: Runtime, bag: rq.Bag, deadline: float) -> Prediction:
         lim = self.limits
         if isinstance(bag, rq.FeaturesBag):
             try:
@@ -253,7 +255,7 @@ class EFCMModel(kserve.Model):
                 heatmap=bag.heatmap,
                 heatmap_size=bag.heatmap_size,
                 geojson_out=bag.geojson,
-                read_workers=self.read_workers,
+                read_workers=self.settings.read_workers,
                 max_patches=lim.max_patches,
                 max_slide_bytes=lim.max_slide_bytes,
                 cache=self.cache,
@@ -308,7 +310,7 @@ class EFCMModel(kserve.Model):
         )
 
 
-def _v1_prediction(pkg: Package, pred: Prediction) -> dict[str, Any]:
+def _v1_prediction(pkg: Runtime, pred: Prediction) -> dict[str, Any]:
     out: dict[str, Any] = {
         "label": pred.label,
         "classes": pkg.classes,

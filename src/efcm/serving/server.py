@@ -26,6 +26,7 @@ from efcm.serving import _kserve  # first: hides sys.argv from kserve
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import Request
@@ -33,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from efcm.errors import TooLarge
-from efcm.limits import MAX_REQUEST_BYTES_ENV, ServingLimits
+from efcm.limits import MAX_REQUEST_BYTES_ENV, RUNTIME_CHOICES, RuntimeSettings, ServingLimits
 from efcm.serving.errors import Refused, refusal
 from efcm.serving.model import EFCMModel
 from efcm.serving.policy import SlideAccessPolicy
@@ -49,9 +50,12 @@ def build_model(
     model_name: str = "efcm",
     slide_access: SlideAccessPolicy | None = None,
     limits: ServingLimits | None = None,
+    runtime: RuntimeSettings | None = None,
 ) -> EFCMModel:
     """The loaded model; raises PackageError when the package cannot be loaded."""
-    model = EFCMModel(model_name, package, slide_access=slide_access, limits=limits)
+    model = EFCMModel(
+        model_name, package, slide_access=slide_access, limits=limits, runtime=runtime
+    )
     model.load()
     return model
 
@@ -175,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local directory or gs://bucket/prefix/ the slide_uri input may read (repeatable; "
         "adds to EFCM_SLIDE_URI_PREFIXES; none: slide input is refused)",
     )
+    ap.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        help="what serves the package (default: EFCM_RUNTIME, else auto: torch where it is "
+        "installed, else the package's int8, else onnx)",
+    )
     ap.set_defaults(model_name="efcm")  # on the copy: kserve's parser keeps its own
     return ap
 
@@ -203,8 +213,13 @@ def serve(package: str | Path, options: argparse.Namespace | None = None) -> Non
     `EFCM_SLIDE_URI_PREFIXES` plus `options.allow_slides`."""
     opts = options if options is not None else parse_args([str(package)])
     limits = ServingLimits.from_env()
+    runtime = RuntimeSettings.from_env()
+    if opts.runtime:
+        runtime = replace(runtime, runtime=opts.runtime)
     access = SlideAccessPolicy.from_env(extra=opts.allow_slides)
-    model = build_model(package, model_name=opts.model_name, slide_access=access, limits=limits)
+    model = build_model(
+        package, model_name=opts.model_name, slide_access=access, limits=limits, runtime=runtime
+    )
     configure_app(_kserve.app(), limits)
     opts.grpc_max_receive_message_length = limits.max_request_bytes
     opts.grpc_max_send_message_length = max(limits.max_request_bytes, MIN_GRPC_SEND_BYTES)

@@ -11,12 +11,15 @@ do worse than one member. `Package.member(k)` is fold k's model alone, so a test
 reproduces the evaluation's out-of-fold predictions exactly.
 
 Files: `student.pt` (one student for every fold: Reuse, Retrain CLAM) or `student_fold_<k>.pt`
-(ETC: fold k's fine-tuned student), `clam_fold_<k>.pt`, and `model.json`: the strategy and its
+(ETC: fold k's fine-tuned student), `clam_fold_<k>.pt`; the CPU runtimes of `export.runtimes`
+(`student.onnx`, `clam.onnx`, `student_int8.onnx`, each checked for parity with the torch model on
+the evaluation slides: `efcm.training.runtimes`); and `model.json`: the strategy and its
 evaluation row, the ensemble's layout, the encoder spec, the patch geometry the CLAMs were trained
 on (read from the training coords files, never from params), the export's params, class names,
-the metrics, versions and the sha256 of every file. `load_package` is the one loader (evaluation,
-the CLI and the predictor); it refuses a package whose files do not match their hashes, or whose
-recorded geometry disagrees with its params.
+the metrics, the runtimes with their parity figures, versions and the sha256 of every file.
+`efcm.runtimes.load_runtime` serves it (torch modules by `efcm.models.package.load_package`, the
+one loader of the evaluation; or ONNX Runtime); both refuse a package whose files do not match
+their hashes, or whose recorded geometry disagrees with its params.
 """
 
 from __future__ import annotations
@@ -29,18 +32,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
 import torch
 
 from efcm import __version__, registry
 from efcm.config import Params, params_to_dict
 from efcm.errors import PackageError
+from efcm.io.cache import SlideCache
 from efcm.io.files import sha256_file
+from efcm.io.manifest import Manifest
 from efcm.io.package import FORMAT, geometry
 from efcm.io.results import read_predictions, read_summary
 from efcm.models.clam import load_clam
 from efcm.models.ensemble import FoldEnsembleCLAM
+from efcm.models.package import load_package
 from efcm.models.students import load_student
 from efcm.slides.patching import settings_changes
+from efcm.training.runtimes import write_runtimes
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +101,19 @@ def export_package(
     params: Params,
     metrics: dict[str, Any],
     patches_dir: str | Path,
+    manifest: Manifest | None = None,
+    *,
+    cache: SlideCache | None = None,
 ) -> Path:
     """Assemble the package of the strategy output `mil_dir` (its summary.json names the
     strategy): its k fold CLAMs with the distilled student `student_ckpt`, or for a strategy that
     fine-tunes the student per fold, each fold's student. `metrics` is the evaluation's
-    metrics.json: it must hold the strategy's row (what is shipped must have been evaluated)."""
+    metrics.json: it must hold the strategy's row (what is shipped must have been evaluated).
+    Then the CPU runtimes of `params.export.runtimes`, checked on the evaluation slides of
+    `manifest` (gs:// slides staged into `cache`).
+
+    The package is assembled in `<out>.part` and moved into place only when complete: an export
+    that fails (a runtime that misses parity) leaves the previous package as it was."""
     mil_dir, out = Path(mil_dir), Path(out_dir)
     summary = read_summary(mil_dir)
     if summary.get("skipped"):
@@ -121,6 +137,11 @@ def export_package(
     for f, src in sources.items():
         if not src.is_file():
             raise PackageError(f"{src}: missing (needed for the package's {f})")
+    if params.export.runtimes and manifest is None:
+        raise PackageError(
+            f"export.runtimes is {list(params.export.runtimes)}: their parity is checked on the "
+            "evaluation slides, so export needs the manifest (`efcm export --manifest`)"
+        )
     _, _, tested = read_predictions(mil_dir / "predictions.csv", tuple(params.dataset.classes))
     patch = trained_geometry(Path(patches_dir), sorted(tested), params)
 
@@ -175,6 +196,23 @@ def export_package(
         "files": pkg_files,
         "sha256": {f: sha256_file(tmp / f) for f in pkg_files},
     }
+    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    ex = params.export
+    section, written = write_runtimes(
+        load_package(tmp),
+        tmp,
+        list(ex.runtimes),
+        manifest,
+        Path(patches_dir),
+        sorted(tested),
+        calibration=ex.calibration_patches,
+        max_patches=ex.parity_max_patches,
+        cache=cache,
+    )
+    meta["runtimes"] = section
+    meta["versions"]["onnxruntime"] = ort.__version__
+    meta["files"] = sorted(pkg_files + written)
+    meta["sha256"] = {f: sha256_file(tmp / f) for f in meta["files"]}
     (tmp / "model.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
