@@ -65,7 +65,10 @@ def carried(meta: dict[str, Any]) -> list[str]:
 
 def torch_installed() -> bool:
     """Whether torch can be imported here (without importing it)."""
-    return importlib.util.find_spec("torch") is not None
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install counts as none
+        return False
 
 
 def resolve(name: str, meta: dict[str, Any], *, where: str = "package") -> str:
