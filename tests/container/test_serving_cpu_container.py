@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from efcm.deploy.render import CPU_RUNTIME, RUNTIME_ENV
+from efcm.deploy.render import CPU_RUNTIME
+from efcm.limits import RUNTIME_ENV
 from pipelines.render_manifests import VARIANTS
 from tests import containers
 from tests.conftest import ROOT

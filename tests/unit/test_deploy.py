@@ -27,14 +27,9 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from efcm.deploy import _kserve_sdk
-from efcm.deploy.render import (
-    CACHE_MOUNT,
-    DEPLOYMENT_MODE_ANNOTATION,
-    RUNTIME_ENV,
-    inference_service,
-)
+from efcm.deploy.render import CACHE_MOUNT, DEPLOYMENT_MODE_ANNOTATION, inference_service
 from efcm.deploy.rollout import apply_inference_service, deploy, merge_patch, rollout_target
-from efcm.limits import CACHE_DIR_ENV, SLIDE_URI_PREFIXES_ENV, ServingLimits
+from efcm.limits import CACHE_DIR_ENV, RUNTIME_ENV, SLIDE_URI_PREFIXES_ENV, ServingLimits
 from efcm.serving.policy import SlideAccessPolicy
 from tests.kserve_crd import isvc_validator
 

@@ -33,7 +33,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from efcm.deploy.render import CACHE_MOUNT, CPU_RUNTIME, GPU_RESOURCE, RUNTIME_ENV
+from efcm.deploy.render import CACHE_MOUNT, CPU_RUNTIME, GPU_RESOURCE
 from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
@@ -41,6 +41,7 @@ from efcm.limits import (
     MAX_REQUEST_BYTES_ENV,
     MAX_SLIDE_BYTES_ENV,
     REQUEST_TIMEOUT_ENV,
+    RUNTIME_ENV,
     SLIDE_URI_PREFIXES_ENV,
     ServingLimits,
 )

@@ -53,6 +53,8 @@ from efcm.config import PipelineParams
 from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
+    RUNTIME_CHOICES,
+    RUNTIME_ENV,
     SLIDE_URI_PREFIXES_ENV,
     ServingLimits,
     parse_slide_uri_prefixes,
@@ -84,10 +86,7 @@ _CANARY_DROPPED = ("maxReplicas", "scaleMetric", "scaleMetricType", "scaleTarget
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GiB = 1 << 30
-# The runtime of `efcm serve` (its `--runtime`, read from this env var by the serving adapter).
-RUNTIME_ENV = "EFCM_RUNTIME"
-RUNTIMES = ("auto", "torch", "onnx", "int8")
-CPU_RUNTIME = "int8"  # what the torch-free serving-cpu image runs
+CPU_RUNTIME = "int8"  # what the torch-free serving-cpu image (and the CPU overlay) runs
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -133,8 +132,8 @@ def _check_arguments(
     if not storage_uri:
         raise ValueError("storage_uri is empty: nothing to serve")
     check_image_tag(image, "serving image")
-    if runtime is not None and runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES} or None, got {runtime!r}")
+    if runtime is not None and runtime not in RUNTIME_CHOICES:
+        raise ValueError(f"runtime must be one of {RUNTIME_CHOICES} or None, got {runtime!r}")
     if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
         raise ValueError(
             f"need 0 <= min_replicas <= max_replicas, max_replicas >= 1; "
@@ -384,8 +383,8 @@ def inference_service(
         min_replicas, max_replicas: the autoscaling range.
         scale_target: the autoscaler's target (CPU % in Standard mode, concurrent requests per
             pod in Knative mode); default from `DEFAULT_SCALING`.
-        runtime: the model runtime of `efcm serve` (one of `RUNTIMES`), set as `RUNTIME_ENV`;
-            None leaves it to the server (and the image).
+        runtime: the model runtime of `efcm serve` (one of `efcm.limits.RUNTIME_CHOICES`), set
+            as `RUNTIME_ENV`; None leaves it to the server (and the image).
 
     Raises:
         ValueError: a bad name, namespace, mode, replica range, prefix, runtime, a clashing env
