@@ -1,9 +1,12 @@
 """Benchmark of the images: sizes, build times (cold, cached, after a source change), and the
 serving container's time from start to ready against `efcm serve` on the host, in one run.
 
-  sizes     each image's size, and the bytes the two share (their common layers: the base and the
-            dependency layer), from the engine's own records
-  build     both images with an empty layer cache (podman: in a throwaway storage, where the
+  sizes     each image's size (serving, serving-cpu, component), the torch-free serving-cpu's
+            against the CUDA serving image's (`serving_cpu_size_gb`, `serving_cpu_vs_serving_size`),
+            and the bytes two images share (their common layers: serving and component share the
+            base and the torch dependency layer, serving-cpu only the base), from the engine's own
+            records
+  build     every image with an empty layer cache (podman: in a throwaway storage, where the
             stand-in base is made too and timed apart as base_made_s; docker: --no-cache),
             then `scripts/images.sh` again with nothing changed (the layer cache), then a copy
             of the build context with one line added to src/efcm/__init__.py (only the package
@@ -61,10 +64,10 @@ def images_sh(context: Path, *args: str, env: dict[str, str] | None = None) -> d
 
 
 def cold_build() -> dict:
-    """Both images built with an empty layer cache: with podman, in a storage of their own (a
+    """Every image built with an empty layer cache: with podman, in a storage of their own (a
     throwaway graph root, so this machine's cache is left alone; the stand-in base is made there
-    too, and timed apart); with docker, `--no-cache` (the second image then reuses the shared
-    stage the first has just built)."""
+    too, and timed apart); with docker, `--no-cache` (component then reuses the dependency stage
+    serving has just built)."""
     if containers.engine() != "podman":
         return {"build_s": build_seconds(images_sh(ROOT, "--no-cache")), "how": "--no-cache"}
     store = Path(tempfile.mkdtemp(prefix="efcm-cold-store-", dir="/var/tmp"))
@@ -147,6 +150,22 @@ def host_ready_s(package: Path, log: Path) -> float:
         return time.monotonic() - start
 
 
+def size_summary(record: dict) -> dict:
+    """The sizes of the images of an images.sh `record`: bytes per target, the bytes serving shares
+    with component and with serving-cpu, and serving-cpu's size in GB and as a fraction of
+    serving's."""
+    tags = {i["target"]: i["image"] for i in record["images"]}
+    sizes: dict = {i["target"]: i["bytes"] for i in record["images"]}
+    sizes["shared"] = shared_bytes(tags["serving"], tags["component"])
+    sizes["shared_serving_serving_cpu"] = shared_bytes(tags["serving"], tags["serving-cpu"])
+    return {
+        "bytes": sizes,
+        "serving_size_gb": round(sizes["serving"] / 1e9, 3),
+        "serving_cpu_size_gb": round(sizes["serving-cpu"] / 1e9, 3),
+        "serving_cpu_vs_serving_size": round(sizes["serving-cpu"] / sizes["serving"], 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--package", type=Path, default=ROOT / "runs" / "package")
@@ -169,8 +188,7 @@ def main() -> None:
     out["build_cached_s"] = build_seconds(cached)
     out["build_after_source_change_s"] = source_change_build("bench-source-change")
     tags = {i["target"]: i["image"] for i in cached["images"]}
-    out["bytes"] = {i["target"]: i["bytes"] for i in cached["images"]}
-    out["bytes"]["shared"] = shared_bytes(tags["serving"], tags["component"])
+    out.update(size_summary(cached))
 
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "package"

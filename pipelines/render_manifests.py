@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python pipelines/render_manifests.py` puts pipelines/ first
     sys.path.insert(0, str(ROOT))
 
-from components.image import SERVING_IMAGE  # noqa: E402
-from efcm.deploy.render import inference_service  # noqa: E402
+from components.image import SERVING_CPU_IMAGE, SERVING_IMAGE  # noqa: E402
+from efcm.deploy.render import CPU_RUNTIME, inference_service  # noqa: E402
 
 # The reference deployment: placeholders for the package URI, the registry and the slide bucket.
 BASE: dict[str, Any] = {
@@ -43,8 +43,9 @@ BASE: dict[str, Any] = {
 }
 # Each overlay: the renderer's arguments that differ from BASE.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # CPU inference runs the student over every patch of a slide: more cores.
-    "cpu": {"cpu": "4"},
+    # CPU inference runs the student over every patch of a slide: more cores, and the torch-free
+    # image running the package's INT8 ONNX student.
+    "cpu": {"cpu": "4", "image": SERVING_CPU_IMAGE, "runtime": CPU_RUNTIME},
     # One GPU, on a GPU node (node selector) that tolerates the nvidia.com/gpu taint.
     "gpu": {"gpu": True},
 }
@@ -73,7 +74,8 @@ def _escape(key: str) -> str:
 
 
 def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
-    """RFC 6902 operations that turn `old` into `new` (lists of equal length element-wise)."""
+    """RFC 6902 operations that turn `old` into `new` (lists of equal length element-wise; a list
+    that only grows at its end gets its new elements appended, so an added env var stays one op)."""
     if isinstance(old, dict) and isinstance(new, dict):
         ops: list[dict[str, Any]] = [
             {"op": "remove", "path": f"{path}/{_escape(k)}"} for k in old if k not in new
@@ -88,6 +90,8 @@ def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         pairs = enumerate(zip(old, new, strict=True))
         return [op for i, (a, b) in pairs for op in json_patch(a, b, f"{path}/{i}")]
+    if isinstance(old, list) and isinstance(new, list) and old and new[: len(old)] == old:
+        return [{"op": "add", "path": f"{path}/-", "value": v} for v in new[len(old) :]]
     return [] if old == new else [{"op": "replace", "path": path, "value": new}]
 
 

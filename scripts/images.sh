@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build both images of EFCM (docker/Dockerfile: the `serving` and `component` targets), tagged with the
-# version of pyproject.toml, with docker or podman, whichever is present.
+# Build the images of EFCM (docker/Dockerfile: the `serving`, `serving-cpu` and `component` targets),
+# tagged with the version of pyproject.toml, with docker or podman, whichever is present.
+# serving-cpu is the predictor without torch (ONNX Runtime, INT8), for CPU-only nodes.
 #
 #   scripts/images.sh [options]
 #     --local-base            build on a stand-in base made from Debian's own packages (debootstrap),
@@ -8,12 +9,14 @@
 #     --local-base-if-offline the upstream base if it is here or can be pulled, else the stand-in
 #     --refresh-base          remake the stand-in base (with --local-base*)
 #     --base IMAGE            another base (any Debian-family image with Python 3.11, venv and pip)
-#     --registry R            tag as R/efcm-serving:TAG and R/efcm-component:TAG (default: localhost)
+#     --registry R            tag as R/efcm-serving:TAG, R/efcm-serving-cpu:TAG and
+#                             R/efcm-component:TAG (default: localhost)
 #     --tag TAG               default: the version of pyproject.toml
-#     --target T              serving, component or all (default)
+#     --target T              serving, serving-cpu, component or all (default)
 #     --ca-bundle FILE        a CA bundle pip trusts during the build (a build secret, never in a
 #                             layer); default: $EFCM_BUILD_CA_BUNDLE, else $PIP_CERT, else none
-#     --no-cache              rebuild every layer (once: the second image reuses the shared ones)
+#     --no-cache              rebuild every layer (once per dependency stage: component reuses the
+#                             layers serving has just rebuilt)
 #     --json FILE             also write what was built (tags, sizes, seconds) as JSON to FILE
 #     --print-engine          print the engine it would use (installing it in CI) and build nothing
 #
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
         --base) base=${2:?--base needs an image}; base_mode=given; shift ;;
         --registry) registry=${2:?--registry needs a name}; shift ;;
         --tag) tag=${2:?--tag needs a tag}; shift ;;
-        --target) target=${2:?--target needs serving, component or all}; shift ;;
+        --target) target=${2:?--target needs serving, serving-cpu, component or all}; shift ;;
         --ca-bundle) ca_bundle=${2:?--ca-bundle needs a file}; shift ;;
         --no-cache) no_cache=(--no-cache) ;;
         --json) json_out=${2:?--json needs a file}; shift ;;
@@ -50,9 +53,9 @@ while [ $# -gt 0 ]; do
     shift
 done
 case "$target" in
-    all) targets=(serving component) ;;
-    serving|component) targets=("$target") ;;
-    *) die "--target: serving, component or all, got '$target'" ;;
+    all) targets=(serving component serving-cpu) ;;
+    serving|serving-cpu|component) targets=("$target") ;;
+    *) die "--target: serving, serving-cpu, component or all, got '$target'" ;;
 esac
 [ -z "$tag" ] && tag=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 [ "$tag" = latest ] && die "--tag latest: images are tagged with a version, never :latest"
@@ -156,17 +159,26 @@ else
     build_args+=(--network host)
 fi
 
+# The dependency stage of each target (docker/Dockerfile): with --no-cache, each is rebuilt once,
+# and a later target on the same one reuses what the build before it has just made.
+deps_stage() { if [ "$1" = serving-cpu ]; then echo runtime-cpu; else echo runtime; fi; }
+rebuilt=" "
+
 results=()
 for t in "${targets[@]}"; do
     image="$registry/efcm-$t:$tag"
     echo "images.sh: building $image ($engine, target $t)" >&2
+    cache=()
+    if [ ${#no_cache[@]} -gt 0 ] && [[ "$rebuilt" != *" $(deps_stage "$t") "* ]]; then
+        cache=("${no_cache[@]}")
+        rebuilt+="$(deps_stage "$t") "
+    fi
     start=$(date +%s.%N)
-    "$engine" build "${build_args[@]}" "${no_cache[@]}" --target "$t" -t "$image" . >&2
+    "$engine" build "${build_args[@]}" "${cache[@]}" --target "$t" -t "$image" . >&2
     seconds=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" \
         "$start" "$(date +%s.%N)")
     bytes=$(image_bytes "$image")
     printf 'images.sh: %s  %s MB  built in %s s\n' "$image" "$((bytes / 1000000))" "$seconds"
-    no_cache=()  # the next target reuses the shared stages this build has just made
     results+=("{\"target\": \"$t\", \"image\": \"$image\", \"bytes\": $bytes, \"build_s\": $seconds}")
 done
 

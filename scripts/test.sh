@@ -13,7 +13,7 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
         exit 1
     }
 fi
-# Both images (scripts/images.sh: podman or docker; podman, runc and debootstrap are installed in CI
+# The images (scripts/images.sh: podman or docker; podman, runc and debootstrap are installed in CI
 # as root; the stand-in base where no registry answers). The container tests (tests/container) build
 # them themselves when needed; building here first puts the sizes and build times in the log. The
 # layers are cached between runs on one machine.

@@ -1,6 +1,6 @@
 """The container engine for the image tests: docker when its engine runs, else podman.
 
-Both images come from `scripts/images.sh` (the one build path users run too), which installs podman
+The images come from `scripts/images.sh` (the one build path users run too), which installs podman
 in CI when no engine is here; the tests never skip for a missing engine. With podman, every call
 goes through `docker/podman-containers.conf` (CONTAINERS_CONF), the machine-specific settings of
 this repository, never the machine's /etc.
@@ -61,8 +61,9 @@ def cli(*args: str, timeout: float = 120, check: bool = True) -> subprocess.Comp
 
 
 def build_images(log: Path) -> dict:
-    """Both images, built (or found in the layer cache) by scripts/images.sh on the upstream base,
-    or on the stand-in base where no registry is reachable. Returns its JSON record:
+    """Every image (serving, serving-cpu, component), built (or found in the layer cache) by
+    scripts/images.sh on the upstream base, or on the stand-in base where no registry is
+    reachable. Returns its JSON record:
     {"engine", "base", "stand_in_base", "images": [{"target", "image", "bytes", "build_s"}]}."""
     record = log.with_suffix(".json")
     with log.open("w") as out:

@@ -28,6 +28,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -66,9 +67,9 @@ def _bytes(quantity: str) -> int:
     return int(quantity)
 
 
-def rendered_isvc(image: str) -> dict:
+def rendered_isvc(image: str, **options: Any) -> dict:
     """The InferenceService `efcm deploy` would apply: CPU, the default limits, slides allowed
-    from SLIDES."""
+    from SLIDES, and `options` (more arguments of `inference_service`)."""
     return inference_service(
         MODEL,
         "efcm-test",
@@ -76,6 +77,7 @@ def rendered_isvc(image: str) -> dict:
         image,
         gpu=False,
         slide_uri_prefixes=SLIDES,
+        **options,
     )
 
 
@@ -141,14 +143,14 @@ def mounts(tmp_path_factory, demo_package) -> tuple[Path, Path]:
 
 
 @contextmanager
-def served(images, mounts, tmp_path: Path) -> Iterator[tuple[Server, containers.Container]]:
-    """The serving image as the rendered InferenceService runs it, until ready; after the block:
-    still ready, then stopped, exit code 0 and no traceback in its log."""
+def served(isvc: dict, mounts, tmp_path: Path) -> Iterator[tuple[Server, containers.Container]]:
+    """The predictor's image, run as the rendered InferenceService `isvc` runs it, until ready;
+    after the block: still ready, then stopped, exit code 0 and no traceback in its log."""
     package, slides = mounts
-    isvc = rendered_isvc(images["serving"])
+    image = isvc["spec"]["predictor"]["containers"][0]["image"]
     opts, argv, ports = run_as_kserve(isvc, package, slides, tmp_path / "volumes")
     log = tmp_path / "container.log"
-    with containers.running(images["serving"], opts, argv, log) as box:
+    with containers.running(image, opts, argv, log) as box:
         url = f"http://127.0.0.1:{box.port(ports['http'])}"
         ready = isvc["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
         box.wait_http(url + ready)
@@ -163,7 +165,7 @@ def served(images, mounts, tmp_path: Path) -> Iterator[tuple[Server, containers.
 
 def test_manifest_settings_reach_the_container(images, mounts, tmp_path):
     """The user, the read-only root and the tmpfs volumes are what the manifest says."""
-    with served(images, mounts, tmp_path) as (_, box):
+    with served(rendered_isvc(images["serving"]), mounts, tmp_path) as (_, box):
         assert box.exec("id", "-u").strip() == "10001"
         for path in ("/opt/venv/x", "/home/efcm/x", "/mnt/models/x", f"{SLIDES}/x"):
             proc = containers.cli("exec", box.name, "touch", path, check=False)
@@ -174,7 +176,7 @@ def test_manifest_settings_reach_the_container(images, mounts, tmp_path):
 
 def test_features_over_rest_and_grpc_equal_the_core_on_the_host(images, mounts, tmp_path):
     x = np.random.default_rng(0).normal(size=(9, 64)).astype(np.float32)
-    with served(images, mounts, tmp_path) as (server, _):
+    with served(rendered_isvc(images["serving"]), mounts, tmp_path) as (server, _):
         expected = predict_features(load_runtime(server.package, "torch"), x)
         for call, binary in ((rest, False), (rest, True), (grpc, True)):
             out = _outputs(call(server, [_input("features", x, "FP32", binary)]))
@@ -185,7 +187,7 @@ def test_features_over_rest_and_grpc_equal_the_core_on_the_host(images, mounts, 
 def test_slide_uris_under_the_allowed_folder_and_a_refused_one(images, mounts, tmp_path):
     import grpc as grpc_lib
 
-    with served(images, mounts, tmp_path) as (server, _):
+    with served(rendered_isvc(images["serving"]), mounts, tmp_path) as (server, _):
         uri = f"{SLIDES}/tumour.tif"
         res = rest(server, [_slide_input(uri)], {"heatmap": True})
         out = _outputs(res)

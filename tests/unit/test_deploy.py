@@ -29,7 +29,7 @@ from kubernetes.client.exceptions import ApiException
 from efcm.deploy import _kserve_sdk
 from efcm.deploy.render import CACHE_MOUNT, DEPLOYMENT_MODE_ANNOTATION, inference_service
 from efcm.deploy.rollout import apply_inference_service, deploy, merge_patch, rollout_target
-from efcm.limits import CACHE_DIR_ENV, SLIDE_URI_PREFIXES_ENV, ServingLimits
+from efcm.limits import CACHE_DIR_ENV, RUNTIME_ENV, SLIDE_URI_PREFIXES_ENV, ServingLimits
 from efcm.serving.policy import SlideAccessPolicy
 from tests.kserve_crd import isvc_validator
 
@@ -162,6 +162,14 @@ def test_extra_env_is_added_but_cannot_replace_the_package_or_the_policy():
             _render(env={name: "x"})
 
 
+def test_the_runtime_is_set_only_when_asked_and_cannot_be_set_twice():
+    assert RUNTIME_ENV not in _env(_render())  # the server (and the image) choose
+    for runtime in ("int8", "onnx", "torch", "auto"):
+        assert _env(_valid(_render(runtime=runtime)))[RUNTIME_ENV] == runtime
+    with pytest.raises(ValueError, match=RUNTIME_ENV):
+        _render(runtime="int8", env={RUNTIME_ENV: "torch"})
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
@@ -174,6 +182,7 @@ def test_extra_env_is_added_but_cannot_replace_the_package_or_the_policy():
         ({"deployment_mode": "Serverful"}, "deployment_mode"),
         ({"min_replicas": 2, "max_replicas": 1}, "replicas"),
         ({"slide_uri_prefixes": "https://slides.example/"}, "only gs://"),
+        ({"runtime": "openvino"}, "runtime must be one of"),
     ],
 )
 def test_bad_values_are_refused(kw, match):

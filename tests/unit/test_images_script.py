@@ -30,7 +30,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     ("args", "words"),
     [
         (["--tag", "latest"], "never :latest"),
-        (["--target", "gpu"], "serving, component or all, got 'gpu'"),
+        (["--target", "gpu"], "serving, serving-cpu, component or all, got 'gpu'"),
         (["--ca-bundle", "/nonexistent/ca.pem"], "no such file: /nonexistent/ca.pem"),
         (["--bogus"], "unknown option --bogus"),
     ],
@@ -40,19 +40,32 @@ def test_bad_options_are_refused_by_name(args, words):
     assert proc.returncode == 1 and words in proc.stderr, proc.stderr
 
 
-def test_help_lists_the_options():
+def test_help_lists_the_options_and_the_three_targets():
     proc = _run("--help")
     assert proc.returncode == 0
     for option in ("--local-base", "--base", "--registry", "--ca-bundle", "--no-cache"):
         assert option in proc.stdout
+    assert "serving, serving-cpu, component or all" in proc.stdout
 
 
-def test_without_an_engine_outside_ci_it_says_how_to_get_one(tmp_path: Path):
-    bin_dir = tmp_path / "bin"  # only what the script needs before it looks for an engine
+def _no_engine_env(tmp_path: Path) -> dict[str, str]:
+    """A PATH with only what the script needs before it looks for an engine."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("bash", "dirname", "python3", "id", "sed"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    proc = _run(env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
+    return {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+
+
+@pytest.mark.parametrize("target", ["serving", "serving-cpu", "component", "all"])
+def test_each_target_is_accepted(tmp_path: Path, target):
+    """A known target gets past the options to the engine (which this PATH lacks)."""
+    proc = _run("--target", target, env=_no_engine_env(tmp_path))
+    assert proc.returncode == 1 and "neither a running Docker engine" in proc.stderr, proc.stderr
+
+
+def test_without_an_engine_outside_ci_it_says_how_to_get_one(tmp_path: Path):
+    proc = _run(env=_no_engine_env(tmp_path))
     assert proc.returncode == 1, proc.stderr
     assert "neither a running Docker engine nor podman" in proc.stderr
     assert "apt-get install podman runc" in proc.stderr

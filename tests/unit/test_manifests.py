@@ -33,7 +33,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from efcm.deploy.render import CACHE_MOUNT, GPU_RESOURCE
+from efcm.deploy.render import CACHE_MOUNT, CPU_RUNTIME, GPU_RESOURCE
 from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
@@ -41,6 +41,7 @@ from efcm.limits import (
     MAX_REQUEST_BYTES_ENV,
     MAX_SLIDE_BYTES_ENV,
     REQUEST_TIMEOUT_ENV,
+    RUNTIME_ENV,
     SLIDE_URI_PREFIXES_ENV,
     ServingLimits,
 )
@@ -317,6 +318,16 @@ def test_gpu_overlay_asks_for_a_gpu_node_and_the_cpu_overlay_does_not(builds):
     assert GPU_RESOURCE not in str(cpu) and "nodeSelector" not in cpu and "tolerations" not in cpu
 
 
+def test_the_cpu_overlay_runs_the_torch_free_image_on_the_int8_runtime(builds):
+    def image_and_runtime(variant: str) -> tuple[str, str | None]:
+        (container,) = _isvc(builds, variant)["spec"]["predictor"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        return container["image"].rpartition(":")[0].rsplit("/", 1)[1], env.get(RUNTIME_ENV)
+
+    assert image_and_runtime("cpu") == ("efcm-serving-cpu", CPU_RUNTIME)
+    assert image_and_runtime("gpu") == ("efcm-serving", None)  # torch on the GPU
+
+
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_inferenceservice_is_production_ready(builds, variant):
     isvc = _isvc(builds, variant)
@@ -406,10 +417,17 @@ def _lint(path: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_one_dockerfile_builds_both_images():
+def test_one_dockerfile_builds_every_image():
     assert [p.name for p in DOCKER.glob("Dockerfile*")] == ["Dockerfile"]
     stages = [s.split() for s in _instructions(DOCKERFILE) if s.startswith("FROM ")]
-    assert {s[-1] for s in stages} == {"runtime", "serving", "component"}
+    assert {s[-1] for s in stages} == {
+        "base",
+        "runtime",
+        "runtime-cpu",
+        "serving",
+        "serving-cpu",
+        "component",
+    }
 
 
 def test_dockerfile_passes_hadolint():
@@ -451,8 +469,11 @@ def test_the_base_is_an_argument_defaulting_to_the_pinned_upstream_image():
     (arg,) = [s for s in steps if s.startswith("ARG BASE=")]
     default = arg.split("=", 1)[1]
     assert default == "python:3.11.14-slim-bookworm"
-    assert _stage("runtime")[0] == "FROM ${BASE} AS runtime"
+    assert _stage("base")[0] == "FROM ${BASE} AS base"
+    assert _stage("runtime")[0] == "FROM base AS runtime"
+    assert _stage("runtime-cpu")[0] == "FROM base AS runtime-cpu"
     assert _stage("serving")[0] == "FROM runtime AS serving"
+    assert _stage("serving-cpu")[0] == "FROM runtime-cpu AS serving-cpu"
     assert _stage("component")[0] == "FROM runtime AS component"
 
 
@@ -461,7 +482,7 @@ def test_installs_are_pinned_and_the_images_run_as_a_numeric_non_root_user():
     installs = [s for s in steps if "pip install" in s]
     assert installs and all("-c constraints.txt" in s or "--no-deps" in s for s in installs)
     assert not any("index-url" in s for s in installs), "the pins come from the default index"
-    for target in ("serving", "component"):
+    for target in ("serving", "serving-cpu", "component"):
         users = [s.split()[1] for s in _stage(target) if s.startswith("USER ")]
         assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
 
@@ -474,11 +495,19 @@ def test_a_proxy_ca_reaches_pip_only_as_a_build_secret():
     assert all(s.startswith(secret) for s in pip_runs)
 
 
-def test_the_dependency_layer_depends_only_on_the_pins():
-    runtime = _stage("runtime")
-    copies = [s for s in runtime if s.startswith("COPY ")]
+def test_the_dependency_layers_depend_only_on_the_pins():
+    copies = [s for s in _stage("base") if s.startswith("COPY ")]
     assert copies == ["COPY pyproject.toml constraints.txt ./"]
-    assert any("torch.version.cuda" in s for s in runtime if s.startswith("RUN "))
+    for deps in ("runtime", "runtime-cpu"):
+        assert not any(s.startswith(("COPY ", "ADD ")) for s in _stage(deps)), deps
+
+
+def test_the_torch_layer_checks_for_cuda_and_the_cpu_layer_for_no_torch():
+    (torch_install,) = [s for s in _stage("runtime") if "pip install" in s]
+    assert '".[serve]"' in torch_install and "torch.version.cuda" in torch_install
+    (cpu_install,) = [s for s in _stage("runtime-cpu") if "pip install" in s]
+    assert '".[serve-cpu]"' in cpu_install and "find_spec('torch')" in cpu_install
+    assert "[serve]" not in cpu_install and "[pipeline" not in cpu_install
 
 
 def test_component_image_has_the_pipeline_extra_and_no_entrypoint():
@@ -488,8 +517,23 @@ def test_component_image_has_the_pipeline_extra_and_no_entrypoint():
     assert not any(s.startswith("ENTRYPOINT") for s in component)
 
 
-def test_serving_image_runs_efcm_serve_with_a_writable_cache_outside_the_root_fs():
-    serving = _stage("serving")
+@pytest.mark.parametrize("target", ["serving", "serving-cpu"])
+def test_serving_images_run_efcm_serve_with_a_writable_cache_outside_the_root_fs(target):
+    serving = _stage(target)
     assert 'ENTRYPOINT ["efcm", "serve"]' in serving
-    assert f"ENV {CACHE_DIR_ENV}={CACHE_MOUNT}" in serving
+    assert any(s.startswith("ENV ") and f"{CACHE_DIR_ENV}={CACHE_MOUNT}" in s for s in serving)
     assert not any("[pipeline" in s for s in serving)
+
+
+def test_both_serving_images_have_the_same_entry_point_user_and_ports():
+    def contract(target: str) -> list[str]:
+        keep = ("ENTRYPOINT", "CMD", "USER", "EXPOSE", "WORKDIR")
+        return [s for s in _stage(target) if s.startswith(keep)]
+
+    assert contract("serving-cpu") == contract("serving")
+
+
+def test_the_cpu_serving_image_runs_the_int8_onnx_runtime():
+    (env,) = [s for s in _stage("serving-cpu") if s.startswith("ENV ")]
+    assert f"{RUNTIME_ENV}={CPU_RUNTIME}" in env.split()
+    assert CPU_RUNTIME == "int8"

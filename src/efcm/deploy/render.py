@@ -32,6 +32,10 @@ What it renders, and why:
   one slide being staged per slide worker) and /tmp.
 - `gpu=True`: one `nvidia.com/gpu` (request and limit), a node selector for GPU nodes and a
   toleration of the `nvidia.com/gpu` taint.
+- `runtime`: the model runtime `efcm serve` runs the package with, as `EFCM_RUNTIME` (unset: the
+  server's own choice). The CPU deployment sets `int8` (`CPU_RUNTIME`, the package's INT8 ONNX
+  student) on the torch-free image (docker/Dockerfile, target `serving-cpu`), which sets the same
+  default itself.
 - A Standard-mode canary (`canary_spec`, used by the rollout) is the predictor under the name
   `canary` with fixed replicas: KServe allows no autoscaling on a canary.
 
@@ -49,6 +53,8 @@ from efcm.config import PipelineParams
 from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
+    RUNTIME_CHOICES,
+    RUNTIME_ENV,
     SLIDE_URI_PREFIXES_ENV,
     ServingLimits,
     parse_slide_uri_prefixes,
@@ -80,6 +86,7 @@ _CANARY_DROPPED = ("maxReplicas", "scaleMetric", "scaleMetricType", "scaleTarget
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _GiB = 1 << 30
+CPU_RUNTIME = "int8"  # what the torch-free serving-cpu image (and the CPU overlay) runs
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -107,9 +114,10 @@ def _check_arguments(
     deployment_mode: str,
     min_replicas: int,
     max_replicas: int,
+    runtime: str | None,
 ) -> None:
-    """Raise ValueError naming the first argument of `inference_service` Kubernetes or KServe
-    would refuse."""
+    """Raise ValueError naming the first argument of `inference_service` Kubernetes, KServe or
+    `efcm serve` would refuse."""
     if not _DNS1035.match(name) or len(name) > 45:
         raise ValueError(
             f"InferenceService name {name!r} must be a DNS-1035 label (lower-case letters, digits "
@@ -124,6 +132,8 @@ def _check_arguments(
     if not storage_uri:
         raise ValueError("storage_uri is empty: nothing to serve")
     check_image_tag(image, "serving image")
+    if runtime is not None and runtime not in RUNTIME_CHOICES:
+        raise ValueError(f"runtime must be one of {RUNTIME_CHOICES} or None, got {runtime!r}")
     if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
         raise ValueError(
             f"need 0 <= min_replicas <= max_replicas, max_replicas >= 1; "
@@ -158,13 +168,17 @@ def container_env(
     limits: ServingLimits,
     slide_uri_prefixes: str,
     extra: Mapping[str, str] | None,
+    runtime: str | None = None,
 ) -> list[dict[str, str]]:
-    """The server's env: the package (`STORAGE_URI`), the serving policy, then `extra`.
+    """The server's env: the package (`STORAGE_URI`), the serving policy, the runtime
+    (`RUNTIME_ENV`, when given), then `extra`.
 
     Raises:
         ValueError: `extra` names a variable the other arguments set, or a bad prefix.
     """
     variables = {STORAGE_URI_ENV: storage_uri, **serving_env(limits, slide_uri_prefixes)}
+    if runtime is not None:
+        variables[RUNTIME_ENV] = runtime
     clash = sorted(set(extra or {}) & set(variables))
     if clash:
         raise ValueError(f"env must not set {clash}: they come from the other arguments")
@@ -345,6 +359,7 @@ def inference_service(
     min_replicas: int = 1,
     max_replicas: int = 3,
     scale_target: int | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """Render the InferenceService serving the package at `storage_uri` as model `name`.
 
@@ -354,7 +369,8 @@ def inference_service(
         namespace: Kubernetes namespace.
         storage_uri: the exported package (gs://, s3://, pvc://...), given to the container as
             `STORAGE_URI` and downloaded by KServe to /mnt/models.
-        image: the serving image (docker/Dockerfile, target `serving`), with an explicit tag.
+        image: the serving image (docker/Dockerfile, target `serving`, or `serving-cpu` for the
+            torch-free CPU runtimes), with an explicit tag.
         gpu: request one `nvidia.com/gpu` and schedule on GPU nodes.
         deployment_mode: `Standard` (default, see the module docstring) or `Knative`.
         service_account: the predictor's service account (one that may read the package bucket,
@@ -367,19 +383,21 @@ def inference_service(
         min_replicas, max_replicas: the autoscaling range.
         scale_target: the autoscaler's target (CPU % in Standard mode, concurrent requests per
             pod in Knative mode); default from `DEFAULT_SCALING`.
+        runtime: the model runtime of `efcm serve` (one of `efcm.limits.RUNTIME_CHOICES`), set
+            as `RUNTIME_ENV`; None leaves it to the server (and the image).
 
     Raises:
-        ValueError: a bad name, namespace, mode, replica range, prefix, a clashing env var, or
-            an empty URI or image.
+        ValueError: a bad name, namespace, mode, replica range, prefix, runtime, a clashing env
+            var, or an empty URI or image.
     """
     _check_arguments(
-        name, namespace, storage_uri, image, deployment_mode, min_replicas, max_replicas
+        name, namespace, storage_uri, image, deployment_mode, min_replicas, max_replicas, runtime
     )
     limits = limits or ServingLimits()
     container = predictor_container(
         name,
         image,
-        container_env(storage_uri, limits, slide_uri_prefixes, env),
+        container_env(storage_uri, limits, slide_uri_prefixes, env, runtime),
         container_resources(cpu, memory, gpu),
     )
     predictor: dict[str, Any] = {
