@@ -12,6 +12,7 @@ def deploy(
     export: dict,
     namespace: str,
     serving_image: str,
+    serving_cpu_image: str,
     service_account: str,
     gpu: bool,
     dry_run: bool,
@@ -28,19 +29,24 @@ def deploy(
     `dry_run`: creates the service, or patches it with `canary_traffic_percent` of the traffic
     for the new package, and waits up to `ready_timeout_s` for it to be Ready (the step fails
     past that). `inference_service` gets the YAML of the object applied (or only rendered).
+    With `gpu`, the service runs `serving_image` (torch on the GPU); without, `serving_cpu_image`
+    with the package's INT8 runtime (`efcm.deploy.render.serving_variant`).
     """
     import kserve
 
     from efcm import config
+    from efcm.deploy.render import serving_variant
     from efcm.deploy.rollout import deploy as run
 
     params = config.params_for_stage("deploy", {"export": export})
+    image, runtime = serving_variant(gpu, serving_image, serving_cpu_image)
     return run(
         package.uri,
         inference_service.path,
         params.export.model_name,
         namespace=namespace,
-        image=serving_image,
+        image=image,
+        runtime=runtime,
         gpu=gpu,
         dry_run=dry_run,
         client_factory=kserve.KServeClient,

@@ -35,7 +35,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import graph_component
 
 import components as c
-from components.image import IMAGE, SERVING_IMAGE
+from components.image import IMAGE, SERVING_CPU_IMAGE, SERVING_IMAGE
 from efcm import registry
 from efcm.config import PipelineParams
 from pipelines.kfp_shim import declare_channel_input
@@ -128,6 +128,7 @@ class _Inputs:
     revision: Any
     namespace: Any
     serving_image: Any
+    serving_cpu_image: Any
     serving_service_account: Any
     serve_on_gpu: Any
     canary_traffic_percent: Any
@@ -410,6 +411,7 @@ def _gate_report_and_deploy(
                 export=p.export,
                 namespace=p.namespace,
                 serving_image=p.serving_image,
+                serving_cpu_image=p.serving_cpu_image,
                 service_account=p.serving_service_account,
                 gpu=p.serve_on_gpu,
                 dry_run=p.dry_run,
@@ -456,6 +458,7 @@ def build_pipeline(
         revision: str = "main",
         namespace: str = "efcm",
         serving_image: str = SERVING_IMAGE,
+        serving_cpu_image: str = SERVING_CPU_IMAGE,
         serving_service_account: str = "efcm-serving",
         serve_on_gpu: bool = False,
         canary_traffic_percent: int = 100,
@@ -485,6 +488,7 @@ def build_pipeline(
             revision=revision,
             namespace=namespace,
             serving_image=serving_image,
+            serving_cpu_image=serving_cpu_image,
             serving_service_account=serving_service_account,
             serve_on_gpu=serve_on_gpu,
             canary_traffic_percent=canary_traffic_percent,

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # `python pipelines/render_manifests.py` puts pip
     sys.path.insert(0, str(ROOT))
 
 from components.image import SERVING_CPU_IMAGE, SERVING_IMAGE  # noqa: E402
-from efcm.deploy.render import CPU_RUNTIME, inference_service  # noqa: E402
+from efcm.deploy.render import inference_service, serving_variant  # noqa: E402
 
 # The reference deployment: placeholders for the package URI, the registry and the slide bucket.
 BASE: dict[str, Any] = {
@@ -41,11 +41,12 @@ BASE: dict[str, Any] = {
     "min_replicas": 1,
     "max_replicas": 3,
 }
+_CPU = serving_variant(False, SERVING_IMAGE, SERVING_CPU_IMAGE)  # (image, runtime)
 # Each overlay: the renderer's arguments that differ from BASE.
 VARIANTS: dict[str, dict[str, Any]] = {
     # CPU inference runs the student over every patch of a slide: more cores, and the torch-free
     # image running the package's INT8 ONNX student.
-    "cpu": {"cpu": "4", "image": SERVING_CPU_IMAGE, "runtime": CPU_RUNTIME},
+    "cpu": {"cpu": "4", "image": _CPU[0], "runtime": _CPU[1]},
     # One GPU, on a GPU node (node selector) that tolerates the nvidia.com/gpu taint.
     "gpu": {"gpu": True},
 }

@@ -12,7 +12,7 @@ from kfp import dsl
 
 import components as c
 import efcm.serving._kserve  # noqa: F401  (kserve, with a clean sys.argv, before deploy's body)
-from components.image import IMAGE, SERVING_IMAGE
+from components.image import IMAGE, SERVING_CPU_IMAGE, SERVING_IMAGE
 from efcm.errors import BatchFailed
 from efcm.io.cache import SlideCache
 from efcm.io.dataset import select_shard
@@ -202,6 +202,7 @@ def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):
         export={"model_name": "efcm-demo"},
         namespace="efcm",
         serving_image=SERVING_IMAGE,
+        serving_cpu_image=SERVING_CPU_IMAGE,
         service_account="efcm-serving",
         gpu=True,
         dry_run=True,
@@ -213,6 +214,27 @@ def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):
     assert predictor["serviceAccountName"] == "efcm-serving"
     env = {e["name"]: e["value"] for e in predictor["containers"][0]["env"]}
     assert env["STORAGE_URI"] == "gs://pipeline-root/efcm/run-1/export/package"
+    # on a GPU node: the CUDA image, whose server picks torch itself
+    assert predictor["containers"][0]["image"] == SERVING_IMAGE and "EFCM_RUNTIME" not in env
+
+
+def test_deploy_component_on_cpu_nodes_serves_the_torch_free_image_with_int8(tmp_path):
+    out = dsl.Artifact(uri=str(tmp_path / "deploy" / "inference_service"))
+    c.deploy.python_func(
+        package=dsl.Model(uri="gs://pipeline-root/efcm/run-1/export/package"),
+        export={"model_name": "efcm-demo"},
+        namespace="efcm",
+        serving_image=SERVING_IMAGE,
+        serving_cpu_image=SERVING_CPU_IMAGE,
+        service_account="efcm-serving",
+        gpu=False,
+        dry_run=True,
+        inference_service=out,
+    )
+    (container,) = yaml.safe_load(Path(out.path).read_text())["spec"]["predictor"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert container["image"] == SERVING_CPU_IMAGE and env["EFCM_RUNTIME"] == "int8"
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
 
 
 def test_component_params_take_json_numbers():

@@ -10,7 +10,7 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 import efcm
-from components.image import IMAGE, SERVING_IMAGE
+from components.image import IMAGE, SERVING_CPU_IMAGE, SERVING_IMAGE
 from efcm import registry
 from efcm.config import load_params, params_from_dict
 from pipelines.compile import compile_pipeline, main, pipeline_arguments
@@ -165,8 +165,9 @@ def test_images_are_pinned_to_the_efcm_version(compiled):
     for image in (IMAGE, SERVING_IMAGE):
         assert not image.endswith(":latest")
         assert image.rsplit(":", 1)[1] == efcm.__version__
-    default = spec.root.input_definitions.parameters["serving_image"].default_value
-    assert default.string_value == SERVING_IMAGE
+    defaults = spec.root.input_definitions.parameters
+    assert defaults["serving_image"].default_value.string_value == SERVING_IMAGE
+    assert defaults["serving_cpu_image"].default_value.string_value == SERVING_CPU_IMAGE
 
 
 def test_parameter_defaults_are_the_params_yaml_sections(compiled):

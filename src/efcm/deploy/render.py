@@ -89,6 +89,13 @@ _GiB = 1 << 30
 CPU_RUNTIME = "int8"  # what the torch-free serving-cpu image (and the CPU overlay) runs
 
 
+def serving_variant(gpu: bool, gpu_image: str, cpu_image: str) -> tuple[str, str | None]:
+    """The image and runtime of a deployment (the deploy step and the overlays): on a GPU node
+    the CUDA image, whose server picks torch itself; on a CPU node the torch-free `serving-cpu`
+    image with the package's INT8 runtime (`CPU_RUNTIME`)."""
+    return (gpu_image, None) if gpu else (cpu_image, CPU_RUNTIME)
+
+
 # -- arguments ------------------------------------------------------------------------------------
 
 
