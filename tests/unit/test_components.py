@@ -195,7 +195,7 @@ def test_select_shard_names_a_shard_that_does_not_exist(tmp_path):
         select_shard(m, 0, 0)
 
 
-def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):
+def _deploy_dry_run(tmp_path: Path, *, gpu: bool) -> dict:
     out = dsl.Artifact(uri=str(tmp_path / "deploy" / "inference_service"))
     c.deploy.python_func(
         package=dsl.Model(uri="gs://pipeline-root/efcm/run-1/export/package"),
@@ -204,11 +204,15 @@ def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):
         serving_image=SERVING_IMAGE,
         serving_cpu_image=SERVING_CPU_IMAGE,
         service_account="efcm-serving",
-        gpu=True,
+        gpu=gpu,
         dry_run=True,
         inference_service=out,
     )
-    isvc = yaml.safe_load(Path(out.path).read_text())
+    return yaml.safe_load(Path(out.path).read_text())
+
+
+def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):
+    isvc = _deploy_dry_run(tmp_path, gpu=True)
     assert isvc["metadata"]["name"] == "efcm-demo"
     predictor = isvc["spec"]["predictor"]
     assert predictor["serviceAccountName"] == "efcm-serving"
@@ -219,19 +223,7 @@ def test_deploy_component_dry_run_renders_the_package_uri(tmp_path):
 
 
 def test_deploy_component_on_cpu_nodes_serves_the_torch_free_image_with_int8(tmp_path):
-    out = dsl.Artifact(uri=str(tmp_path / "deploy" / "inference_service"))
-    c.deploy.python_func(
-        package=dsl.Model(uri="gs://pipeline-root/efcm/run-1/export/package"),
-        export={"model_name": "efcm-demo"},
-        namespace="efcm",
-        serving_image=SERVING_IMAGE,
-        serving_cpu_image=SERVING_CPU_IMAGE,
-        service_account="efcm-serving",
-        gpu=False,
-        dry_run=True,
-        inference_service=out,
-    )
-    (container,) = yaml.safe_load(Path(out.path).read_text())["spec"]["predictor"]["containers"]
+    (container,) = _deploy_dry_run(tmp_path, gpu=False)["spec"]["predictor"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert container["image"] == SERVING_CPU_IMAGE and env["EFCM_RUNTIME"] == "int8"
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})

@@ -15,6 +15,26 @@ from efcm.io.package import FORMAT, geometry
 from efcm.slides.patching import settings_changes
 
 
+class PackageFacts:
+    """What `model.json` (`self.meta`) says, answered alike by every holder of a package (the
+    torch modules, each runtime)."""
+
+    meta: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.meta["feature_dim"])
+
+    @property
+    def patch_size(self) -> int:
+        """The side of the patches the student embeds (px at the packaged target mpp)."""
+        return int(self.meta["patch"]["patch_size"])
+
+
 def read_package_meta(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """`model.json` of the package directory `path`, after checking its format, that every file it
     lists is there (with `verify`, that its sha256 matches), and that the geometry it records is

@@ -15,24 +15,16 @@ from efcm.errors import PackageError
 from efcm.models.clam import load_clam
 from efcm.models.encoders import EncoderWithTransform
 from efcm.models.ensemble import FoldEnsembleCLAM, FoldEnsembleEncoder
-from efcm.models.meta import read_package_meta
+from efcm.models.meta import PackageFacts, read_package_meta
 from efcm.models.students import load_student
 
 
 @dataclass
-class Package:
+class Package(PackageFacts):
     path: Path
     meta: dict[str, Any]
     encoder: nn.Module  # uint8 patches (B, S, S, 3) -> features (B, D)
     clam: FoldEnsembleCLAM
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.meta["feature_dim"])
 
     @property
     def n_members(self) -> int:

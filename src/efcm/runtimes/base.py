@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from efcm.models.meta import PackageFacts
+
 TORCH = "torch"
 ONNX = "onnx"
 INT8 = "int8"
@@ -16,7 +18,7 @@ RUNTIMES = (TORCH, ONNX, INT8)
 AUTO = "auto"
 
 
-class Runtime(ABC):
+class Runtime(ABC, PackageFacts):
     """A loaded package, ready to predict: `embed` (the student) and `head` (the CLAM ensemble).
     Both are safe to call from several threads at once."""
 
@@ -25,19 +27,6 @@ class Runtime(ABC):
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
         self.meta = meta
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.meta["feature_dim"])
-
-    @property
-    def patch_size(self) -> int:
-        """The side of the patches the student embeds (px at the packaged target mpp)."""
-        return int(self.meta["patch"]["patch_size"])
 
     @abstractmethod
     def embed(
