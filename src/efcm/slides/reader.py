@@ -6,13 +6,16 @@ pyramid level, so a single-level 100k x 100k slide costs no more than its thumbn
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import openslide
+from openslide import lowlevel
 
 from efcm.errors import InvalidSlide
 from efcm.io.cache import SlideCache, local_path
@@ -20,6 +23,12 @@ from efcm.io.cache import SlideCache, local_path
 log = logging.getLogger(__name__)
 
 _CHUNK = 4096  # px at the read level, per read_region call when assembling a thumbnail
+# openslide_read_region itself (ctypes: the GIL released) and openslide-python's own ARGB -> RGBA
+# conversion, for `_read_rgba`: private names of openslide-python (1.3, 1.4), hence the fallback
+# to the public read_region where they are missing (or the host is big-endian)
+_READ_REGION = getattr(lowlevel, "_read_region", None) if sys.byteorder == "little" else None
+_ARGB2RGBA = getattr(getattr(lowlevel, "_convert", None), "argb2rgba", None)
+_UINT32_P = ctypes.POINTER(ctypes.c_uint32)
 
 
 @dataclass(frozen=True)
@@ -147,15 +156,39 @@ def read_thumbnail(
     return out, (w0 / tw, h0 / th)
 
 
+def _read_rgba(
+    slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]
+) -> tuple[np.ndarray, bool]:
+    """(pixels (h, w, 4) uint8, whether they are RGBA): `slide.read_region`'s pixels, read into a
+    numpy buffer without the PIL image (and its copy into numpy) that read_region makes. Fully
+    opaque, they are left as OpenSlide wrote them (premultiplied ARGB, B G R A in memory: RGB is
+    the same bytes reordered); otherwise converted to RGBA by openslide-python's own function,
+    the bytes read_region gives."""
+    osr = getattr(slide, "_osr", None)
+    w, h = size
+    if _READ_REGION is None or _ARGB2RGBA is None or osr is None or w <= 0 or h <= 0:
+        return np.asarray(slide.read_region(location, level, size)), True
+    buf = np.empty((h, w), np.uint32)
+    # OpenSlide's errors are raised by the function's errcheck, as read_region raises them
+    _READ_REGION(osr, buf.ctypes.data_as(_UINT32_P), location[0], location[1], level, w, h)
+    px = buf.view(np.uint8).reshape(h, w, 4)
+    if (px[..., 3] == 255).all():
+        return px, False
+    _ARGB2RGBA(buf)
+    return px, True
+
+
 def read_rgb(
     slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]
 ) -> np.ndarray:
     """read_region composited on white (transparent = outside the scanned area) -> (h, w, 3)
     uint8."""
-    rgba = np.asarray(slide.read_region(location, level, size))
-    alpha = rgba[..., 3]
-    if alpha.min() == 255:  # the common case: fully scanned, nothing to composite
-        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
-    rgb = rgba[..., :3].astype(np.uint16)
+    px, rgba = _read_rgba(slide, location, level, size)
+    if not rgba:  # fully scanned, as OpenSlide wrote it: nothing to composite
+        return cv2.cvtColor(px, cv2.COLOR_BGRA2RGB)
+    alpha = px[..., 3]
+    if alpha.min() == 255:  # fully scanned
+        return cv2.cvtColor(px, cv2.COLOR_RGBA2RGB)
+    rgb = px[..., :3].astype(np.uint16)
     a = alpha[..., None].astype(np.uint16)
     return ((rgb * a + 255 * (255 - a)) // 255).astype(np.uint8)
