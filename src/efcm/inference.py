@@ -280,7 +280,10 @@ def _predict_local(
 ) -> Prediction:
     try:
         with open_slide(path) as slide:
-            plan = plan_patches(slide, params, mpp_override=mpp, name=uri)
+            # the runtime is idle until the plan is made: the readers read its thumbnail
+            plan = plan_patches(
+                slide, params, mpp_override=mpp, name=uri, workers=max(1, read_workers)
+            )
     except InvalidSlide as err:
         raise _as_sent(err, path, uri) from None
     except openslide.OpenSlideError as err:  # opened, but a tile cannot be decoded

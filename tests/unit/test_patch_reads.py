@@ -1,5 +1,6 @@
 """Batched patch reads (`SlidePatches.read_batch`: one read_region per row run, cut apart) give
-exactly the pixels of one public `read_region` per patch, on synthetic and real slides."""
+exactly the pixels of one public `read_region` per patch, on synthetic and real slides; and a
+thumbnail read in threads is the one read in one thread."""
 
 from __future__ import annotations
 
@@ -111,3 +112,17 @@ def test_batched_reads_match_on_real_slides(shared_data, name, level, read_size,
     coords = coords[np.linspace(0, len(coords) - 1, min(len(coords), 400)).astype(int)]
     cf = CoordsFile(coords, level, read_size, patch_size, name, step0, step0)
     assert np.array_equal(batched(path, cf, batch=64), reference(path, cf))
+
+
+def test_thumbnails_read_in_threads_are_the_same_pixels(synthetic, shared_data, monkeypatch):
+    from efcm.slides import reader
+
+    monkeypatch.setattr(reader, "_CHUNK", 300)  # many chunks, a few partly past the level's edge
+    slides = [synthetic, shared_data / "wsi" / "CMU-1-Small-Region.svs"]
+    for path in (p for p in slides if p.is_file()):
+        with openslide.OpenSlide(str(path)) as slide:
+            # downsample 3: read from level 1 of the synthetic slide, at fractional positions
+            for downsample, max_px in ((1.0, 4096), (3.0, 4096), (1.0, 700)):
+                one, scale = reader.read_thumbnail(slide, downsample, max_px)
+                many, scale4 = reader.read_thumbnail(slide, downsample, max_px, workers=4)
+                assert scale == scale4 and np.array_equal(one, many), (path.name, downsample)

@@ -113,8 +113,9 @@ class SlidePatches:
         """uint8 (B, patch_size, patch_size, 3), the same pixels as `read` of each index.
 
         Adjacent patches of one grid row (as the planner lists them) are read with one
-        read_region and cut apart: OpenSlide's cost per call and per tile it paints is paid once
-        per run instead of once per patch (see `row_runs`)."""
+        read_region and cut apart (see `row_runs`): the fixed costs of a read (OpenSlide's call,
+        the buffer, the colour conversion) are paid once per run instead of once per patch.
+        OpenSlide's cost per pixel painted, the bulk of a read, stays."""
         idx = np.asarray(indices, np.int64).reshape(-1)
         ps, rs = self.coords.patch_size, self.coords.read_size
         out = np.empty((len(idx), ps, ps, 3), np.uint8)

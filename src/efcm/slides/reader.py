@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,9 +129,13 @@ def best_level(slide: openslide.OpenSlide, downsample: float) -> int:
 
 
 def read_thumbnail(
-    slide: openslide.OpenSlide, downsample: float, max_px: int
+    slide: openslide.OpenSlide, downsample: float, max_px: int, *, workers: int = 1
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """RGB thumbnail at about `downsample`, longest side at most `max_px`, in bounded memory.
+    """RGB thumbnail at about `downsample`, longest side at most `max_px`, in bounded memory
+    (a `_CHUNK` px square of the read level per thread at a time).
+
+    `workers` threads read the chunks (OpenSlide releases the GIL; one handle serves several
+    threads): the same pixels, each chunk read and resized as one thread would.
 
     Returns:
         (image (h, w, 3) uint8, (sx, sy) level-0 px per thumbnail px).
@@ -143,16 +148,23 @@ def read_thumbnail(
     lw, lh = slide.level_dimensions[level]
     out = np.empty((th, tw, 3), np.uint8)
     scale = (w0 / lds) / tw  # level px per thumbnail px
-    for ly in range(0, lh, _CHUNK):
-        for lx in range(0, lw, _CHUNK):
-            cw, ch = min(_CHUNK, lw - lx), min(_CHUNK, lh - ly)
+
+    def chunk(lx: int, ly: int) -> None:
+        cw, ch = min(_CHUNK, lw - lx), min(_CHUNK, lh - ly)
+        x0, y0 = round(lx / scale), round(ly / scale)
+        x1, y1 = min(tw, round((lx + cw) / scale)), min(th, round((ly + ch) / scale))
+        if x1 > x0 and y1 > y0:
             tile = read_rgb(slide, (round(lx * lds), round(ly * lds)), level, (cw, ch))
-            x0, y0 = round(lx / scale), round(ly / scale)
-            x1, y1 = min(tw, round((lx + cw) / scale)), min(th, round((ly + ch) / scale))
-            if x1 > x0 and y1 > y0:
-                out[y0:y1, x0:x1] = cv2.resize(
-                    tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA
-                )
+            out[y0:y1, x0:x1] = cv2.resize(tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+
+    starts = [(lx, ly) for ly in range(0, lh, _CHUNK) for lx in range(0, lw, _CHUNK)]
+    if workers <= 1 or len(starts) == 1:
+        for lx, ly in starts:
+            chunk(lx, ly)
+    else:
+        with ThreadPoolExecutor(min(workers, len(starts)), thread_name_prefix="efcm-thumb") as ex:
+            for done in [ex.submit(chunk, lx, ly) for lx, ly in starts]:
+                done.result()  # re-raises a chunk's error
     return out, (w0 / tw, h0 / th)
 
 
@@ -186,9 +198,10 @@ def read_rgb(
     px, rgba = _read_rgba(slide, location, level, size)
     if not rgba:  # fully scanned, as OpenSlide wrote it: nothing to composite
         return cv2.cvtColor(px, cv2.COLOR_BGRA2RGB)
-    alpha = px[..., 3]
-    if alpha.min() == 255:  # fully scanned
-        return cv2.cvtColor(px, cv2.COLOR_RGBA2RGB)
-    rgb = px[..., :3].astype(np.uint16)
-    a = alpha[..., None].astype(np.uint16)
-    return ((rgb * a + 255 * (255 - a)) // 255).astype(np.uint8)
+    out = cv2.cvtColor(px, cv2.COLOR_RGBA2RGB)
+    clear = px[..., 3] != 255  # composited on white; an opaque pixel's value is its own
+    if clear.any():
+        sel = px[clear].astype(np.uint16)
+        rgb, a = sel[:, :3], sel[:, 3:]
+        out[clear] = ((rgb * a + 255 * (255 - a)) // 255).astype(np.uint8)
+    return out
