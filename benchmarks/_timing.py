@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -42,3 +44,13 @@ def model_only(
     if device.type == "cuda":
         peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return rate, peak
+
+
+def runtime_rate(rt: Any, batches: list[np.ndarray], warmup: int = 1) -> tuple[float, np.ndarray]:
+    """(patches/s, features) of a runtime's `embed` (`efcm.runtimes.Runtime`: torch, onnx or
+    int8) over uint8 batches already in memory: the model alone, no slide reading; after
+    `warmup` of the batches (first-call allocations, ORT's arena, oneDNN's kernels)."""
+    rt.embed(batches[:warmup], desc="warm-up")
+    t0 = time.perf_counter()
+    feats = rt.embed(batches, desc="model-only")
+    return sum(len(b) for b in batches) / (time.perf_counter() - t0), feats

@@ -10,11 +10,15 @@ runs it. The limits a server sets
 none of them.
 
 Patch reading overlaps the encoder: `read_workers` threads read and resize whole batches
-(OpenSlide and OpenCV release the GIL, and one OpenSlide handle is safe to share between threads)
-a few batches ahead of the runtime's `embed` (for torch, `efcm.features.embed_batches`, the
-extraction engine's encoder loop). Threads,
-not the engine's DataLoader worker processes: a server process runs gRPC's threads, and forking it
-per request is unsafe, while spawning workers would cost seconds per request.
+(OpenSlide and OpenCV release the GIL, and one OpenSlide handle is safe to share between threads;
+a row of adjacent patches is one read, `SlidePatches.read_batch`) `READ_AHEAD` batches each ahead
+of the runtime's `embed` (for torch, `efcm.features.embed_batches`, the extraction engine's
+encoder loop). The readers run on the cores the runtime leaves and in its idle moments (the ONNX
+runtimes' threads sleep rather than spin while they wait), which `efcm.limits.RuntimeSettings`
+sizes: benchmarks/serving.py measures the features step of a request against the same runtime
+on the same patches already in memory. Threads, not the engine's DataLoader worker processes: a
+server process runs gRPC's threads, and forking it per request is unsafe, while spawning workers
+would cost seconds per request.
 """
 
 from __future__ import annotations
@@ -128,10 +132,14 @@ def predict_patches(
     return predict_features(rt, feats)
 
 
+READ_AHEAD = 2  # batches in flight per reader thread (read, or done and waiting for the runtime)
+
+
 def _read_ahead(
     patches: SlidePatches, batch_size: int, workers: int, deadline: float | None
 ) -> Iterator[np.ndarray]:
-    """uint8 batches in order, read by `workers` threads up to 2 x workers batches ahead."""
+    """uint8 batches in order, read by `workers` threads up to READ_AHEAD x workers batches
+    ahead."""
     starts = range(0, len(patches), batch_size)
     if workers <= 0:
         for i in starts:
@@ -147,7 +155,7 @@ def _read_ahead(
                 pending.append(
                     pool.submit(patches.read_batch, range(i, min(i + batch_size, len(patches))))
                 )
-                if len(pending) >= 2 * workers:
+                if len(pending) >= READ_AHEAD * workers:
                     break
             while pending:
                 _check_time(deadline, "feature extraction")
@@ -272,7 +280,10 @@ def _predict_local(
 ) -> Prediction:
     try:
         with open_slide(path) as slide:
-            plan = plan_patches(slide, params, mpp_override=mpp, name=uri)
+            # the runtime is idle until the plan is made: the readers read its thumbnail
+            plan = plan_patches(
+                slide, params, mpp_override=mpp, name=uri, workers=max(1, read_workers)
+            )
     except InvalidSlide as err:
         raise _as_sent(err, path, uri) from None
     except openslide.OpenSlideError as err:  # opened, but a tile cannot be decoded

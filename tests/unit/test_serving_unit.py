@@ -400,6 +400,24 @@ def test_serving_limits_from_env_with_safe_defaults():
             ServingLimits.from_env({"EFCM_MAX_PATCHES": bad})
 
 
+def test_runtime_settings_split_the_cores_between_the_runtime_and_the_readers():
+    from efcm.limits import RuntimeSettings
+
+    def split(cpus: int, env: dict[str, str] | None = None) -> tuple[int | None, int]:
+        s = RuntimeSettings.from_env(env or {}, cpus=cpus)
+        return s.threads, s.read_workers
+
+    # the runtime takes every core; a quarter of them read beside it, 2 from 2 cores up
+    assert [split(c) for c in (1, 2, 4, 16, 32)] == [(1, 1), (2, 2), (4, 2), (16, 4), (32, 8)]
+    assert RuntimeSettings().read_workers == split(2)[1]
+    # fewer runtime threads leave their cores to the readers
+    assert split(16, {"EFCM_RUNTIME_THREADS": "10"}) == (10, 6)
+    assert split(16, {"EFCM_RUNTIME_THREADS": "14"}) == (14, 4)
+    assert split(2, {"EFCM_READ_WORKERS": "1"}) == (2, 1)
+    with pytest.raises(ValueError, match="EFCM_READ_WORKERS"):
+        RuntimeSettings.from_env({"EFCM_READ_WORKERS": "0"}, cpus=2)
+
+
 def test_too_many_patches_and_the_time_budget_are_refused(package):
     from efcm.limits import ServingLimits
     from efcm.serving.errors import Refused

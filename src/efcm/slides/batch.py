@@ -62,8 +62,10 @@ def plan_patches(
     *,
     mpp_override: float | None = None,
     name: str = "slide",
+    workers: int = 1,
 ) -> PatchPlan:
-    """mpp -> geometry -> bounded thumbnail -> tissue mask -> patch grid, for an open slide."""
+    """mpp -> geometry -> bounded thumbnail -> tissue mask -> patch grid, for an open slide;
+    `workers` threads read the thumbnail (`read_thumbnail`: the same pixels)."""
     mpp = resolve_mpp(slide, override=mpp_override, default=params.default_mpp, name=name)
     if mpp.value > params.target_mpp * params.max_upsample:
         raise InvalidSlide(
@@ -78,7 +80,10 @@ def plan_patches(
     )
     # the segmentation scale follows the patch: one patch spans `seg_patch_px` thumbnail px
     thumb, scale = read_thumbnail(
-        slide, geom.size0 / params.tissue.seg_patch_px, params.tissue.max_thumbnail_px
+        slide,
+        geom.size0 / params.tissue.seg_patch_px,
+        params.tissue.max_thumbnail_px,
+        workers=workers,
     )
     mask = segment_tissue(thumb, scale, params.tissue, geom.size0)
     return PatchPlan(mpp, geom, thumb, mask, patch_coords(mask, geom, params))

@@ -6,13 +6,17 @@ pyramid level, so a single-level 100k x 100k slide costs no more than its thumbn
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import openslide
+from openslide import lowlevel
 
 from efcm.errors import InvalidSlide
 from efcm.io.cache import SlideCache, local_path
@@ -20,6 +24,12 @@ from efcm.io.cache import SlideCache, local_path
 log = logging.getLogger(__name__)
 
 _CHUNK = 4096  # px at the read level, per read_region call when assembling a thumbnail
+# openslide_read_region itself (ctypes: the GIL released) and openslide-python's own ARGB -> RGBA
+# conversion, for `_read_rgba`: private names of openslide-python (1.3, 1.4), hence the fallback
+# to the public read_region where they are missing (or the host is big-endian)
+_READ_REGION = getattr(lowlevel, "_read_region", None) if sys.byteorder == "little" else None
+_ARGB2RGBA = getattr(getattr(lowlevel, "_convert", None), "argb2rgba", None)
+_UINT32_P = ctypes.POINTER(ctypes.c_uint32)
 
 
 @dataclass(frozen=True)
@@ -119,9 +129,13 @@ def best_level(slide: openslide.OpenSlide, downsample: float) -> int:
 
 
 def read_thumbnail(
-    slide: openslide.OpenSlide, downsample: float, max_px: int
+    slide: openslide.OpenSlide, downsample: float, max_px: int, *, workers: int = 1
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """RGB thumbnail at about `downsample`, longest side at most `max_px`, in bounded memory.
+    """RGB thumbnail at about `downsample`, longest side at most `max_px`, in bounded memory
+    (a `_CHUNK` px square of the read level per thread at a time).
+
+    `workers` threads read the chunks (OpenSlide releases the GIL; one handle serves several
+    threads): the same pixels, each chunk read and resized as one thread would.
 
     Returns:
         (image (h, w, 3) uint8, (sx, sy) level-0 px per thumbnail px).
@@ -134,17 +148,46 @@ def read_thumbnail(
     lw, lh = slide.level_dimensions[level]
     out = np.empty((th, tw, 3), np.uint8)
     scale = (w0 / lds) / tw  # level px per thumbnail px
-    for ly in range(0, lh, _CHUNK):
-        for lx in range(0, lw, _CHUNK):
-            cw, ch = min(_CHUNK, lw - lx), min(_CHUNK, lh - ly)
+
+    def chunk(lx: int, ly: int) -> None:
+        cw, ch = min(_CHUNK, lw - lx), min(_CHUNK, lh - ly)
+        x0, y0 = round(lx / scale), round(ly / scale)
+        x1, y1 = min(tw, round((lx + cw) / scale)), min(th, round((ly + ch) / scale))
+        if x1 > x0 and y1 > y0:
             tile = read_rgb(slide, (round(lx * lds), round(ly * lds)), level, (cw, ch))
-            x0, y0 = round(lx / scale), round(ly / scale)
-            x1, y1 = min(tw, round((lx + cw) / scale)), min(th, round((ly + ch) / scale))
-            if x1 > x0 and y1 > y0:
-                out[y0:y1, x0:x1] = cv2.resize(
-                    tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA
-                )
+            out[y0:y1, x0:x1] = cv2.resize(tile, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+
+    starts = [(lx, ly) for ly in range(0, lh, _CHUNK) for lx in range(0, lw, _CHUNK)]
+    if workers <= 1 or len(starts) == 1:
+        for lx, ly in starts:
+            chunk(lx, ly)
+    else:
+        with ThreadPoolExecutor(min(workers, len(starts)), thread_name_prefix="efcm-thumb") as ex:
+            for done in [ex.submit(chunk, lx, ly) for lx, ly in starts]:
+                done.result()  # re-raises a chunk's error
     return out, (w0 / tw, h0 / th)
+
+
+def _read_rgba(
+    slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]
+) -> tuple[np.ndarray, bool]:
+    """(pixels (h, w, 4) uint8, whether they are RGBA): `slide.read_region`'s pixels, read into a
+    numpy buffer without the PIL image (and its copy into numpy) that read_region makes. Fully
+    opaque, they are left as OpenSlide wrote them (premultiplied ARGB, B G R A in memory: RGB is
+    the same bytes reordered); otherwise converted to RGBA by openslide-python's own function,
+    the bytes read_region gives."""
+    osr = getattr(slide, "_osr", None)
+    w, h = size
+    if _READ_REGION is None or _ARGB2RGBA is None or osr is None or w <= 0 or h <= 0:
+        return np.asarray(slide.read_region(location, level, size)), True
+    buf = np.empty((h, w), np.uint32)
+    # OpenSlide's errors are raised by the function's errcheck, as read_region raises them
+    _READ_REGION(osr, buf.ctypes.data_as(_UINT32_P), location[0], location[1], level, w, h)
+    px = buf.view(np.uint8).reshape(h, w, 4)
+    if (px[..., 3] == 255).all():
+        return px, False
+    _ARGB2RGBA(buf)
+    return px, True
 
 
 def read_rgb(
@@ -152,10 +195,13 @@ def read_rgb(
 ) -> np.ndarray:
     """read_region composited on white (transparent = outside the scanned area) -> (h, w, 3)
     uint8."""
-    rgba = np.asarray(slide.read_region(location, level, size))
-    alpha = rgba[..., 3]
-    if alpha.min() == 255:  # the common case: fully scanned, nothing to composite
-        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
-    rgb = rgba[..., :3].astype(np.uint16)
-    a = alpha[..., None].astype(np.uint16)
-    return ((rgb * a + 255 * (255 - a)) // 255).astype(np.uint8)
+    px, rgba = _read_rgba(slide, location, level, size)
+    if not rgba:  # fully scanned, as OpenSlide wrote it: nothing to composite
+        return cv2.cvtColor(px, cv2.COLOR_BGRA2RGB)
+    out = cv2.cvtColor(px, cv2.COLOR_RGBA2RGB)
+    clear = px[..., 3] != 255  # composited on white; an opaque pixel's value is its own
+    if clear.any():
+        sel = px[clear].astype(np.uint16)
+        rgb, a = sel[:, :3], sel[:, 3:]
+        out[clear] = ((rgb * a + 255 * (255 - a)) // 255).astype(np.uint8)
+    return out
