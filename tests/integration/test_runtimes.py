@@ -7,7 +7,8 @@ demo stages export, and a CPU server that never imports torch.
 - `efcm serve` with a CPU runtime runs under an import blocker (a `sitecustomize` on PYTHONPATH):
   every attempt to import torch, torchvision, timm or torchmetrics fails as if they were not
   installed (the `serving-cpu` image has none of them) and is recorded with its stack, so a lazy
-  import anywhere on the path (startup, a features bag, a patches bag, a slide) fails the test.
+  import anywhere on the path (startup, a features bag, a patches bag, a slide) fails the test;
+  when the server has stopped, its `sys.modules` (written at exit) holds no torch module.
 - Export refuses a runtime that misses its parity (with the figures), and the package already in
   place stays as it was.
 """
@@ -40,11 +41,19 @@ CMU = SHARED_DATA / "wsi" / "CMU-1-Small-Region.svs"
 BLOCKED = ("torch", "torchvision", "timm", "torchmetrics")
 
 # A sitecustomize that makes torch & co. uninstalled for the process: find_spec raises
-# ModuleNotFoundError (what Python raises for a missing package) and records who asked.
+# ModuleNotFoundError (what Python raises for a missing package) and records who asked; at exit
+# it writes the names in sys.modules.
 SITECUSTOMIZE = """
-import os, sys, traceback
+import atexit, os, sys, traceback
 BLOCKED = {blocked!r}
 RECORD = {record!r}
+MODULES = {modules!r}
+
+def _modules():  # what the process had imported when it ended
+    with open(MODULES, "w") as f:
+        f.write(chr(10).join(sorted(sys.modules)))
+
+atexit.register(_modules)
 
 class _Blocker:
     def find_spec(self, name, path=None, target=None):
@@ -131,8 +140,9 @@ def test_export_refuses_a_runtime_that_misses_parity_and_keeps_the_old_package(
 def _blocked_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
     site, record = tmp_path / "blocker", tmp_path / "torch_imports.txt"
     site.mkdir()
+    modules = tmp_path / "sys_modules.txt"
     (site / "sitecustomize.py").write_text(
-        SITECUSTOMIZE.format(blocked=BLOCKED, record=str(record))
+        SITECUSTOMIZE.format(blocked=BLOCKED, record=str(record), modules=str(modules))
     )
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path}, record
@@ -197,6 +207,10 @@ def test_a_cpu_runtime_server_never_imports_torch(runtime, demo_package, tiny_da
         px = np.random.default_rng(2).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
         assert _rest(server.url, [_input("patches", px, "UINT8")])["attention"].shape == (4,)
     assert _imports_of_torch(record) == []
+    # the server stopped cleanly (SIGTERM) and wrote its sys.modules: onnxruntime, no torch
+    modules = (tmp_path / "sys_modules.txt").read_text().split()
+    assert "onnxruntime" in modules and "kserve" in modules
+    assert not [m for m in modules if m.split(".")[0] in BLOCKED]
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
 
