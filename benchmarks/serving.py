@@ -23,7 +23,7 @@ latency per protocol.
             server uses (`efcm.limits.RuntimeSettings`); their ratio is
             `slide_engine_model_ratio` (goal >= 0.9). At the demo's size (a resnet18 student at
             112 px on 128-px patches) and at 224 px (the same student at 224 px on 256-px patches
-            at the same 1 um/px, resized in the graph as at 112: 4x the pixels read and
+            at the same 1 um/px, centre-cropped in the graph as at 112: 4x the pixels read and
             embedded). The INT8 parity against torch FP32 as the package's export measured it
             (model.json) and re-measured here on the benchmark slides' patches. And the latency
             split of the `--synthetic-patches` slide served by the runtime `auto` picks on a CPU
@@ -31,9 +31,10 @@ latency per protocol.
             < 10%).
 
 Packages: params.yaml's patch settings (128 px at 1 um/px) and its demo student (resnet18 @ 112
-px), 512-d output, and Retrain CLAM's `train_mil.folds` fold CLAM-SB heads (the ensemble a package
-ships), made by `tests.packages.build_package` with the real export; the teacher package is the
-`brow` preset (ViT-B/16 @ 224) in the student's place. Weights are random (nothing can be
+px, centre-cropped from the 128-px patch: params.yaml's student section as it is), 512-d output,
+and Retrain CLAM's `train_mil.folds` fold CLAM-SB heads (the ensemble a package ships), made by
+`tests.packages.build_package` with the real export; the teacher package is the `brow` preset
+(ViT-B/16 @ 224) in the student's place. Weights are random (nothing can be
 downloaded): timings do not depend on them.
 Absolute times mean little on a shared 2-core CPU; the ratio is the point. Prints one JSON object.
 Usage: python benchmarks/serving.py [--synthetic-patches N] [--teacher-patches N] [--requests N]
@@ -85,6 +86,13 @@ GOAL_INT8_SPEEDUP = 3.5
 BATCH = 64  # the predictor's batch size
 # the sizes the runtimes are measured at: student input px, patch px (at params.yaml's 1 um/px)
 SIZES = {"112": (112, 128), "224": (224, 256)}
+
+
+def demo_student(input_size: int | None = None) -> dict[str, Any]:
+    """params.yaml's student (the demo's: ResNet-18 at 112 px, centre-cropped from 128-px
+    patches), at `input_size` instead when given (cropped alike from SIZES' larger patches)."""
+    student = dict(yaml.safe_load((ROOT / "params.yaml").read_text())["student"])
+    return student if input_size is None else {**student, "input_size": input_size}
 
 
 def build_package(
@@ -354,13 +362,14 @@ def runtimes_section(
         if (input_size, patch_size) != SIZES["112"]:
             path = build_package(
                 work / f"student_{size}",
-                {"preset": "resnet18", "input_size": input_size},
+                demo_student(input_size),
                 patch_size=patch_size,
                 runtimes=(ONNX, INT8),
             )
         rows = runtime_rows(path, slides, settings, threads)
         out[size] = {
-            "student": f"resnet18 @ {input_size} px on {patch_size}-px patches at 1 um/px",
+            "student": f"resnet18 @ {input_size} px, centre-cropped from {patch_size}-px patches "
+            "at 1 um/px (params.yaml's student transform)",
             "threads": threads,
             "read_workers": settings.read_workers,
             **rows,
@@ -398,9 +407,7 @@ def main() -> None:
     os.environ.setdefault("EFCM_CACHE_DIR", str(work / "cache"))
     settings = RuntimeSettings.from_env()  # the server's runtime threads and slide readers
 
-    student_dir = build_package(
-        work / "student", {"preset": "resnet18", "input_size": 112}, runtimes=(ONNX, INT8)
-    )
+    student_dir = build_package(work / "student", demo_student(), runtimes=(ONNX, INT8))
     teacher_dir = build_package(work / "teacher", {"preset": "brow"})
     # torch FP32, as before the package carried a bf16 parity (the runtimes section has bf16)
     student = TorchRuntime(load_package(student_dir), threads=settings.threads, cpu_bf16=False)
