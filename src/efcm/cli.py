@@ -18,6 +18,7 @@ from efcm import registry, stages
 from efcm.config import ConfigError, Params, for_stage, load_params
 from efcm.errors import EfcmError
 from efcm.io.cache import SlideCache
+from efcm.limits import RUNTIME_CHOICES
 
 log = logging.getLogger("efcm")
 
@@ -154,14 +155,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from efcm.limits import RuntimeSettings
     from efcm.runtimes import load_runtime
 
-    settings = RuntimeSettings.from_env()
-    rt = load_runtime(
-        args.package, args.runtime or settings.runtime, threads=args.threads or settings.threads
+    settings = RuntimeSettings.from_env(
+        runtime=args.runtime, threads=args.threads, read_workers=args.read_workers
     )
+    rt = load_runtime(args.package, settings.runtime, threads=settings.threads)
     pred = predict_slide(
         rt,
         args.slide,
-        read_workers=args.read_workers or settings.read_workers,
+        read_workers=settings.read_workers,
         mpp=args.mpp,
         heatmap=bool(args.heatmap),
         heatmap_size=args.heatmap_size,
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, help="override the slide's mpp")
     p.add_argument(
         "--runtime",
-        choices=("auto", "torch", "onnx", "int8"),
+        choices=RUNTIME_CHOICES,
         help="what runs the package (default: EFCM_RUNTIME, else auto: torch where it is "
         "installed, else the package's int8, else onnx)",
     )

@@ -224,15 +224,26 @@ class RuntimeSettings:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str] | None = None, *, cpus: int | None = None
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        cpus: int | None = None,
+        runtime: str | None = None,
+        threads: int | None = None,
+        read_workers: int | None = None,
     ) -> RuntimeSettings:
+        """The settings of `environ` (default `os.environ`); `runtime`, `threads` and
+        `read_workers` (a command line's) win over their variables, and the read workers'
+        default follows the threads chosen. The one place the CLI and the server merge them."""
         env = os.environ if environ is None else environ
-        runtime = env.get(RUNTIME_ENV, "").strip() or "auto"
+        runtime = runtime or env.get(RUNTIME_ENV, "").strip() or "auto"
         if runtime not in RUNTIME_CHOICES:
             raise ValueError(
                 f"{RUNTIME_ENV} must be one of {list(RUNTIME_CHOICES)}, got {runtime!r}"
             )
         cpus = available_cpus() if cpus is None else cpus
-        threads = int(positive(env, RUNTIME_THREADS_ENV, cpus, int))
-        readers = int(positive(env, READ_WORKERS_ENV, default_read_workers(cpus, threads), int))
+        threads = threads or int(positive(env, RUNTIME_THREADS_ENV, cpus, int))
+        readers = read_workers or int(
+            positive(env, READ_WORKERS_ENV, default_read_workers(cpus, threads), int)
+        )
         return cls(runtime, threads, readers)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -228,8 +229,8 @@ def test_the_blocker_would_catch_a_torch_import(demo_package, tmp_path):
     assert "torch is not installed here" in (tmp_path / "server.log").read_text()
     # and an import of torch, as efcm.runtimes.torch_runtime does, is recorded
     script = "import efcm.runtimes.torch_runtime"
-    proc = __import__("subprocess").run(
-        [shutil.which("python") or "python", "-c", script],
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -416,6 +416,11 @@ def test_runtime_settings_split_the_cores_between_the_runtime_and_the_readers():
     assert split(2, {"EFCM_READ_WORKERS": "1"}) == (2, 1)
     with pytest.raises(ValueError, match="EFCM_READ_WORKERS"):
         RuntimeSettings.from_env({"EFCM_READ_WORKERS": "0"}, cpus=2)
+    # a command line's values win over the variables, and the readers follow its threads
+    env = {"EFCM_RUNTIME": "onnx", "EFCM_RUNTIME_THREADS": "16"}
+    s = RuntimeSettings.from_env(env, cpus=16, runtime="int8", threads=10)
+    assert (s.runtime, s.threads, s.read_workers) == ("int8", 10, 6)
+    assert RuntimeSettings.from_env(env, cpus=16).runtime == "onnx"
 
 
 def test_too_many_patches_and_the_time_budget_are_refused(package):

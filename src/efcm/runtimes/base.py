@@ -9,13 +9,12 @@ from typing import Any
 
 import numpy as np
 
+from efcm.limits import RUNTIME_CHOICES
 from efcm.models.meta import PackageFacts
 
-TORCH = "torch"
-ONNX = "onnx"
-INT8 = "int8"
+# the names the server's settings accept (efcm.limits, the base layer, holds the one list)
+AUTO, TORCH, ONNX, INT8 = RUNTIME_CHOICES
 RUNTIMES = (TORCH, ONNX, INT8)
-AUTO = "auto"
 
 
 class Runtime(ABC, PackageFacts):

@@ -26,7 +26,6 @@ from efcm.serving import _kserve  # first: hides sys.argv from kserve
 import argparse
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi import Request
@@ -213,9 +212,7 @@ def serve(package: str | Path, options: argparse.Namespace | None = None) -> Non
     `EFCM_SLIDE_URI_PREFIXES` plus `options.allow_slides`."""
     opts = options if options is not None else parse_args([str(package)])
     limits = ServingLimits.from_env()
-    runtime = RuntimeSettings.from_env()
-    if opts.runtime:
-        runtime = replace(runtime, runtime=opts.runtime)
+    runtime = RuntimeSettings.from_env(runtime=opts.runtime)
     access = SlideAccessPolicy.from_env(extra=opts.allow_slides)
     model = build_model(
         package, model_name=opts.model_name, slide_access=access, limits=limits, runtime=runtime

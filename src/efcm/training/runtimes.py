@@ -49,7 +49,7 @@ from torch import nn
 from efcm.errors import PackageError
 from efcm.features import embed_batches
 from efcm.io.cache import SlideCache
-from efcm.io.manifest import Manifest
+from efcm.io.manifest import Manifest, SlideEntry
 from efcm.models.package import Package
 from efcm.runtimes import INT8, ONNX, TORCH, cosine_rows, has_vnni
 from efcm.runtimes.onnx_runtime import (
@@ -145,9 +145,14 @@ class SlideSample:
 
 
 def _read(
-    manifest: Manifest, patches_dir: Path, slide_id: str, pick, cache: SlideCache | None
+    manifest: Manifest,
+    by_id: dict[str, SlideEntry],
+    patches_dir: Path,
+    slide_id: str,
+    pick,
+    cache: SlideCache | None,
 ) -> np.ndarray:
-    entry = next((s for s in manifest.slides if s.slide_id == slide_id), None)
+    entry = by_id.get(slide_id)
     if entry is None:
         raise PackageError(f"evaluation slide {slide_id} is not in the manifest {manifest.path}")
     coords = read_coords(patches_dir / "patches" / f"{slide_id}.h5")
@@ -173,8 +178,9 @@ def evaluation_slides(
     def pick(n: int) -> np.ndarray:
         return np.unique(np.linspace(0, n - 1, min(n, max_patches)).round().astype(np.int64))
 
+    by_id = {s.slide_id: s for s in manifest.slides}
     for sid in slide_ids:
-        yield SlideSample(sid, _read(manifest, patches_dir, sid, pick, cache))
+        yield SlideSample(sid, _read(manifest, by_id, patches_dir, sid, pick, cache))
 
 
 def calibration_patches(
@@ -191,7 +197,8 @@ def calibration_patches(
     def pick(k: int) -> np.ndarray:
         return np.sort(rng.choice(k, size=min(k, per_slide), replace=False))
 
-    got = [_read(manifest, patches_dir, sid, pick, cache) for sid in slide_ids]
+    by_id = {s.slide_id: s for s in manifest.slides}
+    got = [_read(manifest, by_id, patches_dir, sid, pick, cache) for sid in slide_ids]
     return np.concatenate(got)[:n]
 
 
