@@ -95,9 +95,10 @@ def stages() -> dict[str, dict[str, Any]]:
             [
                 "efcm extract --encoder student --student runs/distill/student.pt",
                 *m,
-                "--patches runs/patch --out runs/extract_student --overwrite",
+                "--patches runs/patch --teacher-features runs/extract_teacher",
+                "--out runs/extract_student --overwrite",
             ],
-            ["src/efcm", "data/demo", "runs/patch", "runs/distill"],
+            ["src/efcm", "data/demo", "runs/patch", "runs/extract_teacher", "runs/distill"],
             "extract",
             outs=["runs/extract_student"],
         ),
@@ -166,6 +167,7 @@ def stages() -> dict[str, dict[str, Any]]:
             "efcm export --student runs/distill",
             *each,
             "--metrics runs/evaluate/metrics.json --patches runs/patch",
+            "--teacher-features runs/extract_teacher",
             f"--manifest {MANIFEST} --out runs/package",
         ],
         [
@@ -173,6 +175,7 @@ def stages() -> dict[str, dict[str, Any]]:
             "data/demo",
             "runs/distill",
             "runs/patch",
+            "runs/extract_teacher",
             "runs/evaluate/metrics.json",
             *every,
         ],

@@ -73,6 +73,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
         _params(args),
         encoder=args.encoder,
         student=args.student,
+        teacher_features=args.teacher_features,
         overwrite=args.overwrite,
         cache=_cache(),
     )
@@ -127,6 +128,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         metrics_path=args.metrics,
         patches_dir=args.patches,
         manifest=args.manifest,
+        teacher_features=args.teacher_features,
         cache=_cache(),
     )
     log.info("package: %s", out)
@@ -234,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--encoder", choices=("teacher", "student"), required=True)
     p.add_argument("--student", help="student checkpoint (from distill), for --encoder student")
+    p.add_argument(
+        "--teacher-features",
+        help="for --encoder student with store.enabled: the teacher extraction's output folder, "
+        "whose patch-shard store is read instead of the slides",
+    )
     p.add_argument("--overwrite", action="store_true")
 
     p = add("distill", cmd_distill, "train the student on the cached teacher features")
@@ -292,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", required=True, help="output dir of `efcm patch` (the geometry)")
     p.add_argument(
         "--manifest", required=True, help="the slides: the runtimes' parity is checked on them"
+    )
+    p.add_argument(
+        "--teacher-features",
+        help="with store.enabled: the teacher extraction's output folder, whose patch-shard store "
+        "gives the parity patches instead of the slides",
     )
     p.add_argument("--out", required=True)
 

@@ -190,6 +190,23 @@ class ExtractParams(_Section):
     float16: bool = False
 
 
+class StoreParams(_Section):
+    """The patch-shard store (efcm.io.store): patch pixels written once by teacher extraction,
+    then streamed by distillation and read through its index by ETC, student extraction and the
+    export, instead of opening the slides."""
+
+    enabled: bool = Field(False, description="write the store and read pixels from it")
+    format: Literal["jpeg", "webp", "png"] = Field("jpeg", description="png is lossless")
+    quality: int = Field(90, ge=1, le=100, description="jpeg / webp quality")
+    shuffle_buffer: int = Field(
+        4096, ge=1, description="samples in distillation's shuffle buffer (per rank)"
+    )
+    interleave: int = Field(4, ge=1, description="shards (slides) each rank streams at once")
+    fidelity_patches: int = Field(
+        16, ge=0, description="patches per slide whose features, slide vs shard pixels, are compared"
+    )
+
+
 class FpdParams(_Section):
     """Feature Projection Distillation: frozen shallow student CNN + trainable TransScan."""
 
@@ -385,6 +402,7 @@ class Params(_Section):
     teacher: EncoderParams = EncoderParams(arch="vit_small_patch16_224")
     student: EncoderParams = EncoderParams(arch="resnet18")
     extract: ExtractParams = ExtractParams()
+    store: StoreParams = StoreParams()
     distill: DistillParams = DistillParams()
     train_mil: TrainMilParams = TrainMilParams()
     ib: IbParams = IbParams()
@@ -424,14 +442,14 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "resolve_dataset": ("dataset",),
     "patch": ("dataset", "patch"),
     "gather": ("dataset", "patch"),
-    "extract": ("seed", "dataset", "teacher", "extract"),
-    "distill": ("seed", "dataset", "student", "distill"),
+    "extract": ("seed", "dataset", "teacher", "extract", "store"),
+    "distill": ("seed", "dataset", "student", "distill", "store"),
     "splits": ("seed", "dataset", "train_mil"),
     "train_mil": ("seed", "dataset", "train_mil"),
     "plan_strategies": ("distill", "mil"),
-    "strategy": ("seed", "dataset", "distill", "train_mil", "ib", "mil", "extract"),
+    "strategy": ("seed", "dataset", "distill", "train_mil", "ib", "mil", "extract", "store"),
     "evaluate": ("seed", "dataset", "teacher", "distill", "mil", "extract", "evaluate"),
-    "export": ("dataset", "patch", "teacher", "distill", "mil", "export"),
+    "export": ("dataset", "patch", "teacher", "distill", "mil", "export", "store"),
     "report": ("dataset",),
     "gate": ("deploy",),
     "deploy": ("export",),

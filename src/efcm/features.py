@@ -24,16 +24,26 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 from tqdm import tqdm
 
-from efcm.config import ExtractParams
+from efcm.config import ExtractParams, StoreParams
 from efcm.errors import InvalidInput
 from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest, SlideEntry
+from efcm.io.store import (
+    STORE_DIR,
+    Codec,
+    ShardWriter,
+    read_index,
+    shard_complete,
+    write_store_meta,
+)
 from efcm.slides.batch import ALREADY_DONE, SlideLoop
-from efcm.slides.patches import SlidePatches
+from efcm.slides.patches import SlidePatches, StorePatches, open_patches
 from efcm.slides.patching import CoordsFile, made_with, parse_settings, read_coords
 
 log = logging.getLogger(__name__)
+
+Patches = SlidePatches | StorePatches  # where a slide's patch pixels come from
 
 # The features h5's root attribute that holds the settings which made it (a JSON object).
 SETTINGS_ATTR = "efcm_extract_settings"
@@ -41,16 +51,22 @@ _HASH_ROWS = 65536  # rows per read when hashing a features dataset (bounded mem
 
 
 class _BatchDataset(Dataset):
-    """Item = a list of patch indices -> uint8 (B, S, S, 3) tensor (whole batches per read)."""
+    """Item = a list of patch indices -> uint8 (B, S, S, 3) tensor (whole batches per read); with
+    a `codec`, (that tensor, the patches encoded for the store), encoded in the DataLoader worker
+    that read them."""
 
-    def __init__(self, patches: SlidePatches) -> None:
+    def __init__(self, patches: Patches, codec: Codec | None = None) -> None:
         self.patches = patches
+        self.codec = codec
 
     def __len__(self) -> int:
         return len(self.patches)
 
-    def __getitem__(self, indices: list[int]) -> torch.Tensor:
-        return torch.from_numpy(self.patches.read_batch(indices))
+    def __getitem__(self, indices: list[int]) -> torch.Tensor | tuple[torch.Tensor, list[bytes]]:
+        pixels = self.patches.read_batch(indices)
+        if self.codec is None:
+            return torch.from_numpy(pixels)
+        return torch.from_numpy(pixels), self.codec.encode_batch(pixels)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -90,20 +106,69 @@ def embed_batches(
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def extract_slide(model: nn.Module, patches: SlidePatches, params: ExtractParams) -> np.ndarray:
-    """Features of every patch of one slide, (N, D) float32."""
+class StoreTap:
+    """What teacher extraction hands the patch-shard store while it reads a slide: every batch's
+    encoded patches go into the slide's shard, and a few patches (evenly spaced, up to `keep`)
+    are kept raw and encoded, to measure what the codec does to the features."""
+
+    def __init__(self, writer: ShardWriter, n_patches: int, keep: int) -> None:
+        self.writer = writer
+        k = min(keep, n_patches)
+        self.keep = set(np.linspace(0, n_patches - 1, k).round().astype(int).tolist()) if k else set()
+        self.raw: list[np.ndarray] = []
+        self.encoded: list[bytes] = []
+        self.row = 0
+
+    def take(self, batch: np.ndarray, encoded: list[bytes]) -> None:
+        self.writer.add_batch(self.row, encoded)
+        for k, data in enumerate(encoded):
+            if self.row + k in self.keep:
+                self.raw.append(batch[k].copy())
+                self.encoded.append(data)
+        self.row += len(encoded)
+
+    def fidelity(self, model: nn.Module) -> dict[str, Any]:
+        """{"cosine_mean", "cosine_min", "n"}: `model`'s features of the kept patches, slide
+        pixels vs the store's decoded pixels (empty when none were kept)."""
+        if not self.raw:
+            return {}
+        raw = torch.from_numpy(np.stack(self.raw))
+        dec = torch.from_numpy(np.stack([Codec.decode(b) for b in self.encoded]))
+        a, b = (embed_batches(model, [x], desc="store fidelity") for x in (raw, dec))
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "n": len(cos)}
+
+
+def extract_slide(
+    model: nn.Module,
+    patches: Patches,
+    params: ExtractParams,
+    tap: StoreTap | None = None,
+) -> np.ndarray:
+    """Features of every patch of one slide, (N, D) float32. With `tap`, every patch read is
+    also written, encoded with the store's codec, into the slide's shard."""
     sampler = BatchSampler(
         SequentialSampler(range(len(patches))), params.batch_size, drop_last=False
     )
     loader = DataLoader(
-        _BatchDataset(patches),
+        _BatchDataset(patches, tap.writer.codec if tap is not None else None),
         sampler=sampler,
         batch_size=None,
         num_workers=params.num_workers,
         pin_memory=device_of(model).type == "cuda",
         persistent_workers=False,
     )
-    return embed_batches(model, loader, total=len(patches), desc=patches.coords.name)
+
+    def pixels():
+        for item in loader:
+            if tap is None:
+                yield item
+                continue
+            batch, encoded = item
+            tap.take(batch.numpy(), encoded)
+            yield batch
+
+    return embed_batches(model, pixels(), total=len(patches), desc=patches.coords.name)
 
 
 def features_complete(path: Path) -> bool:
@@ -222,8 +287,12 @@ def _extract(
     attrs: dict[str, Any],
     overwrite: bool,
     cache: SlideCache | None = None,
+    store: StoreParams | None = None,
+    read_store: Path | None = None,
 ) -> None:
-    """Extract one slide's features, unless they can be reused (a `SlideWork`)."""
+    """Extract one slide's features, unless they can be reused (a `SlideWork`). With `store`
+    (enabled), also write the slide's patch-shard store shard; with `read_store`, read the
+    pixels from that store instead of the slide."""
     coords_path = patches_dir / "patches" / f"{entry.slide_id}.h5"
     dest = out / "features" / f"{entry.slide_id}.h5"
     if not coords_path.is_file():
@@ -236,19 +305,35 @@ def _extract(
         row.update(status="no_tissue", reason="its coords file has no patches")
         return
     settings = extract_settings(attrs, params, coords)
+    codec = Codec(store.format, store.quality) if store is not None else None
+    store_dir = out / STORE_DIR
     if (
         not overwrite
         and features_complete(dest)
         and made_with(
             entry.slide_id, dest, "extraction", read_extract_settings, settings, "an older efcm"
         )
+        and (
+            codec is None
+            or shard_complete(store_dir, entry.slide_id, codec, coords.coords, coords.patch_size)
+        )
     ):
         with h5py.File(dest, "r") as f:
             row.update(reason=ALREADY_DONE, n_patches=len(f["features"]))
+        if codec is not None:
+            fidelity = read_index(store_dir, entry.slide_id).extra.get("fidelity") or {}
+            row["store_cosine"] = round(fidelity["cosine_min"], 6) if fidelity else ""
         return
-    sp = SlidePatches(entry.uri, coords, base_dir, cache)
+    sp = open_patches(entry.slide_id, entry.uri, coords, base_dir, cache, read_store)
     try:
-        feats = extract_slide(model, sp, params)
+        if codec is None:
+            feats = extract_slide(model, sp, params)
+        else:
+            with ShardWriter(store_dir, entry.slide_id, coords.coords, codec, coords.patch_size) as w:
+                tap = StoreTap(w, len(sp), store.fidelity_patches)
+                feats = extract_slide(model, sp, params, tap)
+                w.extra["fidelity"] = fidelity = tap.fidelity(model)
+            row["store_cosine"] = round(fidelity["cosine_min"], 6) if fidelity else ""
     finally:
         sp.close()
     write_features(
@@ -272,9 +357,14 @@ def extract_manifest(
     *,
     overwrite: bool = False,
     cache: SlideCache | None = None,
+    store: StoreParams | None = None,
+    read_store: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Extract features for every slide with a coords h5 into out_dir/features/<slide_id>.h5 (a
-    gs:// slide is staged into `cache`).
+    gs:// slide is staged into `cache`). With `store` (its `enabled` true), also write every
+    patch into the patch-shard store out_dir/store (see `efcm.io.store`; the status gets each
+    slide's `store_cosine`, the lowest feature cosine slide vs shard pixels). With `read_store`
+    (a store folder), read the pixels from it: no slide is opened.
 
     `model` takes uint8 patches (see EncoderWithTransform). `attrs` (encoder name, weights
     hash, input transform...) go into every features h5, and with `float16` and the coords read
@@ -286,6 +376,13 @@ def extract_manifest(
     """
     out = Path(out_dir)
     remove_stale_parts(out / "features")  # half-written files of a killed run
+    columns: dict[str, Any] = {"n_patches": 0}
+    if store is not None and store.enabled:
+        remove_stale_parts(out / STORE_DIR)  # a shard cut off by a kill is redone, not kept
+        write_store_meta(out / STORE_DIR, Codec(store.format, store.quality))
+        columns["store_cosine"] = ""
+    else:
+        store = None
     model.eval()
     work = partial(
         _extract,
@@ -297,6 +394,8 @@ def extract_manifest(
         attrs=attrs,
         overwrite=overwrite,
         cache=cache,
+        store=store,
+        read_store=Path(read_store) if read_store is not None else None,
     )
-    loop = SlideLoop("extract", work, {"n_patches": 0})
+    loop = SlideLoop("extract", work, columns)
     return loop.run(manifest.slides, out / "status.csv")

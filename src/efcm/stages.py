@@ -34,6 +34,21 @@ def row_name(params: Params, strategy: str) -> str:
     return registry.row_name(params.distill.method, strategy)
 
 
+def _store_of(params: Params, teacher_features: str | Path | None, stage: str) -> Path | None:
+    """The patch-shard store a stage reads pixels from: with `store.enabled`, the one in the
+    teacher extraction's output `teacher_features` (which must be given); else None (slides)."""
+    if not params.store.enabled:
+        return None
+    from efcm.io.store import require_store
+
+    if not teacher_features:
+        raise ConfigError(
+            f"store.enabled: {stage} reads its pixels from the patch-shard store of the teacher's "
+            "extraction: give its output folder (--teacher-features)"
+        )
+    return require_store(teacher_features)
+
+
 def student_checkpoint(path: str | Path) -> Path:
     """The student checkpoint: `path` itself, or `student.pt` in a distill output directory."""
     p = Path(path)
@@ -102,13 +117,16 @@ def extract(
     *,
     encoder: str = "teacher",
     student: str | Path | None = None,
+    teacher_features: str | Path | None = None,
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
     cache: SlideCache | None = None,
 ) -> list[dict[str, Any]]:
     """Features of every patched slide with the teacher, or with a distilled student checkpoint;
     `shard` = (index, shard_size) as for `patch`; gs:// slides and teacher weights are staged into
-    `cache`."""
+    `cache`. With `store.enabled`, the teacher's extraction also writes the patch-shard store
+    (out_dir/store), and the student's reads its pixels from the store of `teacher_features`
+    (the teacher extraction's output) instead of opening the slides."""
     import torch
 
     from efcm.features import extract_manifest
@@ -145,6 +163,10 @@ def extract(
         "std": list(spec.std),
         "model_kwargs": dict(spec.model_kwargs),
     }
+    read_store = None
+    if encoder == "student" and params.store.enabled:
+        read_store = _store_of(params, teacher_features, "student extraction")
+        attrs["pixels"] = {"store": params.store.format, "quality": params.store.quality}
     rows = extract_manifest(
         model,
         _read(manifest, params, shard),
@@ -154,6 +176,8 @@ def extract(
         attrs,
         overwrite=overwrite,
         cache=cache,
+        store=params.store if encoder == "teacher" else None,
+        read_store=read_store,
     )
     return check_batch(rows, "extract", "never" if shard else "all")
 
@@ -345,11 +369,13 @@ def export(
     metrics_path: str | Path,
     patches_dir: str | Path,
     manifest: str | Path,
+    teacher_features: str | Path | None = None,
     cache: SlideCache | None = None,
 ) -> Path:
     """The package of `export.strategy`: its k fold models as one ensemble, with the evaluation
     row that estimates it and the patch geometry its CLAMs were trained on (from the coords files
-    in `patches_dir`), and its CPU runtimes checked on the evaluation slides of `manifest`; see
+    in `patches_dir`), and its CPU runtimes checked on the evaluation slides of `manifest` (with
+    `store.enabled`, their pixels from the patch-shard store of `teacher_features`); see
     `efcm.training.export`."""
     from efcm.training.export import export_package
 
@@ -370,6 +396,7 @@ def export(
         Path(patches_dir),
         read_manifest(manifest, params.dataset.classes),
         cache=cache,
+        store_dir=_store_of(params, teacher_features, "export"),
     )
 
 

@@ -109,7 +109,8 @@ def localisation(
 ) -> float | None:
     """Mean over the test slides with a ground-truth tumour mask (masks_dir/<slide_id>.png, any
     resolution) of the AUROC of the CLAM attention against "patch is tumour"; None without
-    attention or masks. A gs:// slide is staged into `cache` (for its dimensions)."""
+    attention or masks. The slide's level-0 width comes from its coords file, or for a coords
+    file without it (CLAM's, an older efcm's) from the slide (gs:// staged into `cache`)."""
     import cv2
 
     from efcm.io.results import read_attention
@@ -126,8 +127,11 @@ def localisation(
             continue
         mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
         cf = read_coords(patches_dir / "patches" / f"{sid}.h5")
-        with open_slide(by_id[sid].uri, base_dir=manifest.base_dir, cache=cache) as slide:
-            downsample = slide.dimensions[0] / mask.shape[1]
+        if cf.dimensions is not None:  # recorded by `efcm patch`: no slide to open
+            downsample = cf.dimensions[0] / mask.shape[1]
+        else:
+            with open_slide(by_id[sid].uri, base_dir=manifest.base_dir, cache=cache) as slide:
+                downsample = slide.dimensions[0] / mask.shape[1]
         aurocs[sid] = localisation_auroc(attention, cf.coords, cf.size0, mask, downsample)
     return mean_localisation_auroc(aurocs) if aurocs else None
 

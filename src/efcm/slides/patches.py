@@ -1,4 +1,5 @@
-"""Reading patch pixels for a coords file, one slide handle per process.
+"""Reading patch pixels for a coords file: from the slide (one handle per process), or from the
+slide's shard in the patch-shard store (`StorePatches`, no slide opened).
 
 Used by the extraction engine, distillation and serving alike. The handle is opened lazily in the
 process that reads (a DataLoader worker opens its own), never pickled across processes. Within a
@@ -19,6 +20,7 @@ import numpy as np
 import openslide
 
 from efcm.io.cache import SlideCache
+from efcm.io.store import Codec, StoreError, read_index, read_rows
 from efcm.slides.patching import CoordsFile
 from efcm.slides.reader import open_slide, read_rgb
 
@@ -138,3 +140,57 @@ class SlidePatches:
             if self._slide is not None:
                 self._slide.close()
                 self._slide = None
+
+
+class StorePatches:
+    """Patch pixels of one slide from its shard in the patch-shard store (`efcm.io.store`), with
+    the interface of `SlidePatches`: no slide is opened. The pixels are the slide's, as teacher
+    extraction read them, after the store's codec (lossless with `store.format: png`)."""
+
+    def __init__(self, store_dir: str | Path, slide_id: str, coords: CoordsFile) -> None:
+        self.index = read_index(store_dir, slide_id)
+        self.coords = coords
+        self.uri = str(self.index.shard)
+        if self.index.patch_size != coords.patch_size or not np.array_equal(
+            self.index.coords, coords.coords
+        ):
+            raise StoreError(
+                f"{self.index.shard}: the shard of slide {slide_id} was written from other "
+                f"patches ({len(self.index)} of {self.index.patch_size} px) than its coords file "
+                f"has now ({len(coords.coords)} of {coords.patch_size} px): rerun teacher "
+                "extraction"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, i: int) -> np.ndarray:
+        return self.read_batch([i])[0]
+
+    def read_batch(self, indices: list[int] | np.ndarray | range) -> np.ndarray:
+        """uint8 (B, patch_size, patch_size, 3): samples near each other in the shard are read
+        together (see `efcm.io.store.read_rows`)."""
+        idx = np.asarray(list(indices) if isinstance(indices, range) else indices, np.int64)
+        ps = self.index.patch_size
+        out = np.empty((len(idx), ps, ps, 3), np.uint8)
+        for k, data in enumerate(read_rows(self.index, idx)):
+            out[k] = Codec.decode(data, f"{self.index.shard} sample {int(idx[k])}")
+        return out
+
+    def close(self) -> None:
+        """Nothing to close: every read opens the shard for itself."""
+
+
+def open_patches(
+    slide_id: str,
+    uri: str,
+    coords: CoordsFile,
+    base_dir: str | Path | None = None,
+    cache: SlideCache | None = None,
+    store_dir: str | Path | None = None,
+) -> SlidePatches | StorePatches:
+    """A slide's patch pixels: from the patch-shard store when `store_dir` is given (the slide is
+    never opened), else from the slide (`uri`, staged into `cache` when gs://)."""
+    if store_dir is not None:
+        return StorePatches(store_dir, slide_id, coords)
+    return SlidePatches(uri, coords, base_dir, cache)

@@ -262,6 +262,7 @@ def write_coords(
                 "target_mpp": geom.target_mpp,
                 "size0": geom.size0,
                 "step0": geom.step0,
+                "dimensions": np.array(geom.dimensions),  # level-0 (w, h): no slide to open
             }
         )
     os.replace(tmp, path)
@@ -278,6 +279,7 @@ class CoordsFile:
     name: str
     step0: int | None = None  # grid step in level-0 px (None: not a regular grid we know of)
     size0: int | None = None  # patch side in level-0 px
+    dimensions: tuple[int, int] | None = None  # the slide's level-0 (w, h), where recorded
 
 
 def grid_step(coords: np.ndarray) -> int | None:
@@ -331,4 +333,5 @@ def read_coords(path: str | Path) -> CoordsFile:
     else:  # CLAM: patch_size px at patch_level, whose downsample it records
         ds = np.asarray(a.get("downsample", [1.0])).reshape(-1)
         size0 = round(read_size * float(ds[0])) if level else read_size
-    return CoordsFile(coords, level, read_size, patch_size, name, step0, size0)
+    dims = tuple(int(v) for v in a["dimensions"]) if "dimensions" in a else None
+    return CoordsFile(coords, level, read_size, patch_size, name, step0, size0, dims)

@@ -39,6 +39,7 @@ from efcm import __version__, registry
 from efcm.config import Params, params_to_dict
 from efcm.errors import PackageError
 from efcm.io.cache import SlideCache
+from efcm.io.store import read_store_meta
 from efcm.io.files import sha256_file
 from efcm.io.manifest import Manifest
 from efcm.io.package import FORMAT, geometry
@@ -104,13 +105,15 @@ def export_package(
     manifest: Manifest | None = None,
     *,
     cache: SlideCache | None = None,
+    store_dir: Path | None = None,
 ) -> Path:
     """Assemble the package of the strategy output `mil_dir` (its summary.json names the
     strategy): its k fold CLAMs with the distilled student `student_ckpt`, or for a strategy that
     fine-tunes the student per fold, each fold's student. `metrics` is the evaluation's
     metrics.json: it must hold the strategy's row (what is shipped must have been evaluated).
     Then the CPU runtimes of `params.export.runtimes`, checked on the evaluation slides of
-    `manifest` (gs:// slides staged into `cache`).
+    `manifest` (gs:// slides staged into `cache`; their pixels read from the patch-shard store
+    `store_dir` instead when given).
 
     The package is assembled in `<out>.part` and moved into place only when complete: an export
     that fails (a runtime that misses parity) leaves the previous package as it was."""
@@ -208,6 +211,12 @@ def export_package(
         calibration=ex.calibration_patches,
         max_patches=ex.parity_max_patches,
         cache=cache,
+        store_dir=store_dir,
+    )
+    section["parity_pixels"] = (
+        f"the patch-shard store ({json.dumps(read_store_meta(store_dir)['codec'])})"
+        if store_dir is not None
+        else "read from the slides"
     )
     meta["runtimes"] = section
     meta["versions"]["onnxruntime"] = ort.__version__

@@ -60,7 +60,7 @@ from efcm.runtimes.onnx_runtime import (
     OnnxRuntime,
 )
 from efcm.runtimes.torch_runtime import cpu_bf16_native
-from efcm.slides.patches import SlidePatches
+from efcm.slides.patches import open_patches
 from efcm.slides.patching import read_coords
 
 log = logging.getLogger(__name__)
@@ -151,13 +151,14 @@ def _read(
     slide_id: str,
     pick,
     cache: SlideCache | None,
+    store_dir: Path | None = None,
 ) -> np.ndarray:
     entry = by_id.get(slide_id)
     if entry is None:
         raise PackageError(f"evaluation slide {slide_id} is not in the manifest {manifest.path}")
     coords = read_coords(patches_dir / "patches" / f"{slide_id}.h5")
     idx = pick(len(coords.coords))
-    sp = SlidePatches(entry.uri, coords, manifest.base_dir, cache)
+    sp = open_patches(slide_id, entry.uri, coords, manifest.base_dir, cache, store_dir)
     try:
         return np.concatenate(
             [sp.read_batch(idx[i : i + BATCH]) for i in range(0, len(idx), BATCH)]
@@ -172,15 +173,17 @@ def evaluation_slides(
     slide_ids: list[str],
     max_patches: int,
     cache: SlideCache | None = None,
+    store_dir: Path | None = None,
 ) -> Iterator[SlideSample]:
-    """Each evaluation slide's patches, up to `max_patches` evenly spaced over its grid."""
+    """Each evaluation slide's patches, up to `max_patches` evenly spaced over its grid (from
+    the patch-shard store `store_dir` when given, else from the slides)."""
 
     def pick(n: int) -> np.ndarray:
         return np.unique(np.linspace(0, n - 1, min(n, max_patches)).round().astype(np.int64))
 
     by_id = {s.slide_id: s for s in manifest.slides}
     for sid in slide_ids:
-        yield SlideSample(sid, _read(manifest, by_id, patches_dir, sid, pick, cache))
+        yield SlideSample(sid, _read(manifest, by_id, patches_dir, sid, pick, cache, store_dir))
 
 
 def calibration_patches(
@@ -189,8 +192,10 @@ def calibration_patches(
     slide_ids: list[str],
     n: int,
     cache: SlideCache | None = None,
+    store_dir: Path | None = None,
 ) -> np.ndarray:
-    """`n` patches drawn at random (a fixed seed) from the training slides, evenly per slide."""
+    """`n` patches drawn at random (a fixed seed) from the training slides, evenly per slide
+    (from the patch-shard store `store_dir` when given, else from the slides)."""
     rng = np.random.default_rng(CALIBRATION_SEED)
     per_slide = max(1, math.ceil(n / max(1, len(slide_ids))))
 
@@ -198,7 +203,7 @@ def calibration_patches(
         return np.sort(rng.choice(k, size=min(k, per_slide), replace=False))
 
     by_id = {s.slide_id: s for s in manifest.slides}
-    got = [_read(manifest, by_id, patches_dir, sid, pick, cache) for sid in slide_ids]
+    got = [_read(manifest, by_id, patches_dir, sid, pick, cache, store_dir) for sid in slide_ids]
     return np.concatenate(got)[:n]
 
 
@@ -346,10 +351,12 @@ def write_runtimes(
     calibration: int,
     max_patches: int,
     cache: SlideCache | None = None,
+    store_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Write the `wanted` ONNX runtimes (onnx, int8) of the loaded package `pkg` into its
-    directory `dest` and measure their parity on `slide_ids`; returns model.json's `runtimes`
-    section and the files written.
+    directory `dest` and measure their parity on `slide_ids` (their pixels read from the
+    patch-shard store `store_dir` when given, else from the slides); returns model.json's
+    `runtimes` section and the files written.
 
     Raises:
         PackageError: a runtime misses its parity thresholds (the message has the figures).
@@ -371,7 +378,9 @@ def write_runtimes(
         )
     quantization = None
     if INT8 in wanted:
-        calib = calibration_patches(manifest, patches_dir, slide_ids, calibration, cache)
+        calib = calibration_patches(
+            manifest, patches_dir, slide_ids, calibration, cache, store_dir
+        )
         quantization = quantize_int8(dest / STUDENT_ONNX, dest / STUDENT_INT8, calib)
         files.append(STUDENT_INT8)
         loaded[INT8] = OnnxRuntime(
@@ -381,7 +390,7 @@ def write_runtimes(
     parity = measure_parity(
         pkg,
         loaded,
-        evaluation_slides(manifest, patches_dir, slide_ids, max_patches, cache),
+        evaluation_slides(manifest, patches_dir, slide_ids, max_patches, cache, store_dir),
         max_patches,
         bf16=bf16,
     )

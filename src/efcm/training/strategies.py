@@ -7,7 +7,8 @@
   (`efcm.training.mil.train_mil`).
 - `etc` (End2end Train CLAM): per fold, an information-bottleneck head on the teacher features picks
   each training slide's top-K patches; the student and a CLAM are trained end to end on those bags
-  (patch pixels re-read from the slides, flips / 90-degree rotations / mild colour jitter; the
+  (patch pixels re-read from the slides, or with `store.enabled` from the patch-shard store
+  through its index, flips / 90-degree rotations / mild colour jitter; the
   student's early stages and every BatchNorm statistic frozen; AdamW with a backbone learning rate
   `backbone_lr_factor` below the head's; mixed precision on CUDA; patches embedded in chunks under
   gradient checkpointing, so a 512-patch bag fits in 16 GB); then the fine-tuned student re-extracts
@@ -46,7 +47,8 @@ from efcm.models.encoders import PatchTransform
 from efcm.models.freeze import freeze_batchnorm, freeze_stages
 from efcm.models.students import load_student, save_student
 from efcm.registry import StrategyInputs
-from efcm.slides.patches import SlidePatches
+from efcm.io.store import require_store
+from efcm.slides.patches import SlidePatches, StorePatches, open_patches
 from efcm.slides.patching import read_coords
 from efcm.training.mil import load_bags, load_bags_and_coords, predict_slides, train_fold, train_mil
 
@@ -124,7 +126,7 @@ def _embed(
 def train_etc_fold(
     student: nn.Module,
     spec: Any,
-    slides: dict[str, SlidePatches],
+    slides: dict[str, SlidePatches | StorePatches],
     topk: dict[str, np.ndarray],
     labels: dict[str, int],
     train: list[str],
@@ -215,12 +217,16 @@ def etc(
     by_id = {s.slide_id: s for s in manifest.slides}
     needed = sorted({s for f in splits["folds"] for part in f.values() for s in part})
     teacher_bags, coords = load_bags_and_coords(Path(teacher_features_dir), needed)
+    # with the store, the top-K pixels are read through its index: no slide is opened
+    store_dir = require_store(teacher_features_dir) if params.store.enabled else None
     slides = {
-        s: SlidePatches(
+        s: open_patches(
+            s,
             by_id[s].uri,
             read_coords(patches_dir / "patches" / f"{s}.h5"),
             manifest.base_dir,
             cache,
+            store_dir,
         )
         for s in needed
     }

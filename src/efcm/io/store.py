@@ -1,0 +1,429 @@
+"""The patch-shard store: the patch pixels of every slide, written once, read many times.
+
+Teacher extraction reads every patch of every slide anyway; with `store.enabled` it also writes
+them, encoded (JPEG, WebP or lossless PNG at `store.quality`), into one shard per slide beside the
+features: `<extract out>/store/<slide_id>.tar`. Every later step that needs pixels (distillation,
+ETC, student extraction, the export's parity checks) then reads the shards instead of opening
+the slides: sequential reads of ~100 MB files instead of random reads into terabytes of slides.
+
+Format. A shard is a plain POSIX tar in the WebDataset layout: one member per sample, named
+`<slide_id>/<row:08d>.<ext>` (the WebDataset key is `<slide_id>/<row:08d>`, the part before the
+first dot of the base name), in row order, so `webdataset.WebDataset`, `tar tf` and any tar reader
+read it. `row` is the patch's row in the slide's coords file and in its teacher features h5.
+
+Index. Beside each shard, `<slide_id>.h5` (datasets `coords` (N, 2), `row`, `offset`, `size`
+(byte offset and length of each sample's data in the tar), and attributes naming the shard, its
+size, the codec and the patch size): random access to any sample (ETC's top-K, the export's
+parity patches) by one ranged read per run of neighbouring samples.
+
+Atomicity. The shard is written under a temporary name and renamed, then the index likewise; a
+shard counts as written only when its index exists and the shard has the size the index records.
+A killed write leaves a temporary file (removed by the next run) and no index: the slide is
+redone, never half-kept.
+
+This module knows tar, the codec and the index; `efcm.slides.patches.StorePatches` reads a
+slide's patches through it with the interface of `SlidePatches`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+
+from efcm.errors import InvalidInput
+from efcm.io.files import atomic_path, save_json
+
+STORE_DIR = "store"  # the store's folder inside an extraction output folder
+STORE_META = "store.json"  # the codec and what wrote the store
+EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
+MAX_GAP = 1 << 20  # bytes between two samples still read by one ranged read (ETC's top-K)
+
+
+class StoreError(InvalidInput):
+    """A store, shard or index is missing, incomplete, or made with other settings."""
+
+
+# -- the codec ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How patch pixels are encoded: `format` jpeg | webp | png (lossless), `quality` 1..100."""
+
+    format: str = "jpeg"
+    quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.format not in EXTENSIONS:
+            raise ValueError(f"store format must be one of {sorted(EXTENSIONS)}, got {self.format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"store quality must be 1..100, got {self.quality}")
+
+    @property
+    def ext(self) -> str:
+        return EXTENSIONS[self.format]
+
+    def _flags(self) -> list[int]:
+        if self.format == "jpeg":
+            return [cv2.IMWRITE_JPEG_QUALITY, self.quality]
+        if self.format == "webp":
+            return [cv2.IMWRITE_WEBP_QUALITY, self.quality]
+        return [cv2.IMWRITE_PNG_COMPRESSION, 1]  # lossless: fast, a little larger
+
+    def encode(self, rgb: np.ndarray) -> bytes:
+        """uint8 (S, S, 3) RGB -> the encoded bytes."""
+        ok, buf = cv2.imencode("." + self.ext, np.ascontiguousarray(rgb[..., ::-1]), self._flags())
+        if not ok:
+            raise ValueError(f"cannot encode a {rgb.shape} patch as {self.format}")
+        return buf.tobytes()
+
+    def encode_batch(self, batch: np.ndarray) -> list[bytes]:
+        return [self.encode(p) for p in batch]
+
+    @staticmethod
+    def decode(data: bytes, where: str = "a store sample") -> np.ndarray:
+        """Encoded bytes -> uint8 (S, S, 3) RGB."""
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise StoreError(f"{where}: not a decodable image ({len(data)} bytes)")
+        return img[..., ::-1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "quality": self.quality}
+
+
+# -- writing one slide's shard --------------------------------------------------------------------
+
+
+def shard_path(store_dir: Path, slide_id: str) -> Path:
+    return store_dir / f"{slide_id}.tar"
+
+
+def index_path(store_dir: Path, slide_id: str) -> Path:
+    return store_dir / f"{slide_id}.h5"
+
+
+def sample_name(slide_id: str, row: int, ext: str) -> str:
+    """The tar member of one sample: `<slide_id>/<row:08d>.<ext>` (WebDataset key + extension)."""
+    return f"{slide_id}/{row:08d}.{ext}"
+
+
+class ShardWriter:
+    """Writes one slide's shard and then its index, atomically (see the module docstring).
+
+    Use as a context manager: `add` samples in row order; on a clean exit the shard and its
+    index are renamed into place, on an exception the temporary files are removed.
+    """
+
+    def __init__(
+        self,
+        store_dir: Path,
+        slide_id: str,
+        coords: np.ndarray,
+        codec: Codec,
+        patch_size: int,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.store_dir, self.slide_id, self.codec = Path(store_dir), slide_id, codec
+        self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        self.patch_size = patch_size
+        self.extra = dict(extra or {})
+        self.rows: list[int] = []
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self._tmp: Path | None = None
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> ShardWriter:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp = atomic_path(shard_path(self.store_dir, self.slide_id))
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def add(self, row: int, data: bytes) -> None:
+        """One sample: the encoded patch of coords row `row`."""
+        assert self._tar is not None, "ShardWriter used outside its `with` block"
+        if self.rows and row <= self.rows[-1]:
+            raise ValueError(f"{self.slide_id}: shard rows must increase ({self.rows[-1]}, {row})")
+        info = tarfile.TarInfo(sample_name(self.slide_id, row, self.codec.ext))
+        info.size, info.mode, info.mtime = len(data), 0o444, 0  # same bytes on every run
+        self._tar.addfile(info, io.BytesIO(data))
+        # addfile writes a copy of `info`: the data's offset is where the padded data ends
+        # minus its padded length
+        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        self.rows.append(row)
+        self.offsets.append(self._tar.offset - padded)
+        self.sizes.append(len(data))
+
+    def add_batch(self, first_row: int, encoded: Iterable[bytes]) -> None:
+        for k, data in enumerate(encoded):
+            self.add(first_row + k, data)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self._tar is not None and self._tmp is not None
+        self._tar.close()
+        if exc_type is not None:
+            self._tmp.unlink(missing_ok=True)
+            return
+        final = shard_path(self.store_dir, self.slide_id)
+        os.replace(self._tmp, final)
+        self._write_index(final.stat().st_size)
+
+    def _write_index(self, shard_bytes: int) -> None:
+        path = index_path(self.store_dir, self.slide_id)
+        tmp = atomic_path(path)
+        rows = np.asarray(self.rows, np.int64)
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("row", data=rows)
+            f.create_dataset("coords", data=self.coords[rows] if len(rows) else self.coords[:0])
+            f.create_dataset("offset", data=np.asarray(self.offsets, np.int64))
+            f.create_dataset("size", data=np.asarray(self.sizes, np.int64))
+            f.attrs.update(
+                {
+                    "slide_id": self.slide_id,
+                    "shard": shard_path(self.store_dir, self.slide_id).name,
+                    "shard_bytes": shard_bytes,
+                    "patch_size": self.patch_size,
+                    "codec": json.dumps(self.codec.as_dict(), sort_keys=True),
+                    "extra": json.dumps(self.extra, sort_keys=True),
+                }
+            )
+        os.replace(tmp, path)
+
+
+# -- the index ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each sample of one slide's shard lies."""
+
+    slide_id: str
+    shard: Path
+    shard_bytes: int
+    patch_size: int
+    codec: Codec
+    row: np.ndarray  # (N,) coords / teacher-features row of each sample
+    coords: np.ndarray  # (N, 2) level-0 top-left
+    offset: np.ndarray  # (N,) byte offset of the sample's data in the shard
+    size: np.ndarray  # (N,) its length
+    extra: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.size.sum())
+
+
+def read_index(store_dir: str | Path, slide_id: str) -> ShardIndex:
+    """The index of one slide's shard, checked against the shard on disk.
+
+    Raises:
+        StoreError: no index, or the shard is missing or not the size the index records (a
+            shard whose write was cut off, or a store copied in part).
+    """
+    store_dir = Path(store_dir)
+    path = index_path(store_dir, slide_id)
+    if not path.is_file():
+        raise StoreError(f"{store_dir}: no shard index for slide {slide_id} ({path.name})")
+    with h5py.File(path, "r") as f:
+        a = dict(f.attrs)
+        idx = ShardIndex(
+            slide_id=str(a["slide_id"]),
+            shard=store_dir / str(a["shard"]),
+            shard_bytes=int(a["shard_bytes"]),
+            patch_size=int(a["patch_size"]),
+            codec=Codec(**json.loads(a["codec"])),
+            row=np.asarray(f["row"][:], np.int64),
+            coords=np.asarray(f["coords"][:], np.int64).reshape(-1, 2),
+            offset=np.asarray(f["offset"][:], np.int64),
+            size=np.asarray(f["size"][:], np.int64),
+            extra=json.loads(a.get("extra", "{}")),
+        )
+    got = idx.shard.stat().st_size if idx.shard.is_file() else None
+    if got != idx.shard_bytes:
+        raise StoreError(
+            f"{idx.shard}: the shard of slide {slide_id} is "
+            + ("missing" if got is None else f"{got} bytes, its index says {idx.shard_bytes}")
+            + " (rerun teacher extraction with the store enabled)"
+        )
+    return idx
+
+
+def shard_complete(
+    store_dir: str | Path, slide_id: str, codec: Codec, coords: np.ndarray, patch_size: int
+) -> bool:
+    """Whether the slide's shard is written, whole, with this codec and patch size, and holds
+    every row of `coords` (a rerun reuses it only then)."""
+    try:
+        idx = read_index(store_dir, slide_id)
+    except (StoreError, OSError, KeyError, ValueError):
+        return False
+    return (
+        idx.codec == codec
+        and idx.patch_size == patch_size
+        and len(idx) == len(coords)
+        and np.array_equal(idx.coords, np.asarray(coords, np.int64).reshape(-1, 2))
+    )
+
+
+def read_rows(idx: ShardIndex, positions: Iterable[int] | np.ndarray) -> list[bytes]:
+    """The encoded samples at index `positions` (not rows: positions into the index), in the
+    order given. Samples less than `MAX_GAP` bytes apart are read with one read: a slide's
+    top-K costs a few reads, a whole slide one sequential pass."""
+    pos = np.asarray(list(positions) if not isinstance(positions, np.ndarray) else positions)
+    pos = pos.astype(np.int64).reshape(-1)
+    if len(pos) == 0:
+        return []
+    if pos.min() < 0 or pos.max() >= len(idx):
+        raise StoreError(f"{idx.shard}: sample positions out of range 0..{len(idx) - 1}")
+    order = np.argsort(idx.offset[pos], kind="stable")
+    out: list[bytes | None] = [None] * len(pos)
+    with open(idx.shard, "rb") as f:
+        k = 0
+        while k < len(order):
+            lo = hi = k
+            start = int(idx.offset[pos[order[k]]])
+            end = start + int(idx.size[pos[order[k]]])
+            while hi + 1 < len(order):
+                nxt = pos[order[hi + 1]]
+                if int(idx.offset[nxt]) - end > MAX_GAP:
+                    break
+                hi += 1
+                end = max(end, int(idx.offset[nxt] + idx.size[nxt]))
+            buf = os.pread(f.fileno(), end - start, start)
+            for j in range(lo, hi + 1):
+                p = pos[order[j]]
+                o = int(idx.offset[p]) - start
+                out[order[j]] = buf[o : o + int(idx.size[p])]
+            k = hi + 1
+    return out  # type: ignore[return-value]
+
+
+def iter_shard(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(row, encoded bytes) of every sample of a shard, in file order, read as one stream (no
+    seeks: the same code reads a pipe or a remote object stream)."""
+    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, _ = base.partition(".")
+            if not key.isdigit():
+                raise StoreError(f"{path}: member {member.name!r} is not <slide>/<row>.<ext>")
+            data = tar.extractfile(member)
+            assert data is not None
+            yield int(key), data.read()
+
+
+# -- the store as a whole -------------------------------------------------------------------------
+
+
+def write_store_meta(store_dir: Path, codec: Codec) -> None:
+    """`store.json`: the codec the store's shards are written with."""
+    save_json(store_dir / STORE_META, {"codec": codec.as_dict(), "format": "webdataset-tar"})
+
+
+def read_store_meta(store_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(store_dir) / STORE_META).read_text())
+
+
+def store_dir_of(features_dir: str | Path) -> Path:
+    """The store inside a (teacher) extraction output folder."""
+    return Path(features_dir) / STORE_DIR
+
+
+def has_store(features_dir: str | Path) -> bool:
+    return (store_dir_of(features_dir) / STORE_META).is_file()
+
+
+def require_store(features_dir: str | Path) -> Path:
+    """The store folder of an extraction output, which must have one.
+
+    Raises:
+        StoreError: it has none (teacher extraction ran without `store.enabled`).
+    """
+    d = store_dir_of(features_dir)
+    if not (d / STORE_META).is_file():
+        raise StoreError(
+            f"{features_dir}: no patch-shard store ({STORE_DIR}/{STORE_META}); rerun teacher "
+            "extraction with store.enabled: true, or set store.enabled: false to read the slides"
+        )
+    return d
+
+
+# -- streaming (distillation) ---------------------------------------------------------------------
+
+
+def assign_shards(sizes: list[int], world: int) -> list[list[int]]:
+    """Shards (by position in `sizes`, their sample counts) per rank, balanced: the largest
+    shard first, each to the rank with the fewest samples so far (ties: the lowest rank). Every
+    shard goes to exactly one rank; the ranks' totals differ by at most the largest shard.
+    Deterministic: the same on every rank without communication."""
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    load = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[r].append(i)
+        load[r] += sizes[i]
+    return [sorted(s) for s in out]
+
+
+def stream_samples(
+    shards: list[Path],
+    *,
+    seed: int,
+    epoch: int,
+    interleave: int,
+    buffer: int,
+) -> Iterator[tuple[int, int, bytes]]:
+    """(shard position in `shards`, row, encoded bytes) of every sample of `shards`, each once,
+    in an order mixed across slides: the shard order is shuffled by (seed, epoch), `interleave`
+    shards are read at once (round robin, each as one sequential stream), and the samples pass
+    through a shuffle buffer of `buffer` samples. The same arguments give the same order (a
+    resumed epoch skips what it had done)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = [int(i) for i in rng.permutation(len(shards))]
+    pending = list(reversed(order))  # pop() takes the next shard
+    open_: list[tuple[int, Iterator[tuple[int, bytes]]]] = []
+    held: list[tuple[int, int, bytes]] = []
+
+    def refill() -> None:
+        while len(open_) < interleave and pending:
+            i = pending.pop()
+            open_.append((i, iter_shard(shards[i])))
+
+    refill()
+    k = 0
+    while open_:
+        k %= len(open_)
+        i, it = open_[k]
+        item = next(it, None)
+        if item is None:
+            open_.pop(k)
+            refill()
+            continue
+        k += 1
+        sample = (i, item[0], item[1])
+        if len(held) < buffer:
+            held.append(sample)
+            continue
+        j = int(rng.integers(len(held)))
+        held[j], sample = sample, held[j]
+        yield sample
+    for j in rng.permutation(len(held)):
+        yield held[int(j)]
