@@ -15,6 +15,7 @@ def distill(
     dataset: dict,
     student: dict,
     distill: dict,
+    store: dict,
     student_model: Output[Model],
 ):
     """`student.pt` and the distillation `metrics.json` in the `student_model` directory."""
@@ -22,7 +23,14 @@ def distill(
     from efcm.io.cache import SlideCache
 
     params = config.params_for_stage(
-        "distill", {"seed": seed, "dataset": dataset, "student": student, "distill": distill}
+        "distill",
+        {
+            "seed": seed,
+            "dataset": dataset,
+            "student": student,
+            "distill": distill,
+            "store": store,
+        },
     )
     stages.distill(
         manifest.path,

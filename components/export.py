@@ -13,18 +13,21 @@ def export(
     evaluation: Input[Artifact],
     patches: Input[Dataset],
     manifest: Input[Dataset],
+    teacher_features: Input[Dataset],
     dataset: dict,
     patch: dict,
     teacher: dict,
     distill: dict,
     mil: dict,
     export: dict,
+    store: dict,
     package: Output[Model],
 ):
     """The package directory (`efcm.runtimes.load_runtime` serves it): the k fold models of
     `export.strategy` as one ensemble, its evaluation row and metrics, the patch geometry read
     from the training coords files, and the CPU runtimes of `export.runtimes` (ONNX FP32, INT8),
-    checked for parity on the evaluation slides of `manifest`."""
+    checked for parity on the evaluation slides of `manifest` (with `store.enabled`, their
+    pixels from the patch-shard store in `teacher_features`)."""
     import json
     from pathlib import Path
 
@@ -40,6 +43,7 @@ def export(
             "distill": distill,
             "mil": mil,
             "export": export,
+            "store": store,
         },
     )
     stages.export(
@@ -50,6 +54,7 @@ def export(
         metrics_path=Path(evaluation.path) / "metrics.json",
         patches_dir=patches.path,
         manifest=manifest.path,
+        teacher_features=teacher_features.path,
         cache=SlideCache.from_env(),
     )
     meta = json.loads((Path(package.path) / "model.json").read_text())

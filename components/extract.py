@@ -13,16 +13,20 @@ def extract(
     dataset: dict,
     teacher: dict,
     extract: dict,
+    store: dict,
     encoder: str,
     seed: int,
     features: Output[Dataset],
     student_model: Input[Model] | None = None,
+    teacher_features: Input[Dataset] | None = None,
     shard: int = -1,
     shard_size: int = 0,
 ):
     """`features/<slide_id>.h5` and `status.csv`; `encoder` is `teacher` or `student` (which needs
     `student_model`, the distill output). With `shard` >= 0, only that shard's slides (as for
-    `patch`). The metadata has the slide counts by status and the start and end times."""
+    `patch`). With `store.enabled`, the teacher's extraction also writes the patch-shard store
+    (`store/`), and the student's reads the store of `teacher_features` instead of the slides.
+    The metadata has the slide counts by status and the start and end times."""
     import time
 
     from efcm import config, stages
@@ -31,7 +35,8 @@ def extract(
 
     started = time.time()
     params = config.params_for_stage(
-        "extract", {"seed": seed, "dataset": dataset, "teacher": teacher, "extract": extract}
+        "extract",
+        {"seed": seed, "dataset": dataset, "teacher": teacher, "extract": extract, "store": store},
     )
     rows = stages.extract(
         manifest.path,
@@ -40,6 +45,7 @@ def extract(
         params,
         encoder=encoder,
         student=getattr(student_model, "path", None),
+        teacher_features=getattr(teacher_features, "path", None),
         shard=(shard, shard_size) if shard >= 0 else None,
         cache=SlideCache.from_env(),
     )

@@ -33,6 +33,7 @@ def strategy(
     ib: dict,
     mil: dict,
     extract: dict,
+    store: dict,
     strategy: Output[Model],
     roc: Output[ClassificationMetrics],
 ):
@@ -56,6 +57,7 @@ def strategy(
             "ib": ib,
             "mil": mil,
             "extract": extract,
+            "store": store,
         },
     )
     summary = stages.strategy(

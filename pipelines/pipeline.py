@@ -3,7 +3,8 @@
     resolve_version -> resolve_dataset -> plan_shards
       -> ParallelFor shard: patch -> extract (teacher)          (`shard_size` slides per shard)
       -> gather (patches), gather (teacher features)            (dsl.Collected)
-      -> distill -> extract (student) -> splits -> train_mil (teacher)
+      -> distill -> ParallelFor shard: extract (student) -> gather (student features)
+      -> splits -> train_mil (teacher)
       -> plan_strategies -> ParallelFor strategy: one task per strategy the run compares
          (efcm.registry; `mil.strategies: auto` resolved against `distill.method`)
       -> evaluate (dsl.Collected strategies) -> export (export.strategy's fold models)
@@ -49,6 +50,7 @@ SECTIONS = (
     "teacher",
     "student",
     "extract",
+    "store",
     "distill",
     "train_mil",
     "ib",
@@ -114,6 +116,7 @@ class _Inputs:
     teacher: Any
     student: Any
     extract: Any
+    store: Any
     distill: Any
     train_mil: Any
     ib: Any
@@ -211,12 +214,11 @@ def _gather(run: _Schedule, p: _Inputs, shard_outputs: Any, stage: str, name: st
 
 
 def _patch_and_extract_shards(
-    run: _Schedule, p: _Inputs, manifest: Any, parallelism: int
+    run: _Schedule, p: _Inputs, manifest: Any, shards: Any, parallelism: int
 ) -> tuple[Any, Any]:
-    """plan_shards -> ParallelFor shard: patch -> extract (teacher) -> gather both: the patches
-    and the teacher features of every slide."""
-    shards = run(c.plan_shards(manifest=manifest, shard_size=p.shard_size), "plan-shards")
-    with dsl.ParallelFor(shards.output, parallelism=parallelism, name="shards") as shard:
+    """ParallelFor shard: patch -> extract (teacher) -> gather both: the patches and the teacher
+    features of every slide (with `store.enabled`, and the patch-shard store)."""
+    with dsl.ParallelFor(shards, parallelism=parallelism, name="shards") as shard:
         shard_patch = run(
             c.patch(
                 manifest=manifest,
@@ -234,6 +236,7 @@ def _patch_and_extract_shards(
                 dataset=p.dataset,
                 teacher=p.teacher,
                 extract=p.extract,
+                store=p.store,
                 encoder="teacher",
                 seed=p.seed,
                 shard=shard,
@@ -249,9 +252,17 @@ def _patch_and_extract_shards(
 
 
 def _distil_student(
-    run: _Schedule, p: _Inputs, manifest: Any, patches: Any, teacher_features: Any
+    run: _Schedule,
+    p: _Inputs,
+    manifest: Any,
+    patches: Any,
+    teacher_features: Any,
+    shards: Any,
+    parallelism: int,
 ) -> tuple[Any, Any]:
-    """distill -> extract (student): the student model and its features of every slide."""
+    """distill -> ParallelFor shard: extract (student) -> gather: the student model and its
+    features of every slide, extracted over the same shards as the teacher's (with
+    `store.enabled` read from the patch-shard store, not the slides)."""
     student_model = run(
         c.distill(
             manifest=manifest,
@@ -261,22 +272,31 @@ def _distil_student(
             dataset=p.dataset,
             student=p.student,
             distill=p.distill,
+            store=p.store,
         ),
         "distill",
     ).outputs["student_model"]
-    student_features = run(
-        c.extract(
-            manifest=manifest,
-            patches=patches,
-            dataset=p.dataset,
-            teacher=p.teacher,
-            extract=p.extract,
-            encoder="student",
-            seed=p.seed,
-            student_model=student_model,
-        ).set_display_name("extract-student"),
-        "extract",
-    ).outputs["features"]
+    with dsl.ParallelFor(shards, parallelism=parallelism, name="student-shards") as shard:
+        shard_extract = run(
+            c.extract(
+                manifest=manifest,
+                patches=patches,
+                dataset=p.dataset,
+                teacher=p.teacher,
+                extract=p.extract,
+                store=p.store,
+                encoder="student",
+                seed=p.seed,
+                student_model=student_model,
+                teacher_features=teacher_features,
+                shard=shard,
+                shard_size=p.shard_size,
+            ).set_display_name("extract-student"),
+            "extract",
+        )
+    student_features = _gather(
+        run, p, shard_extract.outputs["features"], "extract", "gather-student-features"
+    )
     return student_model, student_features
 
 
@@ -334,6 +354,7 @@ def _compare_strategies(run: _Schedule, p: _Inputs, data: _Data) -> dsl.Pipeline
                 ib=p.ib,
                 mil=p.mil,
                 extract=p.extract,
+                store=p.store,
             ),
             "strategy",
         )
@@ -371,12 +392,14 @@ def _evaluate_and_export(
             evaluation=evaluation,
             patches=data.patches,
             manifest=data.manifest,
+            teacher_features=data.teacher_features,
             dataset=p.dataset,
             patch=p.patch,
             teacher=p.teacher,
             distill=p.distill,
             mil=p.mil,
             export=p.export,
+            store=p.store,
         ),
         "export",
     ).outputs["package"]
@@ -444,6 +467,7 @@ def build_pipeline(
         teacher: dict,
         student: dict,
         extract: dict,
+        store: dict,
         distill: dict,
         train_mil: dict,
         ib: dict,
@@ -474,6 +498,7 @@ def build_pipeline(
             teacher=teacher,
             student=student,
             extract=extract,
+            store=store,
             distill=distill,
             train_mil=train_mil,
             ib=ib,
@@ -498,9 +523,12 @@ def build_pipeline(
         )
         run = _Schedule(image, gpu_accelerator_type, gpu_node_selector)
         manifest = _manifest(run, p)
-        patches, teacher_features = _patch_and_extract_shards(run, p, manifest, parallelism)
+        shards = run(
+            c.plan_shards(manifest=manifest, shard_size=p.shard_size), "plan-shards"
+        ).output
+        patches, teacher_features = _patch_and_extract_shards(run, p, manifest, shards, parallelism)
         student_model, student_features = _distil_student(
-            run, p, manifest, patches, teacher_features
+            run, p, manifest, patches, teacher_features, shards, parallelism
         )
         folds, teacher_mil = _train_teacher_mil(run, p, manifest, teacher_features)
         data = _Data(

@@ -203,7 +203,9 @@ class StoreParams(_Section):
     )
     interleave: int = Field(4, ge=1, description="shards (slides) each rank streams at once")
     fidelity_patches: int = Field(
-        16, ge=0, description="patches per slide whose features, slide vs shard pixels, are compared"
+        16,
+        ge=0,
+        description="patches per slide whose features, slide vs shard pixels, are compared",
     )
 
 

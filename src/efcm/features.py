@@ -114,7 +114,9 @@ class StoreTap:
     def __init__(self, writer: ShardWriter, n_patches: int, keep: int) -> None:
         self.writer = writer
         k = min(keep, n_patches)
-        self.keep = set(np.linspace(0, n_patches - 1, k).round().astype(int).tolist()) if k else set()
+        self.keep = (
+            set(np.linspace(0, n_patches - 1, k).round().astype(int).tolist()) if k else set()
+        )
         self.raw: list[np.ndarray] = []
         self.encoded: list[bytes] = []
         self.row = 0
@@ -329,7 +331,9 @@ def _extract(
         if codec is None:
             feats = extract_slide(model, sp, params)
         else:
-            with ShardWriter(store_dir, entry.slide_id, coords.coords, codec, coords.patch_size) as w:
+            with ShardWriter(
+                store_dir, entry.slide_id, coords.coords, codec, coords.patch_size
+            ) as w:
                 tap = StoreTap(w, len(sp), store.fidelity_patches)
                 feats = extract_slide(model, sp, params, tap)
                 w.extra["fidelity"] = fidelity = tap.fidelity(model)

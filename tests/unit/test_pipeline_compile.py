@@ -98,7 +98,8 @@ def test_every_stage_is_a_task_and_the_gpu_policy_holds(compiled):
     stages = sorted(stage for stage, *_ in tasks)
     # train-mil once: the teacher's baseline (Retrain CLAM on the student runs as a strategy)
     gpu = ["extract", "extract", "distill", "train-mil", "strategy", "evaluate"]
-    assert stages == sorted([*CPU_STAGES, "gather", *gpu])
+    # gather three times: patches, teacher features, student features
+    assert stages == sorted([*CPU_STAGES, "gather", "gather", *gpu])
     for stage, name, task, label, container, _ in tasks:
         res = container.resources
         cfg = k8s[label]
@@ -133,26 +134,36 @@ def test_caching_retries_shards_and_the_gate(compiled):
         assert task.caching_options.enable_cache is (stage not in UNCACHED), name
         assert (task.retry_policy.max_retry_count == 3) is (stage in GCS_READERS), name
     groups = {name: g for _, name, *_, g in tasks}
-    # patch and the teacher extraction run per shard, in one ParallelFor, `parallelism` at a time
-    loop = spec.root.dag.tasks["for-loop-1"]
-    assert groups["patch"] == groups["extract"] == ("for-loop-1",)
-    assert loop.parameter_iterator.items.input_parameter == "pipelinechannel--plan-shards-Output"
+    # patch and the teacher extraction run per shard, in one ParallelFor, `parallelism` at a time;
+    # the student's extraction per shard too, over the same shards, in a second one
     parallelism = load_params(ROOT / "params.yaml").pipeline.parallelism
-    assert loop.iterator_policy.parallelism_limit == parallelism
+    assert groups["patch"] == groups["extract"] == ("for-loop-1",)
+    assert groups["extract-2"] == ("for-loop-2",)
+    for loop_name in ("for-loop-1", "for-loop-2"):
+        loop = spec.root.dag.tasks[loop_name]
+        items = loop.parameter_iterator.items.input_parameter
+        assert items == "pipelinechannel--plan-shards-Output", loop_name
+        assert loop.iterator_policy.parallelism_limit == parallelism, loop_name
+    gathered = {
+        spec.root.dag.tasks[name].inputs.artifacts["shards"].task_output_artifact.producer_task
+        for stage, name, *_ in tasks
+        if stage == "gather"
+    }
+    assert gathered == {"for-loop-1", "for-loop-2"}
     # deploy only under the promotion gate's condition
     (cond,) = groups["deploy"]
     trigger = spec.root.dag.tasks[cond].trigger_policy.condition
     assert "gate-Output" in trigger and "== true" in trigger, trigger
     # the strategies run in a second ParallelFor, over what plan_strategies resolved, all at once
-    loop = spec.root.dag.tasks["for-loop-2"]
-    assert groups["strategy"] == ("for-loop-2",)
+    loop = spec.root.dag.tasks["for-loop-3"]
+    assert groups["strategy"] == ("for-loop-3",)
     items = loop.parameter_iterator.items.input_parameter
     assert items == "pipelinechannel--plan-strategies-Output"
     assert loop.iterator_policy.parallelism_limit == len(registry.STRATEGIES)
     # evaluate, export and the report each collect every strategy's output (dsl.Collected)
     for consumer in ("evaluate", "export", "report"):
         src = spec.root.dag.tasks[consumer].inputs.artifacts["strategies"].task_output_artifact
-        assert src.producer_task == "for-loop-2", consumer
+        assert src.producer_task == "for-loop-3", consumer
         assert src.output_artifact_key == "pipelinechannel--strategy-strategy", consumer
     nested = {"patch", "extract", "strategy", "deploy"}
     assert [name for stage, name, *_, g in tasks if g and stage not in nested] == []

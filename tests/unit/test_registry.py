@@ -91,7 +91,7 @@ def test_a_stage_reading_a_section_it_was_not_given_fails_loudly():
 def test_params_for_stage_names_a_missing_and_an_extra_section():
     data = params_to_dict(params_from_dict(tiny_params_dict()))
     with pytest.raises(ConfigError, match=r"'distill'.*missing \['student'\]"):
-        params_for_stage("distill", {s: data[s] for s in ("seed", "dataset", "distill")})
+        params_for_stage("distill", {s: data[s] for s in ("seed", "dataset", "distill", "store")})
     with pytest.raises(ConfigError, match=r"not its own \['mil'\]"):
         params_for_stage("gate", {"deploy": data["deploy"], "mil": data["mil"]})
 

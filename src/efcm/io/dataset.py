@@ -35,7 +35,7 @@ from efcm.io.manifest import Manifest, SlideEntry, import_manifest, read_manifes
 from efcm.io.status import read_status, write_status
 
 # What `efcm.stages.patch` / `extract` write into their output folder, besides status.csv.
-OUTPUT_FOLDERS = ("patches", "qc", "features")
+OUTPUT_FOLDERS = ("patches", "qc", "features", "store")
 STATUS = "status.csv"
 
 

@@ -65,7 +65,9 @@ class Codec:
 
     def __post_init__(self) -> None:
         if self.format not in EXTENSIONS:
-            raise ValueError(f"store format must be one of {sorted(EXTENSIONS)}, got {self.format!r}")
+            raise ValueError(
+                f"store format must be one of {sorted(EXTENSIONS)}, got {self.format!r}"
+            )
         if not 1 <= self.quality <= 100:
             raise ValueError(f"store quality must be 1..100, got {self.quality}")
 

@@ -39,11 +39,11 @@ from efcm import __version__, registry
 from efcm.config import Params, params_to_dict
 from efcm.errors import PackageError
 from efcm.io.cache import SlideCache
-from efcm.io.store import read_store_meta
 from efcm.io.files import sha256_file
 from efcm.io.manifest import Manifest
 from efcm.io.package import FORMAT, geometry
 from efcm.io.results import read_predictions, read_summary
+from efcm.io.store import read_store_meta
 from efcm.models.clam import load_clam
 from efcm.models.ensemble import FoldEnsembleCLAM
 from efcm.models.package import load_package

@@ -378,9 +378,7 @@ def write_runtimes(
         )
     quantization = None
     if INT8 in wanted:
-        calib = calibration_patches(
-            manifest, patches_dir, slide_ids, calibration, cache, store_dir
-        )
+        calib = calibration_patches(manifest, patches_dir, slide_ids, calibration, cache, store_dir)
         quantization = quantize_int8(dest / STUDENT_ONNX, dest / STUDENT_INT8, calib)
         files.append(STUDENT_INT8)
         loaded[INT8] = OnnxRuntime(

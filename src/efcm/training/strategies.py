@@ -42,12 +42,12 @@ from efcm.io.cache import SlideCache
 from efcm.io.files import save_json
 from efcm.io.manifest import Manifest, read_manifest
 from efcm.io.results import read_summary, write_predictions
+from efcm.io.store import require_store
 from efcm.models.clam import build_clam, load_clam, save_clam
 from efcm.models.encoders import PatchTransform
 from efcm.models.freeze import freeze_batchnorm, freeze_stages
 from efcm.models.students import load_student, save_student
 from efcm.registry import StrategyInputs
-from efcm.io.store import require_store
 from efcm.slides.patches import SlidePatches, StorePatches, open_patches
 from efcm.slides.patching import read_coords
 from efcm.training.mil import load_bags, load_bags_and_coords, predict_slides, train_fold, train_mil
