@@ -27,8 +27,8 @@ def distill_job(
     cache_gib: int = 50,
 ) -> str:
     """`student.pt` and the distillation `metrics.json` in `student_model`, as `distill` writes
-    them, from a TrainJob of `nodes` x `gpus_per_node` GPUs running `efcm distill` in
-    `job_image`; returns the TrainJob's name.
+    them, from a TrainJob of `nodes` x `gpus_per_node` GPUs running `efcm distill` under
+    torchrun in `job_image`; returns the TrainJob's name.
 
     This step's pod only submits and waits (no GPU): the job's pods read the input artifacts and
     write their outputs by gs:// URI, so the pipeline root must be on GCS. The job runs in

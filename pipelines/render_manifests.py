@@ -73,9 +73,10 @@ TRAINJOB_HEADER = """\
 # edit that, not this file.
 #
 # The reference TrainJob (Kubeflow Trainer >= v2.2, trainer.kubeflow.org/v1alpha1) of the
-# multi-node distillation: `efcm distill` on 2 nodes x 1 GPU through the `torch-distributed`
-# ClusterTrainingRuntime. The pipeline's distill_job step creates one like it per run, with the
-# run's artifact URIs (the gs:// placeholders below) and a name derived from them, and waits for it.
+# multi-node distillation: `efcm distill` under torchrun on 2 nodes x 1 GPU through the
+# `torch-distributed` ClusterTrainingRuntime. The pipeline's distill_job step creates one like it
+# per run, with the run's artifact URIs (the gs:// placeholders below) and a name derived from
+# them, and waits for it.
 # Check it against a cluster's CRD and the Trainer's webhook without running it:
 #   kubectl apply --dry-run=server -k manifests/trainjob
 """

@@ -207,20 +207,36 @@ def test_each_node_gets_its_gpus_on_a_gpu_node_with_shared_memory():
     assert node["securityContext"]["runAsNonRoot"] is True
 
 
-def test_the_command_runs_efcm_distill_on_gs_uris_with_one_process_per_gpu():
+def test_the_command_is_torchrun_running_efcm_distill_on_gs_uris_one_process_per_gpu(
+    monkeypatch,
+):
+    from torch.distributed.run import parse_args
+
     job = _job(nodes=2, gpus_per_node=8)
     trainer = job["spec"]["trainer"]
-    assert trainer["image"] == IMAGE and trainer["command"] == ["efcm"]
-    args = trainer["args"]
-    assert args[0] == "distill" and args[args.index("--nproc-per-node") + 1] == "8"
-    # the arguments efcm's own parser knows take the job's URIs; `--nproc-per-node` is the
-    # torchrun launch the ddp work adds to `efcm distill`
-    parsed, unknown = build_parser().parse_known_args(args)
-    assert set(unknown) <= {"--nproc-per-node", "8"}
+    assert trainer["image"] == IMAGE and trainer["command"] == ["torchrun"]
+    # torchrun's own parser, in the env the Trainer's torch plugin sets on node 1 of 2
+    name = job["metadata"]["name"]
+    pet = {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "8",
+        "PET_NODE_RANK": "1",
+        "PET_MASTER_ADDR": f"{name}-node-0-0.{name}",
+        "PET_MASTER_PORT": "29500",
+    }
+    for k, v in pet.items():
+        monkeypatch.setenv(k, v)
+    launch = parse_args(trainer["args"])
+    assert (launch.nnodes, launch.node_rank, launch.nproc_per_node) == ("2", 1, "8")
+    assert (launch.master_addr, launch.master_port) == (pet["PET_MASTER_ADDR"], 29500)
+    assert not launch.standalone and launch.rdzv_backend == "static"
+    assert launch.module and launch.training_script == "efcm.cli"
+    # each worker runs `efcm distill` on the job's gs:// URIs, as efcm's own parser reads them
+    parsed = build_parser().parse_args(launch.training_script_args)
     io = _io()
+    assert parsed.command == "distill"
     assert (parsed.params, parsed.manifest, parsed.out) == (io.params, io.manifest, io.out)
     assert (parsed.patches, parsed.teacher_features) == (io.patches, io.teacher_features)
-    assert all(getattr(parsed, k).startswith("gs://") for k in ("patches", "teacher_features"))
 
 
 def test_the_staging_cache_is_on_its_volume_as_the_cli_reads_it():

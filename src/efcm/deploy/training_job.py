@@ -2,10 +2,10 @@
 
 `distill_train_job` renders it as a plain dict: `nodes` pods of the `torch-distributed`
 ClusterTrainingRuntime that Kubeflow Trainer installs, each with `gpus_per_node` GPUs, running
-`efcm distill ... --nproc-per-node G` in the component image. The pipeline's `distill_job` step
-(`efcm.deploy.training_run`) submits it, waits for it and copies its outputs into the step's
-`student_model` artifact; `pipelines/render_manifests.py` writes a reference rendering to
-manifests/trainjob/. This module imports neither torch nor the Kubernetes client.
+`torchrun --nproc-per-node G -m efcm.cli distill ...` in the component image. The pipeline's
+`distill_job` step (`efcm.deploy.training_run`) submits it, waits for it and copies its outputs
+into the step's `student_model` artifact; `pipelines/render_manifests.py` writes a reference
+rendering to manifests/trainjob/. This module imports neither torch nor the Kubernetes client.
 
 Why a TrainJob (Kubeflow Trainer v2) and not a PyTorchJob (Training Operator v1): the Kubeflow
 platform's manifests install Trainer v2 by default since platform 1.11 (Dec 2025) and list the v1
@@ -18,10 +18,12 @@ What the job runs, and why:
 
 - The torch plugin of the Trainer sets `PET_NNODES`, `PET_NPROC_PER_NODE`, `PET_NODE_RANK`,
   `PET_MASTER_ADDR` and `PET_MASTER_PORT` in the container named `node`; torchrun's argument
-  parser (`torch.distributed.run`) takes them as its defaults, so `efcm distill
-  --nproc-per-node G`, which launches its G workers through torchrun, rendezvouses across the
-  nodes (static rendezvous on node 0, port 29500). Those names are the Trainer's (its webhook
-  refuses a TrainJob that sets them), so `env` may not name them.
+  parser (`torch.distributed.run`) takes them as its defaults, so the command is plain torchrun
+  (static rendezvous on node 0, port 29500) running `efcm distill` as each of the N x G DDP
+  workers. Not `efcm distill --nproc-per-node G`: that relaunches itself under `torchrun
+  --standalone`, a rendezvous on the pod's own localhost, where it would wait for the other nodes
+  until it timed out. The PET_* names are the Trainer's (its webhook refuses a TrainJob that sets
+  them), so `env` may not name them.
 - The pods see no KFP artifact: they read the params, the manifest, the patch coordinates and the
   teacher features, and write student.pt and metrics.json, by gs:// URI (`DistillJobIO`). The
   inputs are staged onto the `efcm-cache` emptyDir (`EFCM_CACHE_DIR`), requested as ephemeral
@@ -163,8 +165,13 @@ def _check_arguments(
 
 
 def distill_args(io: DistillJobIO, gpus_per_node: int) -> list[str]:
-    """The arguments of `efcm distill` on every node: gs:// inputs and output, G processes."""
+    """torchrun's arguments on every node: G workers, each running `efcm distill` on the gs://
+    inputs and output (the nodes, the node's rank and the master come from the PET_* env)."""
     return [
+        "--nproc-per-node",
+        str(gpus_per_node),
+        "-m",
+        "efcm.cli",
         "distill",
         "--params",
         io.params,
@@ -176,8 +183,6 @@ def distill_args(io: DistillJobIO, gpus_per_node: int) -> list[str]:
         io.teacher_features,
         "--out",
         io.out,
-        "--nproc-per-node",
-        str(gpus_per_node),
     ]
 
 
@@ -230,7 +235,7 @@ def trainer(
     """`spec.trainer`: what the runtime's `node` container runs, on how many nodes."""
     return {
         "image": image,
-        "command": ["efcm"],
+        "command": ["torchrun"],
         "args": distill_args(io, gpus_per_node),
         "env": env,
         "numNodes": nodes,
@@ -314,7 +319,7 @@ def distill_train_job(
     Args:
         name: the TrainJob's name (`job_name`), an RFC 1035 label of at most `MAX_NAME` chars.
         namespace: where it runs (its ClusterTrainingRuntime is cluster-wide).
-        image: the component image (it has efcm with torch, and torchrun).
+        image: the component image (efcm with torch, so torchrun is on its PATH).
         io: the gs:// params, inputs and output folder.
         nodes: training nodes (pods), each with `gpus_per_node` GPUs and as many processes.
         node_selector: labels of the GPU nodes (default `DEFAULT_GPU_NODE_SELECTOR`).
