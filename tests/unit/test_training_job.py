@@ -618,9 +618,7 @@ def test_a_folder_goes_up_and_comes_back_as_it_was(gcs_bucket, tmp_path):
         download_dir(gcs_bucket.uri("run/absent"), tmp_path / "none")
 
 
-def test_local_output_resumes_from_the_bucket_and_uploads_only_a_finished_block(
-    gcs_bucket, tmp_path
-):
+def test_local_output_resumes_from_the_bucket_and_uploads_what_rank_0_saved(gcs_bucket, tmp_path):
     out = gcs_bucket.uri("run/out")
     gcs_bucket.upload_bytes(b"epoch 1", "run/out/checkpoint.pt")
     with local_output(out, tmp_path / "w1") as local:
@@ -631,12 +629,14 @@ def test_local_output_resumes_from_the_bucket_and_uploads_only_a_finished_block(
         pytest.raises(RuntimeError, match="training broke"),
         local_output(out, tmp_path / "w2") as local,
     ):
-        (local / "half.pt").write_bytes(b"half")
+        (local / "checkpoint.pt").write_bytes(b"epoch 2")
         raise RuntimeError("training broke")
     with local_output(out, tmp_path / "w3", upload=False) as local:
         (local / "rank1.pt").write_bytes(b"not rank 0")
     names = {b.name for b in gcs_bucket.client.list_blobs(gcs_bucket.name, prefix="run/out/")}
-    assert names == {"run/out/checkpoint.pt", "run/out/student.pt"}
+    assert names == {"run/out/checkpoint.pt", "run/out/student.pt"}  # not rank 1's
+    # the checkpoint saved before the failure is there for the next attempt
+    assert gcs_bucket.bucket.blob("run/out/checkpoint.pt").download_as_bytes() == b"epoch 2"
     with local_output(str(tmp_path / "plain"), tmp_path / "unused") as local:
         assert local == tmp_path / "plain" and local.is_dir()
     (tmp_path / "busy").mkdir()

@@ -9,8 +9,10 @@ reads and writes local paths, so the command stages its inputs and uploads its o
   processes of a node stage it at once); a local path is passed through.
 - `local_output`: a local folder for an output that may be gs://. Objects already under the
   gs:// folder (a checkpoint of an earlier attempt) are downloaded first, so a rerun resumes;
-  after the block returns, the folder is uploaded when `upload` is true (the process whose rank
-  writes the outputs). A block that raises uploads nothing.
+  when the block ends the folder is uploaded if `upload` is true (the process whose rank writes
+  the outputs), also when it raised: efcm writes files atomically, so what is there is whole (a
+  checkpoint to resume from), and the pipeline step copies the outputs only from a job that
+  completed. A process that is killed uploads nothing.
 - `download_dir` / `upload_dir`: a gs:// folder to a local one and back (the pipeline step copies
   the job's output folder into its output artifact with `download_dir`).
 """
@@ -112,10 +114,11 @@ def local_inputs(uris: Mapping[str, str], cache: SlideCache) -> dict[str, Path]:
 def local_output(out: str, work: str | Path, *, upload: bool = True) -> Iterator[Path]:
     """A local folder for the output `out`: `out` itself when local; for a gs:// folder, `work`
     (a folder private to this process) with the objects already under `out` in it, uploaded to
-    `out` when the block returns and `upload` is true.
+    `out` when the block ends (returns or raises) and `upload` is true.
 
     Raises:
         ValueError: `out` is gs:// and `work` is not an empty folder (or absent).
+        what the block raises; an upload that fails after it is logged, not raised over it.
     """
     if not is_gcs(out):
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -129,6 +132,14 @@ def local_output(out: str, work: str | Path, *, upload: bool = True) -> Iterator
         log.info("resuming from the objects under %s", out)
     except FileNotFoundError:
         work.mkdir(parents=True, exist_ok=True)  # a first attempt: nothing to resume from
-    yield work
+    try:
+        yield work
+    except Exception:
+        if upload:  # keep what was saved (a checkpoint): a rerun resumes from it
+            try:
+                upload_dir(work, out)
+            except Exception:
+                log.exception("uploading %s to %s after a failure", work, out)
+        raise
     if upload:
         upload_dir(work, out)
