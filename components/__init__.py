@@ -14,6 +14,7 @@ component, not its module).
 
 from components.deploy import deploy
 from components.distill import distill
+from components.distill_job import distill_job
 from components.evaluate import evaluate
 from components.export import export
 from components.extract import extract
@@ -34,6 +35,7 @@ ALL = (
     patch,
     extract,
     distill,
+    distill_job,
     splits,
     train_mil,
     plan_strategies,
@@ -52,6 +54,7 @@ __all__ = [
     "SERVING_IMAGE",
     "deploy",
     "distill",
+    "distill_job",
     "evaluate",
     "export",
     "extract",

@@ -58,3 +58,8 @@ class PackageError(EfcmError):
 class BatchFailed(EfcmError, RuntimeError):
     """A batch stage failed as a whole: every slide failed (or `fail_on` says so), or an
     unexpected error hit most slides."""
+
+
+class TrainingJobFailed(EfcmError, RuntimeError):
+    """A training job on the cluster (a Kubeflow Trainer TrainJob) ended Failed; the message names
+    the job and its condition's reason and message."""

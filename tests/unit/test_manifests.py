@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from efcm.deploy.render import CACHE_MOUNT, CPU_RUNTIME, GPU_RESOURCE
+from efcm.deploy.training_job import SERVICE_ACCOUNT as TRAINER_ACCOUNT
 from efcm.limits import (
     CACHE_DIR_ENV,
     CACHE_MAX_BYTES_ENV,
@@ -45,7 +46,7 @@ from efcm.limits import (
     SLIDE_URI_PREFIXES_ENV,
     ServingLimits,
 )
-from tests import kserve_crd
+from tests import kserve_crd, trainjob_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -54,6 +55,12 @@ K8S_VERSION = "1.33.0"  # a GKE / EKS release of 2025-2026; kubernetes-validate 
 CORE_KINDS = {"ServiceAccount", "Role", "RoleBinding"}
 # What efcm.deploy.rollout does through the kserve SDK (tests/unit/test_deploy.py runs the SDK).
 ISVC_VERBS = {"get", "create", "patch"}
+# What efcm.deploy.training_run does through CustomObjectsApi (tests/unit/test_training_job.py
+# runs the client against a stub API server).
+TRAINJOB_VERBS = {"get", "create", "delete"}
+# The objects of each kustomization: the serving deployment, and the reference TrainJob.
+BUILD_KINDS = CORE_KINDS | {"InferenceService"}
+TRAINJOB_BUILD = "trainjob"
 WORKLOAD_IDENTITY = "iam.gke.io/gcp-service-account"
 POLICY_ENV = {
     SLIDE_URI_PREFIXES_ENV,
@@ -165,6 +172,7 @@ def _by_id(objects: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 OVERLAYS = sorted(p.parent for p in MANIFESTS.glob("overlays/*/kustomization.yaml"))
+TRAINJOB_DIR = MANIFESTS / TRAINJOB_BUILD
 KUSTOMIZATIONS = sorted(p.parent for p in MANIFESTS.rglob("kustomization.yaml"))
 
 
@@ -204,8 +212,9 @@ def test_every_file_under_manifests_is_used_by_a_kustomization():
             assert path.exists(), f"{directory}/kustomization.yaml names a missing {ref}"
             used.add(path / "kustomization.yaml" if path.is_dir() else path)
     files = {p.resolve() for p in MANIFESTS.rglob("*") if p.is_file()}
-    overlays = {(d / "kustomization.yaml").resolve() for d in OVERLAYS}
-    assert files - used - overlays == set(), "files no kustomization uses"
+    # what a user applies: an overlay, or the reference TrainJob
+    entries = {(d / "kustomization.yaml").resolve() for d in [*OVERLAYS, TRAINJOB_DIR]}
+    assert files - used - entries == set(), "files no kustomization uses"
 
 
 def test_the_builder_rejects_what_it_does_not_implement(tmp_path):
@@ -246,6 +255,8 @@ def _errors(validator: jsonschema.Validator, obj: dict) -> list[str]:
 def _validate(obj: dict, isvc_validator) -> list[str]:
     if obj["kind"] == "InferenceService":
         return _errors(isvc_validator, obj)
+    if obj["kind"] == "TrainJob":
+        return trainjob_schema.errors(obj)
     assert obj["kind"] in CORE_KINDS, f"unexpected kind {obj['kind']}"
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     return []
@@ -258,7 +269,8 @@ def test_every_resource_file_object_validates(obj, isvc_validator):
 
 def test_every_object_of_every_build_validates(builds, isvc_validator):
     for name, objects in builds.items():
-        assert {k for k, _ in objects} == CORE_KINDS | {"InferenceService"}, name
+        kinds = {"TrainJob"} if name == TRAINJOB_BUILD else BUILD_KINDS
+        assert {k for k, _ in objects} == kinds, name
         for obj in objects.values():
             assert _validate(obj, isvc_validator) == [], f"{name}: {obj['kind']}"
             assert obj["metadata"]["namespace"] == "efcm", f"{name}: one namespace for every object"
@@ -373,15 +385,25 @@ def test_inferenceservice_is_production_ready(builds, variant):
 # -- RBAC -----------------------------------------------------------------------------------------
 
 
-def test_pipeline_service_account_may_deploy_inferenceservices_and_nothing_else(builds):
+@pytest.mark.parametrize(
+    ("role_name", "group", "resource", "verbs"),
+    [
+        ("efcm-deployer", "serving.kserve.io", "inferenceservices", ISVC_VERBS),
+        ("efcm-trainjob-runner", "trainer.kubeflow.org", "trainjobs", TRAINJOB_VERBS),
+    ],
+)
+def test_pipeline_service_account_may_do_what_its_steps_do_and_nothing_else(
+    builds, role_name, group, resource, verbs
+):
     objects = builds["base"]
-    (role,) = [o for k, o in objects.items() if k[0] == "Role"]
-    (binding,) = [o for k, o in objects.items() if k[0] == "RoleBinding"]
+    assert {k[1] for k in objects if k[0] == "Role"} == {"efcm-deployer", "efcm-trainjob-runner"}
+    role = objects[("Role", role_name)]
+    binding = objects[("RoleBinding", role_name)]
     (rule,) = role["rules"]
     assert set(rule) == {"apiGroups", "resources", "verbs"}  # no resourceNames, no nonResourceURLs
-    assert rule["apiGroups"] == ["serving.kserve.io"]
-    assert rule["resources"] == ["inferenceservices"]
-    assert sorted(rule["verbs"]) == sorted(ISVC_VERBS)
+    assert rule["apiGroups"] == [group]
+    assert rule["resources"] == [resource]
+    assert sorted(rule["verbs"]) == sorted(verbs)
     assert "*" not in str(role["rules"])
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -393,6 +415,19 @@ def test_pipeline_service_account_may_deploy_inferenceservices_and_nothing_else(
     pipeline = objects[("ServiceAccount", subject["name"])]
     assert WORKLOAD_IDENTITY in pipeline["metadata"]["annotations"]
     assert subject["namespace"] == role["metadata"]["namespace"] == binding["metadata"]["namespace"]
+
+
+def test_the_reference_trainjob_runs_as_the_trainer_account_which_has_no_token(builds):
+    (job,) = builds[TRAINJOB_BUILD].values()
+    pod = trainjob_schema.node_pod(job)
+    assert pod["spec"]["serviceAccountName"] == TRAINER_ACCOUNT
+    trainer = builds["base"][("ServiceAccount", TRAINER_ACCOUNT)]
+    assert trainer["metadata"]["annotations"][WORKLOAD_IDENTITY].endswith(
+        ".iam.gserviceaccount.com"
+    )
+    assert trainer["automountServiceAccountToken"] is False  # its pods never call the API
+    bound = {s["name"] for o in builds["base"].values() for s in o.get("subjects", [])}
+    assert TRAINER_ACCOUNT not in bound
 
 
 def test_no_cluster_scoped_rbac_anywhere():
