@@ -15,6 +15,7 @@ def distill_job(
     dataset: dict,
     student: dict,
     distill: dict,
+    store: dict,
     student_model: Output[Model],
     nodes: int = 2,
     gpus_per_node: int = 1,
@@ -40,7 +41,14 @@ def distill_job(
     from efcm.deploy.training_run import in_cluster_api, run_distill_job
 
     params = config.params_for_stage(
-        "distill", {"seed": seed, "dataset": dataset, "student": student, "distill": distill}
+        "distill",
+        {
+            "seed": seed,
+            "dataset": dataset,
+            "student": student,
+            "distill": distill,
+            "store": store,
+        },
     )
     return run_distill_job(
         in_cluster_api,

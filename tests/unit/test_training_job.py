@@ -668,7 +668,7 @@ def test_local_inputs_stage_gs_files_and_folders_and_pass_local_paths(gcs_bucket
 
 def _params():
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    sections = {k: data[k] for k in ("seed", "dataset", "student", "distill")}
+    sections = {k: data[k] for k in ("seed", "dataset", "student", "distill", "store")}
     return params_for_stage("distill", sections)
 
 
@@ -751,5 +751,6 @@ def test_the_component_refuses_a_local_pipeline_root_before_contacting_the_clust
             dataset=data["dataset"],
             student=data["student"],
             distill=data["distill"],
+            store=data["store"],
             student_model=dsl.Model(uri=str(tmp_path / "student_model")),
         )
