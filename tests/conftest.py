@@ -81,10 +81,17 @@ def first_slides(manifest: Path, n: int, out: Path) -> Path:
     return out
 
 
-def run_demo_pipeline(manifest: Path, work: Path, params, strategies: tuple[str, ...]) -> dict:
+def run_demo_pipeline(
+    manifest: Path,
+    work: Path,
+    params,
+    strategies: tuple[str, ...],
+    after_teacher=None,
+) -> dict:
     """The demo pipeline's stages (`efcm.stages`, as dvc.yaml and the KFP graph run them) on
     `manifest` into `work`, with the strategies `strategies` (the others are skipped); returns
-    {name: path} of every output, the package included."""
+    {name: path} of every output, the package included. `after_teacher()`, when given, runs
+    right after the teacher's extraction."""
     from efcm import stages
     from efcm.config import for_stage
 
@@ -95,6 +102,8 @@ def run_demo_pipeline(manifest: Path, work: Path, params, strategies: tuple[str,
     w.update(splits=work / "splits.json", teacher_mil=work / "train_mil_teacher")
     stages.patch(manifest, w["patch"], p("patch"))
     stages.extract(manifest, w["patch"], w["extract_teacher"], p("extract"), encoder="teacher")
+    if after_teacher is not None:
+        after_teacher()
     stages.distill(manifest, w["patch"], w["extract_teacher"], w["distill"], p("distill"))
     stages.extract(
         manifest,
@@ -103,6 +112,7 @@ def run_demo_pipeline(manifest: Path, work: Path, params, strategies: tuple[str,
         p("extract"),
         encoder="student",
         student=w["distill"],
+        teacher_features=w["extract_teacher"],
     )
     stages.splits(manifest, w["splits"], p("splits"), features_dir=w["extract_teacher"])
     stages.train_mil(manifest, w["extract_teacher"], w["splits"], w["teacher_mil"], p("train_mil"))
@@ -134,6 +144,7 @@ def run_demo_pipeline(manifest: Path, work: Path, params, strategies: tuple[str,
         metrics_path=w["evaluate"] / "metrics.json",
         patches_dir=w["patch"],
         manifest=manifest,
+        teacher_features=w["extract_teacher"],
     )
     return w
 

@@ -31,10 +31,10 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import h5py
@@ -47,6 +47,8 @@ STORE_DIR = "store"  # the store's folder inside an extraction output folder
 STORE_META = "store.json"  # the codec and what wrote the store
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 MAX_GAP = 1 << 20  # bytes between two samples still read by one ranged read (ETC's top-K)
+T = TypeVar("T")
+_END = object()
 
 
 class StoreError(InvalidInput):
@@ -385,6 +387,49 @@ def assign_shards(sizes: list[int], world: int) -> list[list[int]]:
     return [sorted(s) for s in out]
 
 
+def mix(
+    n_shards: int,
+    open_shard: Callable[[int], Iterator[T]],
+    *,
+    seed: int,
+    epoch: int,
+    interleave: int,
+    buffer: int,
+) -> Iterator[T]:
+    """Every item of `n_shards` shards (`open_shard(i)` streams shard i's items), each once, in
+    an order mixed across slides: the shard order is shuffled by (seed, epoch), `interleave`
+    shards are read at once (round robin, each as one sequential stream), and the items pass
+    through a shuffle buffer of `buffer` items. The same arguments give the same order (a
+    resumed epoch skips what it had done)."""
+    rng = np.random.default_rng([seed, epoch])
+    pending = [int(i) for i in reversed(rng.permutation(n_shards))]  # pop() takes the next
+    open_: list[Iterator[T]] = []
+    held: list[T] = []
+
+    def refill() -> None:
+        while len(open_) < interleave and pending:
+            open_.append(open_shard(pending.pop()))
+
+    refill()
+    k = 0
+    while open_:
+        k %= len(open_)
+        item = next(open_[k], _END)
+        if item is _END:
+            open_.pop(k)
+            refill()
+            continue
+        k += 1
+        if len(held) < buffer:
+            held.append(item)  # type: ignore[arg-type]
+            continue
+        j = int(rng.integers(len(held)))
+        held[j], item = item, held[j]  # type: ignore[assignment]
+        yield item  # type: ignore[misc]
+    for j in rng.permutation(len(held)):
+        yield held[int(j)]
+
+
 def stream_samples(
     shards: list[Path],
     *,
@@ -393,39 +438,12 @@ def stream_samples(
     interleave: int,
     buffer: int,
 ) -> Iterator[tuple[int, int, bytes]]:
-    """(shard position in `shards`, row, encoded bytes) of every sample of `shards`, each once,
-    in an order mixed across slides: the shard order is shuffled by (seed, epoch), `interleave`
-    shards are read at once (round robin, each as one sequential stream), and the samples pass
-    through a shuffle buffer of `buffer` samples. The same arguments give the same order (a
-    resumed epoch skips what it had done)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = [int(i) for i in rng.permutation(len(shards))]
-    pending = list(reversed(order))  # pop() takes the next shard
-    open_: list[tuple[int, Iterator[tuple[int, bytes]]]] = []
-    held: list[tuple[int, int, bytes]] = []
+    """(shard position in `shards`, row, encoded bytes) of every sample of `shards`, mixed as
+    `mix` does."""
 
-    def refill() -> None:
-        while len(open_) < interleave and pending:
-            i = pending.pop()
-            open_.append((i, iter_shard(shards[i])))
+    def open_shard(i: int) -> Iterator[tuple[int, int, bytes]]:
+        return ((i, row, data) for row, data in iter_shard(shards[i]))
 
-    refill()
-    k = 0
-    while open_:
-        k %= len(open_)
-        i, it = open_[k]
-        item = next(it, None)
-        if item is None:
-            open_.pop(k)
-            refill()
-            continue
-        k += 1
-        sample = (i, item[0], item[1])
-        if len(held) < buffer:
-            held.append(sample)
-            continue
-        j = int(rng.integers(len(held)))
-        held[j], sample = sample, held[j]
-        yield sample
-    for j in rng.permutation(len(held)):
-        yield held[int(j)]
+    return mix(
+        len(shards), open_shard, seed=seed, epoch=epoch, interleave=interleave, buffer=buffer
+    )
