@@ -85,6 +85,10 @@ from efcm.training.distributed import MapSource, RankBatch, TrainSource, World, 
 
 log = logging.getLogger(__name__)
 
+# 2: the step within the epoch, the optimiser's GradScaler, the random state (mid-epoch resume);
+# a checkpoint of format 1 (epoch ends only) is not resumed
+CHECKPOINT_FORMAT = 2
+
 __all__ = ["MapSource", "TrainSource", "distill", "load_student", "save_student"]
 
 
@@ -328,10 +332,12 @@ def teacher_identity(teacher_dir: Path, slide_ids: list[str]) -> dict[str, dict[
 def _fingerprint(
     params: Params, teacher_dim: int, train_ids: list[str], teacher: dict[str, dict[str, Any]]
 ) -> str:
-    """What a checkpoint must match to be resumed: the configuration, the training slides and
-    the teacher features of every slide used (new teacher features never resume an old run)."""
+    """What a checkpoint must match to be resumed: the checkpoint's format, the configuration,
+    the training slides and the teacher features of every slide used (new teacher features never
+    resume an old run)."""
     blob = json.dumps(
         {
+            "format": CHECKPOINT_FORMAT,
             # how often checkpoints are written changes no result: a rerun may change it
             "distill": params.distill.model_dump(mode="json", exclude={"checkpoint_steps"}),
             "student": params.student.model_dump(mode="json"),
