@@ -20,8 +20,10 @@ drawn from the same random stream, whatever the world size; only BatchNorm's bat
 per rank (each normalises its own share; rank 0's running statistics are broadcast at every
 step). Validation is sharded: each rank evaluates every world-th validation batch and the sums are
 all-reduced, so the figures are a single process's (up to summation order) and no rank idles
-through a long validation. Rank 0 alone writes checkpoints, metrics.json and student.pt; the others
-wait at a barrier at the end of every epoch and of the run.
+through a long validation. Rank 0 alone writes checkpoints, metrics.json and student.pt, and reads
+the checkpoint it resumes from (sending it to the others); the others wait at a barrier at the end
+of every epoch and of the run. Every rank reads its share of the slides and teacher features; only
+rank 0 needs the output folder (several nodes need no shared disk for it).
 
 Checkpoints (checkpoint.pt) after every epoch and every `distill.checkpoint_steps` optimiser steps:
 model, optimiser, scheduler, GradScaler, the epoch and the step within it, the epoch's loss and
