@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +44,13 @@ def _heatmap_size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {text!r}"
         ) from None
+
+
+def _processes(text: str) -> int:
+    """argparse type of --nproc-per-node."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of processes >= 1, got {text!r}")
+    return int(text)
 
 
 def _cache() -> SlideCache:
@@ -79,10 +89,48 @@ def cmd_extract(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_distill(args: argparse.Namespace) -> None:
-    stages.distill(
-        args.manifest, args.patches, args.teacher_features, args.out, _params(args), cache=_cache()
-    )
+def cmd_distill(args: argparse.Namespace) -> int | None:
+    """Under torchrun, every process runs the stage inside the process group (DDP); a plain
+    process with --nproc-per-node N > 1 relaunches this command under torchrun."""
+    from efcm.training.launch import Launch, check_world
+
+    params = _params(args)
+    launch = Launch.from_torchrun(os.environ)
+    if launch is None and args.nproc_per_node > 1:
+        check_world(params.distill.batch_size, args.nproc_per_node)  # fail before launching
+        return _torchrun(args.argv, args.nproc_per_node)
+    if launch is not None and launch.rank > 0:  # one copy of the log: rank 0's
+        logging.getLogger().setLevel(logging.WARNING)
+    from efcm.training.distributed import process_group
+
+    with process_group(launch):
+        stages.distill(
+            args.manifest, args.patches, args.teacher_features, args.out, params, cache=_cache()
+        )
+    return None
+
+
+def _torchrun(argv: list[str], nproc: int) -> int:
+    """This command line again under `torchrun --standalone` with `nproc` processes on this
+    node; its exit status (1 when a process failed)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "efcm.cli",
+        *argv,
+    ]
+    log.info("distill: launching %d processes: %s", nproc, " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    # a pod's SIGTERM reaches this process: pass it on, so torchrun stops its workers cleanly
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_splits(args: argparse.Namespace) -> None:
@@ -243,13 +291,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true")
 
-    p = add("distill", cmd_distill, "train the student on the cached teacher features")
+    p = add(
+        "distill",
+        cmd_distill,
+        "train the student on the cached teacher features",
+        epilog="Several processes: run it under torchrun (`torchrun --nproc-per-node N [--nnodes "
+        "M --rdzv-endpoint HOST:PORT] -m efcm.cli distill ...`) or give --nproc-per-node N. "
+        "Each process trains a DistributedDataParallel replica (NCCL on GPUs, one GPU per "
+        "process; gloo on the CPU) on an equal share of every global batch of "
+        "distill.batch_size items (which must divide by the number of processes), so a step "
+        "sees the same items as a single process; rank 0 writes checkpoint.pt, metrics.json and "
+        "student.pt. A rerun resumes from the checkpoint, mid-epoch too "
+        "(distill.checkpoint_steps), with the same or another number of processes.",
+    )
     p.add_argument("--manifest", required=True)
     p.add_argument("--patches", required=True)
     p.add_argument(
         "--teacher-features", required=True, help="output dir of `efcm extract --encoder teacher`"
     )
     p.add_argument("--out", required=True, help="dir for student.pt and metrics.json")
+    p.add_argument(
+        "--nproc-per-node",
+        type=_processes,
+        default=1,
+        metavar="N",
+        help="N > 1: launch torchrun --standalone with N processes on this node (one per GPU, "
+        "or gloo on the CPU) running this command (1; ignored under torchrun)",
+    )
 
     p = add("splits", cmd_splits, "patient-level stratified k-fold splits, shared by every model")
     p.add_argument("--manifest", required=True)
@@ -370,20 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch repeats
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        args.fn(args)
+        status = args.fn(args)
     except ConfigError as err:
         print(f"efcm {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError, EfcmError) as err:
         print(f"efcm {args.command}: {err}", file=sys.stderr)
         return EXIT_FAIL
-    return EXIT_OK
+    return status if isinstance(status, int) else EXIT_OK
 
 
 if __name__ == "__main__":

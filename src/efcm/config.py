@@ -248,6 +248,11 @@ class DistillParams(_Section):
         0.2, ge=0, lt=1, description="share of slides held out for validation"
     )
     num_workers: int = Field(0, ge=0)
+    checkpoint_steps: int = Field(
+        200,
+        ge=0,
+        description="also checkpoint every this many optimiser steps (0: epoch ends only)",
+    )
     fpd: FpdParams = FpdParams()
     mcm: McmParams = McmParams()
 

@@ -1,5 +1,6 @@
 """The three distillation methods: VFD, FPD (+ TransScan), MCM-KD."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -294,3 +295,168 @@ def test_new_teacher_features_never_resume_an_old_distillation(tiny_dataset, tmp
     stages.extract(manifest, p, t, params_from_dict(raw))
     stages.distill(manifest, p, t, d, params)
     assert not resumed()
+
+
+# -- several processes: the epoch plan, the shared mask stream, torchrun's environment -----------
+
+
+def _plan_items(plan, world):
+    """{step: [rank 0's items, rank 1's items, ...]} of an EpochPlan."""
+    return {s: [plan.part(s, r).tolist() for r in range(world)] for s in range(plan.steps)}
+
+
+@pytest.mark.parametrize("n", [96, 100, 7])
+def test_epoch_plan_shares_every_global_batch_equally_and_disjointly(n):
+    from efcm.training.distributed import plan_epoch
+
+    batch, world = 16, 4
+    plan = plan_epoch(n, batch, world, seed=3, epoch=1)
+    parts = _plan_items(plan, world)
+    seen = [i for step in parts.values() for part in step for i in part]
+    assert len(seen) == len(set(seen))  # no item twice, across steps and ranks
+    if n >= batch:
+        assert plan.steps == n // batch
+        assert all(len(p) == batch // world for step in parts.values() for p in step)
+        # complete: every item but the tail that does not fill a global batch (as one process)
+        assert sorted(seen) == sorted(plan.order[: plan.steps * batch].tolist())
+        assert len(set(range(n)) - set(seen)) == n % batch
+    else:  # one short batch: all items, in near-equal parts
+        assert plan.steps == 1 and sorted(seen) == list(range(n))
+        assert sorted(len(p) for p in parts[0]) == [1, 2, 2, 2]
+
+
+def test_epoch_plan_gives_a_step_the_same_items_in_every_world_size():
+    from efcm.training.distributed import plan_epoch
+
+    one = plan_epoch(100, 12, 1, seed=0, epoch=2)
+    for world in (2, 3, 4, 6):
+        plan = plan_epoch(100, 12, world, seed=0, epoch=2)
+        assert plan.steps == one.steps == 8
+        for s in range(plan.steps):
+            ranks = [plan.part(s, r) for r in range(world)]
+            assert np.concatenate(ranks).tolist() == one.part(s, 0).tolist()
+            rows = [plan.bounds(s, r) for r in range(world)]
+            assert rows[0][0] == 0 and rows[-1][1] == 12
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(rows))
+    # a new order every epoch and seed
+    assert plan_epoch(100, 12, 2, 0, 3).order.tolist() != one.order.tolist()
+    assert plan_epoch(100, 12, 2, 1, 2).order.tolist() != one.order.tolist()
+
+
+def test_world_one_plan_is_the_order_the_single_process_loader_used():
+    """Earlier versions shuffled with a DataLoader seeded by (seed, epoch): a single process
+    keeps that order, so its results do not change."""
+    from torch.utils.data import DataLoader
+
+    from efcm.training.distributed import epoch_seed, plan_epoch
+
+    for n, batch in ((50, 8), (8, 8), (5, 8)):
+        g = torch.Generator().manual_seed(epoch_seed(4, 1))
+        loader = DataLoader(range(n), batch_size=batch, shuffle=True, generator=g,
+                            drop_last=n > batch)  # fmt: skip
+        want = [b.tolist() for b in loader]
+        plan = plan_epoch(n, batch, 1, seed=4, epoch=1)
+        assert [plan.part(s, 0).tolist() for s in range(plan.steps)] == want
+
+
+def test_a_global_batch_that_does_not_divide_by_the_world_is_a_config_error():
+    from efcm.config import ConfigError
+    from efcm.training.distributed import plan_epoch
+
+    with pytest.raises(ConfigError, match=r"distill.batch_size 10 does not divide by the 4"):
+        plan_epoch(100, 10, 4, seed=0, epoch=0)
+    with pytest.raises(ConfigError, match="3 training items cannot be shared by 4 processes"):
+        plan_epoch(3, 8, 4, seed=0, epoch=0)
+
+
+def test_map_source_serves_each_rank_its_part_from_any_step():
+    from torch.utils.data import TensorDataset
+
+    from efcm.training.distributed import MapSource
+
+    data = TensorDataset(torch.arange(50), torch.arange(50) * 10)
+    source = MapSource(data, 8, seed=1)
+    assert len(source) == 50 and source.steps_per_epoch(2) == 6
+    plan = source.plan(0, 2)
+    for rank in (0, 1):
+        batches = list(source.epoch_batches(0, rank, 2, start_step=4))
+        assert len(batches) == 2
+        for step, rb in zip((4, 5), batches, strict=True):
+            ids, tens = rb.tensors
+            assert ids.tolist() == plan.part(step, rank).tolist()
+            assert torch.equal(tens, ids * 10)
+            assert (rb.rows_before, rb.rows_after) == ((0, 4) if rank == 0 else (4, 0))
+
+
+def test_every_rank_draws_its_rows_masks_from_the_one_stream_a_single_process_draws():
+    """MCM's masks of a step are those a single process draws for the global batch, whatever the
+    world size, and every rank's stream ends the step where a single process's does."""
+    from torch.utils.data import TensorDataset
+
+    from efcm.training.distill import _own_rows
+    from efcm.training.distributed import MapSource
+
+    positions = 4
+    valid = torch.rand(40, positions, generator=torch.Generator().manual_seed(0)) > 0.2
+    valid[:, 0] = True
+    source = MapSource(TensorDataset(torch.arange(40), valid), 8, seed=2)
+
+    def masks(world: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out, ends = [], []
+        for rank in range(world):
+            g = source.mask_generator(0)
+            for rb in source.epoch_batches(0, rank, world):
+                with _own_rows(g, rb, positions):
+                    out.append((rb.tensors[0], random_mask(rb.tensors[1], 0.5, g)))
+            ends.append(g.get_state())
+        ids = torch.cat([i for i, _ in out])
+        return torch.cat([m for _, m in out])[ids.argsort()], ends
+
+    one, (end,) = masks(1)
+    for world in (2, 4):
+        got, ends = masks(world)
+        assert torch.equal(got, one)
+        assert all(torch.equal(e, end) for e in ends)
+
+
+def test_torchrun_environment_is_read_or_refused_naming_the_variable():
+    from efcm.config import ConfigError
+    from efcm.training.launch import Launch
+
+    assert Launch.from_torchrun({}) is None
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_PORT": "29500"}
+    assert Launch.from_torchrun(env) == Launch(rank=3, local_rank=1, world=4)
+    with pytest.raises(ConfigError, match="RANK='x' is not an integer"):
+        Launch.from_torchrun({**env, "RANK": "x"})
+    with pytest.raises(ConfigError, match="RANK=4, LOCAL_RANK=1, WORLD_SIZE=4 is not a valid"):
+        Launch.from_torchrun({**env, "RANK": "4"})
+
+
+def test_a_process_count_that_does_not_divide_the_batch_exits_2_before_launching(
+    tmp_path, capsys, tiny_params_file
+):
+    from efcm.cli import main
+
+    raw = yaml.safe_load(tiny_params_file.read_text())
+    raw["distill"]["batch_size"] = 30
+    tiny_params_file.write_text(yaml.safe_dump(raw))
+    argv = ["distill", "--manifest", "m.csv", "--patches", "p", "--teacher-features", "t"]
+    argv += ["--out", str(tmp_path / "d"), "--params", str(tiny_params_file)]
+    assert main([*argv, "--nproc-per-node", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.batch_size 30 does not divide by the 4 processes" in err
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--nproc-per-node", "0"])
+    assert exc.value.code == 2
+    assert "--nproc-per-node: must be a whole number of processes >= 1, got '0'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_checkpoint_frequency_is_not_part_of_the_resume_fingerprint():
+    from efcm.training.distill import _fingerprint
+
+    a, b, c = (_params("vfd", checkpoint_steps=k) for k in (0, 200, 200))
+    assert _fingerprint(a, D, ["s"], {}) == _fingerprint(b, D, ["s"], {})
+    assert _fingerprint(c, D, ["s"], {}) != _fingerprint(_params("vfd", lr=0.5), D, ["s"], {})
