@@ -124,3 +124,22 @@ def test_png_store_pixels_are_the_slides_pixels(tiny_dataset, tmp_path):
     assert reasons[entry.slide_id] == "already done"
     assert reasons[manifest.slides[1].slide_id] != "already done"
     assert (tmp_path / "t" / "store" / f"{entry.slide_id}.tar").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("method", ["fpd", "mcm"])
+def test_every_method_distils_from_the_store(store_run, method, tmp_path):
+    """FPD pairs and MCM-KD windows stream from the store too (the slides are still gone)."""
+    w = store_run
+    raw = tiny_params_dict()
+    raw["store"] = {**raw["store"], "enabled": True}
+    raw["distill"] = {**raw["distill"], "method": method, "mcm": {"window": 2, "min_valid": 0.5}}
+    metrics = stages.distill(
+        w["manifest"],
+        w["patch"],
+        w["extract_teacher"],
+        tmp_path / method,
+        for_stage(params_from_dict(raw), "distill"),
+    )
+    assert metrics["method"] == method
+    assert metrics["history"][-1]["items_seen"] == metrics["items_per_epoch"] > 0
+    assert (tmp_path / method / "student.pt").is_file()

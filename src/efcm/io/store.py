@@ -373,9 +373,10 @@ def require_store(features_dir: str | Path) -> Path:
 
 def assign_shards(sizes: list[int], world: int) -> list[list[int]]:
     """Shards (by position in `sizes`, their sample counts) per rank, balanced: the largest
-    shard first, each to the rank with the fewest samples so far (ties: the lowest rank). Every
-    shard goes to exactly one rank; the ranks' totals differ by at most the largest shard.
-    Deterministic: the same on every rank without communication."""
+    shard first, each to the rank with the fewest samples so far (ties: the lowest rank), then
+    the shares ordered heaviest first. Every shard goes to exactly one rank; the ranks' totals
+    differ by at most the largest shard. Deterministic: the same on every rank without
+    communication."""
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     load = [0] * world
@@ -384,7 +385,8 @@ def assign_shards(sizes: list[int], world: int) -> list[list[int]]:
         r = min(range(world), key=lambda r: (load[r], r))
         out[r].append(i)
         load[r] += sizes[i]
-    return [sorted(s) for s in out]
+    # the heaviest share first: rank 0 (which writes checkpoints) runs out of items last
+    return sorted((sorted(s) for s in out), key=lambda s: -sum(sizes[i] for i in s))
 
 
 def mix(

@@ -71,6 +71,7 @@ from efcm.features import device_of, features_identity, read_features
 from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path
 from efcm.io.manifest import Manifest
+from efcm.io.store import require_store
 from efcm.models.encoders import PatchTransform, build_backbone
 from efcm.models.mcm import MaskedContextModel, grid_windows, masked_l1, random_mask
 from efcm.models.students import (
@@ -81,9 +82,10 @@ from efcm.models.students import (
     load_student,
     save_student,
 )
-from efcm.slides.patches import SlidePatches
+from efcm.slides.patches import SlidePatches, StorePatches, open_patches
 from efcm.slides.patching import read_coords
 from efcm.training.distributed import MapSource, RankBatch, TrainSource, World, check_world
+from efcm.training.store_data import StoreSource, StoreStream, target_stats
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,9 @@ __all__ = ["MapSource", "TrainSource", "distill", "load_student", "save_student"
 class PairDataset(Dataset):
     """(patch uint8 (S, S, 3), teacher feature (D,)) over many slides (VFD, FPD)."""
 
-    def __init__(self, slides: list[SlidePatches], targets: list[np.ndarray]) -> None:
+    def __init__(
+        self, slides: list[SlidePatches | StorePatches], targets: list[np.ndarray]
+    ) -> None:
         self.slides = slides
         self.targets = targets
         self.index = [(s, i) for s, t in enumerate(targets) for i in range(len(t))]
@@ -117,7 +121,11 @@ class WindowDataset(Dataset):
     """s x s windows (MCM): patches uint8 (n, S, S, 3), targets (n, D), valid (n,) bool."""
 
     def __init__(
-        self, slides: list[SlidePatches], targets: list[np.ndarray], window: int, min_valid: float
+        self,
+        slides: list[SlidePatches | StorePatches],
+        targets: list[np.ndarray],
+        window: int,
+        min_valid: float,
     ) -> None:
         self.slides, self.targets = slides, targets
         self.items: list[tuple[int, np.ndarray]] = []
@@ -152,7 +160,10 @@ def _slides(
     patches_dir: Path,
     teacher_dir: Path,
     cache: SlideCache | None,
-) -> tuple[list[SlidePatches], list[np.ndarray]]:
+    store_dir: Path | None = None,
+) -> tuple[list[SlidePatches | StorePatches], list[np.ndarray]]:
+    """Each slide's patches (from the store `store_dir` when given, else from the slide) and its
+    teacher features."""
     by_id = {s.slide_id: s for s in manifest.slides}
     slides, targets = [], []
     for sid in slide_ids:
@@ -162,7 +173,7 @@ def _slides(
             raise ValueError(
                 f"{sid}: teacher features do not match its coords file (re-run extract)"
             )
-        slides.append(SlidePatches(by_id[sid].uri, cf, manifest.base_dir, cache))
+        slides.append(open_patches(sid, by_id[sid].uri, cf, manifest.base_dir, cache, store_dir))
         targets.append(feats)
     return slides, targets
 
@@ -343,6 +354,8 @@ def _fingerprint(
             # how often checkpoints are written changes no result: a rerun may change it
             "distill": params.distill.model_dump(mode="json", exclude={"checkpoint_steps"}),
             "student": params.student.model_dump(mode="json"),
+            # the store's pixels and its stream's order (None: the slides, map-style)
+            "store": params.store.model_dump(mode="json") if params.store.enabled else None,
             "seed": params.seed,
             "teacher_dim": teacher_dim,
             "train": train_ids,
@@ -364,11 +377,12 @@ class _Data:
     val_ids: list[str]
     train: TrainSource
     val: Dataset | None
-    train_targets: list[np.ndarray]  # (N_slide, D) teacher features of each training slide
+    target_mean: torch.Tensor  # (D,) of the training slides' teacher features
+    target_std: torch.Tensor  # (D,)
 
     @property
     def teacher_dim(self) -> int:
-        return self.train_targets[0].shape[1]
+        return int(self.target_mean.shape[0])
 
 
 def _datasets(
@@ -392,27 +406,69 @@ def _datasets(
     if not available:
         raise ValueError(f"no teacher features in {teacher_dir / 'features'}: run extract first")
     train_ids, val_ids = split_slides(available, cfg.val_fraction, params.seed)
-    train_slides, train_targets = _slides(manifest, train_ids, patches_dir, teacher_dir, cache)
-
-    def dataset(slides: list[SlidePatches], targets: list[np.ndarray]) -> Dataset:
-        if cfg.method == "mcm":
-            return WindowDataset(slides, targets, cfg.mcm.window, cfg.mcm.min_valid)
-        return PairDataset(slides, targets)
-
-    train = dataset(train_slides, train_targets)
-    if len(train) == 0:
-        raise ValueError(
-            f"distill ({cfg.method}): no training items in {len(train_ids)} slides"
-            + (" (no window has enough tissue patches)" if cfg.method == "mcm" else "")
+    if params.store.enabled:
+        return _store_data(
+            manifest, patches_dir, teacher_dir, params, train_ids, val_ids, pin_memory
         )
+    train_slides, train_targets = _slides(manifest, train_ids, patches_dir, teacher_dir, cache)
+    train = _dataset(cfg, train_slides, train_targets)
+    if len(train) == 0:
+        raise ValueError(_no_items(cfg, train_ids))
     val = None
     if val_ids:
-        val = dataset(*_slides(manifest, val_ids, patches_dir, teacher_dir, cache))
+        val = _dataset(cfg, *_slides(manifest, val_ids, patches_dir, teacher_dir, cache))
         val = val if len(val) else None
     source = MapSource(
         train, cfg.batch_size, params.seed, num_workers=cfg.num_workers, pin_memory=pin_memory
     )
-    return _Data(train_ids, val_ids, source, val, train_targets)
+    all_targets = torch.from_numpy(np.concatenate(train_targets))
+    return _Data(train_ids, val_ids, source, val, all_targets.mean(0), all_targets.std(0))
+
+
+def _dataset(
+    cfg: DistillParams, slides: list[SlidePatches | StorePatches], targets: list[np.ndarray]
+) -> Dataset:
+    """The method's map-style dataset: patch pairs, or windows for MCM."""
+    if cfg.method == "mcm":
+        return WindowDataset(slides, targets, cfg.mcm.window, cfg.mcm.min_valid)
+    return PairDataset(slides, targets)
+
+
+def _no_items(cfg: DistillParams, train_ids: list[str]) -> str:
+    return f"distill ({cfg.method}): no training items in {len(train_ids)} slides" + (
+        " (no window has enough tissue patches)" if cfg.method == "mcm" else ""
+    )
+
+
+def _store_data(
+    manifest: Manifest,
+    patches_dir: Path,
+    teacher_dir: Path,
+    params: Params,
+    train_ids: list[str],
+    val_ids: list[str],
+    pin_memory: bool,
+) -> _Data:
+    """With `store.enabled`: the training items streamed from the patch-shard store of the
+    teacher's extraction (`efcm.training.store_data`), the validation slides read from it by
+    index; no slide is opened. The target statistics are summed slide by slide."""
+    cfg = params.distill
+    store_dir = require_store(teacher_dir)
+    steps0 = {s: read_coords(patches_dir / "patches" / f"{s}.h5").step0 for s in train_ids}
+    stream = StoreStream(
+        store_dir, teacher_dir, train_ids, cfg, params.store, params.seed, steps0=steps0
+    )
+    if len(stream) == 0:
+        raise ValueError(_no_items(cfg, train_ids))
+    val = None
+    if val_ids:
+        val_slides = _slides(manifest, val_ids, patches_dir, teacher_dir, None, store_dir)
+        val = _dataset(cfg, *val_slides)
+        val = val if len(val) else None
+    source = StoreSource(
+        stream, cfg.batch_size, params.seed, num_workers=cfg.num_workers, pin_memory=pin_memory
+    )
+    return _Data(train_ids, val_ids, source, val, *target_stats(teacher_dir, train_ids))
 
 
 @dataclass
@@ -805,8 +861,7 @@ def distill(
     steps = data.train.steps_per_epoch(world.size)
 
     model = Trainee(params, data.teacher_dim, cache)
-    all_targets = torch.from_numpy(np.concatenate(data.train_targets))
-    model.set_target_stats(all_targets.mean(0), all_targets.std(0))
+    model.set_target_stats(data.target_mean, data.target_std)
     model.to(dev)
     optim = _Optimiser.build(model, cfg, len(data.train), dev, steps_per_epoch=steps)
 

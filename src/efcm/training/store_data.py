@@ -146,3 +146,82 @@ class StoreStream(IterableDataset):
         blank = np.zeros((size, size, 3), np.uint8)
         patches = np.stack([Codec.decode(d) if d is not None else blank for d in datas])
         return torch.from_numpy(patches), torch.from_numpy(targets), torch.from_numpy(valid)
+
+
+class StoreSource:
+    """The store stream as distillation's training source (`efcm.training.distributed`): each
+    rank streams its shards in batches of `batch_size / world` items; the last batch of a rank
+    may be short, and the ranks' batch counts differ (`uneven`: the loop joins them), so every
+    item is seen exactly once per epoch. Rank 0 gets the heaviest share of shards, so it is the
+    last to run out of batches and its optimiser state holds every step of the epoch."""
+
+    uneven = True
+
+    def __init__(
+        self,
+        stream: StoreStream,
+        batch_size: int,
+        seed: int,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.stream, self.batch_size, self.seed = stream, batch_size, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def _rank_batches(self, world: int) -> list[int]:
+        per = max(1, self.batch_size // world)
+        return [-(-self.stream.rank_items(r, world) // per) for r in range(world)]
+
+    def steps_per_epoch(self, world: int) -> int:
+        """The fewest batches any rank has (the steps every rank takes)."""
+        return max(1, min(self._rank_batches(world)))
+
+    def mask_generator(self, epoch: int) -> torch.Generator:
+        from efcm.training.distributed import epoch_seed
+
+        return torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+
+    def epoch_batches(self, epoch: int, rank: int, world: int, start_step: int = 0):
+        from torch.utils.data import DataLoader
+
+        from efcm.training.distributed import RankBatch
+
+        per = max(1, self.batch_size // world)
+        self.stream.set_epoch(epoch, rank, world)
+        loader = DataLoader(
+            self.stream,
+            batch_size=per,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        for step, batch in enumerate(loader):
+            if step < start_step:  # a resumed epoch: the same stream, its done steps skipped
+                continue
+            # the shared mask stream: this rank's rows sit after the lower ranks' (as in a map
+            # source), so the ranks draw different masks
+            yield RankBatch(list(batch), rank * per, (world - rank - 1) * per)
+
+
+def target_stats(teacher_dir: Path, slide_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (unbiased) of the teacher features of `slide_ids`, one slide
+    at a time (a cohort's features need not fit in memory)."""
+    total = sq = None
+    n = 0
+    for sid in slide_ids:
+        feats, _ = read_features(teacher_dir / "features" / f"{sid}.h5")
+        f = feats.astype(np.float64)
+        total = f.sum(0) if total is None else total + f.sum(0)
+        sq = (f * f).sum(0) if sq is None else sq + (f * f).sum(0)
+        n += len(f)
+    if total is None or n < 2:
+        raise ValueError(f"distill: too few teacher features in {teacher_dir} to standardise")
+    mean = total / n
+    var = np.maximum(sq - n * mean * mean, 0) / (n - 1)
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(
+        np.sqrt(var).astype(np.float32)
+    )
