@@ -95,26 +95,29 @@ def test_pipeline_with_two_shards_through_the_promotion_gate(local_kfp, tiny_dat
         assert [len(s) for s in shard_slides] == [3, 3], task
         assert shard_slides[0].isdisjoint(shard_slides[1])
 
-    # gathered: one folder with every slide's coords and teacher features
+    # gathered: one folder with every slide's coords, one with their teacher features, and one
+    # with their student features (extracted per shard too, over the same shards)
     gathered = {k: v for k, v in out.items() if k.startswith("gather") and k.endswith("/merged")}
-    assert len(gathered) == 2
-    merged = {
-        sub: sorted(p.stem for p in (d / sub).glob("*.h5"))
-        for d in gathered.values()
-        for sub in ("patches", "features")
-        if (d / sub).is_dir()
-    }
-    assert merged["patches"] == merged["features"] == sorted(r["slide_id"] for r in rows)
+    assert len(gathered) == 3
+    by_encoder: dict[str, list[str]] = {}
+    for d in gathered.values():
+        if (d / "patches").is_dir():
+            by_encoder["patches"] = sorted(p.stem for p in (d / "patches").glob("*.h5"))
+            continue
+        feats = sorted((d / "features").glob("*.h5"))
+        with h5py.File(feats[0]) as h5:
+            encoder = h5.attrs["encoder"]
+            if encoder == "student":
+                sha = h5.attrs["weights_sha256"]
+        by_encoder[encoder] = [p.stem for p in feats]
+    slide_ids = sorted(r["slide_id"] for r in rows)
+    assert by_encoder == {"patches": slide_ids, "teacher": slide_ids, "student": slide_ids}
+    student_shards = sorted(
+        k for k in out if k.startswith("for-loop-2-iteration-") and k.endswith("/features")
+    )
+    assert len(student_shards) == 2, sorted(out)
 
     # distill + student extract: the student features come from the distilled checkpoint
-    (student_out,) = [
-        v for k, v in out.items() if k.startswith("extract-") and k.endswith("/features")
-    ]
-    student_feats = sorted((student_out / "features").glob("*.h5"))
-    assert len(student_feats) == 6
-    with h5py.File(student_feats[0]) as h5:
-        assert h5.attrs["encoder"] == "student"
-        sha = h5.attrs["weights_sha256"]
     assert (
         sha
         == hashlib.sha256((out["distill/student_model"] / "student.pt").read_bytes()).hexdigest()

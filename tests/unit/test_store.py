@@ -149,3 +149,21 @@ def test_stream_yields_every_sample_once_mixed_and_reproducibly(tmp_path):
     for i in {i for i, _, _ in plain}:
         rows = [r for j, r, _ in plain if j == i]
         assert rows == sorted(rows)
+
+
+def test_the_open_watcher_sees_another_process_open_a_slide(tmp_path):
+    """tests/file_opens.py (used by the kfp.local store test) sees OpenSlide's open from another
+    process, and nothing for a file only stat'ed."""
+    import subprocess
+    import sys
+
+    from efcm.slides.synthetic import SlideSpec, write_slide
+    from tests.file_opens import watch_opens
+
+    write_slide(tmp_path / "a.tif", SlideSpec(512, 512, levels=1))
+    (tmp_path / "b.tif").write_bytes(b"x")
+    code = "import openslide, sys; openslide.OpenSlide(sys.argv[1]).close()"
+    with watch_opens(tmp_path) as opens:
+        (tmp_path / "b.tif").stat()
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.tif")], check=True)
+    assert {n for _, n in opens} == {"a.tif"}
