@@ -204,3 +204,18 @@ def gcs_cache(gcs_bucket, tmp_path: Path):
     from efcm.io.cache import SlideCache
 
     return SlideCache(tmp_path / "gcs-cache", 20 << 30)
+
+
+@pytest.fixture
+def local_kfp(tmp_path):
+    """kfp.local for this test only (it changes process-global state: tests/kfp_local.py);
+    yields the pipeline root."""
+    import docker
+    from tests.kfp_local import local_pipeline_runs
+
+    if not hasattr(docker, "DockerClient"):  # the repo's docker/ folder, a namespace package
+        pytest.fail("kfp.local imports the `docker` package: pip install docker (the [dev] extra)")
+    root = tmp_path / "pipeline_root"
+    # also puts back builtins.print and the root logger, which overlapping tasks leave changed
+    with local_pipeline_runs(root, tmp_path / "kfp_cache"):
+        yield root

@@ -352,7 +352,7 @@ def test_two_processes_stream_the_patch_shard_store_every_item_once(work):
     sizes = {s: len(read_index(root / "t" / "store", s)) for s in two["train_slides"]}
     share = assign_shards([sizes[s] for s in two["train_slides"]], 2)
     per_rank = [sum(sizes[two["train_slides"][i]] for i in part) for part in share]
-    for m, world in ((one, 1), (two, 2)):
+    for m in (one, two):
         assert m["items_per_epoch"] == sum(sizes.values())
         for h in m["history"]:
             assert h["items_seen"] == m["items_per_epoch"], h

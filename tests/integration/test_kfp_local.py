@@ -20,23 +20,9 @@ import yaml
 from efcm.config import params_from_dict
 from efcm.models.package import load_package
 from tests.conftest import tiny_params_dict
-from tests.kfp_local import local_pipeline_runs
 from tests.kserve_crd import isvc_validator
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def local_kfp(tmp_path):
-    """kfp.local for this test only (it changes process-global state: tests/kfp_local.py)."""
-    import docker
-
-    if not hasattr(docker, "DockerClient"):  # the repo's docker/ folder, a namespace package
-        pytest.fail("kfp.local imports the `docker` package: pip install docker (the [dev] extra)")
-    root = tmp_path / "pipeline_root"
-    # also puts back builtins.print and the root logger, which overlapping tasks leave changed
-    with local_pipeline_runs(root, tmp_path / "kfp_cache"):
-        yield root
 
 
 def _runs(root: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from efcm import registry
 from efcm.io.manifest import read_manifest
 from efcm.io.status import read_status
 from tests.file_opens import watch_opens
-from tests.integration.test_kfp_local import _outputs, _run, _runs, local_kfp  # noqa: F401
+from tests.integration.test_kfp_local import _outputs, _run, _runs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
