@@ -17,8 +17,10 @@ def distill(
     distill: dict,
     store: dict,
     student_model: Output[Model],
+    gpus: int = 1,
 ):
-    """`student.pt` and the distillation `metrics.json` in the `student_model` directory."""
+    """`student.pt` and the distillation `metrics.json` in the `student_model` directory; with
+    `gpus` > 1 (the pod's GPUs), as that many DDP processes under torchrun."""
     from efcm import config, stages
     from efcm.io.cache import SlideCache
 
@@ -38,5 +40,6 @@ def distill(
         teacher_features.path,
         student_model.path,
         params,
+        processes=gpus,
         cache=SlideCache.from_env(),
     )

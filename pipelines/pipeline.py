@@ -87,7 +87,10 @@ RESOURCES: dict[str, Res] = {
     "patch": Res("4", "8Gi", 12, retry=True),
     "extract": Res("6", "24Gi", 24, gpu=True, retry=True),
     "gather": Res("1", "4Gi", 6),
-    "distill": Res("6", "24Gi", 48, gpu=True),
+    "distill": Res("6", "24Gi", 48, gpu=True),  # per GPU (pipeline.distill_gpus)
+    # pipeline.distill_nodes > 1: a CPU step that submits the Kubeflow Trainer TrainJob and waits
+    # past its 48 h deadline plus an hour of queueing
+    "distill-job": Res("500m", "1Gi", 49.5),
     "splits": Res("500m", "1Gi", 0.5),
     "train-mil": Res("4", "16Gi", 12, gpu=True),
     "plan-strategies": Res("500m", "1Gi", 0.5),
@@ -251,6 +254,14 @@ def _patch_and_extract_shards(
     return patches, teacher_features
 
 
+@dataclass(frozen=True)
+class Distill:
+    """How distillation is scheduled (compile time: pipeline.distill_gpus, distill_nodes)."""
+
+    gpus: int = 1
+    nodes: int = 1
+
+
 def _distil_student(
     run: _Schedule,
     p: _Inputs,
@@ -259,23 +270,43 @@ def _distil_student(
     teacher_features: Any,
     shards: Any,
     parallelism: int,
+    distill: Distill,
 ) -> tuple[Any, Any]:
     """distill -> ParallelFor shard: extract (student) -> gather: the student model and its
     features of every slide, extracted over the same shards as the teacher's (with
-    `store.enabled` read from the patch-shard store, not the slides)."""
-    student_model = run(
-        c.distill(
-            manifest=manifest,
-            patches=patches,
-            teacher_features=teacher_features,
-            seed=p.seed,
-            dataset=p.dataset,
-            student=p.student,
-            distill=p.distill,
-            store=p.store,
-        ),
-        "distill",
-    ).outputs["student_model"]
+    `store.enabled` read from the patch-shard store, not the slides). Distillation runs as
+    `distill.gpus` DDP processes in one pod, or with `distill.nodes` > 1 as a Kubeflow Trainer
+    TrainJob on that many nodes (a CPU step submits it and waits)."""
+    inputs = dict(
+        manifest=manifest,
+        patches=patches,
+        teacher_features=teacher_features,
+        seed=p.seed,
+        dataset=p.dataset,
+        student=p.student,
+        distill=p.distill,
+        store=p.store,
+    )
+    if distill.nodes > 1:
+        task = run(
+            c.distill_job(
+                **inputs,
+                nodes=distill.nodes,
+                gpus_per_node=distill.gpus,
+                job_image=run.image,
+                namespace=p.namespace,
+                gpu_node_selector=p.gpu_node_selector,
+            ),
+            "distill-job",
+        )
+    else:
+        task = run(c.distill(**inputs, gpus=distill.gpus), "distill")
+        if distill.gpus > 1:  # one pod, torchrun with one process per GPU
+            res = RESOURCES["distill"]
+            task.set_accelerator_limit(distill.gpus)
+            task.set_cpu_request(str(int(res.cpu) * distill.gpus))
+            task.set_memory_request(f"{int(res.memory[:-2]) * distill.gpus}Gi")
+    student_model = task.outputs["student_model"]
     with dsl.ParallelFor(shards, parallelism=parallelism, name="student-shards") as shard:
         shard_extract = run(
             c.extract(
@@ -448,15 +479,26 @@ def _gate_report_and_deploy(
 
 
 def build_pipeline(
-    image: str = IMAGE, parallelism: int = PipelineParams().parallelism
+    image: str = IMAGE,
+    parallelism: int = PipelineParams().parallelism,
+    *,
+    distill_gpus: int = 1,
+    distill_nodes: int = 1,
 ) -> graph_component.GraphComponent:
-    """The pipeline, every component running `image`, `parallelism` shards at a time.
+    """The pipeline, every component running `image`, `parallelism` shards at a time, the
+    distillation on `distill_gpus` GPUs per node on `distill_nodes` nodes.
 
     The graph is traced when it is built, so the image is set on each task here (components keep
     the `IMAGE` they were declared with).
     """
-    if parallelism < 1:
-        raise ValueError(f"parallelism must be >= 1, got {parallelism}")
+    for name, value in (
+        ("parallelism", parallelism),
+        ("distill_gpus", distill_gpus),
+        ("distill_nodes", distill_nodes),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    how_distill = Distill(distill_gpus, distill_nodes)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
     def efcm_pipeline(
@@ -528,7 +570,7 @@ def build_pipeline(
         ).output
         patches, teacher_features = _patch_and_extract_shards(run, p, manifest, shards, parallelism)
         student_model, student_features = _distil_student(
-            run, p, manifest, patches, teacher_features, shards, parallelism
+            run, p, manifest, patches, teacher_features, shards, parallelism, how_distill
         )
         folds, teacher_mil = _train_teacher_mil(run, p, manifest, teacher_features)
         data = _Data(

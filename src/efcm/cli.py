@@ -12,8 +12,6 @@ import argparse
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -92,13 +90,14 @@ def cmd_extract(args: argparse.Namespace) -> None:
 def cmd_distill(args: argparse.Namespace) -> int | None:
     """Under torchrun, every process runs the stage inside the process group (DDP); a plain
     process with --nproc-per-node N > 1 relaunches this command under torchrun."""
-    from efcm.training.launch import Launch, check_world
+    from efcm.training.launch import Launch, check_world, torchrun
 
     params = _params(args)
     launch = Launch.from_torchrun(os.environ)
     if launch is None and args.nproc_per_node > 1:
         check_world(params.distill.batch_size, args.nproc_per_node)  # fail before launching
-        return _torchrun(args.argv, args.nproc_per_node)
+        log.info("distill: launching %d processes", args.nproc_per_node)
+        return torchrun(args.argv, args.nproc_per_node)
     if launch is not None and launch.rank > 0:  # one copy of the log: rank 0's
         logging.getLogger().setLevel(logging.WARNING)
     from efcm.training.distributed import process_group
@@ -108,29 +107,6 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
             args.manifest, args.patches, args.teacher_features, args.out, params, cache=_cache()
         )
     return None
-
-
-def _torchrun(argv: list[str], nproc: int) -> int:
-    """This command line again under `torchrun --standalone` with `nproc` processes on this
-    node; its exit status (1 when a process failed)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "efcm.cli",
-        *argv,
-    ]
-    log.info("distill: launching %d processes: %s", nproc, " ".join(cmd))
-    proc = subprocess.Popen(cmd)
-    # a pod's SIGTERM reaches this process: pass it on, so torchrun stops its workers cleanly
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
-    try:
-        return proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_splits(args: argparse.Namespace) -> None:

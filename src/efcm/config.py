@@ -378,6 +378,17 @@ class PipelineParams(_Section):
 
     shard_size: int = Field(64, ge=1)
     parallelism: int = Field(4, ge=1)
+    distill_gpus: int = Field(
+        1,
+        ge=1,
+        description="GPUs of the distill pod (per node): one DDP process each (compile time)",
+    )
+    distill_nodes: int = Field(
+        1,
+        ge=1,
+        description="> 1: distill as a Kubeflow Trainer TrainJob on that many GPU nodes (compile "
+        "time)",
+    )
     gpu_accelerator_type: str = Field("nvidia.com/gpu", min_length=1)
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-l4"}

@@ -201,9 +201,30 @@ def distill(
     out_dir: str | Path,
     params: Params,
     *,
+    processes: int = 1,
     cache: SlideCache | None = None,
 ) -> dict[str, Any]:
-    """The distilled student (gs:// slides and student weights staged into `cache`)."""
+    """The distilled student (gs:// slides and student weights staged into `cache`). With
+    `processes` > 1 (a pod with that many GPUs), the stage runs as that many DDP processes under
+    torchrun (`efcm distill --nproc-per-node`), its params written to out_dir/distill-params.yaml;
+    returns the metrics (metrics.json)."""
+    if processes > 1:
+        import yaml
+
+        from efcm.config import params_to_dict
+        from efcm.errors import EfcmError
+        from efcm.training.launch import check_world, torchrun
+
+        check_world(params.distill.batch_size, processes)  # fail before launching
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        params_file = out / "distill-params.yaml"
+        params_file.write_text(yaml.safe_dump(params_to_dict(params), sort_keys=False))
+        argv = ["distill", "--manifest", str(manifest), "--patches", str(patches_dir)]
+        argv += ["--teacher-features", str(teacher_dir), "--out", str(out)]
+        if torchrun([*argv, "--params", str(params_file)], processes) != 0:
+            raise EfcmError(f"distill: the {processes} processes under torchrun failed (see log)")
+        return json.loads((out / "metrics.json").read_text())
     from efcm.training.distill import distill as run
 
     return run(

@@ -359,3 +359,22 @@ def test_two_processes_stream_the_patch_shard_store_every_item_once(work):
     for h in two["history"]:
         assert h["items_per_rank"] == per_rank
     assert abs(one["val_after"]["val_cosine"] - two["val_after"]["val_cosine"]) < 0.05
+
+
+def test_the_stage_itself_runs_several_processes_for_a_pod_with_several_gpus(work, monkeypatch):
+    """efcm.stages.distill(processes=2), what the KFP distill step calls with
+    pipeline.distill_gpus: 2: torchrun with 2 DDP processes, its params written beside the
+    outputs."""
+    from efcm import stages
+    from efcm.config import for_stage, load_params
+
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    out = work["root"] / "stage-2"
+    params = for_stage(load_params(work["params"]), "distill")
+    metrics = stages.distill(
+        work["manifest"], work["root"] / "p", work["root"] / "t", out, params, processes=2
+    )
+    assert metrics["world_size"] == 2 and (out / "student.pt").is_file()
+    assert load_params(out / "distill-params.yaml").distill == params.distill
+    assert _metrics(out) == metrics

@@ -277,3 +277,34 @@ def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
         if display == "strategy":  # strategy_<name>: the iteration whose item is <name>
             item = task.inputs.parameters["name"].component_input_parameter
             assert item == "pipelinechannel--plan-strategies-Output-loop-item", stage
+
+
+def test_distillation_on_several_gpus_or_nodes_is_a_compile_time_choice(tmp_path):
+    """pipeline.distill_gpus: the distill pod asks for that many GPUs and runs that many DDP
+    processes; pipeline.distill_nodes > 1: a CPU step submits a Kubeflow Trainer TrainJob
+    instead (kfp.local cannot run dsl.OneOf, so the choice is made when compiling)."""
+    from kfp import compiler
+
+    from pipelines.pipeline import build_pipeline
+
+    def compiled(**kw):
+        path = tmp_path / f"p{len(list(tmp_path.iterdir()))}.yaml"
+        compiler.Compiler().compile(build_pipeline(parallelism=2, **kw), str(path))
+        return _parse(path)
+
+    spec, _ = compiled(distill_gpus=4)
+    ((name, task, container),) = [
+        (n, t, c) for stage, n, t, _, c, _ in _tasks(spec) if stage == "distill"
+    ]
+    assert container.resources.accelerator.resource_count == "4"
+    assert container.resources.resource_cpu_request == "24"
+    assert task.inputs.parameters["gpus"].runtime_value.constant.number_value == 4
+    spec, k8s = compiled(distill_nodes=3, distill_gpus=2)
+    stages = {stage: (t, label, c) for stage, _, t, label, c, _ in _tasks(spec)}
+    assert "distill" not in stages
+    task, label, container = stages["distill-job"]
+    assert not container.resources.HasField("accelerator")  # the job's pods hold the GPUs
+    assert task.inputs.parameters["nodes"].runtime_value.constant.number_value == 3
+    assert task.inputs.parameters["gpus_per_node"].runtime_value.constant.number_value == 2
+    with pytest.raises(ValueError, match="distill_nodes must be >= 1"):
+        build_pipeline(distill_nodes=0)

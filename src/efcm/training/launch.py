@@ -7,12 +7,18 @@ process group and the epoch plan).
 
 from __future__ import annotations
 
+import logging
+import signal
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from efcm.config import ConfigError
 
-__all__ = ["Launch", "check_world"]
+__all__ = ["Launch", "check_world", "torchrun"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,3 +64,27 @@ def check_world(batch_size: int, world: int) -> int:
             f"{world})"
         )
     return batch_size // world
+
+
+def torchrun(argv: list[str], nproc: int) -> int:
+    """`efcm <argv>` under `torchrun --standalone` with `nproc` processes on this node (one per
+    GPU); its exit status (non-zero when a process failed). A SIGTERM to this process (a pod
+    being stopped) is passed on, so torchrun stops its workers cleanly. For several nodes, run
+    torchrun itself with the cluster's rendezvous (see efcm.deploy.training_job)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "efcm.cli",
+        *argv,
+    ]
+    log.info("launching %d processes: %s", nproc, " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
