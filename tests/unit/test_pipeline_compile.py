@@ -293,16 +293,16 @@ def test_distillation_on_several_gpus_or_nodes_is_a_compile_time_choice(tmp_path
         return _parse(path)
 
     spec, _ = compiled(distill_gpus=4)
-    ((name, task, container),) = [
+    ((_name, task, container),) = [
         (n, t, c) for stage, n, t, _, c, _ in _tasks(spec) if stage == "distill"
     ]
     assert container.resources.accelerator.resource_count == "4"
     assert container.resources.resource_cpu_request == "24"
     assert task.inputs.parameters["gpus"].runtime_value.constant.number_value == 4
-    spec, k8s = compiled(distill_nodes=3, distill_gpus=2)
+    spec, _k8s = compiled(distill_nodes=3, distill_gpus=2)
     stages = {stage: (t, label, c) for stage, _, t, label, c, _ in _tasks(spec)}
     assert "distill" not in stages
-    task, label, container = stages["distill-job"]
+    task, _label, container = stages["distill-job"]
     assert not container.resources.HasField("accelerator")  # the job's pods hold the GPUs
     assert task.inputs.parameters["nodes"].runtime_value.constant.number_value == 3
     assert task.inputs.parameters["gpus_per_node"].runtime_value.constant.number_value == 2
