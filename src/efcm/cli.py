@@ -89,10 +89,24 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int | None:
     """Under torchrun, every process runs the stage inside the process group (DDP); a plain
-    process with --nproc-per-node N > 1 relaunches this command under torchrun."""
+    process with --nproc-per-node N > 1 relaunches this command under torchrun. The params,
+    manifest, patches and teacher features may be gs:// URIs (staged into the cache), and so may
+    --out (a TrainJob's pods see no local artifacts): rank 0 uploads it when the stage ends,
+    also after a failure, so that a rerun resumes from its checkpoint."""
+    from efcm.io.transfer import local_inputs, local_output
     from efcm.training.launch import Launch, check_world, torchrun
 
-    params = _params(args)
+    cache = _cache()
+    staged = local_inputs(
+        {
+            "params": args.params,
+            "manifest": args.manifest,
+            "patches": args.patches,
+            "teacher_features": args.teacher_features,
+        },
+        cache,
+    )
+    params = for_stage(load_params(staged["params"]), "distill")
     launch = Launch.from_torchrun(os.environ)
     if launch is None and args.nproc_per_node > 1:
         check_world(params.distill.batch_size, args.nproc_per_node)  # fail before launching
@@ -102,9 +116,16 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
         logging.getLogger().setLevel(logging.WARNING)
     from efcm.training.distributed import process_group
 
-    with process_group(launch):
+    rank = launch.rank if launch is not None else 0
+    work = cache.root / "distill-out" / str(os.getpid())
+    with process_group(launch), local_output(args.out, work, upload=rank == 0) as out:
         stages.distill(
-            args.manifest, args.patches, args.teacher_features, args.out, params, cache=_cache()
+            staged["manifest"],
+            staged["patches"],
+            staged["teacher_features"],
+            out,
+            params,
+            cache=cache,
         )
     return None
 

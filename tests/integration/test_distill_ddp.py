@@ -378,3 +378,32 @@ def test_the_stage_itself_runs_several_processes_for_a_pod_with_several_gpus(wor
     assert metrics["world_size"] == 2 and (out / "student.pt").is_file()
     assert load_params(out / "distill-params.yaml").distill == params.distill
     assert _metrics(out) == metrics
+
+
+def test_distill_reads_and_writes_gs_uris_as_a_trainjob_pod_does(work, gcs_bucket, tmp_path):
+    """What a Kubeflow Trainer pod runs (efcm.deploy.training_job): `efcm distill` with every
+    input and the output as gs:// URIs (the GCS emulator); the outputs land in the bucket."""
+    from efcm import cli
+    from efcm.io.transfer import download_dir, upload_dir
+
+    root = work["root"]
+    uri = gcs_bucket.uri("run/")
+    upload_dir(root / "p", uri + "p/")
+    upload_dir(root / "t" / "features", uri + "t/features/")
+    (tmp_path / "up").mkdir()
+    shutil.copy(work["params"], tmp_path / "up" / "params.yaml")
+    shutil.copy(work["manifest"], tmp_path / "up" / "manifest.csv")
+    upload_dir(tmp_path / "up", uri)
+    rc = cli.main(
+        [
+            "distill",
+            "--params", uri + "params.yaml",
+            "--manifest", uri + "manifest.csv",
+            "--patches", uri + "p/",
+            "--teacher-features", uri + "t/",
+            "--out", uri + "out/",
+        ]
+    )  # fmt: skip
+    assert rc in (0, None)
+    got = download_dir(uri + "out/", tmp_path / "got")
+    assert (got / "student.pt").is_file() and (got / "metrics.json").is_file()
