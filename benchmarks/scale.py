@@ -2,15 +2,16 @@
 
 Measured on this machine (the demo's teacher and slides, `params.yaml`; the CPU unless CUDA):
   write       teacher extraction with the store (`store.enabled`, the params' codec) vs extraction
-              alone, on the same slides, the modes alternated over `--repeats`: patches/s of each,
-              `overhead_ratio` = the median over repeats of (time with the store / time alone), goal
-              <= 1.15; also with `store.fidelity_patches: 0` (the codec's cosine check costs 2 x 16
-              teacher forwards a slide: 40 % of a 76-patch demo slide, 0.3 % of a 10,000-patch
-              one). `where_time_goes`: the same work timed piece by piece in this process
-              (slide reads, teacher forward, encode + tar, fidelity forwards) and the ratio they
-              predict, checked against the measured one. Per `--workers` (extract.num_workers):
-              with 0 the encode runs in the main process, between the model's batches; with N > 0
-              in the DataLoader workers, beside the model.
+              alone, slide by slide, the modes back to back on each slide in an alternating
+              order, over `--repeats`: patches/s of each, and `overhead_ratio` = the median over
+              (slide, repeat) pairs of (time with the store / time alone), goal <= 1.15; also
+              with `store.fidelity_patches: 0` (the codec's cosine check costs 2 x 16 teacher
+              forwards a slide: 45 % of a 71-patch demo slide, 0.3 % of a 10,000-patch one).
+              `where_time_goes`: the same work timed piece by piece in this process (slide
+              reads, teacher forward, encode + tar, fidelity forwards) and the ratio they predict
+              for num_workers 0, checked against the measured one. Per `--workers`
+              (extract.num_workers): with 0 the encode runs in the main process, between the
+              model's batches; with N > 0 in the DataLoader workers, beside the model.
   read        the store streamed as distillation streams it (`efcm.io.store.stream_samples`, the
               params' shuffle buffer and interleave, then `Codec.decode`) vs random slide reads as
               distillation's slide path does them (`efcm.training.distill.PairDataset` over
@@ -296,18 +297,13 @@ def _machine() -> dict[str, Any]:
     import openslide
     import torch
 
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").is_file()
-        else platform.processor()
-    )
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+        if line.startswith("model name")
+    ]
+    cpu = names[0] if names else platform.processor()
     cuda = torch.cuda.is_available()
     out = {
         "device": "cuda" if cuda else "cpu",
@@ -388,10 +384,19 @@ def _slides(manifest: Any, patches_dir: Path) -> list[tuple[str, str, Any]]:
 
 
 def _write(
-    model: Any, manifest: Any, patches_dir: Path, params: Any, workers: int, repeats: int, tmp: Path
+    model: Any,
+    manifest: Any,
+    slide_ids: list[str],
+    patches_dir: Path,
+    params: Any,
+    workers: int,
+    repeats: int,
+    tmp: Path,
 ) -> tuple[dict[str, Any], Path]:
     """Teacher extraction alone, with the store, and with the store without its fidelity check,
-    alternated; returns the figures and the store of the last run with it."""
+    slide by slide, the three modes back to back on each slide in an alternating order (a pair
+    measured seconds apart shares the shared machine's load); the ratios are per slide and
+    repeat, their median reported. Returns the figures and the store of the last repeat."""
     import shutil
 
     from efcm.config import ExtractParams, StoreParams
@@ -406,44 +411,60 @@ def _write(
         ),
     }
     ex = ExtractParams.model_validate({**params.extract.model_dump(), "num_workers": workers})
-    rates: dict[str, list[float]] = {m: [] for m in modes}
+    entries = {s.slide_id: s for s in manifest.slides}
     secs: dict[str, list[float]] = {m: [] for m in modes}
-    kept = tmp / f"store-w{workers}"
+    totals: dict[str, list[float]] = {m: [] for m in modes}  # seconds per repeat
     n = 0
     for rep in range(repeats):
-        order = list(modes) if rep % 2 == 0 else list(reversed(modes))
-        for mode in order:
-            out = tmp / f"write-w{workers}-{mode}-{rep}"
-            t0 = time.perf_counter()
-            rows = extract_manifest(
-                model, manifest, patches_dir, out, ex, {"encoder": "teacher"}, store=modes[mode]
-            )
-            dt = time.perf_counter() - t0
-            n = sum(int(r.get("n_patches") or 0) for r in rows)
-            rates[mode].append(n / dt)
-            secs[mode].append(dt)
-            if mode == "store":
-                shutil.rmtree(kept, ignore_errors=True)
-                out.rename(kept)
-            else:
-                shutil.rmtree(out)
+        outs = {m: tmp / f"write-w{workers}-{m}-{rep}" for m in modes}
+        spent = dict.fromkeys(modes, 0.0)
+        n = 0
+        for k, sid in enumerate(slide_ids):
+            one = replace(manifest, slides=(entries[sid],))
+            for mode in list(modes) if (rep + k) % 2 == 0 else list(reversed(modes)):
+                t0 = time.perf_counter()
+                rows = extract_manifest(
+                    model,
+                    one,
+                    patches_dir,
+                    outs[mode],
+                    ex,
+                    {"encoder": "teacher"},
+                    store=modes[mode],
+                )
+                dt = time.perf_counter() - t0
+                secs[mode].append(dt)
+                spent[mode] += dt
+            n += int(rows[0].get("n_patches") or 0)
+        for mode in modes:
+            totals[mode].append(spent[mode])
+            if mode != "store" or rep < repeats - 1:
+                shutil.rmtree(outs[mode])
     ratio = [s / a for s, a in zip(secs["store"], secs["alone"], strict=True)]
     ratio0 = [s / a for s, a in zip(secs["store_no_fidelity"], secs["alone"], strict=True)]
     fig = {
         "num_workers": workers,
         "encode_runs_in": "the main process" if workers == 0 else "the DataLoader workers",
         "patches": n,
-        "extract_alone_patches_per_s": round(_median(rates["alone"]), 1),
-        "extract_with_store_patches_per_s": round(_median(rates["store"]), 1),
+        "pairs": len(ratio),
+        "extract_alone_patches_per_s": round(n / _median(totals["alone"]), 1),
+        "extract_with_store_patches_per_s": round(n / _median(totals["store"]), 1),
         "extract_with_store_no_fidelity_patches_per_s": round(
-            _median(rates["store_no_fidelity"]), 1
+            n / _median(totals["store_no_fidelity"]), 1
         ),
         "overhead_ratio": round(_median(ratio), 3),
         "overhead_ratio_no_fidelity": round(_median(ratio0), 3),
-        "overhead_ratios": [round(x, 3) for x in ratio],
-        "overhead_ratios_no_fidelity": [round(x, 3) for x in ratio0],
+        "overhead_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratio, n=4)]
+        if len(ratio) > 1
+        else None,
+        "overhead_ratio_no_fidelity_quartiles": [
+            round(q, 3) for q in statistics.quantiles(ratio0, n=4)
+        ]
+        if len(ratio0) > 1
+        else None,
+        "overhead_ratio_of_totals": round(_median(totals["store"]) / _median(totals["alone"]), 3),
     }
-    return fig, kept / "store"
+    return fig, outs["store"] / "store"
 
 
 def _where_time_goes(
@@ -452,6 +473,8 @@ def _where_time_goes(
     """Each piece of an extraction with the store timed alone in this process (one pass over the
     slides): reads, teacher forward, encode + tar, fidelity forwards; the overhead they predict
     for a serial (num_workers 0) extraction."""
+    import torch
+
     from efcm.features import embed_batches
     from efcm.io.store import Codec, ShardWriter
     from efcm.slides.patches import SlidePatches
@@ -466,8 +489,6 @@ def _where_time_goes(
         batches = [sp.read_batch(range(i, min(i + b, len(sp)))) for i in range(0, len(sp), b)]
         t_read += time.perf_counter() - t0
         sp.close()
-        import torch
-
         t0 = time.perf_counter()
         embed_batches(model, (torch.from_numpy(x) for x in batches))
         t_model += time.perf_counter() - t0
@@ -833,7 +854,14 @@ def _run(args: argparse.Namespace, workers: list[int]) -> dict[str, Any]:
         write, store_dir = {}, None
         for w in workers:
             write[str(w)], store_dir = _write(
-                model, manifest, patches_dir, params, w, args.repeats, tmp
+                model,
+                manifest,
+                [sid for sid, _, _ in slides],
+                patches_dir,
+                params,
+                w,
+                args.repeats,
+                tmp,
             )
         lap("write")
         where = _where_time_goes(model, slides, params, tmp)
