@@ -24,8 +24,10 @@ Measured on this machine (the demo's teacher and slides, `params.yaml`; the CPU 
   per_core    one process, one OpenCV thread: JPEG decode and encode patches/s at the store's
               codec, at 224 px on real H&E tissue (../shared/data/wsi/CMU-1-Small-Region.svs
               patched at 224 px, 0.5 um/px; a synthetic slide when absent, and the JSON says so)
-              and at the demo's patch size on its synthetic tissue; slide reads at 224 px in grid
-              order (teacher extraction; tile cache on) and at random (tile cache off).
+              and at the demo's patch size on its synthetic tissue; a 224 px shard streamed and
+              decoded (tar, shuffle buffer, decode: the model's store read rate); slide reads at
+              224 px in grid order (teacher extraction; tile cache on, cold) and at random (tile
+              cache off).
   bytes       the store's bytes per patch, tar headers and padding included: the demo's shards
               (synthetic tissue at its patch size) and shards of 224 px real tissue written by
               `ShardWriter` (the figure the model uses); synthetic tissue at 224 px for contrast.
@@ -136,7 +138,7 @@ class Assumptions:
 class CpuRates:
     """Patches/s on one CPU core, at the model's patch size (measured by this script)."""
 
-    decode: float  # the store's codec, decode
+    decode: float  # the store read and decoded (tar, shuffle buffer, the codec's decode)
     encode: float  # the store's codec, encode (+ tar)
     slide_seq_read: float  # a slide's patches in grid order (extraction), tile cache on
     slide_random_read: float  # patches at random across slides (distillation), tile cache off
@@ -660,8 +662,8 @@ def _at_224(cf: Any) -> Any:
     return CoordsFile(cf.coords, cf.patch_level, 224, 224, cf.name + "@224")
 
 
-def _shard_bytes(tmp: Path, name: str, pixels: Any, codec: Any) -> float:
-    """Bytes per sample of a shard of `pixels` written by ShardWriter (tar overhead included)."""
+def _shard(tmp: Path, name: str, pixels: Any, codec: Any) -> Path:
+    """A shard of `pixels` written by ShardWriter (its index beside it)."""
     import numpy as np
 
     from efcm.io.store import ShardWriter, shard_path
@@ -671,7 +673,24 @@ def _shard_bytes(tmp: Path, name: str, pixels: Any, codec: Any) -> float:
     coords[:, 0] = np.arange(len(pixels))
     with ShardWriter(d, name, coords, codec, pixels.shape[1]) as w:
         w.add_batch(0, codec.encode_batch(pixels))
-    return shard_path(d, name).stat().st_size / len(pixels)
+    return shard_path(d, name)
+
+
+def _stream_decode(shard: Path, params: Any) -> int:
+    """Stream one shard as distillation does and decode every sample; the sample count."""
+    from efcm.io.store import Codec, stream_samples
+
+    n = 0
+    for _, _, data in stream_samples(
+        [shard],
+        seed=params.seed,
+        epoch=0,
+        interleave=params.store.interleave,
+        buffer=params.store.shuffle_buffer,
+    ):
+        Codec.decode(data)
+        n += 1
+    return n
 
 
 def _per_core(
@@ -723,9 +742,14 @@ def _per_core(
         demo224 = SlidePatches(slides[0][1], _at_224(slides[0][2]))
         pix_demo224 = demo224.read_batch(range(len(demo224)))
         demo224.close()
+        real, syn = _shard(tmp, "real224", pix224, codec), _shard(tmp, "syn224", pix_demo224, codec)
+        # the store read as distillation reads it: tar parsing, the shuffle buffer and decode
+        rates["stream_decode_224"] = (
+            _rate(lambda p: _stream_decode(p, params), [real], min_s) * n224
+        )
         sizes = {
-            "real_224": _shard_bytes(tmp, "real224", pix224, codec),
-            "synthetic_224": _shard_bytes(tmp, "syn224", pix_demo224, codec),
+            "real_224": real.stat().st_size / n224,
+            "synthetic_224": syn.stat().st_size / len(pix_demo224),
             "jpeg_only_real_224": float(np.mean([len(b) for b in enc224])),
         }
     finally:
@@ -879,7 +903,7 @@ def _run(args: argparse.Namespace, workers: list[int]) -> dict[str, Any]:
     lap("ddp")
     r = core["rates"]
     rates = CpuRates(
-        decode=r["decode_224"],
+        decode=r["stream_decode_224"],
         encode=r["encode_224"],
         slide_seq_read=r["slide_seq_read_224"],
         slide_random_read=r["slide_random_read_224_tile_cache_off"],

@@ -49,6 +49,12 @@ def test_the_scale_benchmark_runs_at_tiny_sizes(tiny_params_file, tmp_path):
     assert r["ddp"] is None and r["ddp_reason"]  # --quick does not run the DDP benchmark
 
     model = r["model"]
+    # the model's store read rate is the measured stream + decode at 224 px, not the codec alone
+    rates = model["cpu_rates_per_core"]
+    assert rates["decode"] == pytest.approx(r["per_core"]["stream_decode_224"], rel=1e-3)
+    assert rates["slide_random_read"] == pytest.approx(
+        r["per_core"]["slide_random_read_224_tile_cache_off"], rel=1e-3
+    )
     assert model["assumptions"]["slides"] == 10_000 and model["assumptions"]["gpus"] == 8
     assert model["assumptions"]["distill_epochs"] == 1  # from the params given
     for path in ("store", "slides"):
