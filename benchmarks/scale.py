@@ -955,6 +955,7 @@ def _run(args: argparse.Namespace, workers: list[int]) -> dict[str, Any]:
             "source_224": r["source_224"],
             "model_uses": "real_224_measured",
         },
+        "ddp_steps_per_s_2_vs_1": ddp.get("ratio_2_vs_1") if ddp else None,
         "ddp": ddp,
         "ddp_reason": ddp_reason,
         "model_check": {
