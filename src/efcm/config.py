@@ -205,7 +205,8 @@ class StoreParams(_Section):
     fidelity_patches: int = Field(
         16,
         ge=0,
-        description="patches per slide whose features, slide vs shard pixels, are compared",
+        description="patches per slide (at most 5% of its patches) whose features, slide vs "
+        "shard pixels, are compared",
     )
 
 
