@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -54,3 +55,22 @@ def runtime_rate(rt: Any, batches: list[np.ndarray], warmup: int = 1) -> tuple[f
     t0 = time.perf_counter()
     feats = rt.embed(batches, desc="model-only")
     return sum(len(b) for b in batches) / (time.perf_counter() - t0), feats
+
+
+def uncached_patches(uri: str, coords: Any) -> Any:
+    """A `SlidePatches` whose slide handles have no tile cache (every read decodes its tiles):
+    random reads as a cohort-scale run sees them, where the cache almost never hits."""
+    import openslide
+
+    from efcm.slides.patches import SlidePatches
+
+    class Uncached(SlidePatches):
+        @property
+        def slide(self) -> openslide.OpenSlide:
+            fresh = self._slide is None or self._pid != os.getpid()
+            handle = SlidePatches.slide.fget(self)
+            if fresh:
+                handle.set_cache(openslide.OpenSlideCache(0))
+            return handle
+
+    return Uncached(uri, coords)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import openslide
 import torch
-from _timing import model_only, sync
+from _timing import model_only, sync, uncached_patches
 
 from efcm.config import EncoderParams, ExtractParams, PatchParams
 from efcm.evaluation.efficiency import count_params, gflops_per_patch
@@ -54,18 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_SLIDE = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 MODELS = {"teacher": "brow", "student": "resnet18"}
 GOALS = {"engine_model_ratio_min": 0.9, "engine_model_ratio_applies_on": "cuda", "speedup_min": 8.0}
-
-
-class _UncachedPatches(SlidePatches):
-    """SlidePatches whose slide handles have no tile cache (every read decodes its tiles)."""
-
-    @property
-    def slide(self) -> openslide.OpenSlide:
-        fresh = self._slide is None or self._pid != os.getpid()
-        handle = SlidePatches.slide.fget(self)
-        if fresh:
-            handle.set_cache(openslide.OpenSlideCache(0))
-        return handle
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
@@ -154,7 +142,7 @@ def _bench_model(
         coords.patch_size,
         coords.name,
     )
-    cls = _UncachedPatches if args.tile_cache == "off" else SlidePatches
+    cls = uncached_patches if args.tile_cache == "off" else SlidePatches
     runs = {}
     dim = None
     for w in args.workers:

@@ -527,27 +527,6 @@ def _where_time_goes(
     }
 
 
-class _UncachedPatches:
-    """Factory of SlidePatches whose handle has no tile cache (every read decodes its tiles)."""
-
-    @staticmethod
-    def make(uri: str, cf: Any) -> Any:
-        import openslide
-
-        from efcm.slides.patches import SlidePatches
-
-        class Uncached(SlidePatches):
-            @property
-            def slide(self) -> openslide.OpenSlide:
-                fresh = self._slide is None or self._pid != os.getpid()
-                handle = SlidePatches.slide.fget(self)
-                if fresh:
-                    handle.set_cache(openslide.OpenSlideCache(0))
-                return handle
-
-        return Uncached(uri, cf)
-
-
 def _read(
     store_dir: Path, slides: list[tuple[str, str, Any]], params: Any, repeats: int
 ) -> dict[str, Any]:
@@ -579,10 +558,11 @@ def _read(
     def slide_random(rep: int, cached: bool) -> float:
         # as distillation's slide path: a PairDataset over fresh SlidePatches (each slide is
         # opened on its first read in this process, and that is timed), items in random order
+        from _timing import uncached_patches  # a script: benchmarks/ is on the path
+
         t0 = time.perf_counter()
         sps = [
-            SlidePatches(uri, cf) if cached else _UncachedPatches.make(uri, cf)
-            for _, uri, cf in slides
+            SlidePatches(uri, cf) if cached else uncached_patches(uri, cf) for _, uri, cf in slides
         ]
         ds = PairDataset(sps, [np.zeros((len(cf.coords), 1), np.float32) for _, _, cf in slides])
         for k in np.random.default_rng([params.seed, rep]).permutation(len(ds)):
@@ -718,7 +698,9 @@ def _per_core(
             return np.concatenate(out)
 
         def random_pass(_: Any) -> None:  # opening the slide included, as distillation pays it
-            un = _UncachedPatches.make(uri, cf)
+            from _timing import uncached_patches  # a script: benchmarks/ is on the path
+
+            un = uncached_patches(uri, cf)
             for i in order:
                 un.read(i)
             un.close()
