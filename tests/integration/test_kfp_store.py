@@ -99,5 +99,5 @@ def test_with_the_store_no_slide_is_opened_after_the_teacher_extraction_shards(
     }
     for key in ("strategy", "row", "classes", "files", "feature_dim"):
         assert meta["store"][key] == meta["slide"][key], key
-    assert "patch-shard store" in meta["store"]["runtimes"]["parity_pixels"]
-    assert meta["slide"]["runtimes"]["parity_pixels"] == "read from the slides"
+    assert "patch-shard store" in meta["store"]["runtimes"]["int8"]["parity"]["pixels"]
+    assert meta["slide"]["runtimes"]["int8"]["parity"]["pixels"] == "read from the slides"

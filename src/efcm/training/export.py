@@ -43,7 +43,6 @@ from efcm.io.files import sha256_file
 from efcm.io.manifest import Manifest
 from efcm.io.package import FORMAT, geometry
 from efcm.io.results import read_predictions, read_summary
-from efcm.io.store import read_store_meta
 from efcm.models.clam import load_clam
 from efcm.models.ensemble import FoldEnsembleCLAM
 from efcm.models.package import load_package
@@ -212,11 +211,6 @@ def export_package(
         max_patches=ex.parity_max_patches,
         cache=cache,
         store_dir=store_dir,
-    )
-    section["parity_pixels"] = (
-        f"the patch-shard store ({json.dumps(read_store_meta(store_dir)['codec'])})"
-        if store_dir is not None
-        else "read from the slides"
     )
     meta["runtimes"] = section
     meta["versions"]["onnxruntime"] = ort.__version__

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import tempfile
@@ -50,6 +51,7 @@ from efcm.errors import PackageError
 from efcm.features import embed_batches
 from efcm.io.cache import SlideCache
 from efcm.io.manifest import Manifest, SlideEntry
+from efcm.io.store import read_store_meta
 from efcm.models.package import Package
 from efcm.runtimes import INT8, ONNX, TORCH, cosine_rows, has_vnni
 from efcm.runtimes.onnx_runtime import (
@@ -392,6 +394,11 @@ def write_runtimes(
         max_patches,
         bf16=bf16,
     )
+    pixels = "read from the slides"
+    if store_dir is not None:
+        pixels = f"the patch-shard store ({json.dumps(read_store_meta(store_dir)['codec'])})"
+    for figures in parity.values():
+        figures["pixels"] = pixels  # what the parity patches were
     refused = {name: misses(name, parity[name]) for name in loaded}
     refused = {k: v for k, v in refused.items() if v}
     if refused:
