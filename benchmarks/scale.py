@@ -5,8 +5,9 @@ Measured on this machine (the demo's teacher and slides, `params.yaml`; the CPU 
               alone, slide by slide, the modes back to back on each slide in an alternating
               order, over `--repeats`: patches/s of each, and `overhead_ratio` = the median over
               (slide, repeat) pairs of (time with the store / time alone), goal <= 1.15; also
-              with `store.fidelity_patches: 0` (the codec's cosine check costs 2 x 16 teacher
-              forwards a slide: 45 % of a 71-patch demo slide, 0.3 % of a 10,000-patch one).
+              with `store.fidelity_patches: 0` (the codec's cosine check: one teacher forward of
+              the decoded patch for up to 16 patches a slide, at most 5 % of its patches; see
+              `fidelity_forwards`).
               `where_time_goes`: the same work timed piece by piece in this process (slide
               reads, teacher forward, encode + tar, fidelity forwards) and the ratio they predict
               for num_workers 0, checked against the measured one. Per `--workers`
@@ -94,7 +95,7 @@ class Assumptions:
     float16: bool = False  # extract.float16: features stored as fp16 (2 bytes) or fp32 (4)
     distill_epochs: int = 4  # distill.epochs
     distill_val_fraction: float = 0.2  # distill.val_fraction: validated (forward only) per epoch
-    fidelity_patches: int = 16  # store.fidelity_patches: 2 teacher forwards each, per slide
+    fidelity_patches: int = 16  # store.fidelity_patches: one teacher forward each, per slide
     etc_k: int = 512  # ib.k: patches per slide in ETC's bags
     etc_epochs: int = 2  # mil.etc.epochs
     folds: int = 3  # train_mil.folds: ETC fine-tunes and re-extracts once per fold
@@ -151,6 +152,15 @@ class CpuRates:
                 )
 
 
+def fidelity_forwards(fidelity_patches: int, n_patches: int) -> int:
+    """Teacher forwards the store's fidelity check adds to a slide of `n_patches`: one per kept
+    patch, `store.fidelity_patches` of them but at most 5% of the slide's (at least one); the
+    rule of `efcm.features.StoreTap` (this model imports no efcm)."""
+    if fidelity_patches <= 0 or n_patches <= 0:
+        return 0
+    return min(fidelity_patches, max(1, n_patches // 20), n_patches)
+
+
 def phase(
     patches: float,
     gpu_s: float,
@@ -192,7 +202,9 @@ def cohort_phases(a: Assumptions, r: CpuRates, path: str) -> dict[str, dict[str,
     n, g = a.patches, a.gpus
     cores = a.loader_cores(g)
     fidelity = (
-        2 * min(a.fidelity_patches, a.patches_per_slide) / a.patches_per_slide if store else 0
+        fidelity_forwards(a.fidelity_patches, a.patches_per_slide) / a.patches_per_slide
+        if store
+        else 0
     )
     read_seq, read_rand = 1 / r.slide_seq_read, 1 / r.slide_random_read
     # the pixels of each later phase: the store decoded, or the slides read
@@ -503,7 +515,7 @@ def _where_time_goes(
                 row += len(enc)
         t_enc += time.perf_counter() - t0
         n += len(sp)
-        fid += 2 * min(params.store.fidelity_patches, len(sp))
+        fid += fidelity_forwards(params.store.fidelity_patches, len(sp))
     t_fid = t_model * fid / n
     base = t_read + t_model
     return {

@@ -96,9 +96,16 @@ def test_writing_the_store_costs_the_encode_and_the_fidelity_forwards():
     # CPU-bound at these rates, with and without the store: read + encode per patch is twice
     # the read alone
     assert model["teacher_extract_overhead_ratio"] == pytest.approx(2.0)
-    gpu_bound = scale.cohort_model(replace(a, fidelity_patches=50), FAST, 10_000)
-    # 2 x 50 extra teacher forwards per 10,000-patch slide
+    gpu_bound = scale.cohort_model(replace(a, fidelity_patches=100), FAST, 10_000)
+    # 100 extra teacher forwards per 10,000-patch slide
     assert gpu_bound["teacher_extract_overhead_ratio"] == pytest.approx(1.01)
+
+
+def test_the_fidelity_check_is_at_most_five_percent_of_a_slide():
+    assert scale.fidelity_forwards(16, 10_000) == 16
+    assert scale.fidelity_forwards(16, 71) == 3  # a demo slide: 71 // 20
+    assert scale.fidelity_forwards(16, 5) == 1
+    assert scale.fidelity_forwards(0, 10_000) == 0
 
 
 def test_storage_adds_up():
