@@ -153,12 +153,11 @@ class CpuRates:
 
 
 def fidelity_forwards(fidelity_patches: int, n_patches: int) -> int:
-    """Teacher forwards the store's fidelity check adds to a slide of `n_patches`: one per kept
-    patch, `store.fidelity_patches` of them but at most 5% of the slide's (at least one); the
-    rule of `efcm.features.StoreTap` (this model imports no efcm)."""
-    if fidelity_patches <= 0 or n_patches <= 0:
-        return 0
-    return min(fidelity_patches, max(1, n_patches // 20), n_patches)
+    """Teacher forwards the store's fidelity check adds to a slide of `n_patches`: one per
+    compared patch (`efcm.io.store.fidelity_count`, the rule extraction applies)."""
+    from efcm.io.store import fidelity_count
+
+    return fidelity_count(fidelity_patches, n_patches)
 
 
 def phase(

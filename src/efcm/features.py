@@ -33,6 +33,7 @@ from efcm.io.store import (
     STORE_DIR,
     Codec,
     ShardWriter,
+    fidelity_count,
     read_index,
     shard_complete,
     write_store_meta,
@@ -114,8 +115,8 @@ class StoreTap:
 
     def __init__(self, writer: ShardWriter, n_patches: int, keep: int) -> None:
         self.writer = writer
-        k = min(keep, max(1, n_patches // 20), n_patches)
-        rows = np.linspace(0, n_patches - 1, k).round().astype(int) if k > 0 and keep else []
+        k = fidelity_count(keep, n_patches)
+        rows = np.linspace(0, n_patches - 1, k).round().astype(int) if k else []
         self.keep = {int(r) for r in rows}
         self.kept: dict[int, bytes] = {}
         self.row = 0

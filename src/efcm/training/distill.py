@@ -454,7 +454,9 @@ def _store_data(
     index; no slide is opened. The target statistics are summed slide by slide."""
     cfg = params.distill
     store_dir = require_store(teacher_dir)
-    steps0 = {s: read_coords(patches_dir / "patches" / f"{s}.h5").step0 for s in train_ids}
+    steps0 = None  # MCM's windows need each slide's grid step (its coords file)
+    if cfg.method == "mcm":
+        steps0 = {s: read_coords(patches_dir / "patches" / f"{s}.h5").step0 for s in train_ids}
     stream = StoreStream(
         store_dir, teacher_dir, train_ids, cfg, params.store, params.seed, steps0=steps0
     )
