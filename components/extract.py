@@ -32,8 +32,11 @@ def extract(
     from efcm import config, stages
     from efcm.io.cache import SlideCache
     from efcm.io.dataset import status_counts
+    from efcm.io.store import shard_root
 
     started = time.time()
+    # on a gs:// pipeline root the shards go beside the artifact, not in it (efcm.io.store)
+    store = {**store, "uri": shard_root(store.get("uri", ""), features.uri)}
     params = config.params_for_stage(
         "extract",
         {"seed": seed, "dataset": dataset, "teacher": teacher, "extract": extract, "store": store},

@@ -202,6 +202,12 @@ class StoreParams(_Section):
         4096, ge=1, description="samples in distillation's shuffle buffer (per rank)"
     )
     interleave: int = Field(4, ge=1, description="shards (slides) each rank streams at once")
+    uri: str = Field(
+        "",
+        description="where the shard tars go: '' beside their indexes in the teacher extraction's "
+        "output (store/; on KFP with a gs:// pipeline root, <output artifact>.shards/), or a "
+        "folder or gs:// prefix; the output then holds the indexes only",
+    )
     fidelity_patches: int = Field(
         16,
         ge=0,

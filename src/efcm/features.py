@@ -28,6 +28,7 @@ from efcm.config import ExtractParams, StoreParams
 from efcm.errors import InvalidInput
 from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, remove_stale_parts
+from efcm.io.gcs import is_gcs
 from efcm.io.manifest import Manifest, SlideEntry
 from efcm.io.store import (
     STORE_DIR,
@@ -333,7 +334,7 @@ def _extract(
             feats = extract_slide(model, sp, params)
         else:
             with ShardWriter(
-                store_dir, entry.slide_id, coords.coords, codec, coords.patch_size
+                store_dir, entry.slide_id, coords.coords, codec, coords.patch_size, root=store.uri
             ) as w:
                 tap = StoreTap(w, len(sp), store.fidelity_patches)
                 feats = extract_slide(model, sp, params, tap)
@@ -384,6 +385,8 @@ def extract_manifest(
     columns: dict[str, Any] = {"n_patches": 0}
     if store is not None and store.enabled:
         remove_stale_parts(out / STORE_DIR)  # a shard cut off by a kill is redone, not kept
+        if store.uri and not is_gcs(store.uri) and Path(store.uri).is_dir():
+            remove_stale_parts(Path(store.uri))
         write_store_meta(out / STORE_DIR, Codec(store.format, store.quality))
         columns["store_cosine"] = ""
     else:

@@ -2,7 +2,10 @@
 reading the slides: the 6 tiny slides in 2 shards. With the store, the teacher-extraction shards
 are the last steps that open a slide (every open of a slide file is watched with inotify, from
 any process); distillation, the student's sharded extraction, ETC and the export read the store.
-The run's package and metrics are compared with the slide path's within stated tolerances."""
+The store's shards are written to a gs:// prefix (the GCS emulator; `store.uri`), as on a cluster:
+the teacher-features artifact that the later steps take as input holds the indexes only, and they
+read the pixels by URI. The run's package and metrics are compared with the slide path's within
+stated tolerances."""
 
 import json
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 from efcm import registry
 from efcm.io.manifest import read_manifest
 from efcm.io.status import read_status
+from efcm.io.store import read_index
 from tests.file_opens import watch_opens
 from tests.integration.test_kfp_local import _outputs, _run, _runs
 
@@ -38,7 +42,7 @@ def _finished(out: dict[str, Path], task: str) -> list[float]:
 
 
 def test_with_the_store_no_slide_is_opened_after_the_teacher_extraction_shards(
-    local_kfp, tiny_dataset
+    local_kfp, tiny_dataset, gcs_bucket
 ):
     from pipelines.pipeline import build_pipeline
 
@@ -46,9 +50,10 @@ def test_with_the_store_no_slide_is_opened_after_the_teacher_extraction_shards(
     gate = {"max_auc_drop": 1.0, "min_auc": 0.0}
     _run(pipeline, tiny_dataset, deploy=gate)  # the slide path
     slides_dir = tiny_dataset.parent / "slides"
+    root = gcs_bucket.uri("pipeline-root/store")
     names = {Path(s.uri).name for s in read_manifest(tiny_dataset).slides}
     with watch_opens(slides_dir) as opens:
-        _run(pipeline, tiny_dataset, deploy=gate, store={"enabled": True})
+        _run(pipeline, tiny_dataset, deploy=gate, store={"enabled": True, "uri": root})
     slide_run, store_run = (_outputs(r) for r in _runs(local_kfp))
 
     # the teacher's extraction (per shard, cached patches) opened the slides, and nothing after
@@ -63,12 +68,23 @@ def test_with_the_store_no_slide_is_opened_after_the_teacher_extraction_shards(
     assert len([k for k in store_run if k.endswith("/extract-2/features")]) == 2
     assert len([k for k in store_run if k.endswith("strategy/strategy")]) == 3
 
-    # the store: one shard per slide, gathered with the teacher features; its fidelity
+    # the store: one shard per slide, an object under `root`; the gathered teacher features
+    # (the later steps' input artifact) hold each shard's index, naming it by URI, and no pixels
     merged = [v for k, v in store_run.items() if k.startswith("gather") and (v / "store").is_dir()]
     (teacher,) = merged
-    assert sorted(p.stem for p in (teacher / "store").glob("*.tar")) == sorted(
-        s.slide_id for s in read_manifest(tiny_dataset).slides
-    )
+    ids = sorted(s.slide_id for s in read_manifest(tiny_dataset).slides)
+    objects = {b.name: b.size for b in gcs_bucket.client.list_blobs(gcs_bucket.name)}
+    assert sorted(objects) == [f"pipeline-root/store/{s}.tar" for s in ids]
+    assert list((teacher / "store").glob("*.tar")) == []
+    assert sorted(p.stem for p in (teacher / "store").glob("*.h5")) == ids
+    for s in ids:
+        idx = read_index(teacher / "store", s)
+        assert (
+            str(idx.shard) == f"{root}/{s}.tar"
+            and idx.shard_bytes == objects[f"pipeline-root/store/{s}.tar"]
+        )
+    index_bytes = sum(p.stat().st_size for p in (teacher / "store").iterdir())
+    assert index_bytes < sum(objects.values()), (index_bytes, objects)
     cosines = [float(r["store_cosine"]) for r in read_status(teacher / "status.csv")]
     assert min(cosines) >= MIN_STORE_COSINE, cosines
 

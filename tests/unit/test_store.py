@@ -17,6 +17,7 @@ from efcm.io.store import (
     read_index,
     read_rows,
     shard_complete,
+    shard_root,
     stream_samples,
 )
 
@@ -31,9 +32,11 @@ def _patches(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     return np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
 
 
-def _write(store: Path, slide_id: str, pixels: np.ndarray, codec: Codec) -> np.ndarray:
+def _write(
+    store: Path, slide_id: str, pixels: np.ndarray, codec: Codec, root: str = ""
+) -> np.ndarray:
     coords = np.stack([np.arange(len(pixels)) * 32, np.zeros(len(pixels), np.int64)], 1)
-    with ShardWriter(store, slide_id, coords, codec, pixels.shape[1]) as w:
+    with ShardWriter(store, slide_id, coords, codec, pixels.shape[1], root=root) as w:
         w.add_batch(0, codec.encode_batch(pixels))
     return coords
 
@@ -167,3 +170,57 @@ def test_the_open_watcher_sees_another_process_open_a_slide(tmp_path):
         (tmp_path / "b.tif").stat()
         subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.tif")], check=True)
     assert {n for _, n in opens} == {"a.tif"}
+
+
+def test_shard_root_keeps_shards_out_of_a_gs_artifact():
+    assert shard_root("gs://b/store/") == "gs://b/store"  # set: used as it is
+    assert shard_root("/data/store", "gs://b/root/x/features") == "/data/store"
+    assert shard_root("", "gs://b/root/x/features") == "gs://b/root/x/features.shards"
+    assert shard_root("", "/tmp/kfp/x/features") == ""  # a local root: beside the indexes
+    assert shard_root("") == ""
+
+
+def test_shards_in_another_folder_leave_only_the_index_beside_it(tmp_path):
+    p = _patches(12)
+    codec = Codec("jpeg", 85)
+    coords = _write(tmp_path / "out", "s", p, codec, root=str(tmp_path / "shards"))
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["s.h5"]
+    assert sorted(f.name for f in (tmp_path / "shards").iterdir()) == ["s.tar"]
+    idx = read_index(tmp_path / "out", "s")
+    assert str(idx.shard) == str((tmp_path / "shards" / "s.tar").resolve())
+    stream = dict(iter_shard(idx.shard))
+    assert read_rows(idx, [11, 3]) == [stream[11], stream[3]]
+    assert shard_complete(tmp_path / "out", "s", codec, coords, 32)
+    (tmp_path / "shards" / "s.tar").unlink()
+    assert not shard_complete(tmp_path / "out", "s", codec, coords, 32)
+    with pytest.raises(StoreError, match="missing"):
+        read_index(tmp_path / "out", "s")
+
+
+def test_a_gs_store_uploads_each_shard_and_reads_it_by_ranged_gets(gcs_bucket, tmp_path):
+    """Against the GCS emulator: the shard is an object under the prefix, the local folder keeps
+    the index only, and the index's reads (ranged GETs) and the stream (chunked GETs) give the
+    bytes the local store gives."""
+    p = _patches(30)
+    codec = Codec("jpeg", 85)
+    root = gcs_bucket.uri("cohort/store")
+    coords = _write(tmp_path / "remote", "s", p, codec, root=root)
+    _write(tmp_path / "local", "s", p, codec)
+    assert sorted(f.name for f in (tmp_path / "remote").iterdir()) == ["s.h5"]
+    blob = gcs_bucket.bucket.get_blob("cohort/store/s.tar")
+    local, remote = read_index(tmp_path / "local", "s"), read_index(tmp_path / "remote", "s")
+    assert str(remote.shard) == f"{root}/s.tar" and remote.shard.generation == blob.generation
+    assert remote.shard_bytes == blob.size == local.shard_bytes
+    picks = [29, 0, 14, 15, 3]
+    assert read_rows(remote, picks) == read_rows(local, picks)
+    assert list(iter_shard(remote.shard)) == list(iter_shard(local.shard))
+    assert shard_complete(tmp_path / "remote", "s", codec, coords, 32)
+    # the object gone: not complete (a rerun redoes it), and a read names the shard
+    blob.delete()
+    assert not shard_complete(tmp_path / "remote", "s", codec, coords, 32)
+    with pytest.raises(StoreError, match=r"s\.tar: generation \d+ of the shard is gone"):
+        read_rows(remote, [1])
+    with pytest.raises(StoreError, match="is gone"):
+        list(iter_shard(remote.shard))
+    with pytest.raises(StoreError, match="is gone"):
+        read_index(tmp_path / "remote", "s", check=True)

@@ -269,6 +269,47 @@ def _list(
         raise FileNotFoundError(f"no such object: {uri} (no bucket {bucket!r})") from None
 
 
-def upload(path: str | Path, uri: str) -> None:
+def upload(path: str | Path, uri: str) -> RemoteObject:
+    """Upload the file `path` to the object `uri` (the object appears whole or not at all);
+    returns it with the generation and size the upload made. Retried on transient errors: a
+    repeated upload of the same file writes the same bytes."""
     bucket_name, name = split_gcs(uri)
-    gcs_client().bucket(bucket_name).blob(name).upload_from_filename(str(path), timeout=TIMEOUT)
+    blob = gcs_client().bucket(bucket_name).blob(name)
+    blob.upload_from_filename(str(path), timeout=TIMEOUT, retry=_retry(DOWNLOAD_DEADLINE))
+    return RemoteObject.of(blob)
+
+
+def lookup(uri: str) -> RemoteObject | None:
+    """The object `uri` at its current generation, or None when there is none."""
+    return _get(*split_gcs(uri))
+
+
+def _pinned(uri: str, generation: int | None) -> Any:
+    bucket_name, name = split_gcs(uri)
+    return gcs_client().bucket(bucket_name).blob(name, generation=generation)
+
+
+def read_range(uri: str, generation: int | None, start: int, length: int) -> bytes:
+    """`length` bytes of the object `uri` from byte `start` (one ranged GET, retried), of
+    `generation` when given: a replaced object is then NotFound, never other bytes.
+
+    Raises:
+        google.api_core.exceptions.NotFound: no such object (or generation).
+        OSError: fewer bytes than asked for (the object is shorter).
+    """
+    if length <= 0:
+        return b""
+    data = _pinned(uri, generation).download_as_bytes(
+        start=start, end=start + length - 1, retry=_retry(DOWNLOAD_DEADLINE), timeout=TIMEOUT
+    )
+    if len(data) != length:
+        raise OSError(f"{uri}: read {len(data)} bytes at {start}, expected {length}")
+    return data
+
+
+def open_read(uri: str, generation: int | None, chunk_size: int = 8 << 20) -> Any:
+    """A file object streaming the object `uri` (of `generation` when given) in `chunk_size`
+    ranged GETs: a sequential read of a large object without staging it on disk."""
+    return _pinned(uri, generation).open(
+        "rb", chunk_size=chunk_size, retry=_retry(DOWNLOAD_DEADLINE), timeout=TIMEOUT
+    )

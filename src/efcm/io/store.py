@@ -16,10 +16,22 @@ Index. Beside each shard, `<slide_id>.h5` (datasets `coords` (N, 2), `row`, `off
 size, the codec and the patch size): random access to any sample (ETC's top-K, the export's
 parity patches) by one ranged read per run of neighbouring samples.
 
-Atomicity. The shard is written under a temporary name and renamed, then the index likewise; a
-shard counts as written only when its index exists and the shard has the size the index records.
-A killed write leaves a temporary file (removed by the next run) and no index: the slide is
-redone, never half-kept.
+Where the shards go (`store.uri`). By default beside their indexes, in the extraction output's
+`store/` folder. With `store.uri` a folder or a gs:// prefix, the shards go there
+(`<uri>/<slide_id>.tar`) and the output keeps only the indexes (kB per slide), each naming its
+shard by full path or URI: a step given the teacher features (a KFP input artifact, which the
+backend copies into the pod) then receives the index, not terabytes of pixels, and reads the
+samples it needs by URI: whole shards streamed (distillation), a slide's top-K by ranged reads
+(ETC, the export). A gs:// shard is written locally, uploaded (an object appears whole or not at
+all), and its index records the object's generation: reads fetch exactly that generation, so a
+shard replaced since (another run writing to the same prefix) fails loudly instead of giving
+other pixels. On KFP with a gs:// pipeline root and no `store.uri`, the extract step puts the
+shards at `<its output artifact's URI>.shards/` (`shard_root`).
+
+Atomicity. The shard is written under a temporary name and renamed (or uploaded), then the index
+likewise; a shard counts as written only when its index exists and the shard has the size (and
+for gs://, the generation) the index records. A killed write leaves a temporary file (removed by
+the next run) and no index: the slide is redone, never half-kept.
 
 This module knows tar, the codec and the index; `efcm.slides.patches.StorePatches` reads a
 slide's patches through it with the interface of `SlidePatches`.
@@ -41,6 +53,7 @@ import h5py
 import numpy as np
 
 from efcm.errors import InvalidInput
+from efcm.io import gcs
 from efcm.io.files import atomic_path, save_json
 
 STORE_DIR = "store"  # the store's folder inside an extraction output folder
@@ -113,6 +126,88 @@ def shard_path(store_dir: Path, slide_id: str) -> Path:
     return store_dir / f"{slide_id}.tar"
 
 
+def shard_root(uri: str, artifact_uri: str | None = None) -> str:
+    """Where shard tars go (`store.uri`): `uri` when set; else, for an output artifact on gs://
+    (a KFP step whose pipeline root is a bucket), the sibling prefix `<artifact_uri>.shards`,
+    outside the artifact, so the steps that take the features as input are given the indexes
+    only; else "" (beside the indexes)."""
+    if uri:
+        return uri.rstrip("/")
+    if artifact_uri and gcs.is_gcs(artifact_uri):
+        return artifact_uri.rstrip("/") + ".shards"
+    return ""
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """Where one shard's bytes are: a local file, or a gs:// object pinned to `generation`."""
+
+    location: str
+    generation: int | None = None
+
+    def __str__(self) -> str:
+        return self.location
+
+    @property
+    def remote(self) -> bool:
+        return gcs.is_gcs(self.location)
+
+    def size(self) -> int | None:
+        """Its size in bytes now; None when it is missing (or, on gs://, replaced by another
+        generation)."""
+        if not self.remote:
+            p = Path(self.location)
+            return p.stat().st_size if p.is_file() else None
+        obj = gcs.lookup(self.location)
+        if obj is None or (self.generation is not None and obj.generation != self.generation):
+            return None
+        return obj.size
+
+    def reader(self) -> _Reader:
+        return _Reader(self)
+
+    def stream(self) -> Any:
+        """A file object reading it from the start, sequentially (a local file, or a gs://
+        object in 8 MB ranged GETs)."""
+        if not self.remote:
+            return open(self.location, "rb")
+        return gcs.open_read(self.location, self.generation)
+
+
+class _Reader:
+    """Ranged reads of one shard: `pread` on a local file, a ranged GET on gs://. A gs:// shard
+    that is gone (or replaced) is a StoreError naming it."""
+
+    def __init__(self, shard: ShardFile) -> None:
+        self.shard = shard
+        self._f = None if shard.remote else open(shard.location, "rb")  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()
+
+    def read(self, start: int, length: int) -> bytes:
+        if self._f is not None:
+            return os.pread(self._f.fileno(), length, start)
+        from google.api_core import exceptions as gexc
+
+        try:
+            return gcs.read_range(self.shard.location, self.shard.generation, start, length)
+        except gexc.NotFound:
+            raise StoreError(_gone(self.shard)) from None
+
+
+def _gone(shard: ShardFile) -> str:
+    what = f"generation {shard.generation} of " if shard.generation is not None else ""
+    return (
+        f"{shard}: {what}the shard is gone (deleted, or replaced by another run writing to the "
+        "same store.uri): rerun teacher extraction with the store enabled"
+    )
+
+
 def index_path(store_dir: Path, slide_id: str) -> Path:
     return store_dir / f"{slide_id}.h5"
 
@@ -137,8 +232,10 @@ class ShardWriter:
         codec: Codec,
         patch_size: int,
         extra: dict[str, Any] | None = None,
+        root: str = "",
     ) -> None:
         self.store_dir, self.slide_id, self.codec = Path(store_dir), slide_id, codec
+        self.root = root.rstrip("/")  # where the tar goes ("": beside the index; see shard_root)
         self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
         self.patch_size = patch_size
         self.extra = dict(extra or {})
@@ -150,7 +247,10 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp = atomic_path(shard_path(self.store_dir, self.slide_id))
+        local = self.root and not gcs.is_gcs(self.root)
+        folder = Path(self.root) if local else self.store_dir  # a gs:// shard is uploaded
+        folder.mkdir(parents=True, exist_ok=True)
+        self._tmp = atomic_path(shard_path(folder, self.slide_id))
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         return self
 
@@ -179,11 +279,23 @@ class ShardWriter:
         if exc_type is not None:
             self._tmp.unlink(missing_ok=True)
             return
-        final = shard_path(self.store_dir, self.slide_id)
-        os.replace(self._tmp, final)
-        self._write_index(final.stat().st_size)
+        name = f"{self.slide_id}.tar"
+        if not self.root:
+            final = shard_path(self.store_dir, self.slide_id)
+            os.replace(self._tmp, final)
+            self._write_index(name, final.stat().st_size, None)
+        elif gcs.is_gcs(self.root):
+            try:
+                obj = gcs.upload(self._tmp, f"{self.root}/{name}")
+            finally:
+                self._tmp.unlink(missing_ok=True)
+            self._write_index(obj.uri, obj.size, obj.generation)
+        else:
+            final = Path(self.root).resolve() / name
+            os.replace(self._tmp, final)
+            self._write_index(str(final), final.stat().st_size, None)
 
-    def _write_index(self, shard_bytes: int) -> None:
+    def _write_index(self, shard: str, shard_bytes: int, generation: int | None) -> None:
         path = index_path(self.store_dir, self.slide_id)
         tmp = atomic_path(path)
         rows = np.asarray(self.rows, np.int64)
@@ -195,8 +307,9 @@ class ShardWriter:
             f.attrs.update(
                 {
                     "slide_id": self.slide_id,
-                    "shard": shard_path(self.store_dir, self.slide_id).name,
+                    "shard": shard,  # a name beside the index, or a full path / gs:// URI
                     "shard_bytes": shard_bytes,
+                    "shard_generation": -1 if generation is None else generation,
                     "patch_size": self.patch_size,
                     "codec": json.dumps(self.codec.as_dict(), sort_keys=True),
                     "extra": json.dumps(self.extra, sort_keys=True),
@@ -213,7 +326,7 @@ class ShardIndex:
     """Where each sample of one slide's shard lies."""
 
     slide_id: str
-    shard: Path
+    shard: ShardFile
     shard_bytes: int
     patch_size: int
     codec: Codec
@@ -231,8 +344,10 @@ class ShardIndex:
         return int(self.size.sum())
 
 
-def read_index(store_dir: str | Path, slide_id: str) -> ShardIndex:
-    """The index of one slide's shard, checked against the shard on disk.
+def read_index(store_dir: str | Path, slide_id: str, *, check: bool | None = None) -> ShardIndex:
+    """The index of one slide's shard, checked against the shard (`check`; by default a local
+    shard is checked, a gs:// one is not: that costs a request per slide, and an object is whole
+    or absent; a read of a gs:// shard that is gone fails with a StoreError naming it).
 
     Raises:
         StoreError: no index, or the shard is missing or not the size the index records (a
@@ -246,7 +361,7 @@ def read_index(store_dir: str | Path, slide_id: str) -> ShardIndex:
         a = dict(f.attrs)
         idx = ShardIndex(
             slide_id=str(a["slide_id"]),
-            shard=store_dir / str(a["shard"]),
+            shard=_shard_file(store_dir, str(a["shard"]), int(a.get("shard_generation", -1))),
             shard_bytes=int(a["shard_bytes"]),
             patch_size=int(a["patch_size"]),
             codec=Codec(**json.loads(a["codec"])),
@@ -256,7 +371,11 @@ def read_index(store_dir: str | Path, slide_id: str) -> ShardIndex:
             size=np.asarray(f["size"][:], np.int64),
             extra=json.loads(a.get("extra", "{}")),
         )
-    got = idx.shard.stat().st_size if idx.shard.is_file() else None
+    if check is False or (check is None and idx.shard.remote):
+        return idx
+    got = idx.shard.size()
+    if got is None and idx.shard.remote:
+        raise StoreError(_gone(idx.shard))
     if got != idx.shard_bytes:
         raise StoreError(
             f"{idx.shard}: the shard of slide {slide_id} is "
@@ -266,13 +385,19 @@ def read_index(store_dir: str | Path, slide_id: str) -> ShardIndex:
     return idx
 
 
+def _shard_file(store_dir: Path, shard: str, generation: int) -> ShardFile:
+    if gcs.is_gcs(shard) or os.path.isabs(shard):
+        return ShardFile(shard, generation if generation >= 0 else None)
+    return ShardFile(str(store_dir / shard))
+
+
 def shard_complete(
     store_dir: str | Path, slide_id: str, codec: Codec, coords: np.ndarray, patch_size: int
 ) -> bool:
     """Whether the slide's shard is written, whole, with this codec and patch size, and holds
     every row of `coords` (a rerun reuses it only then)."""
     try:
-        idx = read_index(store_dir, slide_id)
+        idx = read_index(store_dir, slide_id, check=True)
     except (StoreError, OSError, KeyError, ValueError):
         return False
     return (
@@ -297,8 +422,7 @@ def read_rows(idx: ShardIndex, positions: Iterable[int] | np.ndarray) -> list[by
         raise StoreError(f"{idx.shard}: sample positions out of range 0..{len(idx) - 1}")
     order = np.argsort(idx.offset[pos], kind="stable")
     out: list[bytes | None] = [None] * len(pos)
-    with open(idx.shard, "rb") as f:
-        fd = f.fileno()
+    with idx.shard.reader() as f:
         k = 0
         while k < len(order):
             lo = hi = k
@@ -310,7 +434,7 @@ def read_rows(idx: ShardIndex, positions: Iterable[int] | np.ndarray) -> list[by
                     break
                 hi += 1
                 end = max(end, int(idx.offset[nxt] + idx.size[nxt]))
-            buf = os.pread(fd, end - start, start)
+            buf = f.read(start, end - start)
             for j in range(lo, hi + 1):
                 p = pos[order[j]]
                 o = int(idx.offset[p]) - start
@@ -319,20 +443,31 @@ def read_rows(idx: ShardIndex, positions: Iterable[int] | np.ndarray) -> list[by
     return out  # type: ignore[return-value]
 
 
-def iter_shard(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """(row, encoded bytes) of every sample of a shard, in file order, read as one stream (no
-    seeks: the same code reads a pipe or a remote object stream)."""
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, _ = base.partition(".")
-            if not key.isdigit():
-                raise StoreError(f"{path}: member {member.name!r} is not <slide>/<row>.<ext>")
-            data = tar.extractfile(member)
-            assert data is not None
-            yield int(key), data.read()
+def iter_shard(shard: ShardFile | str | Path) -> Iterator[tuple[int, bytes]]:
+    """(row, encoded bytes) of every sample of a shard (a local file or a gs:// object), in file
+    order, read as one stream (no seeks).
+
+    Raises:
+        StoreError: the shard is missing (or a gs:// one was replaced), or holds a member that is
+            not `<slide>/<row>.<ext>`.
+    """
+    from google.api_core import exceptions as gexc
+
+    shard = shard if isinstance(shard, ShardFile) else ShardFile(str(shard))
+    try:
+        with shard.stream() as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, _ = base.partition(".")
+                if not key.isdigit():
+                    raise StoreError(f"{shard}: member {member.name!r} is not <slide>/<row>.<ext>")
+                data = tar.extractfile(member)
+                assert data is not None
+                yield int(key), data.read()
+    except (FileNotFoundError, gexc.NotFound):
+        raise StoreError(_gone(shard)) from None
 
 
 # -- the store as a whole -------------------------------------------------------------------------
@@ -445,7 +580,7 @@ def mix(
 
 
 def stream_samples(
-    shards: list[Path],
+    shards: list[ShardFile] | list[Path],
     *,
     seed: int,
     epoch: int,
