@@ -382,16 +382,26 @@ def test_the_stage_itself_runs_several_processes_for_a_pod_with_several_gpus(wor
 
 def test_distill_reads_and_writes_gs_uris_as_a_trainjob_pod_does(work, gcs_bucket, tmp_path):
     """What a Kubeflow Trainer pod runs (efcm.deploy.training_job): `efcm distill` with every
-    input and the output as gs:// URIs (the GCS emulator); the outputs land in the bucket."""
-    from efcm import cli
+    input and the output as gs:// URIs (the GCS emulator); the outputs land in the bucket. The
+    patch-shard store's shards are objects under a gs:// prefix (`store.uri`): the pod downloads
+    the teacher features with the indexes only, and streams the shards by URI."""
+    from efcm import cli, stages
+    from efcm.config import params_from_dict
     from efcm.io.transfer import download_dir, upload_dir
 
     root = work["root"]
     uri = gcs_bucket.uri("run/")
+    raw = yaml.safe_load(work["params"].read_text())
+    raw["store"] = {**raw["store"], "enabled": True, "uri": uri + "shards"}
+    shutil.copytree(root / "t" / "features", tmp_path / "t" / "features")
+    stages.extract(
+        work["manifest"], root / "p", tmp_path / "t", params_from_dict(raw), encoder="teacher"
+    )
+    assert not list((tmp_path / "t" / "store").glob("*.tar"))  # the pixels are in the bucket
     upload_dir(root / "p", uri + "p/")
-    upload_dir(root / "t" / "features", uri + "t/features/")
+    upload_dir(tmp_path / "t", uri + "t/")
     (tmp_path / "up").mkdir()
-    shutil.copy(work["params"], tmp_path / "up" / "params.yaml")
+    (tmp_path / "up" / "params.yaml").write_text(yaml.safe_dump(raw))
     shutil.copy(work["manifest"], tmp_path / "up" / "manifest.csv")
     upload_dir(tmp_path / "up", uri)
     rc = cli.main(
@@ -407,3 +417,6 @@ def test_distill_reads_and_writes_gs_uris_as_a_trainjob_pod_does(work, gcs_bucke
     assert rc in (0, None)
     got = download_dir(uri + "out/", tmp_path / "got")
     assert (got / "student.pt").is_file() and (got / "metrics.json").is_file()
+    metrics = json.loads((got / "metrics.json").read_text())
+    assert metrics["pixels"] == "store"
+    assert metrics["history"][-1]["items_seen"] == metrics["items_per_epoch"] > 0

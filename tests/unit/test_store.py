@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from efcm.io import store
 from efcm.io.store import (
     Codec,
     ShardWriter,
@@ -16,6 +17,7 @@ from efcm.io.store import (
     iter_shard,
     read_index,
     read_rows,
+    read_spans,
     shard_complete,
     shard_root,
     stream_samples,
@@ -197,7 +199,9 @@ def test_shards_in_another_folder_leave_only_the_index_beside_it(tmp_path):
         read_index(tmp_path / "out", "s")
 
 
-def test_a_gs_store_uploads_each_shard_and_reads_it_by_ranged_gets(gcs_bucket, tmp_path):
+def test_a_gs_store_uploads_each_shard_and_reads_it_by_ranged_gets(
+    gcs_bucket, tmp_path, monkeypatch
+):
     """Against the GCS emulator: the shard is an object under the prefix, the local folder keeps
     the index only, and the index's reads (ranged GETs) and the stream (chunked GETs) give the
     bytes the local store gives."""
@@ -213,6 +217,10 @@ def test_a_gs_store_uploads_each_shard_and_reads_it_by_ranged_gets(gcs_bucket, t
     assert remote.shard_bytes == blob.size == local.shard_bytes
     picks = [29, 0, 14, 15, 3]
     assert read_rows(remote, picks) == read_rows(local, picks)
+    # one GET per sample, run concurrently, give the same bytes in the order asked
+    monkeypatch.setattr(store, "MAX_GAP_REMOTE", -1)
+    assert len(read_spans(remote, np.asarray(picks), -1)) == 5
+    assert read_rows(remote, picks) == read_rows(local, picks)
     assert list(iter_shard(remote.shard)) == list(iter_shard(local.shard))
     assert shard_complete(tmp_path / "remote", "s", codec, coords, 32)
     # the object gone: not complete (a rerun redoes it), and a read names the shard
@@ -224,3 +232,16 @@ def test_a_gs_store_uploads_each_shard_and_reads_it_by_ranged_gets(gcs_bucket, t
         list(iter_shard(remote.shard))
     with pytest.raises(StoreError, match="is gone"):
         read_index(tmp_path / "remote", "s", check=True)
+
+
+def test_read_spans_join_samples_closer_than_the_gap(tmp_path):
+    p = _patches(10)
+    _write(tmp_path, "s", p, Codec("png"))
+    idx = read_index(tmp_path, "s")
+    pos = np.asarray([7, 1, 2, 9])
+    whole = read_spans(idx, pos, 1 << 30)
+    assert len(whole) == 1 and sorted(whole[0][2]) == [0, 1, 2, 3]
+    assert whole[0][0] == idx.offset[1] and whole[0][1] == idx.offset[9] + idx.size[9]
+    # no gap allowed: adjacent samples (1 and 2) are still apart by the next tar header
+    single = read_spans(idx, pos, 0)
+    assert [m for _, _, m in single] == [[1], [2], [0], [3]]  # in shard order

@@ -60,6 +60,8 @@ STORE_DIR = "store"  # the store's folder inside an extraction output folder
 STORE_META = "store.json"  # the codec and what wrote the store
 EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
 MAX_GAP = 1 << 20  # bytes between two samples still read by one ranged read (ETC's top-K)
+MAX_GAP_REMOTE = 4 << 20  # on gs://: a GET costs ~30 ms, in which ~4 MB more would stream
+REMOTE_READERS = 16  # concurrent ranged GETs of one read_rows call on gs://
 T = TypeVar("T")
 _END = object()
 
@@ -410,37 +412,61 @@ def shard_complete(
 
 def read_rows(idx: ShardIndex, positions: Iterable[int] | np.ndarray) -> list[bytes]:
     """The encoded samples at index `positions` (not rows: positions into the index), in the
-    order given. Samples less than `MAX_GAP` bytes apart are read with one read: a slide's
-    top-K costs a few reads, a whole slide one sequential pass. The shard is opened for the
-    call (an open costs microseconds, far less than decoding one sample) and closed, so a stage
-    that holds thousands of slides' readers (ETC) holds no file descriptors."""
+    order given. Samples close together in the shard are read with one read (less than
+    `MAX_GAP` bytes apart on a local shard, `MAX_GAP_REMOTE` on gs://, where a request costs
+    tens of milliseconds): a slide's top-K costs a few reads, a whole slide one sequential pass.
+    The ranged GETs of a gs:// shard run `REMOTE_READERS` at a time. A local shard is opened for
+    the call (an open costs microseconds, far less than decoding one sample) and closed, so a
+    stage that holds thousands of slides' readers (ETC) holds no file descriptors."""
     pos = np.asarray(list(positions) if not isinstance(positions, np.ndarray) else positions)
     pos = pos.astype(np.int64).reshape(-1)
     if len(pos) == 0:
         return []
     if pos.min() < 0 or pos.max() >= len(idx):
         raise StoreError(f"{idx.shard}: sample positions out of range 0..{len(idx) - 1}")
-    order = np.argsort(idx.offset[pos], kind="stable")
+    spans = read_spans(idx, pos, MAX_GAP_REMOTE if idx.shard.remote else MAX_GAP)
     out: list[bytes | None] = [None] * len(pos)
     with idx.shard.reader() as f:
-        k = 0
-        while k < len(order):
-            lo = hi = k
-            start = int(idx.offset[pos[order[k]]])
-            end = start + int(idx.size[pos[order[k]]])
-            while hi + 1 < len(order):
-                nxt = pos[order[hi + 1]]
-                if int(idx.offset[nxt]) - end > MAX_GAP:
-                    break
-                hi += 1
-                end = max(end, int(idx.offset[nxt] + idx.size[nxt]))
-            buf = f.read(start, end - start)
-            for j in range(lo, hi + 1):
-                p = pos[order[j]]
-                o = int(idx.offset[p]) - start
-                out[order[j]] = buf[o : o + int(idx.size[p])]
-            k = hi + 1
+        if idx.shard.remote and len(spans) > 1:
+            bufs = list(_remote_pool().map(lambda sp: f.read(sp[0], sp[1] - sp[0]), spans))
+        else:
+            bufs = [f.read(start, end - start) for start, end, _ in spans]
+    for (start, _, members), buf in zip(spans, bufs, strict=True):
+        for j in members:
+            o = int(idx.offset[pos[j]]) - start
+            out[j] = buf[o : o + int(idx.size[pos[j]])]
     return out  # type: ignore[return-value]
+
+
+def read_spans(idx: ShardIndex, pos: np.ndarray, max_gap: int) -> list[tuple[int, int, list[int]]]:
+    """The byte ranges (start, end, the indices into `pos` they hold) that read the samples at
+    index positions `pos`: samples in shard order, a new range wherever the gap to the next
+    sample is over `max_gap` bytes."""
+    order = np.argsort(idx.offset[pos], kind="stable")
+    spans: list[tuple[int, int, list[int]]] = []
+    for j in order.tolist():
+        start = int(idx.offset[pos[j]])
+        end = start + int(idx.size[pos[j]])
+        if spans and start - spans[-1][1] <= max_gap:
+            s0, e0, members = spans[-1]
+            spans[-1] = (s0, max(e0, end), [*members, j])
+        else:
+            spans.append((start, end, [j]))
+    return spans
+
+
+_pool: tuple[int, Any] | None = None  # (pid, ThreadPoolExecutor) for gs:// ranged reads
+
+
+def _remote_pool() -> Any:
+    """One thread pool per process for ranged GETs: its threads keep their clients (and their
+    connections: `efcm.io.gcs.gcs_client` is per thread) from call to call."""
+    global _pool
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _pool is None or _pool[0] != os.getpid():  # a forked DataLoader worker makes its own
+        _pool = (os.getpid(), ThreadPoolExecutor(REMOTE_READERS, thread_name_prefix="store-get"))
+    return _pool[1]
 
 
 def iter_shard(shard: ShardFile | str | Path) -> Iterator[tuple[int, bytes]]:

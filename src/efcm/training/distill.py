@@ -808,6 +808,7 @@ def _metrics(
         "world_size": world.size,
         "global_batch": cfg.batch_size,
         "items_per_epoch": len(data.train),
+        "pixels": "store" if params.store.enabled else "slides",  # where the patches came from
         "steps_per_epoch": data.train.steps_per_epoch(world.size),
         "resumed": progress.resumed,
         "history": history,
