@@ -51,6 +51,110 @@ class DemoDataParams(_Section):
     tumour_fraction: float = Field(0.5, gt=0, lt=1, description="share of slides labelled tumour")
 
 
+class ImageDemoParams(_Section):
+    """The synthetic image demo sets (`efcm demo-data --kind fundus|cxr`)."""
+
+    images: int = Field(64, ge=4)
+    size: int = Field(256, ge=64, le=4096, description="side of the written images, px")
+    images_per_case: int = Field(2, ge=1, description="images of one patient (eyes, views)")
+    positive_fraction: float = Field(
+        0.5, gt=0, lt=1, description="fundus: share of images with lesions; cxr: of each finding"
+    )
+
+
+# Image task presets: the preprocessing and label space of the two demo tasks (and of the
+# RETFound / MRM settings they stand for). Keys given next to `preset` override it.
+IMAGE_PRESETS: dict[str, dict[str, Any]] = {
+    # colour fundus photographs: crop to the circular field of view, keep colour
+    "fundus": {
+        "classes": ("no_lesion", "lesion"),
+        "multi_label": False,
+        "crop": "fundus",
+        "resize": "pad",
+        "channels": "rgb",
+    },
+    # chest X-rays (DICOM or PNG): grey to 3 channels, the whole image padded to a square
+    "cxr": {
+        "classes": ("effusion", "nodule", "cardiomegaly"),
+        "multi_label": True,
+        "crop": "none",
+        "resize": "pad",
+        "channels": "grey",
+    },
+}
+
+
+class ImageParams(_Section):
+    """The image-level task (issue 16): its classes, and how every image is preprocessed into the
+    uint8 RGB square the encoders take (`efcm.images.preprocess`). A `preset` (IMAGE_PRESETS)
+    sets the task's keys; keys given next to it override them."""
+
+    preset: Literal["fundus", "cxr"] | None = None
+    classes: tuple[str, ...] = ("negative", "positive")
+    multi_label: bool = Field(False, description="labels name several classes, 'a|b'")
+    none_label: str = Field(
+        "no_finding", min_length=1, description="multi-label: the label of an image with no class"
+    )
+    size: int = Field(224, ge=16, le=4096, description="side of the preprocessed square, px")
+    resize: Literal["crop", "pad", "stretch"] = Field(
+        "crop",
+        description="crop: shorter side to `size`, centre crop; pad: longer side to `size`, "
+        "black padding; stretch: both sides to `size`",
+    )
+    crop: Literal["none", "fundus"] = Field(
+        "none", description="fundus: crop to the circular field of view first"
+    )
+    fov_threshold: int = Field(
+        20, ge=1, le=254, description="fundus: red/brightness level (0-255) of the field of view"
+    )
+    channels: Literal["rgb", "grey"] = Field(
+        "rgb", description="rgb: colour kept (grey replicated); grey: luma replicated to 3 channels"
+    )
+    mean: tuple[float, float, float] | None = Field(
+        None, description="normalisation the encoder applies (null: the encoder's own)"
+    )
+    std: tuple[float, float, float] | None = None
+    max_pixels: int = Field(
+        100_000_000, ge=1024, description="refuse an image with more pixels (status too_large)"
+    )
+    min_side: int = Field(16, ge=1, description="refuse an image smaller (status too_small)")
+    fail_on: Literal["all", "any", "never"] = Field(
+        "all", description="the batch fails (exit 1) when all / any / never an image fails"
+    )
+    demo: ImageDemoParams = ImageDemoParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in IMAGE_PRESETS:
+            return {**IMAGE_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _label_space(self) -> ImageParams:
+        least = 1 if self.multi_label else 2
+        if len(self.classes) < least or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be >= {least} distinct names, got {list(self.classes)}")
+        bad = [c for c in self.classes if not c or "|" in c or c != c.strip()]
+        if bad:
+            raise ValueError(f"classes {bad}: a class name is not empty and has no '|' or spaces")
+        if self.multi_label and self.none_label in self.classes:
+            raise ValueError(f"none_label {self.none_label!r} is also a class")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std are given together (or both null: the encoder's)")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be > 0, got {list(self.std)}")
+        return self
+
+    def encoder_spec(self, encoder: EncoderParams) -> EncoderParams:
+        """The encoder's settings for images of this task: the whole preprocessed image resized
+        to the encoder's input (no centre crop), normalised with this task's mean/std when set."""
+        update: dict[str, Any] = {"resize": encoder.input_size}
+        if self.mean is not None:
+            update.update(mean=self.mean, std=self.std)
+        return encoder.model_copy(update=update)
+
+
 # Tissue presets: CLAM's segmentation settings, with area filters in units of the reference patch
 # (the configured patch at level 0, not CLAM's fixed 512 level-0 px), so that small slides,
 # biopsies and TMA cores keep their tissue. Keys given next to `preset` override it.
@@ -436,6 +540,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     deploy: DeployParams = DeployParams()
     pipeline: PipelineParams = PipelineParams()
+    image: ImageParams = ImageParams()
 
 
 SECTIONS: tuple[str, ...] = tuple(Params.model_fields)
@@ -464,6 +569,7 @@ def _format_error(err: ValidationError, source: str) -> str:
 # reading another raises, so a section a stage forgets fails loudly instead of taking a default.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "demo_data": ("seed", "dataset", "demo_data"),
+    "image_demo_data": ("seed", "image"),  # efcm demo-data --kind fundus|cxr
     "resolve_dataset": ("dataset",),
     "patch": ("dataset", "patch"),
     "gather": ("dataset", "patch"),
@@ -585,9 +691,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def params_to_dict(params: Params, *, compact: bool = False) -> dict[str, Any]:
     """JSON-compatible dict of every section (tuples become lists).
 
-    With `compact`, keys whose value is their preset's (tissue, teacher, student) are left out, so
-    that the dict keeps the meaning of params.yaml: changing `preset` (in the KFP UI, say) changes
-    them too.
+    With `compact`, keys whose value is their preset's (tissue, teacher, student, image) are left
+    out, so that the dict keeps the meaning of params.yaml: changing `preset` (in the KFP UI, say)
+    changes them too.
     """
     data = {
         name: (value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
@@ -598,6 +704,7 @@ def params_to_dict(params: Params, *, compact: bool = False) -> dict[str, Any]:
         tissue = data["patch"]["tissue"] if "patch" in data else None
         sections = [(tissue, TISSUE_PRESETS)]
         sections += [(data.get(name), ENCODER_PRESETS) for name in ("teacher", "student")]
+        sections.append((data.get("image"), IMAGE_PRESETS))
         for section, presets in sections:
             if section is None:
                 continue

@@ -26,12 +26,22 @@ class InvalidTensor(InvalidInput):
     """A features or patches tensor of the wrong shape, dtype or values."""
 
 
-class InvalidSlide(InvalidInput):
-    """A slide cannot be used; `status` is its status-CSV code (`unreadable`, `no_mpp`, ...)."""
+class InvalidItem(InvalidInput):
+    """One item of a batch (a slide, an image) cannot be used; `status` is its status-CSV code
+    (`unreadable`, `no_mpp`, `too_large`, ...)."""
 
     def __init__(self, message: str, status: str = "unreadable") -> None:
         super().__init__(message)
         self.status = status
+
+
+class InvalidSlide(InvalidItem):
+    """A slide cannot be used; `status` is its status-CSV code (`unreadable`, `no_mpp`, ...)."""
+
+
+class InvalidImage(InvalidItem):
+    """An image file cannot be used (not an image, empty, a DICOM without pixel data, an absurd
+    size, no field of view to crop); `status` is its status-CSV code."""
 
 
 class Forbidden(EfcmError):

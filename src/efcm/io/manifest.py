@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from efcm.io.cache import SlideCache, local_path
 
@@ -77,6 +78,60 @@ def _parse_mpp(raw: str, where: str, sid: str) -> float:
     return mpp
 
 
+@dataclass(frozen=True)
+class ManifestRow:
+    """One checked row of a manifest CSV (slides or images): its id, case, URI and label as
+    written, the other cells, and where it is (`path:line`, for error messages)."""
+
+    where: str
+    item_id: str
+    case_id: str  # the item's id when the cell is empty
+    uri: str
+    label: str
+    cells: dict[str, str]
+
+
+def read_rows(
+    path: str | Path, id_column: str, what: str, optional: tuple[str, ...] = ()
+) -> list[ManifestRow]:
+    """The rows of a manifest CSV with the columns `id_column, case_id, uri, label` (+ `optional`),
+    ids checked: the part every manifest shares (slides: `read_manifest`, images:
+    `efcm.io.image_manifest`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a missing column, an empty, malformed or duplicate id (naming the row), or no
+            rows at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    required = (id_column, "case_id", "uri", "label")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            extra = f" (+ optional {', '.join(optional)})" if optional else ""
+            raise ValueError(f"{path}: missing column(s) {missing}; need {list(required)}{extra}")
+        rows = list(reader)
+    out, seen = [], set()
+    for i, row in enumerate(rows, start=2):
+        cells = {k: (v or "").strip() for k, v in row.items() if k is not None}
+        item = cells[id_column]
+        if not _ID.match(item):
+            raise ValueError(
+                f"{path}:{i}: {id_column} {item!r} must be letters, digits, '.', '_' or '-'"
+            )
+        if item in seen:
+            raise ValueError(f"{path}:{i}: duplicate {id_column} {item!r}")
+        seen.add(item)
+        case = cells["case_id"] or item
+        out.append(ManifestRow(f"{path}:{i}", item, case, cells["uri"], cells["label"], cells))
+    if not out:
+        raise ValueError(f"{path}: no {what}s")
+    return out
+
+
 def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> Manifest:
     """Read and check a manifest.
 
@@ -85,40 +140,60 @@ def read_manifest(path: str | Path, classes: tuple[str, ...] | None = None) -> M
         ValueError: a missing column, an empty or duplicate slide_id, a non-empty label not in
             `classes`, or a bad mpp, each naming the row. An empty label is valid (unlabelled).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-        if missing:
+    slides = []
+    for r in read_rows(path, "slide_id", "slide", optional=("mpp",)):
+        if classes is not None and r.label and r.label not in classes:
             raise ValueError(
-                f"{path}: missing column(s) {missing}; need {list(REQUIRED)} (+ optional mpp)"
-            )
-        rows = list(reader)
-    slides, seen = [], set()
-    for i, row in enumerate(rows, start=2):
-        sid = (row["slide_id"] or "").strip()
-        if not _ID.match(sid):
-            raise ValueError(
-                f"{path}:{i}: slide_id {sid!r} must be letters, digits, '.', '_' or '-'"
-            )
-        if sid in seen:
-            raise ValueError(f"{path}:{i}: duplicate slide_id {sid!r}")
-        seen.add(sid)
-        label = (row["label"] or "").strip()
-        if classes is not None and label and label not in classes:
-            raise ValueError(
-                f"{path}:{i}: label {label!r} of {sid} is not one of {list(classes)} "
+                f"{r.where}: label {r.label!r} of {r.item_id} is not one of {list(classes)} "
                 "(leave it empty for an unlabelled slide)"
             )
-        raw = (row.get("mpp") or "").strip()
-        mpp = _parse_mpp(raw, f"{path}:{i}", sid) if raw else None
-        case = (row["case_id"] or "").strip() or sid
-        slides.append(SlideEntry(sid, case, (row["uri"] or "").strip(), label, mpp))
-    if not slides:
-        raise ValueError(f"{path}: no slides")
-    return Manifest(path, tuple(slides))
+        raw = r.cells.get("mpp", "")
+        mpp = _parse_mpp(raw, r.where, r.item_id) if raw else None
+        slides.append(SlideEntry(r.item_id, r.case_id, r.uri, r.label, mpp))
+    return Manifest(Path(path), tuple(slides))
+
+
+def absolute_uri(manifest_uri: str, uri: str, item_id: str) -> str:
+    """`uri` of a row of the manifest at `manifest_uri` (a local path or gs:// URI), made
+    absolute: a relative URI is taken from the manifest's folder (``slides/a.svs`` next to
+    ``gs://bkt/ds/manifest.csv`` becomes ``gs://bkt/ds/slides/a.svs``); an absolute path or a URI
+    with a scheme is kept.
+
+    Raises:
+        ValueError: a relative URI that climbs out of the manifest's bucket.
+    """
+    import os
+    import posixpath
+
+    from efcm.io.gcs import is_gcs, split_gcs
+
+    if "://" in uri or os.path.isabs(os.path.expanduser(uri)):
+        return uri
+    if is_gcs(manifest_uri):
+        bucket, blob = split_gcs(manifest_uri)
+        rel = posixpath.normpath(posixpath.join(posixpath.dirname(blob), uri))
+        if rel == ".." or rel.startswith("../"):
+            raise ValueError(f"{manifest_uri}: uri {uri!r} of {item_id} leaves bucket {bucket}")
+        return f"gs://{bucket}/{rel}"
+    base = os.path.dirname(os.path.abspath(os.path.expanduser(manifest_uri)))
+    return os.path.normpath(os.path.join(base, os.path.expanduser(uri)))
+
+
+def write_rows(dest: str | Path, header: Iterable[str], rows: Iterable[Iterable[Any]]) -> Path:
+    """Write a manifest CSV at `dest` atomically; returns its path."""
+    import os
+
+    from efcm.io.files import atomic_path
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(dest)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(header))
+        writer.writerows(rows)
+    os.replace(tmp, dest)
+    return dest
 
 
 def import_manifest(
@@ -140,50 +215,20 @@ def import_manifest(
         ValueError: the manifest is invalid (see `read_manifest`), or a relative URI climbs out of
             the bucket.
     """
-    import os
-    import posixpath
-
-    from efcm.io.gcs import is_gcs, split_gcs
-
     src = str(uri)
     manifest = read_manifest(local_path(src, cache=cache), classes)
-    if is_gcs(src):
-        bucket, blob = split_gcs(src)
-        base = posixpath.dirname(blob)
-    else:
-        base = os.path.dirname(os.path.abspath(os.path.expanduser(src)))
-    slides = []
-    for s in manifest.slides:
-        target = s.uri
-        if "://" not in s.uri and not os.path.isabs(os.path.expanduser(s.uri)):
-            if is_gcs(src):
-                rel = posixpath.normpath(posixpath.join(base, s.uri))
-                if rel == ".." or rel.startswith("../"):
-                    raise ValueError(f"{src}: uri {s.uri!r} of {s.slide_id} leaves bucket {bucket}")
-                target = f"gs://{bucket}/{rel}"
-            else:
-                target = os.path.normpath(os.path.join(base, os.path.expanduser(s.uri)))
-        slides.append(SlideEntry(s.slide_id, s.case_id, target, s.label, s.mpp))
+    slides = [
+        SlideEntry(s.slide_id, s.case_id, absolute_uri(src, s.uri, s.slide_id), s.label, s.mpp)
+        for s in manifest.slides
+    ]
     return write_manifest(dest, slides)
 
 
 def write_manifest(dest: str | Path, slides: Iterable[SlideEntry]) -> Manifest:
     """Write `slides` as a manifest CSV at `dest` (atomically); returns it."""
-    import os
-
-    from efcm.io.files import atomic_path
-
     slides = tuple(slides)
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(dest)
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*REQUIRED, "mpp"])
-        for s in slides:
-            writer.writerow([s.slide_id, s.case_id, s.uri, s.label, "" if s.mpp is None else s.mpp])
-    os.replace(tmp, dest)
-    return Manifest(dest, slides)
+    rows = ((s.slide_id, s.case_id, s.uri, s.label, "" if s.mpp is None else s.mpp) for s in slides)
+    return Manifest(write_rows(dest, [*REQUIRED, "mpp"], rows), slides)
 
 
 def apply_mpp_overrides(manifest: Manifest, path: str | Path) -> Manifest:

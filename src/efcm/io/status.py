@@ -1,5 +1,5 @@
-"""Per-slide status CSVs: one row per slide (`ok`, `no_tissue`, `unreadable`, ...) with the
-reason."""
+"""Per-slide (and per-image) status CSVs: one row per slide (`ok`, `no_tissue`, `unreadable`,
+...) with the reason."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ OK = "ok"
 NO_TISSUE = "no_tissue"
 
 
-def write_status(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the status CSV atomically; columns are the union of the rows' keys, slide_id first."""
+def write_status(path: Path, rows: list[dict[str, Any]], id_column: str = "slide_id") -> None:
+    """Write the status CSV atomically; columns are the union of the rows' keys, the id
+    (`slide_id`, or `image_id` for images) first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = ["slide_id", "status", "reason"]
+    fields: list[str] = [id_column, "status", "reason"]
     for r in rows:
         fields += [k for k in r if k not in fields]
     tmp = atomic_path(path)

@@ -25,7 +25,7 @@ import openslide
 from tqdm import tqdm
 
 from efcm.config import PatchParams
-from efcm.errors import BatchFailed, InvalidInput, InvalidSlide
+from efcm.errors import BatchFailed, InvalidInput, InvalidItem, InvalidSlide
 from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.manifest import Manifest, SlideEntry
@@ -147,8 +147,8 @@ columns) and raises when the slide fails; a reused slide gets the reason `ALREAD
 
 
 def expected_failure(err: Exception, uri: str) -> tuple[str, str]:
-    """The status code and reason of an expected per-slide error (one of `EXPECTED_ERRORS`)."""
-    if isinstance(err, InvalidSlide):
+    """The status code and reason of an expected per-item error (one of `EXPECTED_ERRORS`)."""
+    if isinstance(err, InvalidItem):  # a bad slide or image, with its status code
         return err.status, str(err)
     if isinstance(err, FileNotFoundError):
         return "missing", str(err)
@@ -167,11 +167,11 @@ class SlideOutcome:
     unexpected: str | None = None
 
 
-def _unexpected_summary(hit: list[SlideOutcome], first: int = 3) -> str:
+def _unexpected_summary(hit: list[SlideOutcome], id_column: str, first: int = 3) -> str:
     """`RuntimeError on s0, s1, s2 ...; KeyError on s5`: the first slides of each type."""
     by_type: dict[str, list[str]] = {}
     for o in hit:
-        by_type.setdefault(str(o.unexpected), []).append(o.row["slide_id"])
+        by_type.setdefault(str(o.unexpected), []).append(o.row[id_column])
     return "; ".join(
         f"{kind} on {', '.join(ids[:first])}{' ...' if len(ids) > first else ''}"
         for kind, ids in by_type.items()
@@ -195,17 +195,22 @@ class SlideLoop:
         work: the stage's work on one slide (see `SlideWork`); picklable when `run` uses workers.
         columns: the stage's status columns and their values before the work fills them.
         on_failure: called with a slide that failed, e.g. to remove outputs of an earlier run.
+        id_column: the entries' id attribute, the first column of the status CSV: `slide_id`,
+            or `image_id` for the image stages, whose entries (`efcm.io.image_manifest`) the
+            loop runs the same way.
     """
 
     what: str
     work: SlideWork
     columns: Mapping[str, Any] = field(default_factory=dict)
     on_failure: Callable[[SlideEntry], None] | None = None
+    id_column: str = "slide_id"
 
     def attempt(self, entry: SlideEntry) -> SlideOutcome:
         """Run the work on one slide; never raises for a slide that fails."""
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"slide_id": entry.slide_id, "status": OK, "reason": ""}
+        item = getattr(entry, self.id_column)
+        row: dict[str, Any] = {self.id_column: item, "status": OK, "reason": ""}
         row.update(self.columns)
         failed, unexpected = True, None
         try:
@@ -214,10 +219,10 @@ class SlideLoop:
         except EXPECTED_ERRORS as err:
             status, reason = expected_failure(err, entry.uri)
             row.update(status=status, reason=reason)
-            log.warning("%s: %s: %s", self.what, entry.slide_id, reason)
+            log.warning("%s: %s: %s", self.what, item, reason)
         except Exception as err:  # recorded in the slide's row and counted by `run`
             row.update(status=ERROR, reason=f"{type(err).__name__}: {err}")
-            log.exception("%s: %s: unexpected error", self.what, entry.slide_id)
+            log.exception("%s: %s: unexpected error", self.what, item)
             unexpected = type(err).__name__
         if failed and self.on_failure is not None:
             self.on_failure(entry)
@@ -238,19 +243,21 @@ class SlideLoop:
         """
         outcomes = self._attempt_all(entries, workers)
         rows = [o.row for o in outcomes]
-        write_status(status_path, rows)
+        write_status(status_path, rows, self.id_column)
         attempted = [o for o in outcomes if o.row["reason"] != ALREADY_DONE]
         hit = [o for o in attempted if o.unexpected]
+        unit = self.id_column.removesuffix("_id")
         if 2 * len(hit) > len(attempted):
             raise BatchFailed(
                 f"{self.what}: an unexpected error on {len(hit)} of {len(attempted)} attempted "
-                f"slides ({_unexpected_summary(hit)}): a bug, not bad slides; the tracebacks "
-                f"are in the log, every slide's row in {status_path}"
+                f"{unit}s ({_unexpected_summary(hit, self.id_column)}): a bug, not bad {unit}s; "
+                f"the tracebacks are in the log, every {unit}'s row in {status_path}"
             )
         return rows
 
     def _attempt_all(self, entries: Sequence[SlideEntry], workers: int) -> list[SlideOutcome]:
-        bar = tqdm(total=len(entries), desc=self.what, unit="slide", disable=None)
+        unit = self.id_column.removesuffix("_id")
+        bar = tqdm(total=len(entries), desc=self.what, unit=unit, disable=None)
         outcomes = []
         if workers > 1 and len(entries) > 1:
             with ProcessPoolExecutor(workers) as pool:
@@ -266,17 +273,18 @@ class SlideLoop:
 
 
 def check_batch(
-    rows: list[dict[str, Any]], what: str, fail_on: str = "all"
+    rows: list[dict[str, Any]], what: str, fail_on: str = "all", id_column: str = "slide_id"
 ) -> list[dict[str, Any]]:
     """Raise BatchFailed when `fail_on` says so: `all` slides failed (default), `any` failed, or
-    `never`. Failed slides are in the status CSV either way."""
+    `never`. Failed slides are in the status CSV either way. `id_column`: as in `SlideLoop`."""
+    unit = id_column.removesuffix("_id")
     failed = [r for r in rows if r["status"] != OK]
-    log.info("%s: %d/%d slides ok", what, len(rows) - len(failed), len(rows))
+    log.info("%s: %d/%d %ss ok", what, len(rows) - len(failed), len(rows), unit)
     for r in failed:
-        log.warning("%s: %s %s: %s", what, r["slide_id"], r["status"], r["reason"])
+        log.warning("%s: %s %s: %s", what, r[id_column], r["status"], r["reason"])
     if failed and (fail_on == "any" or (fail_on == "all" and len(failed) == len(rows))):
-        reasons = "; ".join(f"{r['slide_id']}: {r['reason']}" for r in failed[:3])
-        which = "every slide" if len(failed) == len(rows) else f"{len(failed)} slide(s)"
+        reasons = "; ".join(f"{r[id_column]}: {r['reason']}" for r in failed[:3])
+        which = f"every {unit}" if len(failed) == len(rows) else f"{len(failed)} {unit}(s)"
         raise BatchFailed(f"{what}: {which} failed ({reasons})")
     return rows
 
