@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from efcm import registry, stages
-from efcm.config import ConfigError, Params, for_stage, load_params
+from efcm.config import DEMO_KINDS, ConfigError, Params, for_stage, load_params
 from efcm.errors import EfcmError
 from efcm.io.cache import SlideCache
 from efcm.limits import RUNTIME_CHOICES
@@ -26,10 +26,11 @@ log = logging.getLogger("efcm")
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _params(args: argparse.Namespace) -> Params:
+def _params(args: argparse.Namespace, stage: str | None = None) -> Params:
     """The whole params file validated, then only the command's sections (as a KFP component
-    gets them: `efcm.config.STAGE_SECTIONS`), so that dvc and Kubeflow runs read the same."""
-    return for_stage(load_params(args.params), args.command.replace("-", "_"))
+    gets them: `efcm.config.STAGE_SECTIONS`), so that dvc and Kubeflow runs read the same.
+    `stage`: the STAGE_SECTIONS key, where it is not the command's name."""
+    return for_stage(load_params(args.params), stage or args.command.replace("-", "_"))
 
 
 def _heatmap_size(text: str) -> int:
@@ -57,7 +58,14 @@ def _cache() -> SlideCache:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    path = stages.demo_data(args.out_dir, _params(args), n_slides=args.slides, seed=args.seed)
+    path = stages.demo_data(
+        args.out_dir,
+        _params(args, stages.demo_stage(args.kind)),
+        kind=args.kind,
+        n_slides=args.slides,
+        n_images=args.images,
+        seed=args.seed,
+    )
     log.info("demo dataset: %s", path)
 
 
@@ -260,10 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add(
-        "demo-data", cmd_demo_data, "write the synthetic demo dataset (slides, masks, manifest.csv)"
+        "demo-data",
+        cmd_demo_data,
+        "write a synthetic demo dataset: slides (with tumour masks), or fundus or chest X-ray "
+        "images, and its manifest.csv",
     )
     p.add_argument("out_dir")
+    p.add_argument(
+        "--kind",
+        choices=DEMO_KINDS,
+        default="slides",
+        help="slides (default; params demo_data), or fundus / cxr images (params image.demo)",
+    )
     p.add_argument("--slides", type=int, help="number of slides (default: demo_data.slides)")
+    p.add_argument("--images", type=int, help="number of images (default: image.demo.images)")
     p.add_argument("--seed", type=int, help="seed (default: params seed)")
 
     p = add(

@@ -27,6 +27,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _preset_defaults(data: Any, presets: dict[str, dict[str, Any]]) -> Any:
+    """A section's raw `data` with its `preset`'s keys under the keys it gives itself (an unknown
+    preset is left for the section's Literal to report)."""
+    if isinstance(data, dict) and data.get("preset") in presets:
+        return {**presets[data["preset"]], **data}
+    return data
+
+
 class DatasetParams(_Section):
     """What the labels mean: class names in a fixed order (index = class id)."""
 
@@ -60,6 +68,7 @@ class ImageDemoParams(_Section):
     positive_fraction: float = Field(
         0.5, gt=0, lt=1, description="fundus: share of images with lesions; cxr: of each finding"
     )
+    unlabelled: int = Field(8, ge=0, description="the first this many images have no label")
 
 
 # Image task presets: the preprocessing and label space of the two demo tasks (and of the
@@ -82,6 +91,9 @@ IMAGE_PRESETS: dict[str, dict[str, Any]] = {
         "channels": "grey",
     },
 }
+
+
+DEMO_KINDS: tuple[str, ...] = ("slides", *IMAGE_PRESETS)  # efcm demo-data --kind
 
 
 class ImageParams(_Section):
@@ -126,9 +138,7 @@ class ImageParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in IMAGE_PRESETS:
-            return {**IMAGE_PRESETS[data["preset"]], **data}
-        return data
+        return _preset_defaults(data, IMAGE_PRESETS)
 
     @model_validator(mode="after")
     def _label_space(self) -> ImageParams:
@@ -283,9 +293,7 @@ class EncoderParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in ENCODER_PRESETS:
-            return {**ENCODER_PRESETS[data["preset"]], **data}
-        return data
+        return _preset_defaults(data, ENCODER_PRESETS)
 
 
 class ExtractParams(_Section):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from efcm import registry
-from efcm.config import ConfigError, Params
+from efcm.config import DEMO_KINDS, ConfigError, Params
 from efcm.io.cache import SlideCache
 from efcm.io.manifest import Manifest, read_manifest
 
@@ -55,10 +55,30 @@ def student_checkpoint(path: str | Path) -> Path:
     return p / "student.pt" if p.is_dir() else p
 
 
+def demo_stage(kind: str) -> str:
+    """The params sections (STAGE_SECTIONS key) `efcm demo-data --kind` reads."""
+    if kind not in DEMO_KINDS:
+        raise ConfigError(f"unknown demo kind {kind!r}; known: {list(DEMO_KINDS)}")
+    return "demo_data" if kind == "slides" else "image_demo_data"
+
+
 def demo_data(
-    out_dir: str | Path, params: Params, *, n_slides: int | None = None, seed: int | None = None
+    out_dir: str | Path,
+    params: Params,
+    *,
+    kind: str = "slides",
+    n_slides: int | None = None,
+    n_images: int | None = None,
+    seed: int | None = None,
 ) -> Path:
-    """Write the synthetic demo dataset; returns its manifest path."""
+    """Write a synthetic demo dataset: slides (default), or fundus or cxr images
+    (`efcm.images.synthetic`, settings from `image.demo`); returns its manifest path."""
+    if kind != "slides":
+        if n_slides is not None:
+            raise ConfigError(f"--slides is for --kind slides; for {kind} images use --images")
+        return _image_demo_data(out_dir, params, kind, n_images, seed)
+    if n_images is not None:
+        raise ConfigError("--images is for --kind fundus or cxr; for slides use --slides")
     from efcm.slides.synthetic import write_demo_dataset
 
     d = params.demo_data
@@ -74,6 +94,29 @@ def demo_data(
         tumour_fraction=d.tumour_fraction,
         classes=params.dataset.classes[:2],
     )
+
+
+def _image_demo_data(
+    out_dir: str | Path, params: Params, kind: str, n_images: int | None, seed: int | None
+) -> Path:
+    """The fundus or cxr demo set. Its classes are `image.classes` when `image.preset` is this
+    kind (a graded fundus task, a subset of the findings), else the kind's preset's."""
+    from efcm.config import IMAGE_PRESETS
+    from efcm.images.synthetic import DemoSpec, write_demo_images
+
+    p = params.image
+    d = p.demo
+    spec = DemoSpec(
+        images=n_images or d.images,
+        seed=params.seed if seed is None else seed,
+        classes=p.classes if p.preset == kind else IMAGE_PRESETS[kind]["classes"],
+        size=d.size,
+        images_per_case=d.images_per_case,
+        positive_fraction=d.positive_fraction,
+        none_label=p.none_label,
+        unlabelled=d.unlabelled,
+    )
+    return write_demo_images(out_dir, kind, spec)
 
 
 def patch(
