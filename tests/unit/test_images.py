@@ -160,6 +160,33 @@ def test_bad_files_raise_a_typed_error_naming_the_file(tmp_path, content, status
     assert e.value.status == status or (status == "unreadable" and e.value.status == "no_pixels")
 
 
+def test_a_file_named_dcm_that_is_not_dicom_is_unreadable(tmp_path):
+    (tmp_path / "scan.dcm").write_text("patient notes, not an image\n" * 20)
+    with pytest.raises(InvalidImage, match=r"scan\.dcm: not a DICOM file") as e:
+        _decode(tmp_path / "scan.dcm")
+    assert e.value.status == "unreadable"
+
+
+def test_the_reader_output_is_what_the_encoders_transform_takes():
+    import torch
+
+    from efcm.models.encoders import PatchTransform
+
+    p = params_from_dict(
+        {"image": {"preset": "cxr", "size": 96, "mean": [0.5] * 3, "std": [0.25] * 3}}
+    )
+    img = preprocess(np.full((120, 80), 191, np.uint8), p.image)  # 191 = 0.75 x 255 (about)
+    assert img.shape == (96, 96, 3) and img.dtype == np.uint8 and img.flags.c_contiguous
+    spec = p.image.encoder_spec(p.student)  # student input 224: the whole image, resized
+    x = PatchTransform(spec)(torch.from_numpy(img[None]))
+    assert x.shape == (1, 3, spec.input_size, spec.input_size)
+    centre = x[0, :, 112, 112]
+    torch.testing.assert_close(
+        centre, torch.full((3,), (191 / 255 - 0.5) / 0.25), atol=1e-3, rtol=0
+    )
+    assert x[0, 0, 112, 0] == pytest.approx((0 - 0.5) / 0.25)  # the padding: black
+
+
 def test_a_truncated_png_is_unreadable(tmp_path):
     cv2.imwrite(str(tmp_path / "t.png"), np.full((64, 64), 7, np.uint8))
     data = (tmp_path / "t.png").read_bytes()

@@ -109,6 +109,8 @@ def decode_dicom(data: bytes, name: str, *, max_pixels: int, min_side: int) -> n
     except Exception as err:  # pydicom raises many types for a broken file: all mean unreadable
         raise InvalidImage(f"{name}: not a readable DICOM file ({type(err).__name__})") from None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if data[PREAMBLE : PREAMBLE + 4] != b"DICM":  # only its name said DICOM
+            raise InvalidImage(f"{name}: not a DICOM file (no 'DICM' preamble, no pixel data)")
         raise InvalidImage(f"{name}: a DICOM file without pixel data", status="no_pixels")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
