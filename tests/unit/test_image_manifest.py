@@ -127,3 +127,13 @@ def test_the_encoder_gets_the_whole_image_and_the_tasks_normalisation():
     assert (plain.mean, plain.std) == (p.student.mean, p.student.std)
     with pytest.raises(ConfigError, match=r"mean and std are given together"):
         params_from_dict({"image": {"mean": [0.5, 0.5, 0.5]}})
+
+
+def test_relative_uris_of_a_gs_manifest_stay_in_its_bucket():
+    from efcm.io.manifest import absolute_uri
+
+    assert absolute_uri("gs://bkt/ds/manifest.csv", "img/a.png", "a") == "gs://bkt/ds/img/a.png"
+    assert absolute_uri("gs://bkt/ds/m.csv", "../other/b.dcm", "b") == "gs://bkt/other/b.dcm"
+    assert absolute_uri("gs://bkt/ds/m.csv", "gs://x/c.png", "c") == "gs://x/c.png"
+    with pytest.raises(ValueError, match=r"uri '\.\./\.\./d\.png' of d leaves bucket bkt"):
+        absolute_uri("gs://bkt/ds/m.csv", "../../d.png", "d")
