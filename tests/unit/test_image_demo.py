@@ -61,7 +61,7 @@ def test_lesions_change_the_fundus_only_where_they_are_drawn():
     near = np.zeros(diff.shape, bool)
     yy, xx = np.mgrid[0 : diff.shape[0], 0 : diff.shape[1]]
     for x, y in centres:
-        near |= np.hypot(xx - x, yy - y) <= 8
+        near |= np.hypot(xx - x, yy - y) <= 10  # the largest blotch: radius 6 px, blurred
         assert diff[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].max() > 20  # visibly drawn
     assert diff[~near].max() == 0  # nothing else changed
 

@@ -4,7 +4,7 @@
 black (a fifth of them larger than the picture, so the circle is clipped at the top and bottom),
 an optic disc on the left or right (the eye), a darker macula, a branching vessel tree from the
 disc, and lesion spots (microaneurysm-like red dots, haemorrhage-like blotches, a few exudate-like
-yellow dots) whose presence is the label: with two classes, none vs some (2-10 spots); with more,
+yellow dots) whose presence is the label: with two classes, none vs some (3-14 spots); with more,
 the grade by count (class g: 5 (g-1) + 1 to 5 g spots). Every image has blood-vessel crossings,
 brightness and colour variation, and glare spots, so a lesion is a small local change, learnable
 but not trivial.
@@ -187,18 +187,16 @@ def _draw_lesions(
         kind = rng.choice(["micro", "haem", "exudate"], p=[0.5, 0.35, 0.15])
         size = h / 256
         if kind == "micro":
-            rad, colour = rng.uniform(1.2, 2.2) * size, (95, 15, 10)
+            rad, colour = rng.uniform(1.5, 2.5) * size, (95, 15, 10)
         elif kind == "haem":
-            rad, colour = rng.uniform(2.5, 4.5) * size, (110, 25, 15)
+            rad, colour = rng.uniform(3.0, 6.0) * size, (110, 25, 15)
         else:
-            rad, colour = rng.uniform(1.2, 2.5) * size, (235, 215, 120)
+            rad, colour = rng.uniform(1.5, 3.0) * size, (235, 215, 120)
         rad = max(rad, 1.0)  # visible on the smallest pictures too
         spot = np.zeros(img.shape[:2], np.float32)
         axes = (round(rad * 4), round(rad * rng.uniform(0.7, 1.0) * 4))
-        cv2.ellipse(
-            spot, (round(x * 4), round(y * 4)), axes, rng.uniform(0, 180), 0, 360, 1.0, -1,
-            cv2.LINE_AA, shift=2,
-        )  # fmt: skip
+        centre, angle = (round(x * 4), round(y * 4)), rng.uniform(0, 180)
+        cv2.ellipse(spot, centre, axes, angle, 0, 360, 1.0, -1, cv2.LINE_AA, shift=2)
         spot = cv2.GaussianBlur(spot, (0, 0), 0.7)[..., None]
         img[:] = img * (1 - 0.85 * spot) + np.array(colour, np.float32) * 0.85 * spot
         centres.append((round(x), round(y)))
@@ -206,11 +204,11 @@ def _draw_lesions(
 
 
 def fundus_lesions(rng: np.random.Generator, grade: int, grades: int) -> int:
-    """Lesion count of a grade: 0 for grade 0; binary tasks 2-10; graded, 5 (g-1) + 1 to 5 g."""
+    """Lesion count of a grade: 0 for grade 0; binary tasks 3-14; graded, 5 (g-1) + 1 to 5 g."""
     if grade == 0:
         return 0
     if grades == 2:
-        return int(rng.integers(2, 11))
+        return int(rng.integers(3, 15))
     return int(rng.integers(5 * (grade - 1) + 1, 5 * grade + 1))
 
 
@@ -229,12 +227,16 @@ def cxr_image(s: Streams, size: int, findings: tuple[str, ...]) -> np.ndarray:
     """One chest-X-ray-like image: float32 (size, size) in [0, 1], bright = dense."""
     rng, frng = s.anatomy, s.findings
     h = w = size
+    # the patient's build and position: a whole-image scale, rotation and shift (drawn first, so
+    # the same with or without findings); without them every chest would sit on the same pixels
+    pose = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-5, 5), rng.uniform(0.88, 1.08))
+    pose[:, 2] += rng.uniform(-0.06, 0.06, 2) * size
     img = np.full((h, w), 0.06, np.float32)  # air around the body
     cx = w / 2 + rng.uniform(-0.02, 0.02) * w
     body = _ellipse_mask(h, w, (cx, 0.62 * h), (0.46 * w, 0.62 * h))
     img += 0.38 * cv2.GaussianBlur(body, (0, 0), w / 60)
     # the lungs: darker fields either side of the mediastinum, domed at the bottom
-    lung_w, lung_h = rng.uniform(0.17, 0.2) * w, rng.uniform(0.3, 0.34) * h
+    lung_w, lung_h = rng.uniform(0.16, 0.21) * w, rng.uniform(0.28, 0.35) * h
     top = rng.uniform(0.14, 0.18) * h
     lungs = []
     for sign in (-1, 1):
@@ -243,7 +245,7 @@ def cxr_image(s: Streams, size: int, findings: tuple[str, ...]) -> np.ndarray:
     lung_all = np.clip(lungs[0][1] + lungs[1][1], 0, 1)
     # the heart: lower centre, to the patient's left (image right); its width is the finding
     chest = 2 * (0.21 * w + lung_w)
-    ratio = rng.uniform(0.55, 0.65) if "cardiomegaly" in findings else rng.uniform(0.36, 0.45)
+    ratio = rng.uniform(0.5, 0.64) if "cardiomegaly" in findings else rng.uniform(0.36, 0.5)
     heart_w = ratio * chest / 2
     hx, hy = cx + 0.04 * w, top + 1.65 * lung_h
     heart = _ellipse_mask(h, w, (hx, hy), (heart_w, 0.14 * h), rng.uniform(-12, -4))
@@ -272,11 +274,11 @@ def cxr_image(s: Streams, size: int, findings: tuple[str, ...]) -> np.ndarray:
     if "effusion" in findings:
         lx, lung = lungs[int(frng.integers(2))]
         bottom = top + 2 * lung_h
-        depth = frng.uniform(0.25, 0.5) * lung_h
+        depth = frng.uniform(0.12, 0.45) * lung_h
         lateral = np.clip(np.abs(np.arange(w) - cx) - abs(lx - cx) + lung_w, 0, None) / (2 * lung_w)
         level = bottom - depth - 0.25 * lung_h * lateral**2  # the meniscus climbs laterally
         fluid = (np.arange(h)[:, None] > level[None, :]).astype(np.float32) * lung * (1 - dense)
-        img += 0.24 * cv2.GaussianBlur(fluid, (0, 0), w / 200)
+        img += frng.uniform(0.14, 0.26) * cv2.GaussianBlur(fluid, (0, 0), w / 200)
     if "nodule" in findings:
         for _ in range(int(frng.integers(1, 3))):
             lx, lung = lungs[int(frng.integers(2))]
@@ -286,6 +288,7 @@ def cxr_image(s: Streams, size: int, findings: tuple[str, ...]) -> np.ndarray:
             yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
             blob = np.exp(-((xx - xs[j]) ** 2 + (yy - ys[j]) ** 2) / (2 * (rad / 1.6) ** 2))
             img += 0.2 * blob
+    img = cv2.warpAffine(img, pose, (w, h), flags=cv2.INTER_LINEAR, borderValue=0.06)
     img += rng.normal(0, 0.012, img.shape).astype(np.float32)  # quantum noise
     img = img * rng.uniform(0.85, 1.1) + rng.uniform(-0.04, 0.04)  # exposure
     return np.clip(img, 0, 1)
