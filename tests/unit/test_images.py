@@ -309,6 +309,14 @@ def test_the_loop_gives_every_image_a_status_row_and_goes_on(tmp_path):
         check_images(rows, "read", "any")
 
 
+def test_a_file_too_big_for_any_allowed_image_is_not_read(tmp_path):
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG" + bytes(1_100_000))
+    reader = ImageReader(_image(max_pixels=1024), base_dir=tmp_path)  # 6 KiB + 1 MiB at most
+    with pytest.raises(InvalidImage, match=r"huge\.png: 1100004 bytes, more than") as e:
+        reader("huge.png")
+    assert e.value.status == "too_large"
+
+
 def test_a_gs_image_is_staged_through_the_cache(gcs_bucket, gcs_cache, tmp_path):
     cv2.imwrite(str(tmp_path / "x.png"), np.full((40, 60), 90, np.uint8))
     uri = gcs_bucket.upload_file(tmp_path / "x.png", "images/x.png")

@@ -31,14 +31,24 @@ from efcm.slides.batch import SlideLoop, check_batch
 ID_COLUMN = "image_id"
 
 
+def max_file_bytes(params: ImageParams) -> int:
+    """The largest image file worth reading: `max_pixels` of uncompressed 16-bit RGB, plus 1 MiB
+    of header (a bigger file is no image of an allowed size, and is not read into memory)."""
+    return 6 * params.max_pixels + (1 << 20)
+
+
 def read_file(
-    uri: str, *, base_dir: str | Path | None = None, cache: SlideCache | None = None
+    uri: str,
+    *,
+    base_dir: str | Path | None = None,
+    cache: SlideCache | None = None,
+    max_bytes: int | None = None,
 ) -> bytes:
     """The bytes of an image file (a gs:// one staged into `cache`).
 
     Raises:
         FileNotFoundError: no such file.
-        InvalidImage: a folder, or an empty file.
+        InvalidImage: a folder, an empty file, or one over `max_bytes` (`too_large`).
         ValueError: a gs:// URI with no `cache`, an unsupported scheme.
     """
     path = local_path(uri, cache=cache, base_dir=base_dir)
@@ -46,6 +56,13 @@ def read_file(
         raise FileNotFoundError(f"image not found: {uri}")
     if path.is_dir():
         raise InvalidImage(f"{uri}: is a directory, not an image file")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise InvalidImage(
+            f"{uri}: {size} bytes, more than an image of image.max_pixels can take "
+            f"({max_bytes} bytes)",
+            status="too_large",
+        )
     data = path.read_bytes()
     if not data:
         raise InvalidImage(f"{uri}: empty file (0 bytes)")
@@ -78,7 +95,9 @@ class ImageReader:
             FileNotFoundError, InvalidImage, ValueError: see `read_file` and `load_image`.
         """
         uri = image.uri if isinstance(image, ImageEntry) else image
-        data = read_file(uri, base_dir=self.base_dir, cache=self.cache)
+        data = read_file(
+            uri, base_dir=self.base_dir, cache=self.cache, max_bytes=max_file_bytes(self.params)
+        )
         return load_image(data, uri, self.params)
 
 
