@@ -13,7 +13,7 @@ from efcm.models.students import build_vfd
 from efcm.slides.batch import patch_manifest
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
-from efcm.training.strategies import augment, train_etc_fold
+from efcm.training.strategies import augment, augment_draws, train_etc_fold
 from tests.conftest import tiny_params_dict
 
 
@@ -34,6 +34,20 @@ def test_augment_keeps_shape_and_changes_pixels():
     x = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
     y = augment(x, np.random.default_rng(1), 0.05)
     assert y.shape == x.shape and y.dtype == np.uint8 and not np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.05])
+def test_a_rank_that_skips_a_bag_draws_its_augmentation_and_stays_in_step(jitter):
+    """Under DDP a rank leaves other ranks' bags out; drawing their augmentation without the
+    pixels leaves its stream where a single process's is, so its own bags get the same flips."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8) for n in (5, 7))
+    one = np.random.default_rng(3)
+    augment(a, one, jitter)
+    expected = augment(b, one, jitter)
+    skipping = np.random.default_rng(3)
+    augment_draws(skipping, len(a), jitter)
+    np.testing.assert_array_equal(augment(b, skipping, jitter), expected)
 
 
 def test_etc_one_step_updates_only_the_unfrozen_student_layers(tiny_dataset, tmp_path):
