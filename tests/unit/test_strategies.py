@@ -50,6 +50,35 @@ def test_a_rank_that_skips_a_bag_draws_its_augmentation_and_stays_in_step(jitter
     np.testing.assert_array_equal(augment(b, skipping, jitter), expected)
 
 
+def test_only_etc_runs_on_several_processes_with_an_accumulate_they_divide():
+    from efcm.stages import check_strategy_processes
+
+    raw = tiny_params_dict()
+    raw["mil"]["etc"]["accumulate"] = 4
+    params = params_from_dict(raw)
+    check_strategy_processes("etc", params, 2)
+    check_strategy_processes("reuse", params, 1)
+    with pytest.raises(ConfigError, match="'retrain' runs as one process"):
+        check_strategy_processes("retrain", params, 2)
+    with pytest.raises(ConfigError, match=r"mil\.etc\.accumulate 4 does not divide by the 3"):
+        check_strategy_processes("etc", params, 3)
+
+
+def test_strategy_cli_refuses_several_processes_before_launching(
+    tmp_path, capsys, tiny_params_file
+):
+    """`efcm strategy --nproc-per-node N` exits 2 naming the problem, and starts nothing."""
+    from efcm.cli import main
+
+    argv = ["--manifest", "m.csv", "--splits", "s.json", "--out", str(tmp_path / "o")]
+    argv += ["--params", str(tiny_params_file), "--nproc-per-node", "2"]
+    assert main(["strategy", "retrain", *argv]) == 2
+    assert "'retrain' runs as one process" in capsys.readouterr().err
+    assert main(["strategy", "etc", *argv]) == 2  # the tiny params' accumulate is 1
+    assert "mil.etc.accumulate 1 does not divide by the 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_etc_one_step_updates_only_the_unfrozen_student_layers(tiny_dataset, tmp_path):
     """One ETC epoch on a 2-slide dataset: late stages and the projection change, the stem, the
     first stages and every BatchNorm statistic do not."""

@@ -37,6 +37,7 @@ import copy
 import json
 import logging
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,11 @@ from efcm.training.distributed import World, check_world, rank_bounds, sum_gradi
 from efcm.training.mil import FeatureBags, load_bags, predict_slides, train_fold, train_mil
 
 log = logging.getLogger(__name__)
+
+#: How long ETC's ranks wait in a collective for the others (torch's default is 10 minutes for
+#: NCCL): ranks above 0 wait there while rank 0 alone trains each fold's IB head and CLAM, which
+#: takes hours on a cohort of 10,000 slides.
+ETC_COLLECTIVE_TIMEOUT = timedelta(hours=12)
 
 
 def reuse(
