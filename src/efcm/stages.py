@@ -295,6 +295,16 @@ def plan_strategies(params: Params) -> tuple[list[str], dict[str, str]]:
     return registry.resolve(params.distill.method, params.mil.strategies)
 
 
+#: The strategies that run as several processes (one per GPU of their pod).
+DISTRIBUTED_STRATEGIES = ("etc",)
+
+
+def strategy_processes(name: str, gpus: int) -> int:
+    """The processes strategy `name` runs as in a pod with `gpus` GPUs: one per GPU for those
+    of `DISTRIBUTED_STRATEGIES`, one for the others (one KFP task spec serves every strategy)."""
+    return gpus if name in DISTRIBUTED_STRATEGIES else 1
+
+
 def check_strategy_processes(name: str, params: Params, processes: int) -> None:
     """A strategy may run as `processes` processes: one, or ETC with `mil.etc.accumulate` (the
     bags of an optimiser step, shared by the processes) a multiple of them.
@@ -305,9 +315,10 @@ def check_strategy_processes(name: str, params: Params, processes: int) -> None:
     """
     if processes == 1:
         return
-    if name != "etc":
+    if name not in DISTRIBUTED_STRATEGIES:
         raise ConfigError(
-            f"strategy {name!r} runs as one process; only 'etc' runs on several ({processes} asked)"
+            f"strategy {name!r} runs as one process; only {list(DISTRIBUTED_STRATEGIES)} run on "
+            f"several ({processes} asked)"
         )
     from efcm.training.launch import check_world
 
