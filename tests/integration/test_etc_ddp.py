@@ -67,7 +67,16 @@ def runs(tiny_dataset, demo_run, tmp_path_factory) -> dict:
         f.stem: h5py.File(f)["features"].shape[0]
         for f in (demo_run["extract_teacher"] / "features").glob("*.h5")
     }
+    inputs = {
+        "manifest": tiny_dataset,
+        "splits_path": demo_run["splits"],
+        "patches": demo_run["patch"],
+        "teacher_features": demo_run["extract_teacher"],
+        "student": demo_run["distill"],
+    }
     return {
+        "params": root / "params.yaml",
+        "inputs": inputs,
         "out": out,
         "log": logs,
         "splits": json.loads(demo_run["splits"].read_text()),
@@ -150,3 +159,24 @@ def test_two_processes_agree_with_one_within_tolerance(runs):
     assert s1["feature_dim"] == s2["feature_dim"]
     for a, b in zip(s1["folds"], s2["folds"], strict=True):
         assert b["best_val_loss"] == pytest.approx(a["best_val_loss"], abs=PROB_TOL)
+
+
+def test_the_stage_runs_etc_as_several_processes_for_a_pod_with_several_gpus(runs, tmp_path):
+    """efcm.stages.strategy(processes=2), what the KFP strategy step calls with
+    pipeline.etc_gpus: 2: torchrun with 2 processes, its params written beside the outputs, the
+    same run as `efcm strategy etc --nproc-per-node 2`."""
+    from efcm import stages
+    from efcm.config import for_stage, load_params
+
+    params = for_stage(load_params(runs["params"]), "strategy")
+    inputs = dict(runs["inputs"])
+    manifest, splits = inputs.pop("manifest"), inputs.pop("splits_path")
+    out = tmp_path / "etc"
+    summary = stages.strategy("etc", manifest, splits, out, params, processes=2, **inputs)
+    assert summary["strategy"] == "etc"
+    assert [f["etc"]["world"] for f in summary["folds"]] == [2, 2]
+    assert load_params(out / "strategy-params.yaml").mil == params.mil
+    p_cli, p_stage = (pd.read_csv(o / "predictions.csv") for o in (runs["out"][2], out))
+    assert list(p_cli["slide_id"]) == list(p_stage["slide_id"])
+    probs = [c for c in p_cli.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(p_stage[probs], p_cli[probs], rtol=0, atol=1e-6)

@@ -179,10 +179,19 @@ def train_etc_fold(
     `world` of several ranks, rank r trains on its consecutive part of them and the gradients are
     summed over the ranks before the step (see the module docstring). `history`, when given, gets
     per epoch the slides each rank trained on: {"epoch", "ranks": [[slide_id, ...], ...]}.
+
+    Raises:
+        ConfigError: mil.etc.accumulate does not divide by the world's size, or a fold has fewer
+            training slides than processes.
     """
     cfg: EtcParams = params.mil.etc
     world = world or World()
     check_world(cfg.accumulate, world.size, "mil.etc.accumulate")
+    if len(train) < world.size:  # a rank without any bag would never take a step's scale
+        raise ConfigError(
+            f"ETC: {len(train)} training slide(s) in a fold cannot be shared by {world.size} "
+            "processes (at least one each)"
+        )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     trainable = freeze_stages(student, cfg.freeze_stages)
@@ -273,9 +282,9 @@ def etc(
     `cache`. Under torchrun every rank calls it; rank 0 returns the summary, the others {}.
 
     Raises:
-        ConfigError: mil.etc.accumulate does not divide by the number of processes.
+        ConfigError: mil.etc.accumulate does not divide by the number of processes, or a fold
+            has fewer training slides than processes.
     """
-
     patches_dir, out = Path(patches_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = World.current()
