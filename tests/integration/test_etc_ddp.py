@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from efcm.models.clam import load_clam
@@ -180,3 +181,36 @@ def test_the_stage_runs_etc_as_several_processes_for_a_pod_with_several_gpus(run
     assert list(p_cli["slide_id"]) == list(p_stage["slide_id"])
     probs = [c for c in p_cli.columns if c.startswith("prob_")]
     np.testing.assert_allclose(p_stage[probs], p_cli[probs], rtol=0, atol=1e-6)
+
+
+def _sum_gradients_worker(rank: int, store: str, out: str) -> None:
+    """One of 2 gloo ranks: rank 0 has a gradient for `a` only, rank 1 for `a` and `b`, neither
+    for `c`; writes what `sum_gradients` left in each."""
+    import torch.distributed as tdist
+
+    from efcm.training.distributed import World, sum_gradients
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 2, 4))
+        a.grad = torch.full((3,), float(rank + 1))
+        if rank == 1:
+            b.grad = torch.tensor([5.0, -1.0])
+        sum_gradients([a, b, c], World.current())
+        torch.save([None if t.grad is None else t.grad for t in (a, b, c)], f"{out}/{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_summed_gradients_count_a_missing_one_as_zero_and_keep_one_missing_everywhere(tmp_path):
+    """ETC's all-reduce over 2 real gloo processes: the sum of the ranks' gradients, a rank
+    without one (a parameter it left unused) adding zero, and a parameter no rank used left
+    without a gradient, so the optimiser skips it as one process would."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sum_gradients_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        a, b, c = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(a, torch.full((3,), 3.0))
+        assert torch.equal(b, torch.tensor([5.0, -1.0]))
+        assert c is None
