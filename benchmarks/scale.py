@@ -100,8 +100,9 @@ class Assumptions:
     etc_epochs: int = 2  # mil.etc.epochs
     folds: int = 3  # train_mil.folds: ETC fine-tunes and re-extracts once per fold
     mil_val_fraction: float = 0.25  # train_mil.val_fraction (ETC trains on the rest of a fold)
-    etc_gpus: int = 1  # strategies.etc runs in one process on one device
-    etc_loader: str = "serial"  # it reads pixels in that process (no DataLoader): serial
+    etc_gpus: int = 8  # pipeline.etc_gpus: ETC's DDP processes in one pod, one per GPU
+    etc_loader: str = "serial"  # each reads its pixels in its own process (no DataLoader): serial
+    bag_cache_gb: float = 0.268  # efcm.training.mil.BAG_CACHE_BYTES (256 MiB): bags held at once
     slide_gb: float = 1.0  # a 20x/40x H&E whole-slide image (TCGA SVS: ~0.2-3 GB)
     stage_gb_per_s: float = 1.0  # one node reading slides from gs:// into its local disk
 
@@ -233,6 +234,8 @@ def cohort_phases(a: Assumptions, r: CpuRates, path: str) -> dict[str, dict[str,
             a.etc_gpus,
             etc_cores,
             overlap=etc_overlap,
+            # one gradient all-reduce per optimiser step across the ranks
+            efficiency=a.ddp_efficiency if a.etc_gpus > 1 else 1.0,
         ),
         "etc_reextract": phase(
             a.folds * n, 1 / a.student_img_s, seq, a.etc_gpus, etc_cores, overlap=etc_overlap
@@ -246,7 +249,8 @@ def cohort_phases(a: Assumptions, r: CpuRates, path: str) -> dict[str, dict[str,
 
 def cohort_storage(a: Assumptions, store_bytes_per_patch: float) -> dict[str, float]:
     """Terabytes (1e12 bytes) on the pipeline root: the slides, the store, the features (teacher,
-    student; ETC's re-extracted features stay in memory and are not stored)."""
+    student). ETC's re-extracted features are not kept: each fold's are written to the ETC pod's
+    disk and removed once its CLAM is trained (`etc_scratch_tb`, beside this)."""
     if store_bytes_per_patch <= 0:
         raise ValueError(
             f"scale model: store bytes per patch must be > 0, got {store_bytes_per_patch}"
@@ -274,8 +278,10 @@ def cohort_model(a: Assumptions, r: CpuRates, store_bytes_per_patch: float) -> d
         }
 
     store, slides = cohort_phases(a, r, "store"), cohort_phases(a, r, "slides")
-    sharded = replace(a, etc_gpus=a.gpus, etc_loader="workers")
-    store_sharded = cohort_phases(sharded, r, "store")
+    # what ETC would gain beyond this: DataLoader workers reading its pixels beside the GPUs
+    store_workers = cohort_phases(replace(a, etc_loader="workers"), r, "store")
+    value = 2 if a.float16 else 4
+    one_bag_gb = a.patches_per_slide * max(a.teacher_dim, a.student_dim) * value / 1e9
     te_alone = phase(
         a.patches, 1 / a.teacher_img_s, 1 / r.slide_seq_read, a.gpus, a.loader_cores(a.gpus)
     )
@@ -287,14 +293,17 @@ def cohort_model(a: Assumptions, r: CpuRates, store_bytes_per_patch: float) -> d
         "loader_cores": a.loader_cores(a.gpus),
         "store": rounded(store),
         "slides": rounded(slides),
-        "store_with_etc_sharded": rounded(store_sharded),
+        "store_with_etc_loader_workers": rounded(store_workers),
         "teacher_extract_overhead_ratio": round(
             store["teacher_extract"]["hours"] / te_alone["hours"], 3
         ),
         "distill_slides_over_store": round(
             slides["distill"]["hours"] / store["distill"]["hours"], 2
         ),
-        "etc_peak_ram_gb": round(a.patches * (a.teacher_dim + a.student_dim) * 4 / 1e9, 1),
+        # the teacher bags and a fold's re-extracted bags, each read on access through an LRU
+        # (`efcm.training.mil.FeatureBags`), instead of the cohort's bags in RAM
+        "etc_bags_ram_gb": round(2 * (a.bag_cache_gb + one_bag_gb), 2),
+        "etc_scratch_tb": round(a.patches * a.student_dim * 4 / 1e12, 3),
         "storage": {k: round(v, 3) for k, v in cohort_storage(a, store_bytes_per_patch).items()},
     }
 

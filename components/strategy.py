@@ -36,10 +36,12 @@ def strategy(
     store: dict,
     strategy: Output[Model],
     roc: Output[ClassificationMetrics],
+    gpus: int = 1,
 ):
     """Strategy `name`'s fold models, out-of-fold `predictions.csv`, `attention.h5` and
     `summary.json` in `strategy` (the entry reads only the inputs it names); its out-of-fold ROC
-    (the last class against the rest) and confusion matrix in `roc`, for the UI."""
+    (the last class against the rest) and confusion matrix in `roc`, for the UI. With `gpus` > 1
+    (the pod's GPUs), ETC runs as that many DDP processes under torchrun; the others as one."""
     import json
     from pathlib import Path
 
@@ -71,6 +73,7 @@ def strategy(
         teacher_mil=teacher_mil.path,
         student=student_model.path,
         student_features=student_features.path,
+        processes=stages.strategy_processes(name, gpus),
         cache=SlideCache.from_env(),
     )
     strategy.metadata.update({"strategy": name, "skipped": bool(summary.get("skipped"))})

@@ -6,8 +6,8 @@
 params.yaml is read through `efcm.config.load_params` (so it is validated) and each section the
 pipeline takes becomes that parameter's default, as do `seed` and the `pipeline` section's
 shard_size, gpu_accelerator_type and gpu_node_selector. `pipeline.parallelism` (or
-`--parallelism`), `pipeline.distill_gpus` and `pipeline.distill_nodes` are written into the
-compiled pipeline. No environment variable is read;
+`--parallelism`), `pipeline.distill_gpus`, `pipeline.distill_nodes` and `pipeline.etc_gpus` are
+written into the compiled pipeline. No environment variable is read;
 the same inputs give the same bytes (a test checks the committed `pipelines/efcm_pipeline.yaml`).
 """
 
@@ -78,6 +78,7 @@ def compile_pipeline(
             params.pipeline.parallelism if parallelism is None else parallelism,
             distill_gpus=params.pipeline.distill_gpus,
             distill_nodes=params.pipeline.distill_nodes,
+            etc_gpus=params.pipeline.etc_gpus,
         ),
         str(out),
         pipeline_parameters=pipeline_arguments(params),

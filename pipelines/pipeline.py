@@ -262,6 +262,17 @@ class Distill:
     nodes: int = 1
 
 
+def _per_gpu(task: dsl.PipelineTask, stage: str, gpus: int) -> dsl.PipelineTask:
+    """A pod of `gpus` GPUs (torchrun, one process per GPU): the accelerator limit, and the
+    stage's CPU and memory requests (`RESOURCES`, per GPU) times `gpus`."""
+    if gpus > 1:
+        res = RESOURCES[stage]
+        task.set_accelerator_limit(gpus)
+        task.set_cpu_request(str(int(res.cpu) * gpus))
+        task.set_memory_request(f"{int(res.memory[:-2]) * gpus}Gi")
+    return task
+
+
 def _distil_student(
     run: _Schedule,
     p: _Inputs,
@@ -301,11 +312,7 @@ def _distil_student(
         )
     else:
         task = run(c.distill(**inputs, gpus=distill.gpus), "distill")
-        if distill.gpus > 1:  # one pod, torchrun with one process per GPU
-            res = RESOURCES["distill"]
-            task.set_accelerator_limit(distill.gpus)
-            task.set_cpu_request(str(int(res.cpu) * distill.gpus))
-            task.set_memory_request(f"{int(res.memory[:-2]) * distill.gpus}Gi")
+        _per_gpu(task, "distill", distill.gpus)  # one pod, torchrun with one process per GPU
     student_model = task.outputs["student_model"]
     with dsl.ParallelFor(shards, parallelism=parallelism, name="student-shards") as shard:
         shard_extract = run(
@@ -359,8 +366,10 @@ def _train_teacher_mil(
     return folds, teacher_mil
 
 
-def _compare_strategies(run: _Schedule, p: _Inputs, data: _Data) -> dsl.PipelineTask:
-    """plan_strategies -> ParallelFor strategy: the task run once per strategy."""
+def _compare_strategies(run: _Schedule, p: _Inputs, data: _Data, etc_gpus: int) -> dsl.PipelineTask:
+    """plan_strategies -> ParallelFor strategy: the task run once per strategy, each pod with
+    `etc_gpus` GPUs (one task spec serves every strategy: ETC runs one process per GPU, Reuse and
+    Retrain one process)."""
     # one task per strategy this run compares (efcm.registry: `mil.strategies`, `auto` resolved
     # against `distill.method` at run time), each with every input: an entry reads only those it
     # names
@@ -368,26 +377,31 @@ def _compare_strategies(run: _Schedule, p: _Inputs, data: _Data) -> dsl.Pipeline
     with dsl.ParallelFor(
         planned.output, parallelism=len(registry.STRATEGIES), name="strategies"
     ) as name:
-        return run(
-            c.strategy(
-                name=name,
-                manifest=data.manifest,
-                splits=data.folds,
-                patches=data.patches,
-                teacher_features=data.teacher_features,
-                teacher_mil=data.teacher_mil,
-                student_model=data.student_model,
-                student_features=data.student_features,
-                seed=p.seed,
-                dataset=p.dataset,
-                distill=p.distill,
-                train_mil=p.train_mil,
-                ib=p.ib,
-                mil=p.mil,
-                extract=p.extract,
-                store=p.store,
+        return _per_gpu(
+            run(
+                c.strategy(
+                    name=name,
+                    manifest=data.manifest,
+                    splits=data.folds,
+                    patches=data.patches,
+                    teacher_features=data.teacher_features,
+                    teacher_mil=data.teacher_mil,
+                    student_model=data.student_model,
+                    student_features=data.student_features,
+                    seed=p.seed,
+                    dataset=p.dataset,
+                    distill=p.distill,
+                    train_mil=p.train_mil,
+                    ib=p.ib,
+                    mil=p.mil,
+                    extract=p.extract,
+                    store=p.store,
+                    gpus=etc_gpus,
+                ),
+                "strategy",
             ),
             "strategy",
+            etc_gpus,
         )
 
 
@@ -484,9 +498,11 @@ def build_pipeline(
     *,
     distill_gpus: int = 1,
     distill_nodes: int = 1,
+    etc_gpus: int = 1,
 ) -> graph_component.GraphComponent:
     """The pipeline, every component running `image`, `parallelism` shards at a time, the
-    distillation on `distill_gpus` GPUs per node on `distill_nodes` nodes.
+    distillation on `distill_gpus` GPUs per node on `distill_nodes` nodes, each strategy pod with
+    `etc_gpus` GPUs (ETC's processes).
 
     The graph is traced when it is built, so the image is set on each task here (components keep
     the `IMAGE` they were declared with).
@@ -495,6 +511,7 @@ def build_pipeline(
         ("parallelism", parallelism),
         ("distill_gpus", distill_gpus),
         ("distill_nodes", distill_nodes),
+        ("etc_gpus", etc_gpus),
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -576,7 +593,7 @@ def build_pipeline(
         data = _Data(
             manifest, patches, teacher_features, student_model, student_features, folds, teacher_mil
         )
-        outcome = _compare_strategies(run, p, data)
+        outcome = _compare_strategies(run, p, data, etc_gpus)
         evaluation, package = _evaluate_and_export(run, p, data, outcome)
         _gate_report_and_deploy(run, p, data, outcome, evaluation, package)
 

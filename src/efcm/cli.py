@@ -13,13 +13,18 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from efcm import registry, stages
 from efcm.config import DEMO_KINDS, ConfigError, Params, for_stage, load_params
 from efcm.errors import EfcmError
 from efcm.io.cache import SlideCache
 from efcm.limits import RUNTIME_CHOICES
+
+if TYPE_CHECKING:
+    from efcm.training.launch import Launch
 
 log = logging.getLogger("efcm")
 
@@ -95,6 +100,25 @@ def cmd_extract(args: argparse.Namespace) -> None:
     )
 
 
+def _under_torchrun(
+    args: argparse.Namespace, check: Callable[[int], object]
+) -> tuple[Launch | None, int | None]:
+    """(this process's torchrun launch or None, the exit status of a relaunch or None). A plain
+    process with --nproc-per-node N > 1 calls `check(N)` (to fail before launching), then runs
+    this command again under torchrun with N processes and returns its exit status; under
+    torchrun, ranks above 0 log warnings only (one copy of the log: rank 0's)."""
+    from efcm.training.launch import Launch, torchrun
+
+    launch = Launch.from_torchrun(os.environ)
+    if launch is None and args.nproc_per_node > 1:
+        check(args.nproc_per_node)
+        log.info("%s: launching %d processes", args.command, args.nproc_per_node)
+        return None, torchrun(args.argv, args.nproc_per_node)
+    if launch is not None and launch.rank > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return launch, None
+
+
 def cmd_distill(args: argparse.Namespace) -> int | None:
     """Under torchrun, every process runs the stage inside the process group (DDP); a plain
     process with --nproc-per-node N > 1 relaunches this command under torchrun. The params,
@@ -102,7 +126,7 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
     --out (a TrainJob's pods see no local artifacts): rank 0 uploads it when the stage ends,
     also after a failure, so that a rerun resumes from its checkpoint."""
     from efcm.io.transfer import local_inputs, local_output
-    from efcm.training.launch import Launch, check_world, torchrun
+    from efcm.training.launch import check_world
 
     cache = _cache()
     staged = local_inputs(
@@ -115,13 +139,9 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
         cache,
     )
     params = for_stage(load_params(staged["params"]), "distill")
-    launch = Launch.from_torchrun(os.environ)
-    if launch is None and args.nproc_per_node > 1:
-        check_world(params.distill.batch_size, args.nproc_per_node)  # fail before launching
-        log.info("distill: launching %d processes", args.nproc_per_node)
-        return torchrun(args.argv, args.nproc_per_node)
-    if launch is not None and launch.rank > 0:  # one copy of the log: rank 0's
-        logging.getLogger().setLevel(logging.WARNING)
+    launch, status = _under_torchrun(args, lambda n: check_world(params.distill.batch_size, n))
+    if status is not None:
+        return status
     from efcm.training.distributed import process_group
 
     rank = launch.rank if launch is not None else 0
@@ -146,16 +166,29 @@ def cmd_train_mil(args: argparse.Namespace) -> None:
     stages.train_mil(args.manifest, args.features, args.splits, args.out, _params(args))
 
 
-def cmd_strategy(args: argparse.Namespace) -> None:
-    stages.strategy(
-        args.name,
-        args.manifest,
-        args.splits,
-        args.out,
-        _params(args),
-        cache=_cache(),
-        **{k: getattr(args, k) for k in registry.INPUTS},
+def cmd_strategy(args: argparse.Namespace) -> int | None:
+    """ETC may run as several processes: under torchrun, or relaunched there by
+    --nproc-per-node N > 1 (see `_under_torchrun`)."""
+    params = _params(args)
+    launch, status = _under_torchrun(
+        args, lambda n: stages.check_strategy_processes(args.name, params, n)
     )
+    if status is not None:
+        return status
+    from efcm.training.distributed import process_group
+    from efcm.training.strategies import ETC_COLLECTIVE_TIMEOUT
+
+    with process_group(launch, ETC_COLLECTIVE_TIMEOUT):
+        stages.strategy(
+            args.name,
+            args.manifest,
+            args.splits,
+            args.out,
+            params,
+            cache=_cache(),
+            **{k: getattr(args, k) for k in registry.INPUTS},
+        )
+    return None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -358,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-mil", help="train-mil output dir of the teacher")
     p.add_argument("--student", help="the distilled student (distill output dir or checkpoint)")
     p.add_argument("--student-features", help="output dir of `efcm extract --encoder student`")
+    p.add_argument(
+        "--nproc-per-node",
+        type=_processes,
+        default=1,
+        metavar="N",
+        help="etc only: N > 1 launches torchrun --standalone with N processes on this node (one "
+        "per GPU, or gloo on the CPU) running this command; mil.etc.accumulate must divide by N "
+        "(1; ignored under torchrun)",
+    )
 
     p = add("evaluate", cmd_evaluate, "teacher vs every strategy: metrics with patient-level CIs, "
             "paired deltas, ROC points, efficiency")  # fmt: skip

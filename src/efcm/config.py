@@ -508,6 +508,12 @@ class PipelineParams(_Section):
         description="> 1: distill as a Kubeflow Trainer TrainJob on that many GPU nodes (compile "
         "time)",
     )
+    etc_gpus: int = Field(
+        1,
+        ge=1,
+        description="GPUs of each strategy pod: ETC runs one DDP process each (mil.etc.accumulate "
+        "must divide by it), Reuse and Retrain one process (compile time)",
+    )
     gpu_accelerator_type: str = Field("nvidia.com/gpu", min_length=1)
     gpu_node_selector: dict[str, str] = Field(
         default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-l4"}
@@ -530,6 +536,12 @@ class Params(_Section):
                     f"run compares {run} (mil.strategies {_show(self.mil.strategies)}, "
                     f"distill.method {self.distill.method!r})"
                 )
+        if {"mil", "pipeline"} <= given and self.mil.etc.accumulate % self.pipeline.etc_gpus:
+            raise ValueError(
+                f"mil.etc.accumulate {self.mil.etc.accumulate} does not divide by "
+                f"pipeline.etc_gpus {self.pipeline.etc_gpus}: the ETC processes share each "
+                "optimiser step's bags equally"
+            )
         return self
 
     seed: int = 0

@@ -237,6 +237,27 @@ def gather(
     return check_batch(merge_outputs(shards, out_dir), what, fail_on)
 
 
+def _torchrun(argv: list[str], out_dir: str | Path, params: Params, processes: int) -> None:
+    """`efcm <argv>` as `processes` processes under torchrun (a pod with that many GPUs), with
+    `params` written to out_dir/<command>-params.yaml.
+
+    Raises:
+        EfcmError: a process failed.
+    """
+    import yaml
+
+    from efcm.config import params_to_dict
+    from efcm.errors import EfcmError
+    from efcm.training.launch import torchrun
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params_file = out / f"{argv[0]}-params.yaml"
+    params_file.write_text(yaml.safe_dump(params_to_dict(params), sort_keys=False))
+    if torchrun([*argv, "--params", str(params_file)], processes) != 0:
+        raise EfcmError(f"{argv[0]}: the {processes} processes under torchrun failed (see the log)")
+
+
 def distill(
     manifest: str | Path,
     patches_dir: str | Path,
@@ -252,22 +273,13 @@ def distill(
     torchrun (`efcm distill --nproc-per-node`), its params written to out_dir/distill-params.yaml;
     returns the metrics (metrics.json)."""
     if processes > 1:
-        import yaml
-
-        from efcm.config import params_to_dict
-        from efcm.errors import EfcmError
-        from efcm.training.launch import check_world, torchrun
+        from efcm.training.launch import check_world
 
         check_world(params.distill.batch_size, processes)  # fail before launching
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        params_file = out / "distill-params.yaml"
-        params_file.write_text(yaml.safe_dump(params_to_dict(params), sort_keys=False))
         argv = ["distill", "--manifest", str(manifest), "--patches", str(patches_dir)]
-        argv += ["--teacher-features", str(teacher_dir), "--out", str(out)]
-        if torchrun([*argv, "--params", str(params_file)], processes) != 0:
-            raise EfcmError(f"distill: the {processes} processes under torchrun failed (see log)")
-        return json.loads((out / "metrics.json").read_text())
+        argv += ["--teacher-features", str(teacher_dir), "--out", str(out_dir)]
+        _torchrun(argv, out_dir, params, processes)
+        return json.loads((Path(out_dir) / "metrics.json").read_text())
     from efcm.training.distill import distill as run
 
     return run(
@@ -326,6 +338,36 @@ def plan_strategies(params: Params) -> tuple[list[str], dict[str, str]]:
     return registry.resolve(params.distill.method, params.mil.strategies)
 
 
+#: The strategies that run as several processes (one per GPU of their pod).
+DISTRIBUTED_STRATEGIES = ("etc",)
+
+
+def strategy_processes(name: str, gpus: int) -> int:
+    """The processes strategy `name` runs as in a pod with `gpus` GPUs: one per GPU for those
+    of `DISTRIBUTED_STRATEGIES`, one for the others (one KFP task spec serves every strategy)."""
+    return gpus if name in DISTRIBUTED_STRATEGIES else 1
+
+
+def check_strategy_processes(name: str, params: Params, processes: int) -> None:
+    """A strategy may run as `processes` processes: one, or ETC with `mil.etc.accumulate` (the
+    bags of an optimiser step, shared by the processes) a multiple of them.
+
+    Raises:
+        ConfigError: another strategy on several processes, or an accumulate that does not
+            divide.
+    """
+    if processes == 1:
+        return
+    if name not in DISTRIBUTED_STRATEGIES:
+        raise ConfigError(
+            f"strategy {name!r} runs as one process; only {list(DISTRIBUTED_STRATEGIES)} run on "
+            f"several ({processes} asked)"
+        )
+    from efcm.training.launch import check_world
+
+    check_world(params.mil.etc.accumulate, processes, "mil.etc.accumulate")
+
+
 def strategy(
     name: str,
     manifest: str | Path,
@@ -333,6 +375,7 @@ def strategy(
     out_dir: str | Path,
     params: Params,
     *,
+    processes: int = 1,
     cache: SlideCache | None = None,
     **inputs: str | Path | None,
 ) -> dict[str, Any]:
@@ -340,24 +383,38 @@ def strategy(
     inputs its entry names (`patches`, `teacher_features`, `teacher_mil`, `student` (a checkpoint
     or the distill output dir), `student_features`); gs:// slides are staged into `cache`. A
     strategy this run does not compare writes only a summary saying so (`skipped`, with the
-    reason), which evaluation leaves out."""
+    reason), which evaluation leaves out. With `processes` > 1 (ETC only, a pod with that many
+    GPUs), the stage runs as that many processes under torchrun (`efcm strategy etc
+    --nproc-per-node`), its params written to out_dir/strategy-params.yaml; under torchrun, rank
+    0 alone writes the summary."""
+    from efcm.io.files import save_json
+    from efcm.training.distributed import World
+
     entry = registry.get(name)
     run, left_out = plan_strategies(params)
+    world = World.current()
     if name not in run:
-        from efcm.io.files import save_json
-
         summary = {"strategy": name, "skipped": True, "reason": left_out[name]}
-        save_json(Path(out_dir) / "summary.json", summary)
+        if world.main:
+            save_json(Path(out_dir) / "summary.json", summary)
         log.info("strategy %s: skipped (%s)", name, summary["reason"])
         return summary
+    check_strategy_processes(name, params, max(processes, world.size))  # fail before launching
+    if processes > 1:
+        argv = ["strategy", name, "--manifest", str(manifest), "--splits", str(splits_path)]
+        argv += ["--out", str(out_dir)]
+        for key, value in inputs.items():
+            if value:
+                argv += [f"--{key.replace('_', '-')}", str(value)]
+        _torchrun(argv, out_dir, params, processes)
+        return json.loads((Path(out_dir) / "summary.json").read_text())
     if inputs.get("student"):
         inputs["student"] = student_checkpoint(inputs["student"])
     given = registry.StrategyInputs.of(manifest, splits_path, **inputs)
     given.require(entry)
-    from efcm.io.files import save_json
-
     summary = {**entry.run()(given, out_dir, params, cache=cache), "strategy": name}
-    save_json(Path(out_dir) / "summary.json", summary)
+    if world.main:
+        save_json(Path(out_dir) / "summary.json", summary)
     return summary
 
 

@@ -10,7 +10,7 @@ from efcm.config import TrainMilParams
 from efcm.evaluation.metrics import classification_metrics, roc_points
 from efcm.io.manifest import Manifest, SlideEntry
 from efcm.models.clam import CLAMSB
-from efcm.training.mil import make_splits, train_fold
+from efcm.training.mil import FeatureBags, make_splits, train_fold
 
 
 def test_attention_sums_to_one_and_shapes():
@@ -35,6 +35,52 @@ def test_bad_bags_are_errors_naming_the_shape():
         m(torch.randn(5, 15))
     with pytest.raises(ValueError, match="empty bag"):
         m(torch.zeros(0, 16))
+
+
+def _write_bags(root, sizes, dim=8, seed=0):
+    from efcm.features import write_features
+
+    rng = np.random.default_rng(seed)
+    bags = {}
+    for i, n in enumerate(sizes):
+        feats = rng.standard_normal((n, dim)).astype(np.float32)
+        coords = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+        write_features(root / "features" / f"s{i}.h5", feats, coords, {"slide_id": f"s{i}"})
+        bags[f"s{i}"] = (feats, coords)
+    return bags
+
+
+def test_feature_bags_read_on_access_and_keep_a_bounded_lru(tmp_path):
+    written = _write_bags(tmp_path, [100, 100, 100, 100])
+    per_bag = 100 * 8 * 4 + 100 * 2 * 8  # features + coords bytes
+    bags = FeatureBags(tmp_path, sorted(written), cache_bytes=2 * per_bag)
+    assert len(bags) == 4 and list(bags) == sorted(written) and bags.dim == 8
+    assert bags.resident == []  # construction reads headers only
+    for sid, (feats, coords) in written.items():
+        assert torch.equal(bags[sid], torch.from_numpy(feats))
+        np.testing.assert_array_equal(bags.coords(sid), coords)
+        assert len(bags.resident) <= 2 and bags.resident[-1] == sid
+    assert bags.resident == ["s2", "s3"]
+    bags["s2"]  # a hit moves it to the end
+    assert bags.resident == ["s3", "s2"]
+    # an evicted bag is read from its file again
+    _write_bags(tmp_path, [100], seed=1)
+    assert not torch.equal(bags["s0"], torch.from_numpy(written["s0"][0]))
+    assert "s0" in bags and "x" not in bags
+    with pytest.raises(KeyError):
+        bags["x"]
+    # a budget smaller than one bag still holds the last one read
+    tiny = FeatureBags(tmp_path, ["s0", "s1"], cache_bytes=1)
+    tiny["s0"], tiny["s1"]
+    assert tiny.resident == ["s1"]
+
+
+def test_feature_bags_refuse_a_missing_file_or_an_empty_bag(tmp_path):
+    _write_bags(tmp_path, [3, 0])
+    with pytest.raises(FileNotFoundError, match="s9: no features file"):
+        FeatureBags(tmp_path, ["s0", "s9"])
+    with pytest.raises(ValueError, match="s1: empty bag"):
+        FeatureBags(tmp_path, ["s0", "s1"])
 
 
 def _manifest(n_cases=9, per_case=2):

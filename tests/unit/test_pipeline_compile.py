@@ -308,3 +308,28 @@ def test_distillation_on_several_gpus_or_nodes_is_a_compile_time_choice(tmp_path
     assert task.inputs.parameters["gpus_per_node"].runtime_value.constant.number_value == 2
     with pytest.raises(ValueError, match="distill_nodes must be >= 1"):
         build_pipeline(distill_nodes=0)
+
+
+def test_etc_on_several_gpus_asks_for_them_in_every_strategy_pod(tmp_path):
+    """pipeline.etc_gpus: one task spec serves every strategy of the ParallelFor, so each
+    strategy pod asks for that many GPUs (and CPUs and memory per GPU); the component runs ETC as
+    that many processes and the others as one (`efcm.stages.strategy_processes`)."""
+    from kfp import compiler
+
+    from efcm.config import params_from_dict
+    from efcm.stages import strategy_processes
+    from pipelines.pipeline import build_pipeline
+
+    path = tmp_path / "p.yaml"
+    compiler.Compiler().compile(build_pipeline(parallelism=2, etc_gpus=4), str(path))
+    spec, _ = _parse(path)
+    ((task, container),) = [(t, c) for stage, _, t, _, c, _ in _tasks(spec) if stage == "strategy"]
+    assert container.resources.accelerator.resource_count == "4"
+    assert container.resources.resource_cpu_request == "24"
+    assert task.inputs.parameters["gpus"].runtime_value.constant.number_value == 4
+    assert [strategy_processes(n, 4) for n in ("reuse", "retrain", "etc")] == [1, 1, 4]
+    with pytest.raises(ValueError, match="etc_gpus must be >= 1"):
+        build_pipeline(etc_gpus=0)
+    with pytest.raises(ValueError, match=r"mil\.etc\.accumulate 2 does not divide by pipeline"):
+        params_from_dict({"mil": {"etc": {"accumulate": 2}}, "pipeline": {"etc_gpus": 4}})
+    params_from_dict({"mil": {"etc": {"accumulate": 8}}, "pipeline": {"etc_gpus": 4}})

@@ -41,8 +41,15 @@ def test_doubling_gpus_and_cpus_halves_the_gpu_bound_phases():
     for name in PARALLEL:
         assert scale.cohort_phases(a, FAST, "store")[name]["bound"] == "gpu"
         assert math.isclose(after[name], before[name] / 2, rel_tol=1e-9), name
-    # ETC runs on one GPU as implemented: more GPUs do not touch it
+    # ETC runs on pipeline.etc_gpus (one pod): more GPUs on the node do not touch it
     assert after["etc_reextract"] == before["etc_reextract"]
+    # ... more ETC processes do: its re-extraction has no all-reduce, its training one a step
+    half = replace(a, etc_gpus=a.etc_gpus // 2)
+    assert hours(half, FAST)["etc_reextract"] == pytest.approx(2 * before["etc_reextract"])
+    assert hours(half, FAST)["etc_train"] == pytest.approx(2 * before["etc_train"])
+    one = replace(a, etc_gpus=1)
+    ratio = hours(one, FAST)["etc_train"] / before["etc_train"]
+    assert ratio == pytest.approx(a.etc_gpus * a.ddp_efficiency)
 
 
 def test_a_cpu_bound_phase_needs_more_cpus_not_more_gpus():
@@ -126,12 +133,15 @@ def test_the_model_prints_every_assumption_and_both_paths():
     out = scale.cohort_model(a, FAST, 15_000.0)
     assert out["assumptions"]["gpus"] == 8 and out["assumptions"]["slides"] == 10_000
     assert out["patches"] == 10_000 * 10_000
-    for path in ("store", "slides", "store_with_etc_sharded"):
+    for path in ("store", "slides", "store_with_etc_loader_workers"):
         phases = out[path]["phases"]
         assert out[path]["total_hours"] == pytest.approx(
             sum(p["hours"] for p in phases.values()), abs=0.05
         )
-    assert out["store_with_etc_sharded"]["total_hours"] < out["store"]["total_hours"]
+    assert out["store_with_etc_loader_workers"]["total_hours"] <= out["store"]["total_hours"]
+    # ETC reads its bags one at a time: well under a GB, not the cohort's features
+    assert out["etc_bags_ram_gb"] < 1
+    assert out["etc_scratch_tb"] == pytest.approx(1e8 * a.student_dim * 4 / 1e12, abs=1e-3)
 
 
 @pytest.mark.parametrize(

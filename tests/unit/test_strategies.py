@@ -13,7 +13,7 @@ from efcm.models.students import build_vfd
 from efcm.slides.batch import patch_manifest
 from efcm.slides.patches import SlidePatches
 from efcm.slides.patching import read_coords
-from efcm.training.strategies import augment, train_etc_fold
+from efcm.training.strategies import augment, augment_draws, train_etc_fold
 from tests.conftest import tiny_params_dict
 
 
@@ -34,6 +34,49 @@ def test_augment_keeps_shape_and_changes_pixels():
     x = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
     y = augment(x, np.random.default_rng(1), 0.05)
     assert y.shape == x.shape and y.dtype == np.uint8 and not np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.05])
+def test_a_rank_that_skips_a_bag_draws_its_augmentation_and_stays_in_step(jitter):
+    """Under DDP a rank leaves other ranks' bags out; drawing their augmentation without the
+    pixels leaves its stream where a single process's is, so its own bags get the same flips."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8) for n in (5, 7))
+    one = np.random.default_rng(3)
+    augment(a, one, jitter)
+    expected = augment(b, one, jitter)
+    skipping = np.random.default_rng(3)
+    augment_draws(skipping, len(a), jitter)
+    np.testing.assert_array_equal(augment(b, skipping, jitter), expected)
+
+
+def test_only_etc_runs_on_several_processes_with_an_accumulate_they_divide():
+    from efcm.stages import check_strategy_processes
+
+    raw = tiny_params_dict()
+    raw["mil"]["etc"]["accumulate"] = 4
+    params = params_from_dict(raw)
+    check_strategy_processes("etc", params, 2)
+    check_strategy_processes("reuse", params, 1)
+    with pytest.raises(ConfigError, match="'retrain' runs as one process"):
+        check_strategy_processes("retrain", params, 2)
+    with pytest.raises(ConfigError, match=r"mil\.etc\.accumulate 4 does not divide by the 3"):
+        check_strategy_processes("etc", params, 3)
+
+
+def test_strategy_cli_refuses_several_processes_before_launching(
+    tmp_path, capsys, tiny_params_file
+):
+    """`efcm strategy --nproc-per-node N` exits 2 naming the problem, and starts nothing."""
+    from efcm.cli import main
+
+    argv = ["--manifest", "m.csv", "--splits", "s.json", "--out", str(tmp_path / "o")]
+    argv += ["--params", str(tiny_params_file), "--nproc-per-node", "2"]
+    assert main(["strategy", "retrain", *argv]) == 2
+    assert "'retrain' runs as one process" in capsys.readouterr().err
+    assert main(["strategy", "etc", *argv]) == 2  # the tiny params' accumulate is 1
+    assert "mil.etc.accumulate 1 does not divide by the 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_etc_one_step_updates_only_the_unfrozen_student_layers(tiny_dataset, tmp_path):

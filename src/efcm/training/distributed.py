@@ -27,6 +27,7 @@ import contextlib
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,6 +49,8 @@ __all__ = [
     "epoch_seed",
     "plan_epoch",
     "process_group",
+    "rank_bounds",
+    "sum_gradients",
 ]
 
 
@@ -93,6 +96,15 @@ class World:
         if self.size > 1:
             tdist.barrier()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (any picklable object), in rank order, on every rank (a
+        collective); [obj] in a world of one."""
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank (any picklable object)."""
         if self.size == 1:
@@ -102,11 +114,42 @@ class World:
         return box[0]
 
 
+def sum_gradients(params: Sequence[torch.nn.Parameter], world: World) -> None:
+    """Sum each parameter's gradient over the ranks, in place, in one all-reduce (a collective).
+
+    Used instead of DistributedDataParallel where ranks may run no backward at all in a step (a
+    short last step) or leave parameters unused (CLAM's instance classifiers of the other
+    classes): a gradient that is None on a rank counts as zero there, and one that is None on
+    every rank stays None, so the optimiser skips that parameter as a single process would.
+    """
+    if world.size == 1 or not params:
+        return
+    has = [p.grad is not None for p in params]
+    flat = torch.cat(
+        [
+            *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params),
+            torch.tensor(has, dtype=params[0].dtype, device=params[0].device),
+        ]
+    )
+    tdist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+    for p, used in zip(params, flat[offset:].tolist(), strict=True):
+        if not used:
+            p.grad = None
+
+
 @contextlib.contextmanager
-def process_group(launch: Launch | None) -> Iterator[World]:
+def process_group(launch: Launch | None, timeout: timedelta | None = None) -> Iterator[World]:
     """The default process group of a torchrun launch, open for the block: NCCL on CUDA (this
     process on the GPU of its LOCAL_RANK), gloo on the CPU; MASTER_ADDR / MASTER_PORT come from
     torchrun's environment (init_method env://). No group for a plain process or a world of one.
+    `timeout`: how long a collective waits for the other ranks (torch's default when None: 10
+    minutes for NCCL, 30 for gloo); a stage where rank 0 works alone for long between collectives
+    (ETC's per-fold CLAM) gives a longer one.
     """
     if launch is None or launch.world == 1:
         yield World()
@@ -119,7 +162,12 @@ def process_group(launch: Launch | None) -> Iterator[World]:
                 f"{torch.cuda.device_count()} (start at most that many processes per node)"
             )
         torch.cuda.set_device(launch.local_rank)
-    tdist.init_process_group("nccl" if cuda else "gloo", rank=launch.rank, world_size=launch.world)
+    tdist.init_process_group(
+        "nccl" if cuda else "gloo",
+        rank=launch.rank,
+        world_size=launch.world,
+        **({"timeout": timeout} if timeout is not None else {}),
+    )
     try:
         yield World.current()
     finally:
@@ -140,6 +188,13 @@ def steps_per_epoch(n_items: int, batch_size: int) -> int:
     return n_items // batch_size if n_items > batch_size else 1
 
 
+def rank_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s rows [start, stop) of `n` consecutive rows cut into `world` near-equal
+    consecutive parts (equal when `world` divides `n`; a rank may get none when n < world)."""
+    cuts = np.floor(np.linspace(0, n, world + 1) + 1e-9).astype(int)
+    return int(cuts[rank]), int(cuts[rank + 1])
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """Which items each rank takes at each step of an epoch."""
@@ -158,10 +213,8 @@ class EpochPlan:
 
     def bounds(self, step: int, rank: int) -> tuple[int, int]:
         """Rank `rank`'s rows [start, stop) of global batch `step`."""
-        edges = np.linspace(0, len(self.global_batch(step)), self.world + 1)
         # equal parts (batch_size divides by world); near-equal for a short lone batch
-        cuts = np.floor(edges + 1e-9).astype(int)
-        return int(cuts[rank]), int(cuts[rank + 1])
+        return rank_bounds(len(self.global_batch(step)), self.world, rank)
 
     def part(self, step: int, rank: int) -> np.ndarray:
         """The items rank `rank` trains on at step `step`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def train_ib(
-    bags: dict[str, torch.Tensor],
+    bags: Mapping[str, torch.Tensor],
     labels: dict[str, int],
     train_ids: list[str],
     n_classes: int,
@@ -30,7 +31,8 @@ def train_ib(
     seed: int,
 ) -> IBHead:
     """Train an IB head on the bags of `train_ids` (Adam, `cfg.epochs` epochs); returns it in eval
-    mode. History (per-epoch mean loss, CE, KL and keep probability) is logged at debug level."""
+    mode; `bags` may read on access (`efcm.training.mil.FeatureBags`). History (per-epoch mean
+    loss, CE, KL and keep probability) is logged at debug level."""
     if not train_ids:
         raise ValueError("train_ib needs at least one training slide")
     missing = [s for s in train_ids if s not in bags or s not in labels]

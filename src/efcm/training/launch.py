@@ -53,13 +53,14 @@ class Launch:
         return launch
 
 
-def check_world(batch_size: int, world: int) -> int:
-    """A rank's share of a global batch; a ConfigError when the batch does not divide evenly."""
+def check_world(batch_size: int, world: int, name: str = "distill.batch_size") -> int:
+    """A rank's share of a global batch (the param `name`); a ConfigError when the batch does not
+    divide evenly."""
     if world < 1:
         raise ConfigError(f"world size {world}: must be at least 1")
     if batch_size % world:
         raise ConfigError(
-            f"distill.batch_size {batch_size} does not divide by the {world} processes: every "
+            f"{name} {batch_size} does not divide by the {world} processes: every "
             "process takes an equal share of each global batch (make it a multiple of "
             f"{world})"
         )

@@ -11,10 +11,12 @@ then predicts its test slides; the out-of-fold predictions are what evaluation r
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from efcm.config import Params, TrainMilParams
+from efcm.errors import InvalidInput
 from efcm.features import read_features
 from efcm.io.files import save_json
 from efcm.io.manifest import Manifest
@@ -98,26 +101,101 @@ def make_splits(
     return {"classes": list(classes), "seed": seed, "folds": result, "unlabelled": unlabelled}
 
 
-def load_bags_and_coords(
-    features_dir: Path, slide_ids: list[str]
-) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
-    """Each slide's bag (N, D) and coords (N, 2) from one read of its features h5."""
-    bags, coords = {}, {}
-    for sid in slide_ids:
-        path = features_dir / "features" / f"{sid}.h5"
-        feats, coords[sid] = read_features(path)
-        if len(feats) == 0:
-            raise ValueError(f"{sid}: empty bag (0 patches) in {path}")
-        bags[sid] = torch.from_numpy(feats)
-    return bags, coords
+#: The bytes of bags a `FeatureBags` keeps in memory (least recently used first out): a few
+#: cohort-scale bags (10,000 patches x 512 float32 is 20 MB), and every bag of a small cohort, so
+#: the demo reads each file once.
+BAG_CACHE_BYTES = 256 * 2**20
 
 
-def load_bags(features_dir: Path, slide_ids: list[str]) -> dict[str, torch.Tensor]:
-    return load_bags_and_coords(features_dir, slide_ids)[0]
+class FeatureBags(Mapping[str, torch.Tensor]):
+    """slide_id -> bag (N, D) float32 tensor, read on access from ``<features_dir>/features/
+    <slide_id>.h5`` (`read_features`), so memory holds about one bag at a time, not the cohort.
+
+    A small LRU keeps the most recently read bags up to `cache_bytes` (at least the last one);
+    a bag is read again once it has been evicted. Construction opens each file's header only, to
+    fail early on a missing file or an empty bag and to know each bag's shape.
+
+    Raises:
+        FileNotFoundError: a slide has no features file.
+        InvalidInput: a file has no features dataset.
+        ValueError: a slide's bag is empty (0 patches).
+    """
+
+    def __init__(
+        self, features_dir: str | Path, slide_ids: list[str], cache_bytes: int = BAG_CACHE_BYTES
+    ) -> None:
+        self.features_dir = Path(features_dir)
+        self.cache_bytes = cache_bytes
+        self._shapes: dict[str, tuple[int, int]] = {}
+        for sid in slide_ids:
+            path = self.path(sid)
+            if not path.is_file():
+                raise FileNotFoundError(f"{sid}: no features file {path}")
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise InvalidInput(f"{path}: no 'features' dataset")
+                shape = tuple(int(n) for n in f["features"].shape)
+            if len(shape) != 2 or shape[0] == 0:
+                raise ValueError(f"{sid}: empty bag (0 patches) in {path}")
+            self._shapes[sid] = (shape[0], shape[1])
+        self._cache: OrderedDict[str, tuple[torch.Tensor, np.ndarray]] = OrderedDict()
+        self._held = 0
+
+    def path(self, slide_id: str) -> Path:
+        return self.features_dir / "features" / f"{slide_id}.h5"
+
+    def _read(self, slide_id: str) -> tuple[torch.Tensor, np.ndarray]:
+        if slide_id not in self._shapes:
+            raise KeyError(slide_id)
+        if slide_id in self._cache:
+            self._cache.move_to_end(slide_id)
+            return self._cache[slide_id]
+        feats, coords = read_features(self.path(slide_id))
+        entry = (torch.from_numpy(feats), coords)
+        self._cache[slide_id] = entry
+        self._held += feats.nbytes + coords.nbytes
+        while len(self._cache) > 1 and self._held > self.cache_bytes:
+            _, (f, c) = self._cache.popitem(last=False)
+            self._held -= f.numpy().nbytes + c.nbytes
+        return entry
+
+    def __getitem__(self, slide_id: str) -> torch.Tensor:
+        return self._read(slide_id)[0]
+
+    def coords(self, slide_id: str) -> np.ndarray:
+        """The slide's coords (N, 2) int64, from the same read as its bag."""
+        return self._read(slide_id)[1]
+
+    def n_patches(self, slide_id: str) -> int:
+        return self._shapes[slide_id][0]
+
+    @property
+    def resident(self) -> list[str]:
+        """The slides whose bags are in memory now, least recently used first."""
+        return list(self._cache)
+
+    @property
+    def dim(self) -> int:
+        """The feature dimension (of the first slide)."""
+        return next(iter(self._shapes.values()))[1]
+
+    def __contains__(self, slide_id: object) -> bool:
+        return slide_id in self._shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
+def load_bags(features_dir: Path, slide_ids: list[str]) -> FeatureBags:
+    """The slides' bags, read on access (see `FeatureBags`)."""
+    return FeatureBags(features_dir, slide_ids)
 
 
 def _epoch_loss(
-    model: CLAMBase, bags: dict[str, torch.Tensor], labels: dict[str, int], ids: list[str]
+    model: CLAMBase, bags: Mapping[str, torch.Tensor], labels: dict[str, int], ids: list[str]
 ) -> float:
     model.eval()
     with torch.no_grad():
@@ -128,7 +206,7 @@ def _epoch_loss(
 
 
 def train_fold(
-    bags: dict[str, torch.Tensor],
+    bags: Mapping[str, torch.Tensor],
     labels: dict[str, int],
     train: list[str],
     val: list[str],
@@ -177,7 +255,7 @@ def train_fold(
 
 def predict_slides(
     model: nn.Module,
-    bags: dict[str, torch.Tensor],
+    bags: Mapping[str, torch.Tensor],
     ids: list[str],
     labels: dict[str, int],
     fold: int,
@@ -251,7 +329,7 @@ def train_mil(
     write_predictions(out, rows, attention)
     summary = {
         "classes": list(classes),
-        "feature_dim": int(next(iter(bags.values())).shape[1]),
+        "feature_dim": bags.dim,
         "folds": folds,
         "unlabelled": unlabelled,
     }

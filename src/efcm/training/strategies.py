@@ -12,12 +12,23 @@
   student's early stages and every BatchNorm statistic frozen; AdamW with a backbone learning rate
   `backbone_lr_factor` below the head's; mixed precision on CUDA; patches embedded in chunks under
   gradient checkpointing, so a 512-patch bag fits in 16 GB); then the fine-tuned student re-extracts
-  every patch of the fold's slides and a new CLAM is trained on those features.
+  every patch of the fold's slides into fold_<k>/features/<slide_id>.h5 and a new CLAM is trained
+  on those features, read one bag at a time (`FeatureBags`); the fold's features are removed once
+  its CLAM and predictions are written.
+
+ETC runs on one process, or on several under torchrun (`efcm strategy etc --nproc-per-node N`,
+DDP-style data parallelism, gloo on the CPU, NCCL on CUDA): every rank draws the same epoch order
+from the seed; each optimiser step's `mil.etc.accumulate` bags (which must divide by the number of
+processes) are cut into one consecutive part per rank, and the ranks' gradients are summed before
+the step (`sum_gradients`), so a step is the single process's step split across the ranks. The
+re-extraction is split across the ranks balanced by patch count, each rank writing its slides'
+files; rank 0 alone trains the IB head and each fold's CLAM and writes every output.
 
 Each strategy writes what `train_mil` writes: fold_<k>.pt, predictions.csv (out-of-fold),
 attention.h5, summary.json (with the selected fold), so evaluation and export read them alike;
-ETC also writes its fine-tuned students (student_fold_<k>.pt) and the IB selection of each fold
-(fold_<k>/topk/<slide_id>.h5: indices, coords, keep probabilities).
+ETC also writes its fine-tuned students (student_fold_<k>.pt), the IB selection of each fold
+(fold_<k>/topk/<slide_id>.h5: indices, coords, keep probabilities), and which rank trained on and
+re-extracted which slides (fold_<k>/ranks.json; the counts also in summary.json's folds, `etc`).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import copy
 import json
 import logging
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +49,12 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from efcm.config import ConfigError, EtcParams, Params
-from efcm.features import embed_batches
+from efcm.features import embed_batches, write_features
 from efcm.io.cache import SlideCache
 from efcm.io.files import save_json
 from efcm.io.manifest import Manifest, read_manifest
 from efcm.io.results import read_summary, write_predictions
-from efcm.io.store import require_store
+from efcm.io.store import assign_shards, require_store
 from efcm.models.clam import build_clam, load_clam, save_clam
 from efcm.models.encoders import PatchTransform
 from efcm.models.freeze import freeze_batchnorm, freeze_stages
@@ -50,9 +62,15 @@ from efcm.models.students import load_student, save_student
 from efcm.registry import StrategyInputs
 from efcm.slides.patches import SlidePatches, StorePatches, open_patches
 from efcm.slides.patching import read_coords
-from efcm.training.mil import load_bags, load_bags_and_coords, predict_slides, train_fold, train_mil
+from efcm.training.distributed import World, check_world, rank_bounds, sum_gradients
+from efcm.training.mil import FeatureBags, load_bags, predict_slides, train_fold, train_mil
 
 log = logging.getLogger(__name__)
+
+#: How long ETC's ranks wait in a collective for the others (torch's default is 10 minutes for
+#: NCCL): ranks above 0 wait there while rank 0 alone trains each fold's IB head and CLAM, which
+#: takes hours on a cohort of 10,000 slides.
+ETC_COLLECTIVE_TIMEOUT = timedelta(hours=12)
 
 
 def reuse(
@@ -73,7 +91,7 @@ def reuse(
     rows, attention = [], {}
     for k, fold in enumerate(splits["folds"]):
         clam = load_clam(teacher_mil_dir / f"fold_{k}.pt")
-        dim = next(iter(bags.values())).shape[1]
+        dim = bags.dim
         if clam.in_dim != dim:
             raise ConfigError(
                 f"reuse: the teacher's CLAM takes {clam.in_dim}-d features but the student gives "
@@ -93,17 +111,34 @@ def reuse(
 # -- ETC ------------------------------------------------------------------------------------------
 
 
+def augment_draws(
+    rng: np.random.Generator, n: int, jitter: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The random draws of `augment` for `n` patches, patch by patch from `rng`: (flip (n,) bool,
+    quarter turns (n,) int, gains (n, 3) or None without jitter). A rank that leaves a bag to
+    another draws them too, so every rank's stream stays where a single process's would be."""
+    flips = np.empty(n, bool)
+    turns = np.empty(n, np.int64)
+    gains = np.empty((n, 3)) if jitter > 0 else None
+    for i in range(n):
+        flips[i] = rng.random() < 0.5
+        turns[i] = int(rng.integers(4))
+        if gains is not None:
+            gains[i] = 1 + rng.uniform(-jitter, jitter, 3)
+    return flips, turns, gains
+
+
 def augment(patches: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
     """uint8 (N, S, S, 3): per patch a random flip, a random 90-degree rotation, and a mild
     per-channel brightness jitter of +-`jitter`."""
+    flips, turns, gains = augment_draws(rng, len(patches), jitter)
     out = np.empty_like(patches)
     for i, p in enumerate(patches):
-        if rng.random() < 0.5:
+        if flips[i]:
             p = p[:, ::-1]
-        p = np.rot90(p, int(rng.integers(4)))
-        if jitter > 0:
-            gain = 1 + rng.uniform(-jitter, jitter, 3)
-            p = np.clip(p.astype(np.float32) * gain, 0, 255)
+        p = np.rot90(p, int(turns[i]))
+        if gains is not None:
+            p = np.clip(p.astype(np.float32) * gains[i], 0, 255)
         out[i] = p
     return out
 
@@ -133,10 +168,30 @@ def train_etc_fold(
     params: Params,
     seed: int,
     device: torch.device,
+    *,
+    world: World | None = None,
+    history: list[dict[str, Any]] | None = None,
 ) -> nn.Module:
     """Fine-tune `student` end to end with a fresh CLAM on the top-K bags of the training slides;
-    returns the fine-tuned student (eval mode)."""
+    returns the fine-tuned student (eval mode).
+
+    Each optimiser step takes `mil.etc.accumulate` consecutive bags of the epoch's order; in a
+    `world` of several ranks, rank r trains on its consecutive part of them and the gradients are
+    summed over the ranks before the step (see the module docstring). `history`, when given, gets
+    per epoch the slides each rank trained on: {"epoch", "ranks": [[slide_id, ...], ...]}.
+
+    Raises:
+        ConfigError: mil.etc.accumulate does not divide by the world's size, or a fold has fewer
+            training slides than processes.
+    """
     cfg: EtcParams = params.mil.etc
+    world = world or World()
+    check_world(cfg.accumulate, world.size, "mil.etc.accumulate")
+    if len(train) < world.size:  # a rank without any bag would never take a step's scale
+        raise ConfigError(
+            f"ETC: {len(train)} training slide(s) in a fold cannot be shared by {world.size} "
+            "processes (at least one each)"
+        )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     trainable = freeze_stages(student, cfg.freeze_stages)
@@ -164,32 +219,50 @@ def train_etc_fold(
     weights = np.array([1.0 / counts[labels[s]] for s in train])
     weights /= weights.sum()
     bag_weight = params.train_mil.bag_weight
+    synced = [p for g in opt.param_groups for p in g["params"]]
     for epoch in range(cfg.epochs):
         clam.train()
         student.train()
         freeze_batchnorm(student)
         opt.zero_grad(set_to_none=True)
         order = rng.choice(len(train), size=len(train), p=weights)
-        for step, i in enumerate(
-            tqdm(order, desc=f"etc {epoch + 1}/{cfg.epochs}", disable=None, leave=False)
+        used: list[str] = []
+        for start in tqdm(
+            range(0, len(order), cfg.accumulate),
+            desc=f"etc {epoch + 1}/{cfg.epochs}",
+            disable=None,
+            leave=False,
         ):
-            s = train[i]
-            pixels = slides[s].read_batch(topk[s])
-            if cfg.augment:
-                pixels = augment(pixels, rng, cfg.colour_jitter)
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
-            with torch.autocast(device.type, dtype=dtype, enabled=amp):
-                out = clam(_embed(student, transform, x, cfg.chunk).float(), label=labels[s])
-                loss = (
-                    bag_weight
-                    * F.cross_entropy(out["logits"], torch.tensor([labels[s]], device=device))
-                    + (1 - bag_weight) * out["instance_loss"]
-                )
-            scaler.scale(loss / cfg.accumulate).backward()
-            if (step + 1) % cfg.accumulate == 0 or step + 1 == len(order):
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
+            group = order[start : start + cfg.accumulate]
+            mine = range(*rank_bounds(len(group), world.size, world.rank))
+            for j, i in enumerate(group):
+                s = train[i]
+                if j not in mine:  # another rank's bag: keep the augmentation stream in step
+                    if cfg.augment:
+                        augment_draws(rng, len(topk[s]), cfg.colour_jitter)
+                    continue
+                used.append(s)
+                pixels = slides[s].read_batch(topk[s])
+                if cfg.augment:
+                    pixels = augment(pixels, rng, cfg.colour_jitter)
+                x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                    out = clam(_embed(student, transform, x, cfg.chunk).float(), label=labels[s])
+                    loss = (
+                        bag_weight
+                        * F.cross_entropy(out["logits"], torch.tensor([labels[s]], device=device))
+                        + (1 - bag_weight) * out["instance_loss"]
+                    )
+                # over the step's bags on every rank: the ranks' sum is one process's gradient
+                scaler.scale(loss / cfg.accumulate).backward()
+            if world.size > 1:
+                sum_gradients(synced, world)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        ranks = world.gather(used)
+        if history is not None:
+            history.append({"epoch": epoch + 1, "ranks": ranks})
     return student.eval()
 
 
@@ -206,17 +279,22 @@ def etc(
     cache: SlideCache | None = None,
 ) -> dict[str, Any]:
     """End2end Train CLAM, fold by fold (see the module docstring); gs:// slides are staged into
-    `cache`."""
-    from efcm.training.ib import read_top_k, train_ib, write_top_k
+    `cache`. Under torchrun every rank calls it; rank 0 returns the summary, the others {}.
 
+    Raises:
+        ConfigError: mil.etc.accumulate does not divide by the number of processes, or a fold
+            has fewer training slides than processes.
+    """
     patches_dir, out = Path(patches_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    world = World.current()
+    check_world(params.mil.etc.accumulate, world.size, "mil.etc.accumulate")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     classes = tuple(params.dataset.classes)
     labels = manifest.labels(classes)
     by_id = {s.slide_id: s for s in manifest.slides}
     needed = sorted({s for f in splits["folds"] for part in f.values() for s in part})
-    teacher_bags, coords = load_bags_and_coords(Path(teacher_features_dir), needed)
+    teacher_bags = FeatureBags(teacher_features_dir, needed)
     # with the store, the top-K pixels are read through its index: no slide is opened
     store_dir = require_store(teacher_features_dir) if params.store.enabled else None
     slides = {
@@ -230,28 +308,44 @@ def etc(
         )
         for s in needed
     }
-    rows, attention, folds = [], {}, []
+    rows, attention, folds, dim = [], {}, [], 0
     for k, fold in enumerate(splits["folds"]):
         seed = params.seed + 100 * k
-        ib = train_ib(teacher_bags, labels, fold["train"], len(classes), params.ib, seed)
-        topk = {}  # written to fold_<k>/topk/<slide_id>.h5: which patches ETC trained on
-        for s in fold["train"]:
-            path = write_top_k(ib, s, teacher_bags[s], coords[s], out / f"fold_{k}", params.ib.k)
-            topk[s] = read_top_k(path)[0]
+        fold_dir = out / f"fold_{k}"
+        topk = _fold_top_k(teacher_bags, labels, fold["train"], fold_dir, params, seed, world)
         student, spec = load_student(student_ckpt)
+        epochs: list[dict[str, Any]] = []
         student = train_etc_fold(
-            copy.deepcopy(student), spec, slides, topk, labels, fold["train"], params, seed, dev
+            copy.deepcopy(student),
+            spec,
+            slides,
+            topk,
+            labels,
+            fold["train"],
+            params,
+            seed,
+            dev,
+            world=world,
+            history=epochs,
         )
-        save_student(out / f"student_fold_{k}.pt", student.cpu(), spec)
-        encoder = nn.Sequential(PatchTransform(spec), student).to(dev).eval()
-        bags = {}
-        for s in fold["train"] + fold["val"] + fold["test"]:
-            sp = slides[s]
-            batches = (
-                torch.from_numpy(sp.read_batch(range(i, min(i + 64, len(sp)))))
-                for i in range(0, len(sp), 64)
-            )
-            bags[s] = torch.from_numpy(embed_batches(encoder, batches, total=len(sp), desc=s))
+        if world.main:
+            save_student(out / f"student_fold_{k}.pt", student.cpu(), spec)
+        ids = fold["train"] + fold["val"] + fold["test"]
+        extracted = _reextract(student.to(dev), spec, slides, ids, fold_dir, k, dev, world)
+        record = {
+            "world": world.size,
+            "epochs": [
+                {"epoch": e["epoch"], "bags_per_rank": [len(r) for r in e["ranks"]]} for e in epochs
+            ],
+            "reextracted_slides_per_rank": [len(r) for r in extracted],
+            "reextracted_patches_per_rank": [sum(len(slides[s]) for s in r) for r in extracted],
+        }
+        if not world.main:
+            continue
+        # rank 0 alone: the fold's CLAM on the re-extracted features, one bag in memory at a time
+        save_json(fold_dir / "ranks.json", {"epochs": epochs, "reextracted": extracted})
+        bags = FeatureBags(fold_dir, ids)
+        dim = bags.dim
         model, info = train_fold(
             bags, labels, fold["train"], fold["val"], len(classes), params.train_mil, seed
         )
@@ -259,15 +353,67 @@ def etc(
         fold_rows, fold_attention = predict_slides(model, bags, fold["test"], labels, k, classes)
         rows += fold_rows
         attention.update(fold_attention)
-        folds.append({"fold": k, **info})
+        folds.append({"fold": k, **info, "etc": record})
+        shutil.rmtree(fold_dir / "features")  # the fold's student features: 4 x D bytes a patch
+    if not world.main:
+        return {}
     write_predictions(out, rows, attention)
-    summary = {
-        "classes": list(classes),
-        "feature_dim": int(next(iter(bags.values())).shape[1]),
-        "folds": folds,
-    }
+    summary = {"classes": list(classes), "feature_dim": dim, "folds": folds}
     save_json(out / "summary.json", summary)
     return summary
+
+
+def _fold_top_k(
+    teacher_bags: FeatureBags,
+    labels: dict[str, int],
+    train: list[str],
+    fold_dir: Path,
+    params: Params,
+    seed: int,
+    world: World,
+) -> dict[str, np.ndarray]:
+    """The IB top-K indices of each training slide of a fold: rank 0 trains the IB head on the
+    teacher bags and writes fold_<k>/topk/<slide_id>.h5; every rank gets rank 0's selection."""
+    from efcm.training.ib import read_top_k, train_ib, write_top_k
+
+    topk = {}
+    if world.main:
+        n_classes = len(params.dataset.classes)
+        ib = train_ib(teacher_bags, labels, train, n_classes, params.ib, seed)
+        for s in train:
+            bag, coords = teacher_bags[s], teacher_bags.coords(s)
+            topk[s] = read_top_k(write_top_k(ib, s, bag, coords, fold_dir, params.ib.k))[0]
+    return world.broadcast(topk)
+
+
+def _reextract(
+    student: nn.Module,
+    spec: Any,
+    slides: dict[str, SlidePatches | StorePatches],
+    ids: list[str],
+    fold_dir: Path,
+    fold: int,
+    device: torch.device,
+    world: World,
+) -> list[list[str]]:
+    """Every patch of the fold's slides `ids` through the fine-tuned student, into
+    fold_<k>/features/<slide_id>.h5 (float32, `write_features`): the slides are shared across the
+    ranks balanced by patch count, each rank writing its own. Returns the slides each rank wrote,
+    once every rank is done (a collective)."""
+    encoder = nn.Sequential(PatchTransform(spec), student).to(device).eval()
+    share = assign_shards([len(slides[s]) for s in ids], world.size)[world.rank]
+    done = []
+    for s in (ids[i] for i in sorted(share)):
+        sp = slides[s]
+        batches = (
+            torch.from_numpy(sp.read_batch(range(i, min(i + 64, len(sp)))))
+            for i in range(0, len(sp), 64)
+        )
+        feats = embed_batches(encoder, batches, total=len(sp), desc=s)
+        attrs = {"slide_id": s, "encoder": f"etc student of fold {fold}", "rank": world.rank}
+        write_features(fold_dir / "features" / f"{s}.h5", feats, sp.coords.coords, attrs)
+        done.append(s)
+    return world.gather(done)
 
 
 # -- the registry's runners (efcm.registry.STRATEGIES): one signature for every strategy; the
