@@ -101,7 +101,11 @@ class Assumptions:
     folds: int = 3  # train_mil.folds: ETC fine-tunes and re-extracts once per fold
     mil_val_fraction: float = 0.25  # train_mil.val_fraction (ETC trains on the rest of a fold)
     etc_gpus: int = 8  # pipeline.etc_gpus: ETC's DDP processes in one pod, one per GPU
-    etc_loader: str = "serial"  # each reads its pixels in its own process (no DataLoader): serial
+    # ETC's training reads: each process reads and decodes the next bag in one background thread
+    # while it trains on this one (efcm.io.prefetch): "prefetch"; "serial" (read, then train) and
+    # "workers" (DataLoader workers on the pod's loader cores) are the alternatives. Its
+    # re-extraction reads as the student's extraction does (extract.num_workers loaders).
+    etc_loader: str = "prefetch"
     bag_cache_gb: float = 0.268  # efcm.training.mil.BAG_CACHE_BYTES (256 MiB): bags held at once
     slide_gb: float = 1.0  # a 20x/40x H&E whole-slide image (TCGA SVS: ~0.2-3 GB)
     stage_gb_per_s: float = 1.0  # one node reading slides from gs:// into its local disk
@@ -122,9 +126,10 @@ class Assumptions:
             )
         if self.etc_gpus > self.gpus:
             raise ValueError(f"scale model: etc_gpus={self.etc_gpus} > gpus={self.gpus}")
-        if self.etc_loader not in {"serial", "workers"}:
+        if self.etc_loader not in {"serial", "prefetch", "workers"}:
             raise ValueError(
-                f"scale model: etc_loader must be serial | workers, got {self.etc_loader!r}"
+                "scale model: etc_loader must be serial | prefetch | workers, got "
+                f"{self.etc_loader!r}"
             )
 
     @property
@@ -213,8 +218,9 @@ def cohort_phases(a: Assumptions, r: CpuRates, path: str) -> dict[str, dict[str,
     v = a.distill_val_fraction
     distill_gpu = ((1 - v) * a.train_step_factor + v) / a.student_img_s
     etc_train_slides = a.slides * (1 - 1 / a.folds) * (1 - a.mil_val_fraction)
-    etc_overlap = a.etc_loader == "workers"
     etc_cores = a.loader_cores(a.etc_gpus)
+    # one reader thread per ETC process, or the pod's loader cores
+    etc_train_cores = float(a.etc_gpus) if a.etc_loader == "prefetch" else etc_cores
     out = {
         "teacher_extract": phase(
             n,
@@ -232,14 +238,12 @@ def cohort_phases(a: Assumptions, r: CpuRates, path: str) -> dict[str, dict[str,
             a.etc_step_factor / a.student_img_s,
             rand,
             a.etc_gpus,
-            etc_cores,
-            overlap=etc_overlap,
+            etc_train_cores,
+            overlap=a.etc_loader != "serial",
             # one gradient all-reduce per optimiser step across the ranks
             efficiency=a.ddp_efficiency if a.etc_gpus > 1 else 1.0,
         ),
-        "etc_reextract": phase(
-            a.folds * n, 1 / a.student_img_s, seq, a.etc_gpus, etc_cores, overlap=etc_overlap
-        ),
+        "etc_reextract": phase(a.folds * n, 1 / a.student_img_s, seq, a.etc_gpus, etc_cores),
     }
     if not store:  # one pod stages the cohort's slides onto its node (the gs:// slide cache)
         hours = a.slides * a.slide_gb / a.stage_gb_per_s / HOUR

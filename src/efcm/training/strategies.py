@@ -48,11 +48,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from efcm.config import ConfigError, EtcParams, Params
-from efcm.features import embed_batches, write_features
+from efcm.config import ConfigError, EtcParams, ExtractParams, Params
+from efcm.features import extract_slide, write_features
 from efcm.io.cache import SlideCache
 from efcm.io.files import save_json
 from efcm.io.manifest import Manifest, read_manifest
+from efcm.io.prefetch import prefetched
 from efcm.io.results import read_summary, write_predictions
 from efcm.io.store import assign_shards, require_store
 from efcm.models.clam import build_clam, load_clam, save_clam
@@ -226,15 +227,23 @@ def train_etc_fold(
         freeze_batchnorm(student)
         opt.zero_grad(set_to_none=True)
         order = rng.choice(len(train), size=len(train), p=weights)
+        groups = [order[i : i + cfg.accumulate] for i in range(0, len(order), cfg.accumulate)]
+        mine_of = [range(*rank_bounds(len(g), world.size, world.rank)) for g in groups]
+        # this rank's bags of the epoch, in order: the next bag's pixels are read (and decoded)
+        # in a background thread while this one trains
+        bags = prefetched(
+            lambda s: slides[s].read_batch(topk[s]),
+            [train[i] for g, mine in zip(groups, mine_of, strict=True) for j, i in enumerate(g)
+             if j in mine],
+        )  # fmt: skip
         used: list[str] = []
-        for start in tqdm(
-            range(0, len(order), cfg.accumulate),
+        for group, mine in tqdm(
+            zip(groups, mine_of, strict=True),
+            total=len(groups),
             desc=f"etc {epoch + 1}/{cfg.epochs}",
             disable=None,
             leave=False,
         ):
-            group = order[start : start + cfg.accumulate]
-            mine = range(*rank_bounds(len(group), world.size, world.rank))
             for j, i in enumerate(group):
                 s = train[i]
                 if j not in mine:  # another rank's bag: keep the augmentation stream in step
@@ -242,7 +251,7 @@ def train_etc_fold(
                         augment_draws(rng, len(topk[s]), cfg.colour_jitter)
                     continue
                 used.append(s)
-                pixels = slides[s].read_batch(topk[s])
+                pixels = next(bags)
                 if cfg.augment:
                     pixels = augment(pixels, rng, cfg.colour_jitter)
                 x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
@@ -260,6 +269,7 @@ def train_etc_fold(
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+        bags.close()
         ranks = world.gather(used)
         if history is not None:
             history.append({"epoch": epoch + 1, "ranks": ranks})
@@ -331,7 +341,9 @@ def etc(
         if world.main:
             save_student(out / f"student_fold_{k}.pt", student.cpu(), spec)
         ids = fold["train"] + fold["val"] + fold["test"]
-        extracted = _reextract(student.to(dev), spec, slides, ids, fold_dir, k, dev, world)
+        extracted = _reextract(
+            student.to(dev), spec, slides, ids, fold_dir, k, dev, world, params.extract
+        )
         record = {
             "world": world.size,
             "epochs": [
@@ -395,6 +407,7 @@ def _reextract(
     fold: int,
     device: torch.device,
     world: World,
+    params: ExtractParams,
 ) -> list[list[str]]:
     """Every patch of the fold's slides `ids` through the fine-tuned student, into
     fold_<k>/features/<slide_id>.h5 (float32, `write_features`): the slides are shared across the
@@ -405,11 +418,8 @@ def _reextract(
     done = []
     for s in (ids[i] for i in sorted(share)):
         sp = slides[s]
-        batches = (
-            torch.from_numpy(sp.read_batch(range(i, min(i + 64, len(sp)))))
-            for i in range(0, len(sp), 64)
-        )
-        feats = embed_batches(encoder, batches, total=len(sp), desc=s)
+        # as the student's extraction reads: extract.batch_size, extract.num_workers loaders
+        feats = extract_slide(encoder, sp, params)
         attrs = {"slide_id": s, "encoder": f"etc student of fold {fold}", "rank": world.rank}
         write_features(fold_dir / "features" / f"{s}.h5", feats, sp.coords.coords, attrs)
         done.append(s)
