@@ -50,6 +50,8 @@ class Strategy:
         per_fold_student: it fine-tunes the student per fold (`student_fold_<k>.pt`): the package
             carries one student per fold, each paired with its fold's CLAM.
         gpu: it trains or embeds patches (Kubeflow gives its task a GPU).
+        distributed: it runs as one process per GPU of its pod (`pipeline.etc_gpus`, `efcm
+            strategy NAME --nproc-per-node N`); the others run as one process.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Strategy:
     inputs: tuple[str, ...]
     per_fold_student: bool = False
     gpu: bool = True
+    distributed: bool = False
 
     def applies_to(self, method: str) -> str | None:
         """None when the strategy applies to distillation `method`, else the reason it does not."""
@@ -104,6 +107,7 @@ STRATEGIES: dict[str, Strategy] = {
             runner="efcm.training.strategies:run_etc",
             inputs=("patches", "teacher_features", "student"),
             per_fold_student=True,
+            distributed=True,
         ),
     )
 }

@@ -338,14 +338,11 @@ def plan_strategies(params: Params) -> tuple[list[str], dict[str, str]]:
     return registry.resolve(params.distill.method, params.mil.strategies)
 
 
-#: The strategies that run as several processes (one per GPU of their pod).
-DISTRIBUTED_STRATEGIES = ("etc",)
-
-
 def strategy_processes(name: str, gpus: int) -> int:
     """The processes strategy `name` runs as in a pod with `gpus` GPUs: one per GPU for those
-    of `DISTRIBUTED_STRATEGIES`, one for the others (one KFP task spec serves every strategy)."""
-    return gpus if name in DISTRIBUTED_STRATEGIES else 1
+    that are `distributed` in `efcm.registry`, one for the others (one KFP task spec serves every
+    strategy)."""
+    return gpus if registry.get(name).distributed else 1
 
 
 def check_strategy_processes(name: str, params: Params, processes: int) -> None:
@@ -358,10 +355,11 @@ def check_strategy_processes(name: str, params: Params, processes: int) -> None:
     """
     if processes == 1:
         return
-    if name not in DISTRIBUTED_STRATEGIES:
+    if not registry.get(name).distributed:
+        several = [n for n, s in registry.STRATEGIES.items() if s.distributed]
         raise ConfigError(
-            f"strategy {name!r} runs as one process; only {list(DISTRIBUTED_STRATEGIES)} run on "
-            f"several ({processes} asked)"
+            f"strategy {name!r} runs as one process; only {several} run on several "
+            f"({processes} asked)"
         )
     from efcm.training.launch import check_world
 

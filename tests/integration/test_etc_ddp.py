@@ -102,7 +102,7 @@ def test_two_processes_train_every_draw_once_and_share_the_reextraction(runs):
         n_train = len(fold["train"])
         fold_slides = fold["train"] + fold["val"] + fold["test"]
         for summary, world in ((one, 1), (two, 2)):
-            record = summary["folds"][k]["etc"]
+            record = summary["folds"][k]["ranks"]
             assert record["world"] == world
             assert [e["epoch"] for e in record["epochs"]] == list(range(1, EPOCHS + 1))
             for e in record["epochs"]:  # the epoch's draws, shared by the ranks
@@ -119,9 +119,9 @@ def test_two_processes_train_every_draw_once_and_share_the_reextraction(runs):
         assert len(shares) == 2 and all(shares)
         union = shares[0] + shares[1]
         assert sorted(union) == sorted(fold_slides) and len(set(union)) == len(union)
-        patches = two["folds"][k]["etc"]["reextracted_patches_per_rank"]
+        patches = two["folds"][k]["ranks"]["reextracted_patches_per_rank"]
         assert patches == [sum(runs["patches"][s] for s in share) for share in shares]
-        assert sum(patches) == one["folds"][k]["etc"]["reextracted_patches_per_rank"][0]
+        assert sum(patches) == one["folds"][k]["ranks"]["reextracted_patches_per_rank"][0]
         assert abs(patches[0] - patches[1]) <= max(runs["patches"][s] for s in fold_slides)
         # rank 0's IB head (the same on 1 and 2 processes): the same top-K
         for s in fold["train"]:
@@ -175,7 +175,7 @@ def test_the_stage_runs_etc_as_several_processes_for_a_pod_with_several_gpus(run
     out = tmp_path / "etc"
     summary = stages.strategy("etc", manifest, splits, out, params, processes=2, **inputs)
     assert summary["strategy"] == "etc"
-    assert [f["etc"]["world"] for f in summary["folds"]] == [2, 2]
+    assert [f["ranks"]["world"] for f in summary["folds"]] == [2, 2]
     assert load_params(out / "strategy-params.yaml").mil == params.mil
     p_cli, p_stage = (pd.read_csv(o / "predictions.csv") for o in (runs["out"][2], out))
     assert list(p_cli["slide_id"]) == list(p_stage["slide_id"])

@@ -365,7 +365,7 @@ def etc(
         fold_rows, fold_attention = predict_slides(model, bags, fold["test"], labels, k, classes)
         rows += fold_rows
         attention.update(fold_attention)
-        folds.append({"fold": k, **info, "etc": record})
+        folds.append({"fold": k, **info, "ranks": record})
         shutil.rmtree(fold_dir / "features")  # the fold's student features: 4 x D bytes a patch
     if not world.main:
         return {}
