@@ -468,10 +468,12 @@ def multilabel_scores(
 
 
 def roc_points(probs: np.ndarray, labels: np.ndarray, positive: int = 1) -> list[dict[str, float]]:
-    """ROC curve of class `positive` vs the rest: [{fpr, tpr, threshold}, ...]."""
+    """ROC curve of class `positive` vs the rest: [{fpr, tpr, threshold}, ...]. `labels`: (N,)
+    class indices, or (N, C) 0/1 (multi-label: the images showing class `positive`)."""
+    truth = labels[:, positive] > 0 if np.ndim(labels) == 2 else labels == positive
     fpr, tpr, thr = binary_roc(
         torch.as_tensor(probs[:, positive], dtype=torch.float32),
-        torch.as_tensor(labels == positive, dtype=torch.long),
+        torch.as_tensor(truth, dtype=torch.long),
     )
     return [
         {"fpr": round(float(a), 6), "tpr": round(float(b), 6), "threshold": round(float(c), 6)}

@@ -15,6 +15,10 @@ import numpy as np
 
 from efcm.io.files import atomic_path
 
+#: An image strategy's predictions of each fold on its own validation images (the layout of
+#: predictions.csv): evaluation picks a multi-label task's thresholds there, not on test images.
+VAL_PREDICTIONS = "val_predictions.csv"
+
 
 def write_predictions(
     out_dir: Path,

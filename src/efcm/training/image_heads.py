@@ -37,13 +37,11 @@ from efcm import registry
 from efcm.config import ConfigError, ImageHeadParams
 from efcm.io.files import save_json
 from efcm.io.image_manifest import ImageManifest, LabelSpace
-from efcm.io.results import read_summary, write_predictions
+from efcm.io.results import VAL_PREDICTIONS, read_summary, write_predictions
 from efcm.models.image_head import LinearHead, load_head, save_head
 from efcm.training.mil import split_cases
 
 log = logging.getLogger(__name__)
-
-VAL_PREDICTIONS = "val_predictions.csv"
 
 
 def image_splits(
