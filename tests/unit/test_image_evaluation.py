@@ -12,7 +12,7 @@ from efcm.evaluation.gate import decide
 from efcm.evaluation.metrics import multilabel_scores, threshold_by_fold
 from efcm.evaluation.table import evaluate
 from efcm.io.results import VAL_PREDICTIONS, read_folds, read_predictions
-from efcm.training.image_heads import image_splits, reuse_heads, train_heads
+from efcm.training.image_heads import image_features, image_splits, reuse_heads, train_heads
 from tests.conftest import tiny_params_dict
 from tests.unit.test_image_heads import BINARY, FAST, MULTI, _cohort, _features
 
@@ -23,11 +23,12 @@ def _run(tmp_path, space):
     """Teacher probe, Reuse and Retrain on one cohort; returns (predictions, cases, manifest)."""
     m = _cohort(space)
     x, ids = _features(m, space)
-    student = x + np.random.default_rng(1).normal(0, 0.3, x.shape).astype(np.float32)
+    noisy = x + np.random.default_rng(1).normal(0, 0.3, x.shape).astype(np.float32)
     splits = image_splits(m, space, 3, 0.25, seed=0)
-    train_heads(x, ids, m, space, splits, tmp_path / "teacher", FAST, seed=0)
-    reuse_heads(tmp_path / "teacher", student, ids, m, space, splits, tmp_path / "reuse", "vfd")
-    train_heads(student, ids, m, space, splits, tmp_path / "retrain", FAST, seed=0)
+    teacher, student = image_features(x, ids, m, space), image_features(noisy, ids, m, space)
+    train_heads(teacher, splits, tmp_path / "teacher", FAST, seed=0)
+    reuse_heads(tmp_path / "teacher", student, splits, tmp_path / "reuse", "vfd")
+    train_heads(student, splits, tmp_path / "retrain", FAST, seed=0)
     predictions = {
         "teacher": tmp_path / "teacher" / "predictions.csv",
         "student.vfd.reuse": tmp_path / "reuse" / "predictions.csv",

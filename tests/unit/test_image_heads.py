@@ -9,8 +9,8 @@ import pytest
 from efcm.config import ConfigError, ImageHeadParams
 from efcm.evaluation.metrics import multilabel_scores
 from efcm.io.image_manifest import ImageEntry, ImageManifest, LabelSpace
-from efcm.io.results import read_folds, read_predictions, read_summary
-from efcm.training.image_heads import VAL_PREDICTIONS, image_splits, reuse_heads, train_heads
+from efcm.io.results import VAL_PREDICTIONS, read_folds, read_predictions, read_summary
+from efcm.training.image_heads import image_features, image_splits, reuse_heads, train_heads
 
 MULTI = LabelSpace(("effusion", "nodule", "cardiomegaly"), multi_label=True)
 BINARY = LabelSpace(("no_lesion", "lesion"))
@@ -76,7 +76,7 @@ def test_probe_learns_a_separable_multilabel_task_and_writes_the_slide_layout(tm
     m = _cohort(MULTI)
     x, ids = _features(m, MULTI)
     splits = image_splits(m, MULTI, 3, 0.25, seed=0)
-    summary = train_heads(x, ids, m, MULTI, splits, tmp_path, FAST, seed=0)
+    summary = train_heads(image_features(x, ids, m, MULTI), splits, tmp_path, FAST, seed=0)
     assert [f["fold"] for f in summary["folds"]] == [0, 1, 2]
     assert summary["multi_label"] and summary["feature_dim"] == 8
     probs, targets, tested = read_predictions(tmp_path / "predictions.csv", MULTI.classes,
@@ -100,7 +100,7 @@ def test_probe_learns_a_separable_multiclass_task(tmp_path):
     m = _cohort(BINARY)
     x, ids = _features(m, BINARY)
     splits = image_splits(m, BINARY, 3, 0.25, seed=0)
-    train_heads(x, ids, m, BINARY, splits, tmp_path, FAST, seed=0)
+    train_heads(image_features(x, ids, m, BINARY), splits, tmp_path, FAST, seed=0)
     probs, labels, _ = read_predictions(tmp_path / "predictions.csv", BINARY.classes)
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     assert ((probs.argmax(1) == labels).mean()) > 0.85  # chance is about 0.5
@@ -110,20 +110,23 @@ def test_reuse_applies_the_teachers_heads_and_refuses_other_spaces(tmp_path):
     m = _cohort(MULTI)
     x, ids = _features(m, MULTI)
     splits = image_splits(m, MULTI, 3, 0.25, seed=0)
-    teacher = train_heads(x, ids, m, MULTI, splits, tmp_path / "teacher", FAST, seed=0)
+    teacher_dir = tmp_path / "teacher"
+    teacher = train_heads(image_features(x, ids, m, MULTI), splits, teacher_dir, FAST, seed=0)
     # a student in the teacher's space: its features are the teacher's, a little off
-    student = x + np.random.default_rng(1).normal(0, 0.05, x.shape).astype(np.float32)
+    noisy = x + np.random.default_rng(1).normal(0, 0.05, x.shape).astype(np.float32)
+    student = image_features(noisy, ids, m, MULTI)
     out = tmp_path / "reuse"
-    assert reuse_heads(tmp_path / "teacher", student, ids, m, MULTI, splits, out, "vfd") == teacher
-    t_probs, _, t_ids = read_predictions(tmp_path / "teacher" / "predictions.csv", MULTI.classes,
+    assert reuse_heads(teacher_dir, student, splits, out, "vfd") == teacher
+    t_probs, _, t_ids = read_predictions(teacher_dir / "predictions.csv", MULTI.classes,
                                          multi_label=True)  # fmt: skip
     s_probs, _, s_ids = read_predictions(out / "predictions.csv", MULTI.classes, multi_label=True)
     assert s_ids == t_ids and np.abs(s_probs - t_probs).max() < 0.1
     assert (out / VAL_PREDICTIONS).is_file() and read_summary(out) == teacher
     with pytest.raises(ConfigError, match="MCM-KD"):
-        reuse_heads(tmp_path / "teacher", student, ids, m, MULTI, splits, tmp_path / "x", "mcm")
+        reuse_heads(teacher_dir, student, splits, tmp_path / "x", "mcm")
+    small = image_features(x[:, :4], ids, m, MULTI)
     with pytest.raises(ConfigError, match="8-d features but the student gives 4-d"):
-        reuse_heads(tmp_path / "teacher", x[:, :4], ids, m, MULTI, splits, tmp_path / "y", "fpd")
+        reuse_heads(teacher_dir, small, splits, tmp_path / "y", "fpd")
 
 
 def test_heads_name_missing_features(tmp_path):
@@ -131,6 +134,6 @@ def test_heads_name_missing_features(tmp_path):
     x, ids = _features(m, BINARY)
     splits = image_splits(m, BINARY, 3, 0.25, seed=0)
     with pytest.raises(ValueError, match="no features for 1 image"):
-        train_heads(x[1:], ids[1:], m, BINARY, splits, tmp_path, FAST, seed=0)
+        train_heads(image_features(x[1:], ids[1:], m, BINARY), splits, tmp_path, FAST, seed=0)
     with pytest.raises(ValueError, match=r"one row per image id"):
-        train_heads(x[1:], ids, m, BINARY, splits, tmp_path, FAST, seed=0)
+        image_features(x[1:], ids, m, BINARY)

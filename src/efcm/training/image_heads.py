@@ -9,9 +9,9 @@
   the student's projected features: only for a student in the teacher's space (VFD, FPD);
 - Retrain, `train_heads` on the frozen student's features: a new head per fold.
 
-Features come as an array (N, D) with the image id of each row, so the code that reads the
-feature files stays thin. Splits (`image_splits`) reuse the slide path's patient-level dealing
-(`efcm.training.mil.split_cases`): a case's images never cross folds.
+Features come as an array (N, D) with the image id of each row (`image_features`), so the code
+that reads the feature files stays thin. Splits (`image_splits`) reuse the slide path's
+patient-level dealing (`efcm.training.mil.split_cases`): a case's images never cross folds.
 
 Each strategy writes what the slide strategies write: fold_<k>.pt (the head), predictions.csv
 (the out-of-fold test predictions: image_id, fold, the label, prob_<class>...), summary.json (the
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from efcm.io.files import save_json
 from efcm.io.image_manifest import ImageManifest, LabelSpace
 from efcm.io.results import VAL_PREDICTIONS, read_summary, write_predictions
 from efcm.models.image_head import LinearHead, load_head, save_head
-from efcm.training.mil import split_cases
+from efcm.training.mil import EarlyStopping, split_cases
 
 log = logging.getLogger(__name__)
 
@@ -101,30 +102,65 @@ def image_splits(
     }
 
 
-def _rows(ids: list[str], wanted: list[str], what: str) -> np.ndarray:
-    """The row of each of `wanted` in `ids`; ValueError listing the images without one."""
-    index = {s: i for i, s in enumerate(ids)}
-    missing = [s for s in wanted if s not in index]
-    if missing:
-        raise ValueError(
-            f"{what}: no features for {len(missing)} image(s) of the splits ({missing[:5]}); "
-            "extract every image the splits name, or re-run the splits on the extracted images"
-        )
-    return np.asarray([index[s] for s in wanted], np.int64)
+@dataclass(frozen=True)
+class ImageFeatures:
+    """Features of images, row i = image `ids[i]`, with the manifest and label space that label
+    them: what every image strategy on features takes. Build it with `image_features`."""
+
+    x: torch.Tensor  # (N, D) float32
+    ids: tuple[str, ...]
+    manifest: ImageManifest
+    space: LabelSpace
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    def part(self, images: list[str], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (n, D), targets) of `images`: targets (n,) long class indices, or (n, C)
+        float multi-hot for a multi-label task.
+
+        Raises:
+            ValueError: an image without features, or without a label in the manifest.
+        """
+        index = {s: i for i, s in enumerate(self.ids)}
+        missing = [s for s in images if s not in index]
+        if missing:
+            raise ValueError(
+                f"{what}: no features for {len(missing)} image(s) of the splits ({missing[:5]}); "
+                "extract every image the splits name, or re-run the splits on the extracted images"
+            )
+        t = self.manifest.targets(self.space)
+        unlabelled = [s for s in images if s not in t]
+        if unlabelled:
+            raise ValueError(
+                f"{what}: splits name image(s) that are not labelled images of "
+                f"{self.manifest.path}: {unlabelled[:5]}; re-run the splits with this manifest"
+            )
+        x = self.x[[index[s] for s in images]]
+        if self.space.multi_label:
+            y = torch.from_numpy(np.stack([t[s] for s in images]).astype(np.float32))
+            return x, y.reshape(len(images), len(self.space.classes))
+        return x, torch.tensor([int(t[s]) for s in images], dtype=torch.long)
 
 
-def _targets(space: LabelSpace, manifest: ImageManifest, ids: list[str]) -> torch.Tensor:
-    """(N,) long class indices, or (N, C) float multi-hot for a multi-label task."""
-    t = manifest.targets(space)
-    missing = [s for s in ids if s not in t]
-    if missing:
+def image_features(
+    features: np.ndarray, ids: list[str], manifest: ImageManifest, space: LabelSpace
+) -> ImageFeatures:
+    """Check and wrap features (N, D), row i = image `ids[i]`.
+
+    Raises:
+        ValueError: the features are not (N, D) for N ids, or an id is listed twice.
+    """
+    x = np.asarray(features, np.float32)
+    if x.ndim != 2 or len(x) != len(ids):
         raise ValueError(
-            f"splits name image(s) that are not labelled images of {manifest.path}: "
-            f"{missing[:5]}; re-run the splits with this manifest"
+            f"features must be (N, D) with one row per image id; got {list(x.shape)} for "
+            f"{len(ids)} ids"
         )
-    if space.multi_label:
-        return torch.from_numpy(np.stack([t[s] for s in ids]).astype(np.float32))
-    return torch.tensor([int(t[s]) for s in ids], dtype=torch.long)
+    if len(set(ids)) != len(ids):
+        raise ValueError("features: an image id is listed more than once")
+    return ImageFeatures(torch.from_numpy(np.ascontiguousarray(x)), tuple(ids), manifest, space)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torch.Tensor:
@@ -151,8 +187,7 @@ def fit_head(
     head = LinearHead(x_train.shape[1], n_classes, multi_label)
     head.standardise_with(x_train)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_loss, best_state, best_epoch, bad = float("inf"), None, 0, 0
-    history = []
+    stopping = EarlyStopping(cfg.min_epochs, cfg.patience)
     for epoch in range(cfg.epochs):
         head.train()
         total = 0.0
@@ -166,24 +201,17 @@ def fit_head(
         head.eval()
         with torch.no_grad():
             val_loss = _loss(head(x_val), y_val, multi_label).item() if len(x_val) else train_loss
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
-        if val_loss < best_loss:
-            best_loss, best_epoch, bad = val_loss, epoch + 1, 0
-            best_state = {k: v.clone() for k, v in head.state_dict().items()}
-        else:
-            bad += 1
-            if epoch + 1 >= cfg.min_epochs and bad >= cfg.patience:
-                break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    return head.eval(), {"best_epoch": best_epoch, "best_val_loss": best_loss, "history": history}
+        if stopping.step(head, epoch + 1, train_loss, val_loss):
+            break
+    info = stopping.finish(head)
+    return head, info
 
 
 def prediction_rows(
     head: LinearHead,
     x: torch.Tensor,
-    ids: list[str],
     y: torch.Tensor,
+    ids: list[str],
     fold: int,
     space: LabelSpace,
 ) -> list[dict[str, Any]]:
@@ -224,24 +252,21 @@ def _check_splits(splits: dict[str, Any], space: LabelSpace) -> None:
 
 
 def train_heads(
-    features: np.ndarray,
-    ids: list[str],
-    manifest: ImageManifest,
-    space: LabelSpace,
+    data: ImageFeatures,
     splits: dict[str, Any],
     out_dir: str | Path,
     cfg: ImageHeadParams,
     seed: int,
 ) -> dict[str, Any]:
-    """A new linear head per fold on `features` (N, D), row i = image `ids[i]`: the teacher's
-    linear probe on teacher features, or Retrain on the student's. Writes fold_<k>.pt,
-    predictions.csv, val_predictions.csv and summary.json (see the module docstring).
+    """A new linear head per fold on `data`'s features: the teacher's linear probe on teacher
+    features, or Retrain on the student's. Writes fold_<k>.pt, predictions.csv,
+    val_predictions.csv and summary.json (see the module docstring).
 
     Raises:
-        ValueError: the splits were made for other classes, name an image without features or
-            without a label in the manifest, or the features are not (N, D) for N ids.
+        ValueError: the splits were made for other classes, or name an image without features
+            or without a label in the manifest.
     """
-    x_all = _as_features(features, ids)
+    space = data.space
     _check_splits(splits, space)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,15 +274,13 @@ def train_heads(
     val_rows: list[dict[str, Any]] = []
     folds = []
     for k, fold in enumerate(splits["folds"]):
-        parts = {p: (fold[p], x_all[_rows(ids, fold[p], f"fold {k} {p}")]) for p in fold}
-        ys = {p: _targets(space, manifest, fold[p]) for p in fold}
+        parts = {p: data.part(fold[p], f"fold {k} {p}") for p in ("train", "val", "test")}
         head, info = fit_head(
-            parts["train"][1], ys["train"], parts["val"][1], ys["val"],
-            len(space.classes), space.multi_label, cfg, seed + k,
-        )  # fmt: skip
+            *parts["train"], *parts["val"], len(space.classes), space.multi_label, cfg, seed + k
+        )
         save_head(out / f"fold_{k}.pt", head, {"fold": k, "classes": list(space.classes)})
-        test_rows += prediction_rows(head, parts["test"][1], fold["test"], ys["test"], k, space)
-        val_rows += prediction_rows(head, parts["val"][1], fold["val"], ys["val"], k, space)
+        test_rows += prediction_rows(head, *parts["test"], fold["test"], k, space)
+        val_rows += prediction_rows(head, *parts["val"], fold["val"], k, space)
         folds.append({"fold": k, **info})
         log.info(
             "fold %d: best epoch %d, val loss %.4f", k, info["best_epoch"], info["best_val_loss"]
@@ -266,9 +289,9 @@ def train_heads(
     summary = {
         "classes": list(space.classes),
         "multi_label": space.multi_label,
-        "feature_dim": int(x_all.shape[1]),
+        "feature_dim": data.dim,
         "folds": folds,
-        "unlabelled": len(manifest.unlabelled),
+        "unlabelled": len(data.manifest.unlabelled),
     }
     save_json(out / "summary.json", summary)
     return summary
@@ -276,61 +299,47 @@ def train_heads(
 
 def reuse_heads(
     teacher_dir: str | Path,
-    features: np.ndarray,
-    ids: list[str],
-    manifest: ImageManifest,
-    space: LabelSpace,
+    data: ImageFeatures,
     splits: dict[str, Any],
     out_dir: str | Path,
     method: str,
 ) -> dict[str, Any]:
     """Reuse: the teacher's fold heads (`train_heads` on teacher features, in `teacher_dir`),
-    unchanged, on the student's projected features of each fold's test and validation images.
+    unchanged, on the student's projected features (`data`) of each fold's test and validation
+    images.
 
     Raises:
         ConfigError: distillation `method` does not give a student in the teacher's space
             (MCM-KD), or the heads take another feature dimension than the student gives.
+        ValueError: a head made for another label space.
     """
     if reason := registry.get("reuse").applies_to(method):
         raise ConfigError(f"reuse: {reason}")
-    x_all = _as_features(features, ids)
+    space = data.space
     _check_splits(splits, space)
     teacher_dir, out = Path(teacher_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test_rows: list[dict[str, Any]] = []
     val_rows: list[dict[str, Any]] = []
     for k, fold in enumerate(splits["folds"]):
-        head = load_head(teacher_dir / f"fold_{k}.pt")
-        if head.in_dim != x_all.shape[1]:
+        path = teacher_dir / f"fold_{k}.pt"
+        head = load_head(path)
+        if head.in_dim != data.dim:
             raise ConfigError(
                 f"reuse: the teacher's head takes {head.in_dim}-d features but the student gives "
-                f"{x_all.shape[1]}-d: only a student in the teacher's space (distill.method vfd "
-                "or fpd) can reuse it"
+                f"{data.dim}-d: only a student in the teacher's space (distill.method vfd or "
+                "fpd) can reuse it"
             )
         if head.n_classes != len(space.classes) or head.multi_label != space.multi_label:
             raise ValueError(
-                f"{teacher_dir / f'fold_{k}.pt'}: a head for {head.n_classes} classes "
-                f"(multi_label {head.multi_label}), the task has {len(space.classes)} "
-                f"(multi_label {space.multi_label})"
+                f"{path}: a head for {head.n_classes} classes (multi_label {head.multi_label}), "
+                f"the task has {len(space.classes)} (multi_label {space.multi_label})"
             )
-        shutil.copy2(teacher_dir / f"fold_{k}.pt", out / f"fold_{k}.pt")
+        shutil.copy2(path, out / f"fold_{k}.pt")
         for part, rows in (("test", test_rows), ("val", val_rows)):
-            x = x_all[_rows(ids, fold[part], f"fold {k} {part}")]
-            y = _targets(space, manifest, fold[part])
-            rows += prediction_rows(head, x, fold[part], y, k, space)
+            x, y = data.part(fold[part], f"fold {k} {part}")
+            rows += prediction_rows(head, x, y, fold[part], k, space)
     _write(out, test_rows, val_rows)
     summary = read_summary(teacher_dir)  # the teacher's folds, reused as they are
     save_json(out / "summary.json", summary)
     return summary
-
-
-def _as_features(features: np.ndarray, ids: list[str]) -> torch.Tensor:
-    x = np.asarray(features, np.float32)
-    if x.ndim != 2 or len(x) != len(ids):
-        raise ValueError(
-            f"features must be (N, D) with one row per image id; got {list(x.shape)} for "
-            f"{len(ids)} ids"
-        )
-    if len(set(ids)) != len(ids):
-        raise ValueError("features: an image id is listed more than once")
-    return torch.from_numpy(np.ascontiguousarray(x))

@@ -230,6 +230,39 @@ def _epoch_loss(
     return float(np.mean(losses)) if losses else float("nan")
 
 
+class EarlyStopping:
+    """Early stopping on the validation loss: `step` records each epoch, keeps a copy of the
+    model's state at the lowest validation loss so far, and says when to stop (`patience` epochs
+    without a lower loss, once `min_epochs` have run); `finish` puts the best state back."""
+
+    def __init__(self, min_epochs: int, patience: int) -> None:
+        self.min_epochs, self.patience = min_epochs, patience
+        self.best_loss, self.best_epoch, self.bad = float("inf"), 0, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def step(self, model: nn.Module, epoch: int, train_loss: float, val_loss: float) -> bool:
+        """Record epoch `epoch` (1-based); True when training should stop."""
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad = val_loss, epoch, 0
+            self.best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            return False
+        self.bad += 1
+        return epoch >= self.min_epochs and self.bad >= self.patience
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Load the best state into `model` (eval mode); its best epoch, loss and history."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        model.eval()
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_loss,
+            "history": self.history,
+        }
+
+
 def train_fold(
     bags: Mapping[str, torch.Tensor],
     labels: dict[str, int],
@@ -248,8 +281,7 @@ def train_fold(
     counts = np.bincount([labels[s] for s in train], minlength=n_classes)
     weights = np.array([1.0 / counts[labels[s]] for s in train])
     weights /= weights.sum()
-    best_loss, best_state, best_epoch, bad = float("inf"), None, 0, 0
-    history = []
+    stopping = EarlyStopping(cfg.min_epochs, cfg.patience)
     for epoch in range(cfg.epochs):
         model.train()
         total = 0.0
@@ -263,19 +295,10 @@ def train_fold(
             opt.step()
             total += loss.item()
         val_loss = _epoch_loss(model, bags, labels, val) if val else total / max(len(train), 1)
-        history.append(
-            {"epoch": epoch + 1, "train_loss": total / max(len(train), 1), "val_loss": val_loss}
-        )
-        if val_loss < best_loss:
-            best_loss, best_epoch, bad = val_loss, epoch + 1, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if epoch + 1 >= cfg.min_epochs and bad >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model.eval(), {"best_epoch": best_epoch, "best_val_loss": best_loss, "history": history}
+        if stopping.step(model, epoch + 1, total / max(len(train), 1), val_loss):
+            break
+    info = stopping.finish(model)
+    return model, info
 
 
 def predict_slides(
