@@ -88,3 +88,22 @@ def test_multiclass_image_table_is_the_slide_table_by_image(tmp_path):
     assert metrics["teacher"]["auc"] > 0.8
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "Image-level metrics" in report and "every image, the test folds' images" in report
+
+
+def test_folds_without_validation_images_fall_back_to_half(tmp_path):
+    m = _cohort(MULTI)
+    x, ids = _features(m, MULTI)
+    splits = image_splits(m, MULTI, 3, 0.25, seed=0)
+    for f in splits["folds"]:  # every validation image moved to training
+        f["train"], f["val"] = sorted(f["train"] + f["val"]), []
+    data = image_features(x, ids, m, MULTI)
+    train_heads(data, splits, tmp_path / "teacher", FAST, seed=0)
+    assert read_folds(tmp_path / "teacher" / VAL_PREDICTIONS).size == 0  # a header only
+    params = params_from_dict(tiny_params_dict())
+    metrics = evaluate({"teacher": tmp_path / "teacher" / "predictions.csv"}, tmp_path / "e",
+                       params, space=MULTI)  # fmt: skip
+    for k in ("0", "1", "2"):
+        assert metrics["teacher"]["thresholds"][k] == {
+            "thresholds": [0.5] * 3,
+            "fallback": [0, 1, 2],
+        }

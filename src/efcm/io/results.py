@@ -26,16 +26,17 @@ def write_predictions(
     attention: dict[str, np.ndarray] | None = None,
     *,
     name: str = "predictions.csv",
+    fields: list[str] | None = None,
 ) -> None:
     """out_dir/predictions.csv (the out-of-fold predictions; another file `name`) and
     out_dir/attention.h5 (one dataset per test slide, aligned with its features' coords),
-    atomically."""
+    atomically. `fields`: the columns (default: the first row's keys; give them for no rows)."""
     import h5py
 
     pred = out_dir / name
     tmp = atomic_path(pred)
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, pred)

@@ -139,8 +139,10 @@ class ImageFeatures:
             )
         x = self.x[[index[s] for s in images]]
         if self.space.multi_label:
-            y = torch.from_numpy(np.stack([t[s] for s in images]).astype(np.float32))
-            return x, y.reshape(len(images), len(self.space.classes))
+            hot = np.zeros((len(images), len(self.space.classes)), np.float32)
+            for i, s in enumerate(images):
+                hot[i] = t[s]
+            return x, torch.from_numpy(hot)
         return x, torch.tensor([int(t[s]) for s in images], dtype=torch.long)
 
 
@@ -240,8 +242,9 @@ def prediction_rows(
 
 def _write(out: Path, test_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]) -> None:
     write_predictions(out, test_rows)
-    if val_rows:  # none when every stratum had a single case left for validation
-        write_predictions(out, val_rows, name=VAL_PREDICTIONS)
+    # written even without rows (no stratum had two cases left for validation): evaluation
+    # then gives every class of every fold the fallback threshold
+    write_predictions(out, val_rows, name=VAL_PREDICTIONS, fields=list(test_rows[0]))
 
 
 def _check_splits(splits: dict[str, Any], space: LabelSpace) -> None:
