@@ -316,7 +316,9 @@ def reuse_heads(
             (MCM-KD), or the heads take another feature dimension than the student gives.
         ValueError: a head made for another label space.
     """
-    if reason := registry.get("reuse").applies_to(method):
+    # the registry's rule for the slide strategies that need the teacher's space, the slide Reuse
+    refusals = (s.applies_to(method) for s in registry.STRATEGIES.values() if s.needs_teacher_space)
+    if reason := next((r for r in refusals if r), None):
         raise ConfigError(f"reuse: {reason}")
     space = data.space
     _check_splits(splits, space)
