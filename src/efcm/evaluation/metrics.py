@@ -11,6 +11,11 @@ The intervals are percentile intervals. `paired_delta` applies the same resample
 scored on the same slides (student minus teacher): usually far tighter than comparing two separate
 intervals, because the case mix that helps or hurts one model tends to do the same to the other.
 
+Multi-label image tasks (`multilabel_scores`) go through the same resamples: per-class AUROC,
+the macro AUROC as `auc`, and the mean per-class F1 at thresholds picked on each fold's
+validation rows (`pick_thresholds`, `threshold_by_fold`); their `Scores` name their own metrics,
+and `paired` compares them alike.
+
 Localisation: a slide's patch attention is scored against its tumour ground-truth mask by AUROC
 (`localisation_auroc`): a patch counts as tumour when at least half of its footprint on the mask is
 tumour. Slides without tumour patches, or with only tumour patches, have no AUROC (NaN) and are
