@@ -71,6 +71,20 @@ class ImageDemoParams(_Section):
     unlabelled: int = Field(8, ge=0, description="the first this many images have no label")
 
 
+class ImageHeadParams(_Section):
+    """The linear heads of the image-level strategies on features (`efcm.training.image_heads`):
+    the teacher's linear probe, and the head retrained on the student's features. As in the
+    RETFound / MRM linear-probe protocol: features standardised with the training split's
+    mean and std, one linear layer, early stopping on the validation loss (best epoch kept)."""
+
+    epochs: int = Field(200, ge=1)
+    min_epochs: int = Field(10, ge=0)
+    patience: int = Field(20, ge=1, description="epochs without a better validation loss")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+
+
 # Image task presets: the preprocessing and label space of the two demo tasks (and of the
 # RETFound / MRM settings they stand for). Keys given next to `preset` override it.
 IMAGE_PRESETS: dict[str, dict[str, Any]] = {
@@ -134,6 +148,7 @@ class ImageParams(_Section):
         "all", description="the batch fails (exit 1) when all / any / never an image fails"
     )
     demo: ImageDemoParams = ImageDemoParams()
+    head: ImageHeadParams = ImageHeadParams()
 
     @model_validator(mode="before")
     @classmethod

@@ -8,7 +8,9 @@ non-inferiority test on the paired, case-level bootstrap interval of student min
     delta_auc_ci_low >= -deploy.max_auc_drop   and   student AUROC > deploy.min_auc
 
 so a student whose point AUROC is close to the teacher's but whose interval reaches further below
-than the allowed drop is not promoted: the evaluation cannot show it is non-inferior. A missing or
+than the allowed drop is not promoted: the evaluation cannot show it is non-inferior. An image
+task's rows carry the same keys: for a multi-label task `auc` is the macro AUROC over its classes
+(`efcm.evaluation.metrics.multilabel_scores`), and the rule reads it unchanged. A missing or
 undefined figure (a one-class evaluation gives NaN) never promotes. The decision, its reason and
 the rule go to `decision.json` and `decision.md` (the Kubeflow UI shows the Markdown).
 """

@@ -11,6 +11,11 @@ The intervals are percentile intervals. `paired_delta` applies the same resample
 scored on the same slides (student minus teacher): usually far tighter than comparing two separate
 intervals, because the case mix that helps or hurts one model tends to do the same to the other.
 
+Multi-label image tasks (`multilabel_scores`) go through the same resamples: per-class AUROC,
+the macro AUROC as `auc`, and the mean per-class F1 at thresholds picked on each fold's
+validation rows (`pick_thresholds`, `threshold_by_fold`); their `Scores` name their own metrics,
+and `paired` compares them alike.
+
 Localisation: a slide's patch attention is scored against its tumour ground-truth mask by AUROC
 (`localisation_auroc`): a patch counts as tumour when at least half of its footprint on the mask is
 tumour. Slides without tumour patches, or with only tumour patches, have no AUROC (NaN) and are
@@ -19,7 +24,7 @@ left out of the mean (`mean_localisation_auroc`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +37,12 @@ from torchmetrics.functional.classification import (
     multiclass_auroc,
     multiclass_confusion_matrix,
     multiclass_f1_score,
+    multilabel_auroc,
+    multilabel_f1_score,
 )
 
 METRICS = ("acc", "balanced_acc", "auc", "f1")
+DELTA_METRICS = ("auc", "balanced_acc", "f1")
 
 
 def _point(probs: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, float]:
@@ -106,25 +114,29 @@ def case_resamples(groups: Sequence[str], n_bootstrap: int, seed: int) -> Iterat
 
 
 def _resampled_points(
-    p: torch.Tensor,
-    y: torch.Tensor,
-    n_classes: int,
+    point: Callable[[torch.Tensor], dict[str, float]],
+    valid: Callable[[torch.Tensor], bool],
+    names: Sequence[str],
     groups: Sequence[str] | None,
+    n: int,
     n_bootstrap: int,
     seed: int,
 ) -> tuple[np.ndarray, int]:
-    """(kept resamples, len(METRICS)) metric values, and the number dropped for a missing
-    class (which depends on the labels and the draws only, so is the same for every model)."""
-    codes, n_cases = _case_codes(groups, len(y))
+    """(kept resamples, len(names)) metric values, and the number of resamples dropped because
+    `valid` refused them (it looks at the labels only, so the count is the same for every model).
+
+    `point(idx)` scores the rows `idx` (a LongTensor); `valid(idx)` says whether they can be
+    scored (slides: every class present)."""
+    codes, n_cases = _case_codes(groups, n)
     kept, dropped = [], 0
     for idx in _resamples(codes, n_cases, n_bootstrap, seed):
-        yi = y[torch.from_numpy(idx)]
-        if len(torch.unique(yi)) < n_classes:
+        rows = torch.from_numpy(idx)
+        if not valid(rows):
             dropped += 1
             continue
-        point = _point(p[torch.from_numpy(idx)], yi, n_classes)
-        kept.append([point[m] for m in METRICS])
-    return np.asarray(kept, np.float64).reshape(-1, len(METRICS)), dropped
+        values = point(rows)
+        kept.append([values[m] for m in names])
+    return np.asarray(kept, np.float64).reshape(-1, len(names)), dropped
 
 
 def _interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
@@ -142,12 +154,14 @@ class Scores:
     (`paired`)."""
 
     point: dict[str, float]
-    samples: np.ndarray  # (kept resamples, len(METRICS))
+    samples: np.ndarray  # (kept resamples, len(metrics))
     dropped: int  # resamples lacking a class (depends on labels and draws only)
     n: int
     n_cases: int
     n_bootstrap: int
     seed: int
+    metrics: tuple[str, ...] = METRICS  # the columns of `samples`
+    deltas: tuple[str, ...] = DELTA_METRICS  # those `paired` compares
 
 
 def bootstrap_scores(
@@ -164,7 +178,15 @@ def bootstrap_scores(
     `case_resamples`; `groups` None: each row is its own case)."""
     p, y = torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
     _check_probs(p, y, n_classes, what)
-    samples, dropped = _resampled_points(p, y, n_classes, groups, n_bootstrap, seed)
+    samples, dropped = _resampled_points(
+        lambda idx: _point(p[idx], y[idx], n_classes),
+        lambda idx: len(torch.unique(y[idx])) == n_classes,
+        METRICS,
+        groups,
+        len(y),
+        n_bootstrap,
+        seed,
+    )
     n_cases = _case_codes(groups, len(y))[1]
     return Scores(_point(p, y, n_classes), samples, dropped, len(y), n_cases, n_bootstrap, seed)
 
@@ -173,7 +195,7 @@ def summarise(scores: Scores, ci: float) -> dict[str, Any]:
     """The point estimates with their percentile intervals, and the counts (see
     `classification_metrics`)."""
     out: dict[str, Any] = dict(scores.point)
-    for j, m in enumerate(METRICS):
+    for j, m in enumerate(scores.metrics):
         out[f"{m}_ci_low"], out[f"{m}_ci_high"] = _interval(scores.samples[:, j], ci)
     out["n"] = scores.n
     out["n_cases"] = scores.n_cases
@@ -214,12 +236,9 @@ def classification_metrics(
     return summarise(scores, ci)
 
 
-DELTA_METRICS = ("auc", "balanced_acc", "f1")
-
-
 def paired(student: Scores, teacher: Scores, ci: float) -> dict[str, Any]:
     """Student minus teacher from their scores on the same resamples (see `paired_delta`)."""
-    same = ("n", "n_cases", "n_bootstrap", "seed", "dropped")
+    same = ("n", "n_cases", "n_bootstrap", "seed", "dropped", "metrics", "deltas")
     if any(getattr(student, k) != getattr(teacher, k) for k in same):
         raise ValueError(
             "paired: the two models were not scored on the same resamples (give both the same "
@@ -227,8 +246,8 @@ def paired(student: Scores, teacher: Scores, ci: float) -> dict[str, Any]:
         )
     diff = student.samples - teacher.samples  # the same resamples, row by row
     out: dict[str, Any] = {}
-    for m in DELTA_METRICS:
-        j = METRICS.index(m)
+    for m in student.deltas:
+        j = student.metrics.index(m)
         out[f"delta_{m}"] = student.point[m] - teacher.point[m]
         out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = _interval(diff[:, j], ci)
     out["delta_bootstrap_dropped"] = student.dropped
@@ -280,11 +299,186 @@ def paired_delta(
     return paired(s, t, ci)
 
 
+# -- multi-label tasks (images: a chest X-ray may show several findings) ---------------------------
+
+#: The threshold of a class whose validation rows of a fold hold one label value only (no positive,
+#: or no negative image): no threshold can be picked on them, so the probability 0.5 is used, the
+#: decision boundary of a head trained with BCE.
+FALLBACK_THRESHOLD = 0.5
+MULTILABEL_METRICS = ("auc", "f1")
+
+
+def scored_classes(targets: np.ndarray) -> np.ndarray:
+    """(C,) bool: the classes that hold both label values among `targets` (N, C) 0/1, the only
+    ones with an AUROC (and a defined F1 at every threshold)."""
+    t = np.asarray(targets)
+    if len(t) == 0:
+        return np.zeros(t.shape[1] if t.ndim == 2 else 0, bool)
+    return (t.max(0) > 0) & (t.min(0) == 0)
+
+
+def pick_thresholds(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the threshold of maximal F1 on these rows (a fold's validation predictions).
+
+    A row is predicted positive when its probability is >= the threshold; the candidates are the
+    class's distinct probabilities, and among thresholds of equal F1 the highest is taken (the
+    fewest positive calls). A class with one label value only in these rows gets
+    `FALLBACK_THRESHOLD`.
+
+    Args:
+        probs: (N, C) probabilities.
+        targets: (N, C) 0/1 labels.
+
+    Returns:
+        thresholds (C,) float64, and fell_back (C,) bool: the classes given the fallback.
+    """
+    p, t = np.asarray(probs, np.float64), np.asarray(targets)
+    if p.ndim != 2 or p.shape != t.shape:
+        raise ValueError(
+            f"probs {list(p.shape)} and targets {list(t.shape)} must be the same (N, C)"
+        )
+    ok = scored_classes(t)
+    thresholds = np.full(p.shape[1], FALLBACK_THRESHOLD)
+    for c in np.flatnonzero(ok):
+        order = np.argsort(-p[:, c], kind="stable")
+        ps, ys = p[order, c], t[order, c] > 0
+        last = np.r_[ps[1:] != ps[:-1], True]  # the last row of each distinct probability
+        tp = np.cumsum(ys)[last]
+        fp = np.cumsum(~ys)[last]
+        f1 = 2 * tp / (2 * tp + fp + (ys.sum() - tp))
+        thresholds[c] = ps[last][int(np.argmax(f1))]  # first maximum: the highest threshold
+    return thresholds, ~ok
+
+
+def threshold_by_fold(
+    probs: np.ndarray,
+    folds: np.ndarray,
+    val_probs: np.ndarray,
+    val_targets: np.ndarray,
+    val_folds: np.ndarray,
+) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+    """The 0/1 calls of test predictions at thresholds picked on the validation split of their own
+    fold (`pick_thresholds`): the test rows never choose their threshold.
+
+    Args:
+        probs: (N, C) test (out-of-fold) probabilities; folds: (N,) the fold of each.
+        val_probs, val_targets: (M, C) each fold's validation predictions and 0/1 labels;
+            val_folds: (M,) the fold whose validation split each row belongs to.
+
+    Returns:
+        predicted (N, C) int64, and {fold: {"thresholds": [C floats], "fallback": [class
+        indices given FALLBACK_THRESHOLD]}}.
+    """
+    p, f = np.asarray(probs, np.float64), np.asarray(folds)
+    vp, vt, vf = np.asarray(val_probs), np.asarray(val_targets), np.asarray(val_folds)
+    predicted = np.zeros(p.shape, np.int64)
+    picked: dict[int, dict[str, Any]] = {}
+    for k in np.unique(f):
+        thr, fell_back = pick_thresholds(vp[vf == k], vt[vf == k])
+        rows = f == k
+        predicted[rows] = (p[rows] >= thr).astype(np.int64)
+        picked[int(k)] = {
+            "thresholds": [float(x) for x in thr],
+            "fallback": [int(c) for c in np.flatnonzero(fell_back)],
+        }
+    return predicted, picked
+
+
+def _multilabel_point(
+    p: torch.Tensor, y: torch.Tensor, called: torch.Tensor, cols: list[int], classes: Sequence[str]
+) -> dict[str, float]:
+    out = {f"{m}_{c}": float("nan") for m in MULTILABEL_METRICS for c in classes}
+    out.update(auc=float("nan"), f1=float("nan"))
+    if not cols:
+        return out
+    n = len(cols)
+    auc = multilabel_auroc(p[:, cols], y[:, cols], n, average="none").reshape(-1)
+    f1 = multilabel_f1_score(called[:, cols], y[:, cols], n, average="none").reshape(-1)
+    for j, c in enumerate(cols):
+        out[f"auc_{classes[c]}"] = float(auc[j])
+        out[f"f1_{classes[c]}"] = float(f1[j])
+    out["auc"], out["f1"] = float(auc.mean()), float(f1.mean())
+    return out
+
+
+def multilabel_scores(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    classes: Sequence[str],
+    *,
+    groups: Sequence[str] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    what: str = "probs",
+) -> Scores:
+    """Score a multi-label model on all rows and on patient-level resamples (`case_resamples`).
+
+    `auc` is the macro AUROC: the mean of the per-class AUROCs (`auc_<class>`) over the classes
+    that hold both label values among all the rows (`scored_classes`); a class with one value only
+    has NaN metrics and is left out of both means, on every resample alike. `f1` is the mean over
+    the same classes of the per-class F1 (`f1_<class>`) of the 0/1 calls `predicted` (made at
+    thresholds picked on validation rows: `threshold_by_fold`; they stay fixed across
+    resamples). A resample in which a scored class lacks its positives or its negatives is
+    dropped for every metric (`dropped`), so every kept resample averages the same classes.
+
+    Args:
+        probs: (N, C) probabilities; targets: (N, C) 0/1 labels; predicted: (N, C) 0/1 calls.
+        classes: the C class names (the per-class keys).
+        groups: the case id of each row; None: each row is its own case.
+
+    Raises:
+        ValueError: the three arrays are not all (N, C) with C = len(classes).
+    """
+    shapes = {k: np.shape(v) for k, v in (("probs", probs), ("targets", targets),
+                                          ("predicted", predicted))}  # fmt: skip
+    if (
+        any(len(sh) != 2 or sh[1] != len(classes) for sh in shapes.values())
+        or len(set(shapes.values())) > 1
+    ):
+        raise ValueError(
+            f"{what}: probs, targets and predicted must all be [N, {len(classes)}]; got "
+            + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+        )
+    p = torch.as_tensor(np.asarray(probs), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    called = torch.as_tensor(np.asarray(predicted), dtype=torch.long)
+    cols = [int(c) for c in np.flatnonzero(scored_classes(np.asarray(targets)))]
+    per_class = tuple(f"{m}_{c}" for m in MULTILABEL_METRICS for c in classes)
+
+    def valid(idx: torch.Tensor) -> bool:
+        yi = y[idx][:, cols]
+        return bool(((yi.max(0).values > 0) & (yi.min(0).values == 0)).all()) if cols else True
+
+    samples, dropped = _resampled_points(
+        lambda idx: _multilabel_point(p[idx], y[idx], called[idx], cols, classes),
+        valid,
+        MULTILABEL_METRICS + per_class,
+        groups,
+        len(y),
+        n_bootstrap,
+        seed,
+    )
+    return Scores(
+        _multilabel_point(p, y, called, cols, classes),
+        samples,
+        dropped,
+        len(y),
+        _case_codes(groups, len(y))[1],
+        n_bootstrap,
+        seed,
+        metrics=MULTILABEL_METRICS + per_class,
+        deltas=(*MULTILABEL_METRICS, *(f"auc_{c}" for c in classes)),
+    )
+
+
 def roc_points(probs: np.ndarray, labels: np.ndarray, positive: int = 1) -> list[dict[str, float]]:
-    """ROC curve of class `positive` vs the rest: [{fpr, tpr, threshold}, ...]."""
+    """ROC curve of class `positive` vs the rest: [{fpr, tpr, threshold}, ...]. `labels`: (N,)
+    class indices, or (N, C) 0/1 (multi-label: the images showing class `positive`)."""
+    truth = labels[:, positive] > 0 if np.ndim(labels) == 2 else labels == positive
     fpr, tpr, thr = binary_roc(
         torch.as_tensor(probs[:, positive], dtype=torch.float32),
-        torch.as_tensor(labels == positive, dtype=torch.long),
+        torch.as_tensor(truth, dtype=torch.long),
     )
     return [
         {"fpr": round(float(a), 6), "tpr": round(float(b), 6), "threshold": round(float(c), 6)}

@@ -32,27 +32,31 @@ from efcm.evaluation.metrics import (
     confusion,
     localisation_auroc,
     mean_localisation_auroc,
+    multilabel_scores,
     paired,
     roc_points,
     summarise,
+    threshold_by_fold,
 )
 from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path, save_json
+from efcm.io.image_manifest import LabelSpace
 from efcm.io.manifest import Manifest
-from efcm.io.results import read_folds, read_predictions
+from efcm.io.results import VAL_PREDICTIONS, read_folds, read_predictions
 from efcm.registry import TEACHER_ROW, is_student_row
 
 log = logging.getLogger(__name__)
 
 
-# (probs (N, C), labels (N,), slide ids, folds (N,)) of one row, sorted by slide id
+# (probs (N, C), labels (N,) or (N, C) 0/1, slide or image ids, folds (N,)) of one row, sorted
+# by id
 Preds = tuple[np.ndarray, np.ndarray, list[str], np.ndarray]
 
 
-def _read_sorted(path: str | Path, classes: tuple[str, ...]) -> Preds:
+def _read_sorted(path: str | Path, classes: tuple[str, ...], multi_label: bool = False) -> Preds:
     """A predictions.csv sorted by slide id: each row's file has its own order, and the paired
     statistics need slide i to be the same slide in every row."""
-    probs, labels, ids = read_predictions(path, classes)
+    probs, labels, ids = read_predictions(path, classes, multi_label=multi_label)
     folds = read_folds(path)
     repeated = sorted(s for s, n in Counter(ids).items() if n > 1)
     if repeated:
@@ -69,7 +73,7 @@ def _check_same_slides(preds: dict[str, Preds]) -> None:
                 f"models {ref_name!r} and {name!r} were tested on different slides: "
                 "train them on the same splits"
             )
-        differ = [s for s, a, b in zip(ids, labels, ref_labels, strict=True) if a != b]
+        differ = [s for s, a, b in zip(ids, labels, ref_labels, strict=True) if np.any(a != b)]
         if differ:
             raise ValueError(
                 f"models {ref_name!r} and {name!r} disagree on the label of slide(s) "
@@ -136,6 +140,21 @@ def localisation(
     return mean_localisation_auroc(aurocs) if aurocs else None
 
 
+def _calls(
+    path: Path, probs: np.ndarray, folds: np.ndarray, classes: tuple[str, ...]
+) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+    """A multi-label row's 0/1 calls: per fold, the thresholds of max F1 on that fold's
+    validation predictions (`val_predictions.csv` beside `path`), applied to its test rows."""
+    val = path.with_name(VAL_PREDICTIONS)
+    if not val.is_file():
+        raise FileNotFoundError(
+            f"{val}: missing; a multi-label task's F1 thresholds are picked on each fold's "
+            "validation predictions, which the image strategies write beside predictions.csv"
+        )
+    val_probs, val_targets, _ = read_predictions(val, classes, multi_label=True)
+    return threshold_by_fold(probs, folds, val_probs, val_targets, read_folds(val))
+
+
 def evaluate(
     predictions: dict[str, str | Path],
     out_dir: str | Path,
@@ -144,10 +163,20 @@ def evaluate(
     localisation: dict[str, float | None] | None = None,
     cases: Mapping[str, str] | None = None,
     left_out: Mapping[str, str] | None = None,
+    *,
+    space: LabelSpace | None = None,
 ) -> dict[str, Any]:
     """Compare models given as {name: predictions.csv}; `left_out` names the strategies the run
     did not compare, with the reason (report.md says so); returns the metrics written to
     metrics.json.
+
+    An image task (`space` given: `image.classes`, `image.multi_label`) is evaluated alike, image
+    by image, cases from the image manifest. A multi-label one is scored by
+    `efcm.evaluation.metrics.multilabel_scores`: `auc` is the macro AUROC (what the gate reads),
+    `f1` the mean per-class F1 at thresholds picked on each fold's validation predictions
+    (`val_predictions.csv` next to each predictions.csv; `threshold_by_fold`), recorded per
+    row under `thresholds`; `auc_<class>` and `f1_<class>` per class; ROC curves
+    `roc/<model>.<class>.csv`, no confusion matrix.
 
     Args:
         predictions: {row name: predictions.csv}; `teacher` is the reference of the paired
@@ -158,33 +187,52 @@ def evaluate(
         localisation: {row name: mean attention localisation AUROC}, if measured.
         cases: {slide_id: case_id} (the manifest's); intervals resample cases. None: each slide
             is its own case, and the report says the intervals resample slides.
+        space: the label space of an image task; None: the slide task (`dataset.classes`).
     """
-    classes = tuple(params.dataset.classes)
+    classes = space.classes if space else tuple(params.dataset.classes)
+    multi_label = space is not None and space.multi_label
     out = Path(out_dir)
     (out / "roc").mkdir(parents=True, exist_ok=True)
-    preds = {name: _read_sorted(p, classes) for name, p in predictions.items()}
+    preds = {name: _read_sorted(p, classes, multi_label) for name, p in predictions.items()}
     _check_same_slides(preds)
     groups = _groups(next(iter(preds.values()))[2], cases)
     # one seed and one set of cases for every row: all rows are scored on the same resamples
     n_boot, ci, seed = params.evaluate.bootstrap, params.evaluate.ci, params.seed
     # each row scored once on the resamples; its interval and its paired difference with the
     # teacher both read those scores
-    scores = {
-        name: bootstrap_scores(
-            probs, labels, len(classes), groups=groups, n_bootstrap=n_boot, seed=seed
-        )
-        for name, (probs, labels, _, _) in preds.items()
-    }
+    called: dict[str, np.ndarray] = {}  # multi-label: each row's 0/1 calls
+    picked: dict[str, dict[int, dict[str, Any]]] = {}  # and the thresholds that made them
+    if multi_label:
+        for name, (probs, _, _, folds) in preds.items():
+            called[name], picked[name] = _calls(Path(predictions[name]), probs, folds, classes)
+        scores = {
+            name: multilabel_scores(
+                probs, labels, called[name], classes, groups=groups, n_bootstrap=n_boot, seed=seed
+            )
+            for name, (probs, labels, _, _) in preds.items()
+        }
+    else:
+        scores = {
+            name: bootstrap_scores(
+                probs, labels, len(classes), groups=groups, n_bootstrap=n_boot, seed=seed
+            )
+            for name, (probs, labels, _, _) in preds.items()
+        }
     metrics: dict[str, Any] = {}
     for name, (probs, labels, _, folds) in preds.items():
         m = summarise(scores[name], ci)
         per_fold = [
-            classification_metrics(
+            multilabel_scores(
+                probs[folds == f], labels[folds == f], called[name][folds == f], classes,
+                n_bootstrap=0,
+            ).point
+            if multi_label
+            else classification_metrics(
                 probs[folds == f], labels[folds == f], len(classes), n_bootstrap=0
             )
             for f in np.unique(folds)
-        ]
-        for k in METRICS:  # the mean over folds, next to the pooled out-of-fold estimate
+        ]  # fmt: skip
+        for k in scores[name].metrics:  # the mean over folds, next to the pooled estimate
             values = [pf[k] for pf in per_fold if not np.isnan(pf[k])]
             m[f"{k}_fold_mean"] = float(np.mean(values)) if values else float("nan")
         if is_student_row(name) and TEACHER_ROW in preds:
@@ -203,6 +251,16 @@ def evaluate(
         metrics[name] = {
             k: (round(v, 6) + 0.0 if isinstance(v, float) else v) for k, v in m.items()
         }
+        if multi_label:
+            metrics[name]["thresholds"] = {str(k): v for k, v in picked[name].items()}
+            for c, cls in enumerate(classes):
+                if len(np.unique(labels[:, c])) == 2:  # a class with one value has no curve
+                    _write_csv(
+                        out / "roc" / f"{name}.{cls}.csv",
+                        ["fpr", "tpr", "threshold"],
+                        roc_points(probs, labels, positive=c),
+                    )
+            continue
         _write_csv(
             out / "roc" / f"{name}.csv",
             ["fpr", "tpr", "threshold"],
@@ -225,7 +283,7 @@ def evaluate(
             if k in efficiency
         }
     save_json(out / "metrics.json", metrics)
-    text = report(metrics, params, case_level=cases is not None, left_out=left_out)
+    text = report(metrics, params, case_level=cases is not None, left_out=left_out, space=space)
     if efficiency:
         save_json(out / "efficiency.json", efficiency)
         text += "\n## Cost per patch (teacher vs student, one run, this machine)\n\n"
@@ -249,27 +307,43 @@ def _ci_cell(m: dict[str, Any], key: str) -> str:
     return f"{m[key]:.3f} [{m[key + '_ci_low']:.3f}, {m[key + '_ci_high']:.3f}]"
 
 
-def _intervals_text(metrics: dict[str, Any], params: Params, case_level: bool) -> str:
+def _intervals_text(
+    metrics: dict[str, Any], params: Params, case_level: bool, space: LabelSpace | None = None
+) -> str:
     """What the intervals estimate, in words, from the first model row (every row shares the
     slides, the cases and the resamples)."""
     m = next(v for k, v in metrics.items() if k != "efficiency")
     n, n_cases, b = m["n"], m["n_cases"], m["bootstrap"]
     if b == 0:
         return "No intervals: `evaluate.bootstrap` is 0, so the bracketed bounds are NaN."
-    one_class = "a single class" if len(params.dataset.classes) == 2 else "a class missing"
+    unit = "image" if space else "slide"
+    classes = space.classes if space else params.dataset.classes
+    one_class = "a single class" if len(classes) == 2 else "a class missing"
+    if space and space.multi_label:
+        one_class = "a scored class lacking its positive or its negative images"
     dropped = f"{m['bootstrap_dropped']} resamples with {one_class} dropped"
     ci = round(params.evaluate.ci * 100)
     if case_level:
         return (
             f"{ci}% percentile intervals from {b} resamples of patients (case_id), "
-            f"{n} slides of {n_cases} patients; {dropped}. The slides of one patient are drawn "
+            f"{n} {unit}s of {n_cases} patients; {dropped}. The {unit}s of one patient are drawn "
             "together, and every row (and both sides of each difference) uses the same resamples."
         )
     return (
-        f"{ci}% percentile intervals from {b} resamples of slides (no case ids were given, so "
-        f"each slide counts as its own patient: the intervals are too narrow when a patient has "
-        f"several slides), {n} slides; {dropped}."
+        f"{ci}% percentile intervals from {b} resamples of {unit}s (no case ids were given, so "
+        f"each {unit} counts as its own patient: the intervals are too narrow when a patient has "
+        f"several {unit}s), {n} {unit}s; {dropped}."
     )
+
+
+MULTILABEL_NOTE = (
+    "Multi-label task: `auc` is the macro AUROC, the mean of the per-class AUROCs over the classes "
+    "that hold both positive and negative test images (a class with one value only has no AUROC "
+    "and is left out, with NaN); `f1` is the mean per-class F1 over the same classes, each "
+    "image called positive when its probability reaches the class threshold of its fold, picked "
+    "as the threshold of maximal F1 on that fold's validation images (never its test images; "
+    "0.5 where the validation images hold one value only: metrics.json `thresholds`)."
+)
 
 
 DISTILLATION_NOTE = (
@@ -286,13 +360,21 @@ def report(
     *,
     case_level: bool = True,
     left_out: Mapping[str, str] | None = None,
+    space: LabelSpace | None = None,
 ) -> str:
     """report.md: the metrics table with CIs, the paired student minus teacher table, what the
     intervals estimate, and the strategies left out and why. `case_level`: the intervals
-    resampled case ids (not slides)."""
+    resampled case ids (not slides). `space`: an image task's label space (see `evaluate`)."""
     ci = round(params.evaluate.ci * 100)
-    head = ["model", "slides", "patients", "params", "GFLOPs/patch", "patches/s"]
-    head += [f"{m} ({ci}% CI)" for m in METRICS] + ["attention localisation AUROC"]
+    unit = "image" if space else "slide"
+    multi_label = space is not None and space.multi_label
+    names: tuple[str, ...] = METRICS
+    delta_names: tuple[str, ...] = ("auc", "balanced_acc", "f1")
+    if multi_label:  # the macro AUROC, the mean F1, the AUROC of each class; and their deltas
+        names = delta_names = ("auc", "f1", *(f"auc_{c}" for c in space.classes))
+    extra = "each fold's thresholds" if multi_label else "the confusion matrix"
+    head = ["model", f"{unit}s", "patients", "params", "GFLOPs/patch", "patches/s"]
+    head += [f"{m} ({ci}% CI)" for m in names] + ["attention localisation AUROC"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = {name: m for name, m in metrics.items() if name != "efficiency"}
     for name, m in rows.items():
@@ -304,32 +386,34 @@ def report(
             f"{m['gflops_per_patch']:.3f}" if "gflops_per_patch" in m else "-",
             f"{m['patches_per_s']:.1f}" if "patches_per_s" in m else "-",
         ]
-        cells += [_ci_cell(m, k) for k in METRICS]
+        cells += [_ci_cell(m, k) for k in names]
         loc = m.get("localisation_auroc")
         cells.append("-" if loc is None else f"{loc:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     text = (
-        "# EFCM evaluation\n\nSlide-level metrics of the out-of-fold predictions pooled over the "
-        "folds (the same patient-level folds for every row), with bootstrap CIs; metrics.json also "
-        "has each metric's mean over folds (`<metric>_fold_mean`) and the confusion matrix.\n\n"
+        f"# EFCM evaluation\n\n{unit.capitalize()}-level metrics of the out-of-fold predictions "
+        "pooled over the folds (the same patient-level folds for every row), with bootstrap CIs; "
+        "metrics.json also has each metric's mean over folds (`<metric>_fold_mean`) and "
+        f"{extra}.\n\n"
         + "\n".join(lines)
         + "\n\n"
-        + _intervals_text(metrics, params, case_level)
+        + _intervals_text(metrics, params, case_level, space)
         + "\n"
+        + (f"\n{MULTILABEL_NOTE}\n" if multi_label else "")
     )
     deltas = {name: m for name, m in rows.items() if "delta_auc" in m}
     if deltas:
-        head = ["model", f"delta AUC ({ci}% CI)", f"delta balanced acc ({ci}% CI)"]
-        head += [f"delta F1 ({ci}% CI)"]
+        words = {"auc": "AUC", "balanced_acc": "balanced acc", "f1": "F1"}
+        head = ["model"] + [f"delta {words.get(k, k)} ({ci}% CI)" for k in delta_names]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, m in deltas.items():
-            cells = [name] + [_ci_cell(m, f"delta_{k}") for k in ("auc", "balanced_acc", "f1")]
+            cells = [name] + [_ci_cell(m, f"delta_{k}") for k in delta_names]
             lines.append("| " + " | ".join(cells) + " |")
         text += (
             "\n## Student minus teacher (paired, case-level bootstrap)\n\n"
             "Each difference is computed on the same resample for both models, so the interval "
             "is that of the difference itself; an interval below 0 means the student is worse"
-            + ("" if case_level else " (here each slide is its own case)")
+            + ("" if case_level else f" (here each {unit} is its own case)")
             + ".\n\n"
             + "\n".join(lines)
             + "\n"
@@ -338,7 +422,8 @@ def report(
         text += "\n## Strategies left out\n\n" + "".join(
             f"- `{name}`: {why}\n" for name, why in left_out.items()
         )
-    return text + "\n## Distillation and the test folds\n\n" + DISTILLATION_NOTE + "\n"
+    note = DISTILLATION_NOTE.replace("slide", unit)
+    return text + "\n## Distillation and the test folds\n\n" + note + "\n"
 
 
 def measure_efficiency(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,57 @@ from efcm.io.results import write_predictions
 from efcm.models.clam import CLAMBase, build_clam, save_clam
 
 log = logging.getLogger(__name__)
+
+
+def split_cases(
+    items: Mapping[str, list[str]],
+    stratum: Mapping[str, str],
+    strata: Sequence[str],
+    folds: int,
+    val_fraction: float,
+    seed: int,
+) -> list[dict[str, list[str]]]:
+    """Patient-level stratified k-fold over cases: the cases of each stratum (in `strata`
+    order) are shuffled and dealt to the folds in turn, continuing where the previous stratum
+    stopped; in each fold, a share `val_fraction` of the remaining cases of each stratum (at least
+    one where the stratum has two or more) is held out for early stopping.
+
+    Args:
+        items: case_id -> its item ids (slides, images).
+        stratum: case_id -> its stratum (a slide's class; an image case's rarest class).
+        strata: every stratum, in dealing order.
+
+    Returns:
+        one {"train", "val", "test"} per fold, each a sorted list of item ids; a case's items
+        are always in the same part.
+    """
+    rng = np.random.default_rng(seed)
+    per_stratum = {c: sorted(k for k, v in stratum.items() if v == c) for c in strata}
+    fold_cases: list[list[str]] = [[] for _ in range(folds)]
+    offset = 0
+    for c in strata:
+        cases = list(per_stratum[c])
+        rng.shuffle(cases)
+        for i, case in enumerate(cases):
+            fold_cases[(i + offset) % folds].append(case)
+        offset += len(cases)
+    result = []
+    for k in range(folds):
+        test = set(fold_cases[k])
+        rest = [c for c in sorted(stratum) if c not in test]
+        val: list[str] = []
+        for c in strata:
+            pool = [x for x in rest if stratum[x] == c]
+            rng.shuffle(pool)
+            n = max(1, round(len(pool) * val_fraction)) if len(pool) > 1 else 0
+            val += pool[:n]
+        train = [c for c in rest if c not in val]
+
+        def ids(cases: list[str] | set[str]) -> list[str]:
+            return sorted(s for c in cases for s in items[c])
+
+        result.append({"train": ids(train), "val": ids(val), "test": ids(test)})
+    return result
 
 
 def make_splits(
@@ -67,37 +118,11 @@ def make_splits(
                 f"case {s.case_id} has slides with different labels "
                 f"({case_label[s.case_id]!r}, {s.label!r}): cannot split by patient"
             )
-    rng = np.random.default_rng(seed)
-    per_class = {c: sorted(k for k, v in case_label.items() if v == c) for c in classes}
-    for c, cases in per_class.items():
-        if len(cases) < folds:
-            raise ValueError(
-                f"class {c!r} has {len(cases)} case(s); {folds} folds need at least {folds}"
-            )
-    fold_cases: list[list[str]] = [[] for _ in range(folds)]
-    offset = 0
     for c in classes:
-        cases = list(per_class[c])
-        rng.shuffle(cases)
-        for i, case in enumerate(cases):
-            fold_cases[(i + offset) % folds].append(case)
-        offset += len(cases)
-    result = []
-    for k in range(folds):
-        test = set(fold_cases[k])
-        rest = [c for c in sorted(case_label) if c not in test]
-        val: list[str] = []
-        for c in classes:
-            pool = [x for x in rest if case_label[x] == c]
-            rng.shuffle(pool)
-            n = max(1, round(len(pool) * val_fraction)) if len(pool) > 1 else 0
-            val += pool[:n]
-        train = [c for c in rest if c not in val]
-
-        def ids(cases: list[str] | set[str]) -> list[str]:
-            return sorted(s for c in cases for s in by_case[c])
-
-        result.append({"train": ids(train), "val": ids(val), "test": ids(test)})
+        n = sum(1 for v in case_label.values() if v == c)
+        if n < folds:
+            raise ValueError(f"class {c!r} has {n} case(s); {folds} folds need at least {folds}")
+    result = split_cases(by_case, case_label, classes, folds, val_fraction, seed)
     return {"classes": list(classes), "seed": seed, "folds": result, "unlabelled": unlabelled}
 
 
@@ -205,6 +230,39 @@ def _epoch_loss(
     return float(np.mean(losses)) if losses else float("nan")
 
 
+class EarlyStopping:
+    """Early stopping on the validation loss: `step` records each epoch, keeps a copy of the
+    model's state at the lowest validation loss so far, and says when to stop (`patience` epochs
+    without a lower loss, once `min_epochs` have run); `finish` puts the best state back."""
+
+    def __init__(self, min_epochs: int, patience: int) -> None:
+        self.min_epochs, self.patience = min_epochs, patience
+        self.best_loss, self.best_epoch, self.bad = float("inf"), 0, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def step(self, model: nn.Module, epoch: int, train_loss: float, val_loss: float) -> bool:
+        """Record epoch `epoch` (1-based); True when training should stop."""
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad = val_loss, epoch, 0
+            self.best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            return False
+        self.bad += 1
+        return epoch >= self.min_epochs and self.bad >= self.patience
+
+    def finish(self, model: nn.Module) -> dict[str, Any]:
+        """Load the best state into `model` (eval mode); its best epoch, loss and history."""
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+        model.eval()
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_loss,
+            "history": self.history,
+        }
+
+
 def train_fold(
     bags: Mapping[str, torch.Tensor],
     labels: dict[str, int],
@@ -223,8 +281,7 @@ def train_fold(
     counts = np.bincount([labels[s] for s in train], minlength=n_classes)
     weights = np.array([1.0 / counts[labels[s]] for s in train])
     weights /= weights.sum()
-    best_loss, best_state, best_epoch, bad = float("inf"), None, 0, 0
-    history = []
+    stopping = EarlyStopping(cfg.min_epochs, cfg.patience)
     for epoch in range(cfg.epochs):
         model.train()
         total = 0.0
@@ -238,19 +295,10 @@ def train_fold(
             opt.step()
             total += loss.item()
         val_loss = _epoch_loss(model, bags, labels, val) if val else total / max(len(train), 1)
-        history.append(
-            {"epoch": epoch + 1, "train_loss": total / max(len(train), 1), "val_loss": val_loss}
-        )
-        if val_loss < best_loss:
-            best_loss, best_epoch, bad = val_loss, epoch + 1, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if epoch + 1 >= cfg.min_epochs and bad >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model.eval(), {"best_epoch": best_epoch, "best_val_loss": best_loss, "history": history}
+        if stopping.step(model, epoch + 1, total / max(len(train), 1), val_loss):
+            break
+    info = stopping.finish(model)
+    return model, info
 
 
 def predict_slides(
