@@ -32,6 +32,7 @@ LAYERS: list[tuple[int, str]] = [
     (2, "efcm.images"),
     (3, "efcm.models"),
     (4, "efcm.features"),
+    (4, "efcm.image_features"),
     (5, "efcm.runtimes"),
     (6, "efcm.training"),
     (6, "efcm.evaluation"),
@@ -43,8 +44,12 @@ LAYERS: list[tuple[int, str]] = [
 ]
 BASE = {g for r, g in LAYERS if r == 0}
 ADAPTER_CALLS = {("efcm.cli", "efcm.serving")}
-# within a layer, a group may use another only here: the images reuse the slides' batch loop
-LATERAL_CALLS = ADAPTER_CALLS | {("efcm.images", "efcm.slides")}
+# within a layer, a group may use another only here: the images reuse the slides' batch loop,
+# image extraction the extraction engine's pieces
+LATERAL_CALLS = ADAPTER_CALLS | {
+    ("efcm.images", "efcm.slides"),
+    ("efcm.image_features", "efcm.features"),
+}
 DEPLOY_SDK_SHIM = Path("deploy", "_kserve_sdk.py")  # the deploy adapter's one kserve import
 
 
