@@ -175,8 +175,9 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
     work = cache.root / "distill-out" / str(os.getpid())
     with process_group(launch), local_output(args.out, work, upload=rank == 0) as out:
         if image:
+            teacher = staged["teacher_features"]
             stages.distill_images(
-                staged["manifest"], staged["teacher_features"], out, params, cache=cache
+                staged["manifest"], out, params, teacher_features=teacher, cache=cache
             )
             return None
         stages.distill(

@@ -309,6 +309,19 @@ def _torchrun(argv: list[str], out_dir: str | Path, params: Params, processes: i
         raise EfcmError(f"{argv[0]}: the {processes} processes under torchrun failed (see the log)")
 
 
+def _distill_processes(
+    argv: list[str], teacher_dir: str | Path, out_dir: str | Path, params: Params, processes: int
+) -> dict[str, Any]:
+    """`efcm <argv> --teacher-features .. --out ..` as `processes` DDP processes under torchrun;
+    returns the metrics rank 0 wrote."""
+    from efcm.training.launch import check_world
+
+    check_world(params.distill.batch_size, processes)  # fail before launching
+    argv = [*argv, "--teacher-features", str(teacher_dir), "--out", str(out_dir)]
+    _torchrun(argv, out_dir, params, processes)
+    return json.loads((Path(out_dir) / "metrics.json").read_text())
+
+
 def distill(
     manifest: str | Path,
     patches_dir: str | Path,
@@ -324,13 +337,8 @@ def distill(
     torchrun (`efcm distill --nproc-per-node`), its params written to out_dir/distill-params.yaml;
     returns the metrics (metrics.json)."""
     if processes > 1:
-        from efcm.training.launch import check_world
-
-        check_world(params.distill.batch_size, processes)  # fail before launching
         argv = ["distill", "--manifest", str(manifest), "--patches", str(patches_dir)]
-        argv += ["--teacher-features", str(teacher_dir), "--out", str(out_dir)]
-        _torchrun(argv, out_dir, params, processes)
-        return json.loads((Path(out_dir) / "metrics.json").read_text())
+        return _distill_processes(argv, teacher_dir, out_dir, params, processes)
     from efcm.training.distill import distill as run
 
     return run(
@@ -345,31 +353,28 @@ def distill(
 
 def distill_images(
     manifest: str | Path,
-    teacher_dir: str | Path,
     out_dir: str | Path,
     params: Params,
     *,
+    teacher_features: str | Path,
     processes: int = 1,
     cache: SlideCache | None = None,
 ) -> dict[str, Any]:
     """The student distilled on the images of an image manifest (`efcm distill --kind image`;
-    labels unused) and the teacher's image features (`teacher_dir`: the output of `efcm extract
-    --kind image --encoder teacher`); `processes` > 1 runs it under torchrun, as `distill`.
-    Returns the metrics (metrics.json)."""
+    labels unused) and the teacher's image features (`teacher_features`: the output of `efcm
+    extract --kind image --encoder teacher`); `processes` > 1 runs it under torchrun, as
+    `distill`. Returns the metrics (metrics.json)."""
     from efcm.training.image_distill import check_image_method
 
     check_image_method(params.distill)  # before anything is launched
     if processes > 1:
-        from efcm.training.launch import check_world
-
-        check_world(params.distill.batch_size, processes)
         argv = ["distill", "--kind", "image", "--manifest", str(manifest)]
-        argv += ["--teacher-features", str(teacher_dir), "--out", str(out_dir)]
-        _torchrun(argv, out_dir, params, processes)
-        return json.loads((Path(out_dir) / "metrics.json").read_text())
+        return _distill_processes(argv, teacher_features, out_dir, params, processes)
+    from efcm.image_features import read_image_features
     from efcm.training.image_distill import distill_images as run
 
-    return run(_image_manifest(manifest, params), teacher_dir, out_dir, params, cache=cache)
+    teacher = read_image_features(teacher_features)
+    return run(_image_manifest(manifest, params), teacher, out_dir, params, cache=cache)
 
 
 def splits(

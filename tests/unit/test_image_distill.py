@@ -34,7 +34,7 @@ def test_distillation_on_images_brings_the_student_closer_to_the_teacher(
     method, fundus_demo, teacher_features, tmp_path
 ):
     params = _params(method)
-    metrics = distill_images(fundus_demo, teacher_features, tmp_path, params)
+    metrics = distill_images(fundus_demo, tmp_path, params, teacher_features=teacher_features)
     before, after = metrics["val_before"], metrics["val_after"]
     history = metrics["history"]
     assert len(history) == 4
@@ -57,8 +57,8 @@ def test_a_rerun_resumes_and_the_student_extracts_image_features(
     fundus_demo, teacher_features, tmp_path
 ):
     params = _params("vfd")
-    first = distill_images(fundus_demo, teacher_features, tmp_path / "d", params)
-    again = distill_images(fundus_demo, teacher_features, tmp_path / "d", params)
+    first = distill_images(fundus_demo, tmp_path / "d", params, teacher_features=teacher_features)
+    again = distill_images(fundus_demo, tmp_path / "d", params, teacher_features=teacher_features)
     assert again["history"] == first["history"]
     assert again["resumed"] == [{"epoch": 5, "step": 0, "world": 1}]
     rows = extract_images(
@@ -72,7 +72,7 @@ def test_a_rerun_resumes_and_the_student_extracts_image_features(
 
 def test_mcm_is_refused_on_images_with_the_reason(fundus_demo, teacher_features, tmp_path):
     with pytest.raises(ConfigError, match=r"'mcm'.*single image has no such spatial context"):
-        distill_images(fundus_demo, teacher_features, tmp_path, _params("mcm"))
+        distill_images(fundus_demo, tmp_path, _params("mcm"), teacher_features=teacher_features)
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -93,4 +93,6 @@ def test_the_cli_refuses_mcm_and_patches_for_images(fundus_demo, teacher_feature
 def test_images_without_teacher_features_name_the_command(fundus_demo, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="extract --kind image"):
-        distill_images(fundus_demo, tmp_path / "empty", tmp_path / "o", _params("vfd"))
+        distill_images(
+            fundus_demo, tmp_path / "o", _params("vfd"), teacher_features=tmp_path / "empty"
+        )

@@ -31,7 +31,7 @@ import torch
 
 from efcm.config import ConfigError, DistillParams, Params
 from efcm.features import features_identity
-from efcm.image_features import ImageFeatures, preprocess_settings, read_image_features
+from efcm.image_features import ImageFeatures, preprocess_settings
 from efcm.images.reader import ImageReader
 from efcm.io.cache import SlideCache
 from efcm.io.image_manifest import ImageEntry, ImageManifest
@@ -164,24 +164,22 @@ def _teacher_identity(
 
 def distill_images(
     manifest: ImageManifest,
-    teacher_dir: str | Path,
+    teacher: ImageFeatures,
     out_dir: str | Path,
     params: Params,
     *,
-    device: str | None = None,
     cache: SlideCache | None = None,
 ) -> dict[str, Any]:
-    """Train the student on the images of `manifest` and their teacher features (`teacher_dir`:
-    the teacher's image extraction output, or its features.h5); writes out_dir/student.pt,
-    metrics.json and checkpoint.pt as `efcm.training.distill.distill` does (DDP under torchrun,
-    resume). gs:// images and student weights are staged into `cache`.
+    """Train the student on the images of `manifest` and their `teacher` features (read by
+    `read_image_features`); writes out_dir/student.pt, metrics.json and checkpoint.pt as
+    `efcm.training.distill.distill` does (DDP under torchrun, resume; the CUDA device of the
+    process when there is one). gs:// images and student weights are staged into `cache`.
 
     Raises:
         ConfigError: `distill.method` is `mcm` (see `check_image_method`).
         ValueError: no image has a teacher feature, or one was extracted from another file.
     """
     check_image_method(params.distill)
-    teacher = read_image_features(teacher_dir)
     entries = images_with_features(manifest, teacher)
     reader = ImageReader(params.image, manifest.base_dir, cache)
 
@@ -192,4 +190,4 @@ def distill_images(
         identity = _teacher_identity(teacher, entries, params)
         return _fingerprint(params, data.teacher_dim, data.train_ids, identity)
 
-    return train_student(data, fingerprint, out_dir, params, device=device, cache=cache)
+    return train_student(data, fingerprint, out_dir, params, cache=cache)
