@@ -6,8 +6,9 @@
   runtimes -> features -> models -> slides -> io -> base. A module imports only from its own layer
   or a lower one;
   training and evaluation never import each other; the adapters import each other only where
-  `ADAPTER_CALLS` says (the CLI starts the server), and efcm.images (beside efcm.slides) uses the
-  slides' batch loop (`LATERAL_CALLS`). No import cycles.
+  `ADAPTER_CALLS` says (the CLI starts the server), efcm.images (beside efcm.slides) uses the
+  slides' batch loop and efcm.image_features (beside efcm.features) the extraction engine's
+  pieces (`LATERAL_CALLS`). No import cycles.
 
 Imports inside functions count: a lazy import is still a dependency.
 """
