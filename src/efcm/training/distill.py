@@ -42,6 +42,8 @@ another world size, that epoch's per-rank counts cover the resumed part only).
 
 The training loop runs over a `TrainSource` (efcm.training.distributed): the map-style datasets
 below are served by `MapSource`; another source (a streamed store) plugs into `DistillData.train`.
+`train_student` is the loop whatever the items: `distill` gives it slides' patches, and
+efcm.training.image_distill whole images (VFD, FPD; validation by patient).
 """
 
 from __future__ import annotations
