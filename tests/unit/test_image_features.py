@@ -213,3 +213,18 @@ def _with(**sections) -> dict:
     for k, v in sections.items():
         data[k] = {**data[k], **v}
     return data
+
+
+def test_the_cli_extracts_images_and_keeps_patches_to_slides(fundus_demo, tmp_path):
+    import yaml
+
+    from efcm.cli import EXIT_OK, EXIT_USAGE, main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_image_params_dict()))
+    argv = ["extract", "--params", str(tmp_path / "params.yaml"), "--encoder", "teacher"]
+    argv += ["--manifest", str(fundus_demo), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--kind", "image", "--patches", "p"]) == EXIT_USAGE
+    assert main(argv) == EXIT_USAGE  # slides need --patches
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--kind", "image"]) == EXIT_OK
+    assert read_image_features(tmp_path / "o").features.shape == (16, 192)
