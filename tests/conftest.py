@@ -54,6 +54,26 @@ def tiny_params_dict() -> dict:
     return _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
 
 
+# The image path's overrides on top of TINY: the fundus task at 64 px, 16 demo images of 96 px
+# (8 patients, 2 unlabelled), a tiny ViT teacher with the RETFound preset's pooling, 4 epochs.
+TINY_IMAGE = {
+    "image": {"preset": "fundus", "size": 64, "demo": {"images": 16, "size": 96, "unlabelled": 2}},
+    "teacher": {
+        "preset": "retfound",
+        "arch": "vit_tiny_patch16_224",
+        "input_size": 64,
+        "model_kwargs": {"img_size": 64},
+    },
+    "extract": {"batch_size": 4},
+    "distill": {"epochs": 4, "batch_size": 4, "lr": 1e-2, "val_fraction": 0.34},
+}
+
+
+def tiny_image_params_dict() -> dict:
+    """tiny_params_dict() with the TINY_IMAGE overrides (a plain dict)."""
+    return _merge(tiny_params_dict(), TINY_IMAGE)
+
+
 @pytest.fixture
 def tiny_params_file(tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
@@ -68,6 +88,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from efcm.stages import demo_data
 
     return demo_data(tmp_path_factory.mktemp("tiny_dataset"), params_from_dict(tiny_params_dict()))
+
+
+@pytest.fixture(scope="session")
+def fundus_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fundus demo set of TINY_IMAGE (16 images, 8 patients), written once per session;
+    returns its manifest."""
+    from efcm.config import params_from_dict
+    from efcm.stages import demo_data
+
+    params = params_from_dict(tiny_image_params_dict())
+    return demo_data(tmp_path_factory.mktemp("fundus_demo"), params, kind="fundus")
 
 
 def first_slides(manifest: Path, n: int, out: Path) -> Path:

@@ -86,7 +86,32 @@ def cmd_patch(args: argparse.Namespace) -> None:
     )
 
 
+KINDS = ("slides", "image")  # efcm extract / distill --kind
+
+
+def _patches_for(args: argparse.Namespace) -> None:
+    """--patches goes with slides (required) and not with images (ConfigError)."""
+    if args.kind == "image" and args.patches:
+        raise ConfigError("--patches is for slides; --kind image reads the images themselves")
+    if args.kind == "slides" and not args.patches:
+        raise ConfigError("--patches (the output dir of `efcm patch`) is required for slides")
+
+
 def cmd_extract(args: argparse.Namespace) -> None:
+    _patches_for(args)
+    if args.kind == "image":
+        if args.teacher_features:
+            raise ConfigError("--teacher-features is for slides with store.enabled, not images")
+        stages.extract_images(
+            args.manifest,
+            args.out,
+            _params(args, "image_extract"),
+            encoder=args.encoder,
+            student=args.student,
+            overwrite=args.overwrite,
+            cache=_cache(),
+        )
+        return
     stages.extract(
         args.manifest,
         args.patches,
@@ -128,17 +153,19 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
     from efcm.io.transfer import local_inputs, local_output
     from efcm.training.launch import check_world
 
+    _patches_for(args)
+    image = args.kind == "image"
     cache = _cache()
-    staged = local_inputs(
-        {
-            "params": args.params,
-            "manifest": args.manifest,
-            "patches": args.patches,
-            "teacher_features": args.teacher_features,
-        },
-        cache,
-    )
-    params = for_stage(load_params(staged["params"]), "distill")
+    inputs = {"params": args.params, "manifest": args.manifest}
+    if not image:
+        inputs["patches"] = args.patches
+    inputs["teacher_features"] = args.teacher_features
+    staged = local_inputs(inputs, cache)
+    params = for_stage(load_params(staged["params"]), "image_distill" if image else "distill")
+    if image:
+        from efcm.training.image_distill import check_image_method
+
+        check_image_method(params.distill)  # before any process is launched
     launch, status = _under_torchrun(args, lambda n: check_world(params.distill.batch_size, n))
     if status is not None:
         return status
@@ -147,6 +174,12 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
     rank = launch.rank if launch is not None else 0
     work = cache.root / "distill-out" / str(os.getpid())
     with process_group(launch), local_output(args.out, work, upload=rank == 0) as out:
+        if image:
+            teacher = staged["teacher_features"]
+            stages.distill_images(
+                staged["manifest"], out, params, teacher_features=teacher, cache=cache
+            )
+            return None
         stages.distill(
             staged["manifest"],
             staged["patches"],
@@ -286,6 +319,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.serve_args)
 
 
+def _kind_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="slides",
+        help="slides (default: params dataset, extract/distill, store), or image: an image "
+        "manifest (params image, and extract or distill; one features.h5, see the README)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="efcm", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -326,9 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo slides that are already done")
     p.add_argument("--mpp-overrides", metavar="CSV", help="slide_id,mpp: wins over the slides' mpp")
 
-    p = add("extract", cmd_extract, "patch features with the teacher or the distilled student")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--patches", required=True, help="output dir of `efcm patch`")
+    p = add(
+        "extract",
+        cmd_extract,
+        "patch features (or, with --kind image, image features) with the teacher or the "
+        "distilled student",
+    )
+    _kind_argument(p)
+    p.add_argument("--manifest", required=True, help="slide manifest (--kind image: images)")
+    p.add_argument("--patches", help="output dir of `efcm patch` (slides only)")
     p.add_argument("--out", required=True)
     p.add_argument("--encoder", choices=("teacher", "student"), required=True)
     p.add_argument("--student", help="student checkpoint (from distill), for --encoder student")
@@ -352,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
         "student.pt. A rerun resumes from the checkpoint, mid-epoch too "
         "(distill.checkpoint_steps), with the same or another number of processes.",
     )
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--patches", required=True)
+    _kind_argument(p)
+    p.add_argument("--manifest", required=True, help="slide manifest (--kind image: images)")
+    p.add_argument("--patches", help="output dir of `efcm patch` (slides only)")
     p.add_argument(
         "--teacher-features", required=True, help="output dir of `efcm extract --encoder teacher`"
     )

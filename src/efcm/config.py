@@ -287,14 +287,37 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "resnet18": {"arch": "resnet18", "input_size": 224, "resize": 224},
     # CLAM's encoder: ResNet-50 cut after layer3, average-pooled, 1024-d
     "resnet50_trunc": {"arch": "resnet50_trunc", "input_size": 224, "resize": 224},
+    # RETFound (retinal images): ViT-L/16, 1024-d. Its fine-tuning code (MAE's models_vit.py,
+    # global_pool=True) averages the patch tokens (the class token left out) and applies a
+    # LayerNorm `fc_norm` to the mean; the final `norm` is not used. timm's global_pool="avg"
+    # builds exactly that (norm an Identity, fc_norm after the pool).
+    "retfound": {
+        "arch": "vit_large_patch16_224",
+        "input_size": 224,
+        "resize": 224,
+        "model_kwargs": {"global_pool": "avg"},
+    },
+    # MRM (chest X-rays): ViT-B/16, 768-d. MAE-style pretraining (masked image and report
+    # modelling) gives the class token no objective of its own, so the features are RETFound's
+    # global pool of the patch tokens too (MAE's fine-tuning default, which MRM's builds on).
+    "mrm": {
+        "arch": "vit_base_patch16_224",
+        "input_size": 224,
+        "resize": 224,
+        "model_kwargs": {"global_pool": "avg"},
+    },
 }
 
 
 class EncoderParams(_Section):
     """A patch encoder built by timm (`arch`, any timm name) or a `preset` (see ENCODER_PRESETS).
-    `weights` is a local path or gs:// URI of a checkpoint, or null (random init, demo only)."""
+    `weights` is a local path or gs:// URI of a checkpoint, or null (random init, demo only).
+    Keys given next to `preset` override its keys; `model_kwargs` merge with the preset's."""
 
-    preset: Literal["brow", "uni", "efficientnetv2_l", "resnet18", "resnet50_trunc"] | None = None
+    preset: (
+        Literal["brow", "uni", "efficientnetv2_l", "resnet18", "resnet50_trunc", "retfound", "mrm"]
+        | None
+    ) = None
     arch: str
     weights: str | None = None
     input_size: int = Field(224, ge=16)
@@ -308,7 +331,12 @@ class EncoderParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        return _preset_defaults(data, ENCODER_PRESETS)
+        merged = _preset_defaults(data, ENCODER_PRESETS)
+        preset = ENCODER_PRESETS.get(data.get("preset")) if isinstance(data, dict) else None
+        if preset and isinstance(data.get("model_kwargs"), dict):
+            # keys merge: `model_kwargs: {img_size: 448}` keeps the preset's pooling
+            merged["model_kwargs"] = {**preset.get("model_kwargs", {}), **data["model_kwargs"]}
+        return merged
 
 
 class ExtractParams(_Section):
@@ -610,6 +638,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "gather": ("dataset", "patch"),
     "extract": ("seed", "dataset", "teacher", "extract", "store"),
     "distill": ("seed", "dataset", "student", "distill", "store"),
+    "image_extract": ("seed", "image", "teacher", "extract"),  # efcm extract --kind image
+    "image_distill": ("seed", "image", "student", "distill"),  # efcm distill --kind image
     "splits": ("seed", "dataset", "train_mil"),
     "train_mil": ("seed", "dataset", "train_mil"),
     "plan_strategies": ("distill", "mil"),

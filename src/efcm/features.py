@@ -202,16 +202,19 @@ def coords_identity(coords: CoordsFile) -> dict[str, Any]:
 
 
 def extract_settings(
-    attrs: dict[str, Any], params: ExtractParams, coords: CoordsFile
+    attrs: dict[str, Any], params: ExtractParams, coords: CoordsFile | None = None
 ) -> dict[str, Any]:
     """The settings that make a slide's features: the caller's `attrs` (encoder, arch, weights
     sha256, input transform...), `float16` (the stored dtype) and `coords` (see
-    `coords_identity`). Batch size and workers are left out: they do not change the features.
+    `coords_identity`; None for whole images, which have none). Batch size and workers are left
+    out: they do not change the features.
 
     Returns:
         A JSON-plain dict, equal to what the features h5 stores.
     """
-    data = {**attrs, "float16": params.float16, "coords": coords_identity(coords)}
+    data = {**attrs, "float16": params.float16}
+    if coords is not None:
+        data["coords"] = coords_identity(coords)
     return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 
@@ -260,16 +263,22 @@ def write_features(
     with h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=feats.astype(np.float16 if float16 else np.float32))
         f.create_dataset("coords", data=coords.astype(np.int64))
-        f.attrs.update(
-            {
-                k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
-                for k, v in attrs.items()
-                if v is not None
-            }
-        )
-        if settings is not None:
-            f.attrs[SETTINGS_ATTR] = json.dumps(settings, sort_keys=True)
+        write_attrs(f, attrs, settings)
     os.replace(tmp, path)
+
+
+def write_attrs(f: h5py.File, attrs: dict[str, Any], settings: dict[str, Any] | None) -> None:
+    """A features h5's root attributes: `attrs` as plain attributes (a mapping as a JSON string,
+    None left out), `settings` (see `extract_settings`) as JSON in `efcm_extract_settings`."""
+    f.attrs.update(
+        {
+            k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+            for k, v in attrs.items()
+            if v is not None
+        }
+    )
+    if settings is not None:
+        f.attrs[SETTINGS_ATTR] = json.dumps(settings, sort_keys=True)
 
 
 def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

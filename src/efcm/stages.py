@@ -152,6 +152,55 @@ def patch(
     return check_batch(rows, "patch", "never" if shard else params.patch.fail_on)
 
 
+def _encoder_model(
+    params: Params,
+    encoder: str,
+    student: str | Path | None,
+    cache: SlideCache | None,
+    image: Any = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The encoder an extraction runs (uint8 pixels in, features out: EncoderWithTransform) on
+    the GPU when there is one, and the attributes its features files carry. `image` (the
+    `image` params): whole images of that task (`ImageParams.encoder_spec`) instead of patches."""
+    import torch
+
+    from efcm.io.files import sha256_file
+    from efcm.models.encoders import EncoderWithTransform, build_backbone
+
+    if encoder == "teacher":
+        torch.manual_seed(params.seed)  # a random-init (demo) teacher is the same on every run
+        net, sha = build_backbone(params.teacher, cache=cache)
+        spec = params.teacher
+    elif encoder == "student":
+        from efcm.models.students import load_student
+
+        if not student:
+            raise ConfigError(
+                "extract with the student encoder needs the student checkpoint (distill)"
+            )
+        ckpt = student_checkpoint(student)
+        net, spec = load_student(ckpt)
+        sha = sha256_file(ckpt)
+    else:
+        raise ConfigError(f"encoder must be 'teacher' or 'student', got {encoder!r}")
+    if image is not None:
+        spec = image.encoder_spec(spec)
+    model = EncoderWithTransform(net, spec).to(memory_format=torch.channels_last)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    attrs = {
+        "encoder": encoder,
+        "arch": spec.arch,
+        "weights_sha256": sha or f"random-init (seed {params.seed})",
+        "input_size": spec.input_size,
+        "resize": spec.resize,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "model_kwargs": dict(spec.model_kwargs),
+    }
+    return model, attrs
+
+
 def extract(
     manifest: str | Path,
     patches_dir: str | Path,
@@ -170,42 +219,10 @@ def extract(
     `cache`. With `store.enabled`, the teacher's extraction also writes the patch-shard store
     (out_dir/store), and the student's reads its pixels from the store of `teacher_features`
     (the teacher extraction's output) instead of opening the slides."""
-    import torch
-
     from efcm.features import extract_manifest
-    from efcm.io.files import sha256_file
-    from efcm.models.encoders import EncoderWithTransform, build_backbone
     from efcm.slides.batch import check_batch
 
-    if encoder == "teacher":
-        torch.manual_seed(params.seed)  # a random-init (demo) teacher is the same on every run
-        backbone, sha = build_backbone(params.teacher, cache=cache)
-        model, spec = EncoderWithTransform(backbone, params.teacher), params.teacher
-    elif encoder == "student":
-        from efcm.models.students import load_student
-
-        if not student:
-            raise ConfigError(
-                "extract with the student encoder needs the student checkpoint (distill)"
-            )
-        ckpt = student_checkpoint(student)
-        net, spec = load_student(ckpt)
-        model, sha = EncoderWithTransform(net, spec), sha256_file(ckpt)
-    else:
-        raise ConfigError(f"encoder must be 'teacher' or 'student', got {encoder!r}")
-    model = model.to(memory_format=torch.channels_last)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    attrs = {
-        "encoder": encoder,
-        "arch": spec.arch,
-        "weights_sha256": sha or f"random-init (seed {params.seed})",
-        "input_size": spec.input_size,
-        "resize": spec.resize,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "model_kwargs": dict(spec.model_kwargs),
-    }
+    model, attrs = _encoder_model(params, encoder, student, cache)
     read_store = None
     if encoder == "student" and params.store.enabled:
         read_store = _store_of(params, teacher_features, "student extraction")
@@ -223,6 +240,40 @@ def extract(
         read_store=read_store,
     )
     return check_batch(rows, "extract", "never" if shard else "all")
+
+
+def _image_manifest(manifest: str | Path, params: Params) -> Any:
+    """The image manifest, its labels checked against the task's classes (`image` params)."""
+    from efcm.io.image_manifest import LabelSpace, read_image_manifest
+
+    p = params.image
+    return read_image_manifest(manifest, LabelSpace(p.classes, p.multi_label, p.none_label))
+
+
+def extract_images(
+    manifest: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    encoder: str = "teacher",
+    student: str | Path | None = None,
+    overwrite: bool = False,
+    cache: SlideCache | None = None,
+) -> list[dict[str, Any]]:
+    """Features of every image of an image manifest (`efcm extract --kind image`) with the
+    teacher or a distilled student: out_dir/features.h5 and out_dir/status.csv (see
+    `efcm.image_features`); gs:// images and weights are staged into `cache`. `image.fail_on`
+    says when failed images fail the stage."""
+    from efcm.image_features import extract_images as run
+    from efcm.image_features import preprocess_settings
+    from efcm.images.reader import ImageReader, check_images
+
+    images = _image_manifest(manifest, params)
+    model, attrs = _encoder_model(params, encoder, student, cache, params.image)
+    attrs["preprocess"] = preprocess_settings(params.image)
+    reader = ImageReader(params.image, images.base_dir, cache)
+    rows = run(model, images, reader, out_dir, params.extract, attrs, overwrite=overwrite)
+    return check_images(rows, "extract", params.image.fail_on)
 
 
 def gather(
@@ -258,6 +309,19 @@ def _torchrun(argv: list[str], out_dir: str | Path, params: Params, processes: i
         raise EfcmError(f"{argv[0]}: the {processes} processes under torchrun failed (see the log)")
 
 
+def _distill_processes(
+    argv: list[str], teacher_dir: str | Path, out_dir: str | Path, params: Params, processes: int
+) -> dict[str, Any]:
+    """`efcm <argv> --teacher-features .. --out ..` as `processes` DDP processes under torchrun;
+    returns the metrics rank 0 wrote."""
+    from efcm.training.launch import check_world
+
+    check_world(params.distill.batch_size, processes)  # fail before launching
+    argv = [*argv, "--teacher-features", str(teacher_dir), "--out", str(out_dir)]
+    _torchrun(argv, out_dir, params, processes)
+    return json.loads((Path(out_dir) / "metrics.json").read_text())
+
+
 def distill(
     manifest: str | Path,
     patches_dir: str | Path,
@@ -273,13 +337,8 @@ def distill(
     torchrun (`efcm distill --nproc-per-node`), its params written to out_dir/distill-params.yaml;
     returns the metrics (metrics.json)."""
     if processes > 1:
-        from efcm.training.launch import check_world
-
-        check_world(params.distill.batch_size, processes)  # fail before launching
         argv = ["distill", "--manifest", str(manifest), "--patches", str(patches_dir)]
-        argv += ["--teacher-features", str(teacher_dir), "--out", str(out_dir)]
-        _torchrun(argv, out_dir, params, processes)
-        return json.loads((Path(out_dir) / "metrics.json").read_text())
+        return _distill_processes(argv, teacher_dir, out_dir, params, processes)
     from efcm.training.distill import distill as run
 
     return run(
@@ -290,6 +349,32 @@ def distill(
         params,
         cache=cache,
     )
+
+
+def distill_images(
+    manifest: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    teacher_features: str | Path,
+    processes: int = 1,
+    cache: SlideCache | None = None,
+) -> dict[str, Any]:
+    """The student distilled on the images of an image manifest (`efcm distill --kind image`;
+    labels unused) and the teacher's image features (`teacher_features`: the output of `efcm
+    extract --kind image --encoder teacher`); `processes` > 1 runs it under torchrun, as
+    `distill`. Returns the metrics (metrics.json)."""
+    from efcm.training.image_distill import check_image_method
+
+    check_image_method(params.distill)  # before anything is launched
+    if processes > 1:
+        argv = ["distill", "--kind", "image", "--manifest", str(manifest)]
+        return _distill_processes(argv, teacher_features, out_dir, params, processes)
+    from efcm.image_features import read_image_features
+    from efcm.training.image_distill import distill_images as run
+
+    teacher = read_image_features(teacher_features)
+    return run(_image_manifest(manifest, params), teacher, out_dir, params, cache=cache)
 
 
 def splits(

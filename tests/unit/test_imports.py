@@ -6,8 +6,9 @@
   runtimes -> features -> models -> slides -> io -> base. A module imports only from its own layer
   or a lower one;
   training and evaluation never import each other; the adapters import each other only where
-  `ADAPTER_CALLS` says (the CLI starts the server), and efcm.images (beside efcm.slides) uses the
-  slides' batch loop (`LATERAL_CALLS`). No import cycles.
+  `ADAPTER_CALLS` says (the CLI starts the server), efcm.images (beside efcm.slides) uses the
+  slides' batch loop and efcm.image_features (beside efcm.features) the extraction engine's
+  pieces (`LATERAL_CALLS`). No import cycles.
 
 Imports inside functions count: a lazy import is still a dependency.
 """
@@ -32,6 +33,7 @@ LAYERS: list[tuple[int, str]] = [
     (2, "efcm.images"),
     (3, "efcm.models"),
     (4, "efcm.features"),
+    (4, "efcm.image_features"),
     (5, "efcm.runtimes"),
     (6, "efcm.training"),
     (6, "efcm.evaluation"),
@@ -43,8 +45,12 @@ LAYERS: list[tuple[int, str]] = [
 ]
 BASE = {g for r, g in LAYERS if r == 0}
 ADAPTER_CALLS = {("efcm.cli", "efcm.serving")}
-# within a layer, a group may use another only here: the images reuse the slides' batch loop
-LATERAL_CALLS = ADAPTER_CALLS | {("efcm.images", "efcm.slides")}
+# within a layer, a group may use another only here: the images reuse the slides' batch loop,
+# image extraction the extraction engine's pieces
+LATERAL_CALLS = ADAPTER_CALLS | {
+    ("efcm.images", "efcm.slides"),
+    ("efcm.image_features", "efcm.features"),
+}
 DEPLOY_SDK_SHIM = Path("deploy", "_kserve_sdk.py")  # the deploy adapter's one kserve import
 
 

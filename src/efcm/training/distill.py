@@ -41,7 +41,9 @@ all ranks (`items_seen`, all-reduced) and by each rank (`items_per_rank`; after 
 another world size, that epoch's per-rank counts cover the resumed part only).
 
 The training loop runs over a `TrainSource` (efcm.training.distributed): the map-style datasets
-below are served by `MapSource`; another source (a streamed store) plugs into `_Data.train`.
+below are served by `MapSource`; another source (a streamed store) plugs into `DistillData.train`.
+`train_student` is the loop whatever the items: `distill` gives it slides' patches, and
+efcm.training.image_distill whole images (VFD, FPD; validation by patient).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -66,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from efcm.config import DistillParams, Params
+from efcm.config import DistillParams, EncoderParams, Params
 from efcm.features import device_of, features_identity, read_features
 from efcm.io.cache import SlideCache
 from efcm.io.files import atomic_path
@@ -93,18 +95,35 @@ log = logging.getLogger(__name__)
 # a checkpoint of format 1 (epoch ends only) is not resumed
 CHECKPOINT_FORMAT = 2
 
-__all__ = ["MapSource", "TrainSource", "distill", "load_student", "save_student"]
+__all__ = [
+    "DistillData",
+    "MapSource",
+    "PairDataset",
+    "TrainSource",
+    "distill",
+    "load_student",
+    "save_student",
+    "train_student",
+]
 
 
 # -- data -----------------------------------------------------------------------------------------
 
 
-class PairDataset(Dataset):
-    """(patch uint8 (S, S, 3), teacher feature (D,)) over many slides (VFD, FPD)."""
+class Pixels(Protocol):
+    """Where items' pixels come from: a slide's patches (SlidePatches, StorePatches) or a set
+    of whole images (efcm.training.image_distill.ImagePixels)."""
 
-    def __init__(
-        self, slides: list[SlidePatches | StorePatches], targets: list[np.ndarray]
-    ) -> None:
+    def read(self, i: int) -> np.ndarray:
+        """uint8 (S, S, 3) of item `i`."""
+        ...
+
+
+class PairDataset(Dataset):
+    """(patch or image uint8 (S, S, 3), teacher feature (D,)) over many sources (VFD, FPD):
+    slides, or one set of images."""
+
+    def __init__(self, slides: list[Pixels], targets: list[np.ndarray]) -> None:
         self.slides = slides
         self.targets = targets
         self.index = [(s, i) for s, t in enumerate(targets) for i in range(len(t))]
@@ -206,11 +225,19 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.T
 class Trainee(nn.Module):
     """What one distillation step trains, with the method's loss. Targets are standardised."""
 
-    def __init__(self, params: Params, teacher_dim: int, cache: SlideCache | None = None) -> None:
+    def __init__(
+        self,
+        params: Params,
+        teacher_dim: int,
+        cache: SlideCache | None = None,
+        spec: EncoderParams | None = None,
+    ) -> None:
+        """`spec`: the student's input transform (default `params.student`; whole images: the
+        image task's `encoder_spec`)."""
         super().__init__()
         cfg: DistillParams = params.distill
         self.method, self.cfg = cfg.method, cfg
-        self.transform = PatchTransform(params.student)
+        self.transform = PatchTransform(spec or params.student)
         self.register_buffer("mean", torch.zeros(teacher_dim))
         self.register_buffer("std", torch.ones(teacher_dim))
         if cfg.method == "vfd":
@@ -343,11 +370,16 @@ def teacher_identity(teacher_dir: Path, slide_ids: list[str]) -> dict[str, dict[
 
 
 def _fingerprint(
-    params: Params, teacher_dim: int, train_ids: list[str], teacher: dict[str, dict[str, Any]]
+    params: Params,
+    teacher_dim: int,
+    train_ids: list[str],
+    teacher: dict[str, Any],
+    store: dict[str, Any] | None = None,
 ) -> str:
     """What a checkpoint must match to be resumed: the checkpoint's format, the configuration,
-    the training slides and the teacher features of every slide used (new teacher features never
-    resume an old run)."""
+    the training slides (or cases) and the teacher features of every item used (new teacher
+    features never resume an old run); `store`: the patch-shard store's settings when the pixels
+    come from it."""
     blob = json.dumps(
         {
             "format": CHECKPOINT_FORMAT,
@@ -355,7 +387,7 @@ def _fingerprint(
             "distill": params.distill.model_dump(mode="json", exclude={"checkpoint_steps"}),
             "student": params.student.model_dump(mode="json"),
             # the store's pixels and its stream's order (None: the slides, map-style)
-            "store": params.store.model_dump(mode="json") if params.store.enabled else None,
+            "store": store,
             "seed": params.seed,
             "teacher_dim": teacher_dim,
             "train": train_ids,
@@ -370,15 +402,19 @@ def _fingerprint(
 
 
 @dataclass
-class _Data:
-    """What a distillation trains and validates on."""
+class DistillData:
+    """What a distillation trains and validates on: slides' patches (`_datasets`), or whole
+    images (efcm.training.image_distill)."""
 
-    train_ids: list[str]
+    train_ids: list[str]  # the training slides (images: cases), in metrics.json
     val_ids: list[str]
     train: TrainSource
     val: Dataset | None
-    target_mean: torch.Tensor  # (D,) of the training slides' teacher features
+    target_mean: torch.Tensor  # (D,) of the training items' teacher features
     target_std: torch.Tensor  # (D,)
+    unit: str = "slides"  # what train_ids name: metrics.json's train_<unit>, val_<unit>
+    pixels: str = "slides"  # where the pixels came from (metrics.json): slides, store, images
+    spec: EncoderParams | None = None  # the student's input transform; None: params.student
 
     @property
     def teacher_dim(self) -> int:
@@ -393,7 +429,7 @@ def _datasets(
     cache: SlideCache | None = None,
     *,
     pin_memory: bool = False,
-) -> _Data:
+) -> DistillData:
     """The slides with teacher features, split into training and validation slides (by seed),
     as the method's datasets (patch pairs, or windows for MCM); the training set as a source of
     per-rank batches."""
@@ -422,7 +458,7 @@ def _datasets(
         train, cfg.batch_size, params.seed, num_workers=cfg.num_workers, pin_memory=pin_memory
     )
     all_targets = torch.from_numpy(np.concatenate(train_targets))
-    return _Data(train_ids, val_ids, source, val, all_targets.mean(0), all_targets.std(0))
+    return DistillData(train_ids, val_ids, source, val, all_targets.mean(0), all_targets.std(0))
 
 
 def _dataset(
@@ -448,7 +484,7 @@ def _store_data(
     train_ids: list[str],
     val_ids: list[str],
     pin_memory: bool,
-) -> _Data:
+) -> DistillData:
     """With `store.enabled`: the training items streamed from the patch-shard store of the
     teacher's extraction (`efcm.training.store_data`), the validation slides read from it by
     index; no slide is opened. The target statistics are summed slide by slide."""
@@ -470,7 +506,8 @@ def _store_data(
     source = StoreSource(
         stream, cfg.batch_size, params.seed, num_workers=cfg.num_workers, pin_memory=pin_memory
     )
-    return _Data(train_ids, val_ids, source, val, *target_stats(teacher_dir, train_ids))
+    stats = target_stats(teacher_dir, train_ids)
+    return DistillData(train_ids, val_ids, source, val, *stats, pixels="store")
 
 
 @dataclass
@@ -791,7 +828,7 @@ def _validate(
 
 
 def _metrics(
-    model: Trainee, params: Params, data: _Data, progress: _Progress, world: World
+    model: Trainee, params: Params, data: DistillData, progress: _Progress, world: World
 ) -> dict[str, Any]:
     """metrics.json's content."""
     cfg = params.distill
@@ -803,12 +840,12 @@ def _metrics(
         "student_dim": int(student.out_dim),
         "student_in_teacher_space": bool(student.teacher_space),
         "trainable_params": sum(p.numel() for p in model.trainable()),
-        "train_slides": data.train_ids,
-        "val_slides": data.val_ids,
+        f"train_{data.unit}": data.train_ids,
+        f"val_{data.unit}": data.val_ids,
         "world_size": world.size,
         "global_batch": cfg.batch_size,
         "items_per_epoch": len(data.train),
-        "pixels": "store" if params.store.enabled else "slides",  # where the patches came from
+        "pixels": data.pixels,  # where the pixels came from: slides, store, images
         "steps_per_epoch": data.train.steps_per_epoch(world.size),
         "resumed": progress.resumed,
         "history": history,
@@ -817,10 +854,14 @@ def _metrics(
     }
 
 
-def _write_outputs(out: Path, model: Trainee, params: Params, metrics: dict[str, Any]) -> None:
-    """student.pt (the student as deployed) and metrics.json (rank 0 calls it)."""
+def _write_outputs(
+    out: Path, model: Trainee, params: Params, data: DistillData, metrics: dict[str, Any]
+) -> None:
+    """student.pt (the student as deployed, with the input transform it was trained with) and
+    metrics.json (rank 0 calls it)."""
     student = model.exported().cpu()
-    save_student(out / "student.pt", student, params.student, fpd=params.distill.fpd)
+    spec = data.spec or params.student
+    save_student(out / "student.pt", student, spec, fpd=params.distill.fpd)
     tmp = atomic_path(out / "metrics.json")
     tmp.write_text(json.dumps(metrics, indent=2))
     os.replace(tmp, out / "metrics.json")
@@ -850,20 +891,44 @@ def distill(
     `distill.checkpoint_steps` steps (resumed by a rerun). gs:// slides and student weights are
     staged into `cache`. Inside a process group (torchrun, `efcm.training.distributed`) every rank
     calls it: DDP over the group, rank 0 writes the files; every rank returns the metrics."""
+    patches_dir, teacher_dir = Path(patches_dir), Path(teacher_dir)
+
+    def data(dev: torch.device) -> DistillData:
+        pin = dev.type == "cuda"
+        return _datasets(manifest, patches_dir, teacher_dir, params, cache, pin_memory=pin)
+
+    def fingerprint(data: DistillData) -> str:
+        teacher = teacher_identity(teacher_dir, data.train_ids + data.val_ids)
+        store = params.store.model_dump(mode="json") if params.store.enabled else None
+        return _fingerprint(params, data.teacher_dim, data.train_ids, teacher, store)
+
+    return train_student(data, fingerprint, out_dir, params, device=device, cache=cache)
+
+
+def train_student(
+    make_data: Callable[[torch.device], DistillData],
+    fingerprint_of: Callable[[DistillData], str],
+    out_dir: str | Path,
+    params: Params,
+    *,
+    device: str | None = None,
+    cache: SlideCache | None = None,
+) -> dict[str, Any]:
+    """The distillation itself, whatever the items (see `distill`): `make_data(device)` gives
+    the items, `fingerprint_of(data)` what a checkpoint must match to be resumed (rank 0 alone
+    calls it); gs:// student weights are staged into `cache`."""
     cfg = params.distill
     world = World.current()
     check_world(cfg.batch_size, world.size)
-    patches_dir, teacher_dir, out = Path(patches_dir), Path(teacher_dir), Path(out_dir)
+    out = Path(out_dir)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)  # before the model's random init
     dev = _device(device)
-    data = _datasets(
-        manifest, patches_dir, teacher_dir, params, cache, pin_memory=dev.type == "cuda"
-    )
+    data = make_data(dev)
     steps = data.train.steps_per_epoch(world.size)
 
-    model = Trainee(params, data.teacher_dim, cache)
+    model = Trainee(params, data.teacher_dim, cache, data.spec)
     model.set_target_stats(data.target_mean, data.target_std)
     model.to(dev)
     optim = _Optimiser.build(model, cfg, len(data.train), dev, steps_per_epoch=steps)
@@ -871,8 +936,7 @@ def distill(
     ckpt_path = out / "checkpoint.pt"
     fingerprint = ""
     if world.main:  # only rank 0 reads and writes checkpoints
-        teacher = teacher_identity(teacher_dir, data.train_ids + data.val_ids)
-        fingerprint = _fingerprint(params, data.teacher_dim, data.train_ids, teacher)
+        fingerprint = fingerprint_of(data)
     progress = _resume(ckpt_path, fingerprint, model, optim, dev, world, steps)
     if progress.epoch == 0 and progress.step == 0 and data.val is not None:
         progress.before = model.evaluate(
@@ -920,7 +984,7 @@ def distill(
 
     metrics = _metrics(model, params, data, progress, world)
     if world.main:
-        _write_outputs(out, model, params, metrics)
+        _write_outputs(out, model, params, data, metrics)
     world.barrier()
     return metrics
 
