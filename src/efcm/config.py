@@ -85,6 +85,30 @@ class ImageHeadParams(_Section):
     batch_size: int = Field(256, ge=1)
 
 
+class ImageFinetuneParams(_Section):
+    """End-to-end fine-tuning of the distilled student with a linear head per fold
+    (`efcm.training.image_finetune`): the student's stem and first `freeze_stages` stages and
+    every BatchNorm statistic frozen, AdamW with the student at `lr x backbone_lr_factor`,
+    augmentation as the task's `image.orientation` allows, early stopping on the validation loss."""
+
+    epochs: int = Field(20, ge=1)
+    min_epochs: int = Field(3, ge=0)
+    patience: int = Field(5, ge=1, description="epochs without a better validation loss")
+    lr: float = Field(1e-3, gt=0, description="the head's learning rate")
+    backbone_lr_factor: float = Field(0.1, gt=0, le=1, description="student lr = lr x this")
+    weight_decay: float = Field(1e-4, ge=0)
+    freeze_stages: int = Field(2, ge=0, description="student stem + this many stages frozen")
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0, description="DataLoader workers reading the images")
+    augment: bool = True
+    colour_jitter: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="brightness gain +-this (per channel unless image.channels is grey)",
+    )
+
+
 # Image task presets: the preprocessing and label space of the two demo tasks (and of the
 # RETFound / MRM settings they stand for). Keys given next to `preset` override it.
 IMAGE_PRESETS: dict[str, dict[str, Any]] = {
@@ -95,6 +119,7 @@ IMAGE_PRESETS: dict[str, dict[str, Any]] = {
         "crop": "fundus",
         "resize": "pad",
         "channels": "rgb",
+        "orientation": "free",  # a fundus has no up: any flip or quarter turn
     },
     # chest X-rays (DICOM or PNG): grey to 3 channels, the whole image padded to a square
     "cxr": {
@@ -103,6 +128,7 @@ IMAGE_PRESETS: dict[str, dict[str, Any]] = {
         "crop": "none",
         "resize": "pad",
         "channels": "grey",
+        "orientation": "upright",  # the neck at the top: a left-right mirror only
     },
 }
 
@@ -140,6 +166,11 @@ class ImageParams(_Section):
         None, description="normalisation the encoder applies (null: the encoder's own)"
     )
     std: tuple[float, float, float] | None = None
+    orientation: Literal["free", "upright", "fixed"] = Field(
+        "upright",
+        description="the fine-tuning's geometric augmentation: free: any flip or quarter turn; "
+        "upright: a left-right mirror only (no vertical flip, no turn); fixed: none",
+    )
     max_pixels: int = Field(
         100_000_000, ge=1024, description="refuse an image with more pixels (status too_large)"
     )
@@ -149,6 +180,7 @@ class ImageParams(_Section):
     )
     demo: ImageDemoParams = ImageDemoParams()
     head: ImageHeadParams = ImageHeadParams()
+    finetune: ImageFinetuneParams = ImageFinetuneParams()
 
     @model_validator(mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,20 +131,32 @@ class ImageFeatures:
                 f"{what}: no features for {len(missing)} image(s) of the splits ({missing[:5]}); "
                 "extract every image the splits name, or re-run the splits on the extracted images"
             )
-        t = self.manifest.targets(self.space)
-        unlabelled = [s for s in images if s not in t]
-        if unlabelled:
-            raise ValueError(
-                f"{what}: splits name image(s) that are not labelled images of "
-                f"{self.manifest.path}: {unlabelled[:5]}; re-run the splits with this manifest"
-            )
-        x = self.x[[index[s] for s in images]]
-        if self.space.multi_label:
-            hot = np.zeros((len(images), len(self.space.classes)), np.float32)
-            for i, s in enumerate(images):
-                hot[i] = t[s]
-            return x, torch.from_numpy(hot)
-        return x, torch.tensor([int(t[s]) for s in images], dtype=torch.long)
+        y = image_targets(self.manifest, self.space, images, what)
+        return self.x[[index[s] for s in images]], y
+
+
+def image_targets(
+    manifest: ImageManifest, space: LabelSpace, images: list[str], what: str
+) -> torch.Tensor:
+    """The targets of `images`: (n,) long class indices, or (n, C) float multi-hot for a
+    multi-label task.
+
+    Raises:
+        ValueError: an image without a label in the manifest (named, with `what`).
+    """
+    t = manifest.targets(space)
+    unlabelled = [s for s in images if s not in t]
+    if unlabelled:
+        raise ValueError(
+            f"{what}: splits name image(s) that are not labelled images of "
+            f"{manifest.path}: {unlabelled[:5]}; re-run the splits with this manifest"
+        )
+    if space.multi_label:
+        hot = np.zeros((len(images), len(space.classes)), np.float32)
+        for i, s in enumerate(images):
+            hot[i] = t[s]
+        return torch.from_numpy(hot)
+    return torch.tensor([int(t[s]) for s in images], dtype=torch.long)
 
 
 def image_features(
@@ -165,7 +178,8 @@ def image_features(
     return ImageFeatures(torch.from_numpy(np.ascontiguousarray(x)), tuple(ids), manifest, space)
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torch.Tensor:
+def head_loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Cross-entropy on class indices, or BCE with logits on multi-hot targets."""
     if multi_label:
         return F.binary_cross_entropy_with_logits(logits, y)
     return F.cross_entropy(logits, y)
@@ -194,7 +208,7 @@ def fit_head(
         head.train()
         total = 0.0
         for batch in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):
-            loss = _loss(head(x_train[batch]), y_train[batch], multi_label)
+            loss = head_loss(head(x_train[batch]), y_train[batch], multi_label)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -202,7 +216,9 @@ def fit_head(
         train_loss = total / max(len(x_train), 1)
         head.eval()
         with torch.no_grad():
-            val_loss = _loss(head(x_val), y_val, multi_label).item() if len(x_val) else train_loss
+            val_loss = (
+                head_loss(head(x_val), y_val, multi_label).item() if len(x_val) else train_loss
+            )
         if stopping.step(head, epoch + 1, train_loss, val_loss):
             break
     info = stopping.finish(head)
@@ -240,18 +256,71 @@ def prediction_rows(
     return rows
 
 
-def _write(out: Path, test_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]) -> None:
+def write_predictions_pair(
+    out: Path, test_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
+) -> None:
+    """predictions.csv (the test rows) and val_predictions.csv (the validation rows)."""
     write_predictions(out, test_rows)
     # written even without rows (no stratum had two cases left for validation): evaluation
     # then gives every class of every fold the fallback threshold
     write_predictions(out, val_rows, name=VAL_PREDICTIONS, fields=list(test_rows[0]))
 
 
-def _check_splits(splits: dict[str, Any], space: LabelSpace) -> None:
+def check_splits(splits: dict[str, Any], space: LabelSpace) -> None:
+    """Raises ValueError when the splits were made for another task's classes."""
     if tuple(splits["classes"]) != space.classes:
         raise ValueError(
             f"splits were made for classes {splits['classes']}, the task has {list(space.classes)}"
         )
+
+
+Part = tuple[torch.Tensor, torch.Tensor]
+FitFold = Callable[[int, dict[str, list[str]]], tuple[LinearHead, dict[str, Any], dict[str, Part]]]
+"""fit(k, fold) -> (the fold's head, its record for summary.json, the (features, targets) of
+the fold's "test" and "val" images that the head predicts)."""
+
+
+def run_folds(
+    splits: dict[str, Any],
+    space: LabelSpace,
+    out_dir: str | Path,
+    fit: FitFold,
+    unlabelled: int,
+) -> dict[str, Any]:
+    """The fold loop of every image strategy that trains a head: per fold `fit`, then the head
+    (fold_<k>.pt) and its test and validation predictions; then predictions.csv,
+    val_predictions.csv and summary.json (`unlabelled`: how many images of the manifest have no
+    label).
+
+    Raises:
+        ValueError: the splits were made for other classes.
+    """
+    check_splits(splits, space)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    test_rows: list[dict[str, Any]] = []
+    val_rows: list[dict[str, Any]] = []
+    folds, dim = [], 0
+    for k, fold in enumerate(splits["folds"]):
+        head, info, parts = fit(k, fold)
+        dim = head.in_dim
+        save_head(out / f"fold_{k}.pt", head, {"fold": k, "classes": list(space.classes)})
+        test_rows += prediction_rows(head, *parts["test"], fold["test"], k, space)
+        val_rows += prediction_rows(head, *parts["val"], fold["val"], k, space)
+        folds.append({"fold": k, **info})
+        log.info(
+            "fold %d: best epoch %d, val loss %.4f", k, info["best_epoch"], info["best_val_loss"]
+        )
+    write_predictions_pair(out, test_rows, val_rows)
+    summary = {
+        "classes": list(space.classes),
+        "multi_label": space.multi_label,
+        "feature_dim": dim,
+        "folds": folds,
+        "unlabelled": unlabelled,
+    }
+    save_json(out / "summary.json", summary)
+    return summary
 
 
 def train_heads(
@@ -270,34 +339,17 @@ def train_heads(
             or without a label in the manifest.
     """
     space = data.space
-    _check_splits(splits, space)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    test_rows: list[dict[str, Any]] = []
-    val_rows: list[dict[str, Any]] = []
-    folds = []
-    for k, fold in enumerate(splits["folds"]):
+
+    def fit(
+        k: int, fold: dict[str, list[str]]
+    ) -> tuple[LinearHead, dict[str, Any], dict[str, Part]]:
         parts = {p: data.part(fold[p], f"fold {k} {p}") for p in ("train", "val", "test")}
         head, info = fit_head(
             *parts["train"], *parts["val"], len(space.classes), space.multi_label, cfg, seed + k
         )
-        save_head(out / f"fold_{k}.pt", head, {"fold": k, "classes": list(space.classes)})
-        test_rows += prediction_rows(head, *parts["test"], fold["test"], k, space)
-        val_rows += prediction_rows(head, *parts["val"], fold["val"], k, space)
-        folds.append({"fold": k, **info})
-        log.info(
-            "fold %d: best epoch %d, val loss %.4f", k, info["best_epoch"], info["best_val_loss"]
-        )
-    _write(out, test_rows, val_rows)
-    summary = {
-        "classes": list(space.classes),
-        "multi_label": space.multi_label,
-        "feature_dim": data.dim,
-        "folds": folds,
-        "unlabelled": len(data.manifest.unlabelled),
-    }
-    save_json(out / "summary.json", summary)
-    return summary
+        return head, info, parts
+
+    return run_folds(splits, space, out_dir, fit, len(data.manifest.unlabelled))
 
 
 def reuse_heads(
@@ -321,7 +373,7 @@ def reuse_heads(
     if reason := next((r for r in refusals if r), None):
         raise ConfigError(f"reuse: {reason}")
     space = data.space
-    _check_splits(splits, space)
+    check_splits(splits, space)
     teacher_dir, out = Path(teacher_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test_rows: list[dict[str, Any]] = []
@@ -344,7 +396,7 @@ def reuse_heads(
         for part, rows in (("test", test_rows), ("val", val_rows)):
             x, y = data.part(fold[part], f"fold {k} {part}")
             rows += prediction_rows(head, x, y, fold[part], k, space)
-    _write(out, test_rows, val_rows)
+    write_predictions_pair(out, test_rows, val_rows)
     summary = read_summary(teacher_dir)  # the teacher's folds, reused as they are
     save_json(out / "summary.json", summary)
     return summary

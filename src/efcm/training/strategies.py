@@ -58,12 +58,19 @@ from efcm.io.results import read_summary, write_predictions
 from efcm.io.store import assign_shards, require_store
 from efcm.models.clam import build_clam, load_clam, save_clam
 from efcm.models.encoders import PatchTransform
-from efcm.models.freeze import freeze_batchnorm, freeze_stages
+from efcm.models.freeze import freeze_batchnorm
 from efcm.models.students import load_student, save_student
 from efcm.registry import StrategyInputs
 from efcm.slides.patches import SlidePatches, StorePatches, open_patches
 from efcm.slides.patching import read_coords
 from efcm.training.distributed import World, check_world, rank_bounds, sum_gradients
+from efcm.training.end2end import (
+    augment,
+    augment_draws,
+    freeze_student,
+    mixed_precision,
+    two_rate_adamw,
+)
 from efcm.training.mil import FeatureBags, load_bags, predict_slides, train_fold, train_mil
 
 log = logging.getLogger(__name__)
@@ -110,38 +117,6 @@ def reuse(
 
 
 # -- ETC ------------------------------------------------------------------------------------------
-
-
-def augment_draws(
-    rng: np.random.Generator, n: int, jitter: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The random draws of `augment` for `n` patches, patch by patch from `rng`: (flip (n,) bool,
-    quarter turns (n,) int, gains (n, 3) or None without jitter). A rank that leaves a bag to
-    another draws them too, so every rank's stream stays where a single process's would be."""
-    flips = np.empty(n, bool)
-    turns = np.empty(n, np.int64)
-    gains = np.empty((n, 3)) if jitter > 0 else None
-    for i in range(n):
-        flips[i] = rng.random() < 0.5
-        turns[i] = int(rng.integers(4))
-        if gains is not None:
-            gains[i] = 1 + rng.uniform(-jitter, jitter, 3)
-    return flips, turns, gains
-
-
-def augment(patches: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
-    """uint8 (N, S, S, 3): per patch a random flip, a random 90-degree rotation, and a mild
-    per-channel brightness jitter of +-`jitter`."""
-    flips, turns, gains = augment_draws(rng, len(patches), jitter)
-    out = np.empty_like(patches)
-    for i, p in enumerate(patches):
-        if flips[i]:
-            p = p[:, ::-1]
-        p = np.rot90(p, int(turns[i]))
-        if gains is not None:
-            p = np.clip(p.astype(np.float32) * gains[i], 0, 255)
-        out[i] = p
-    return out
 
 
 def _embed(
@@ -195,27 +170,14 @@ def train_etc_fold(
         )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    trainable = freeze_stages(student, cfg.freeze_stages)
-    freeze_batchnorm(student)
-    if not trainable:
-        raise ValueError("ETC: every student parameter is frozen (lower mil.etc.freeze_stages)")
+    freeze_student(student, cfg.freeze_stages, "mil.etc.freeze_stages")
     clam = build_clam(student.out_dim, len(params.dataset.classes), params.train_mil).to(device)
     transform = PatchTransform(spec).to(device)
     student.to(device)
-    head_lr = cfg.lr
-    opt = torch.optim.AdamW(
-        [
-            {
-                "params": [p for p in student.parameters() if p.requires_grad],
-                "lr": head_lr * cfg.backbone_lr_factor,
-            },
-            {"params": clam.parameters(), "lr": head_lr},
-        ],
-        weight_decay=cfg.weight_decay,
+    opt = two_rate_adamw(
+        student, clam.parameters(), cfg.lr, cfg.backbone_lr_factor, cfg.weight_decay
     )
-    amp = device.type == "cuda"
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+    amp, dtype, scaler = mixed_precision(device)
     counts = np.bincount([labels[s] for s in train], minlength=len(params.dataset.classes))
     weights = np.array([1.0 / counts[labels[s]] for s in train])
     weights /= weights.sum()
