@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from efcm.config import params_from_dict
+from efcm.config import FpdParams, params_from_dict
 from efcm.images.reader import ImageReader
 from efcm.io.image_manifest import LabelSpace, read_image_manifest
 from efcm.io.results import VAL_PREDICTIONS, read_folds, read_predictions, read_summary
 from efcm.models.encoders import PatchTransform
 from efcm.models.image_head import load_head
-from efcm.models.students import build_vfd, load_student, save_student
+from efcm.models.students import build_fpd, build_vfd, load_student, save_student
 from efcm.training.end2end import augment, freeze_student, two_rate_adamw
 from efcm.training.image_finetune import finetune_images
 from efcm.training.image_heads import image_splits
@@ -44,11 +44,11 @@ def _student(params, path: Path) -> Path:
     return path
 
 
-def _run(manifest: Path, params, out: Path) -> tuple[dict, dict, Path]:
+def _run(manifest: Path, params, out: Path, ckpt: Path | None = None) -> tuple[dict, dict, Path]:
     space = _space(params)
     m = read_image_manifest(manifest, space)
     splits = image_splits(m, space, 2, 0.34, seed=0)
-    ckpt = _student(params, out.parent / "student.pt")
+    ckpt = ckpt or _student(params, out.parent / "student.pt")
     summary = finetune_images(m, space, ckpt, splits, out, params.image, seed=0)
     return summary, splits, ckpt
 
@@ -100,6 +100,26 @@ def test_frozen_parameters_stay_and_the_others_train(fundus_demo, tmp_path):
         assert bn_stats and not changed & set(bn_stats)
         assert any(n.startswith("backbone.layer4.") for n in changed)
         assert any(n.startswith("proj.") for n in changed)
+
+
+def test_an_fpd_student_trains_its_projection_and_reloads_with_its_own_shapes(
+    fundus_demo, tmp_path
+):
+    """The FPD student's shallow CNN is frozen whatever freeze_stages says; a fine-tuned copy is
+    saved with the configuration it was distilled with (not the defaults)."""
+    params = _params({"finetune": {**FAST, "epochs": 1}})
+    cfg = FpdParams(shallow_stage=2, embed_dim=32, depth=1, heads=2)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "student.pt"
+    student = build_fpd(params.student, 16, cfg, warn_random=False)
+    save_student(ckpt, student, params.image.encoder_spec(params.student), fpd=cfg)
+    out = tmp_path / "finetune"
+    _run(fundus_demo, params, out, ckpt)
+    before = student.state_dict()
+    tuned, _ = load_student(out / "student_fold_0.pt")
+    after = tuned.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith("projection.") for n in changed)
 
 
 def test_the_student_learns_at_the_factor_below_the_head(fundus_demo, tmp_path):

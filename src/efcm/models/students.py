@@ -83,10 +83,18 @@ class ShallowCNN(nn.Module):
 
 
 class FPDStudent(DistilledStudent):
-    """Frozen shallow CNN -> trainable TransScan -> teacher space."""
+    """Frozen shallow CNN -> trainable TransScan -> teacher space. `fpd` is the configuration it
+    was built with: `save_student` records it, so a fine-tuned copy reloads with its shapes."""
 
-    def __init__(self, shallow: ShallowCNN, projection: TransScan, out_dim: int) -> None:
+    def __init__(
+        self,
+        shallow: ShallowCNN,
+        projection: TransScan,
+        out_dim: int,
+        fpd: FpdParams | None = None,
+    ) -> None:
         super().__init__(out_dim)
+        self.fpd = fpd
         self.shallow = shallow
         self.projection = projection
         for p in self.shallow.parameters():
@@ -159,15 +167,16 @@ def build_fpd(
         mlp_ratio=cfg.mlp_ratio,
         reduction=cfg.sk_reduction,
     )
-    return FPDStudent(shallow, projection, out_dim)
+    return FPDStudent(shallow, projection, out_dim, cfg)
 
 
 def save_student(
     path: Path, student: nn.Module, spec: EncoderParams, *, fpd: FpdParams | None = None
 ) -> None:
-    """Write a student checkpoint (atomic): its kind, encoder spec, config and weights."""
+    """Write a student checkpoint (atomic): its kind, encoder spec, config (an FPD student's
+    `fpd`, else the one it was built with) and weights."""
     if isinstance(student, FPDStudent):
-        kind, config = "fpd", (fpd or FpdParams()).model_dump(mode="json")
+        kind, config = "fpd", (fpd or student.fpd or FpdParams()).model_dump(mode="json")
     elif isinstance(student, VFDStudent):
         kind, config = "vfd", {}
     elif isinstance(student, BackboneStudent):
