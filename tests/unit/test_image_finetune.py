@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from efcm.config import FpdParams, params_from_dict
+from efcm.config import ConfigError, FpdParams, params_from_dict
 from efcm.images.reader import ImageReader
 from efcm.io.image_manifest import LabelSpace, read_image_manifest
 from efcm.io.results import VAL_PREDICTIONS, read_folds, read_predictions, read_summary
@@ -146,11 +146,12 @@ def test_freezing_every_stage_of_a_backbone_without_a_projection_is_refused():
     def student():
         return BackboneStudent(build_backbone(params.student, warn_random=False)[0])
 
-    with pytest.raises(ValueError, match=r"freeze_stages=9: .* has only 4 stages"):
-        freeze_student(student(), 9, "image.finetune.freeze_stages")
-    with pytest.raises(ValueError, match=r"frozen \(lower image.finetune.freeze_stages, now 4\)"):
-        freeze_student(student(), 4, "image.finetune.freeze_stages")
-    assert freeze_student(student(), 3, "image.finetune.freeze_stages")
+    key = "image.finetune.freeze_stages"
+    with pytest.raises(ConfigError, match=rf"{key}: freeze_stages=9: .* has only 4 stages"):
+        freeze_student(student(), 9, key)
+    with pytest.raises(ConfigError, match=rf"{key}=4 freezes every student parameter"):
+        freeze_student(student(), 4, key)
+    assert freeze_student(student(), 3, key)
 
 
 def test_chest_x_rays_are_never_flipped_vertically_or_turned():

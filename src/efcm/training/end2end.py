@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from efcm.config import ConfigError
 from efcm.models.freeze import freeze_batchnorm, freeze_stages
 
 Orientation = Literal["free", "upright", "fixed"]
@@ -37,14 +38,17 @@ def freeze_student(student: nn.Module, n: int, key: str) -> list[str]:
     weights); returns the names of the parameters left trainable.
 
     Raises:
-        ValueError: `n` is out of range for the backbone, or nothing is left to train (the
+        ConfigError: `n` is out of range for the backbone, or leaves nothing to train (the
             message names the params `key`, e.g. ``image.finetune.freeze_stages``).
     """
-    freeze_stages(student, n)
+    try:
+        freeze_stages(student, n)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
     freeze_batchnorm(student)
     trainable = [name for name, p in student.named_parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"every student parameter is frozen (lower {key}, now {n})")
+        raise ConfigError(f"{key}={n} freezes every student parameter: lower it")
     return trainable
 
 

@@ -123,7 +123,7 @@ def finetune_fold(
     how many student parameters trained) and the (features, targets) of "test" and "val".
 
     Raises:
-        ValueError: `image.finetune.freeze_stages` is out of range or leaves nothing to train.
+        ConfigError: `image.finetune.freeze_stages` is out of range or leaves nothing to train.
     """
     cfg = image.finetune
     torch.manual_seed(seed)
@@ -202,8 +202,9 @@ def finetune_images(
     `device` defaults to CUDA when there is one.
 
     Raises:
-        ValueError: the splits were made for other classes, name an image the manifest does not
-            label, or `image.finetune.freeze_stages` is out of range for the student.
+        ValueError: the splits were made for other classes, or name an image the manifest does
+            not label.
+        ConfigError: `image.finetune.freeze_stages` is out of range for the student.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reader = ImageReader(image, manifest.base_dir, cache)
@@ -220,7 +221,6 @@ def finetune_images(
             parts[p] = (ImagePixels([by_id[s] for s in fold[p]], reader), y)
         student = copy.deepcopy(distilled)
         model, info, predicted = finetune_fold(student, spec, parts, space, image, seed + k, dev)
-        out.mkdir(parents=True, exist_ok=True)
         save_student(out / f"student_fold_{k}.pt", model.student, spec)
         return model.head, info, predicted
 
