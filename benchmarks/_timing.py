@@ -3,11 +3,43 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+
+def machine() -> dict[str, Any]:
+    """The machine a benchmark ran on: device, CPU model, cores, library versions, and the load
+    average now (`loadavg_start`; a benchmark adds `loadavg_end` when it is done)."""
+    import openslide
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+        if line.startswith("model name")
+    ]
+    cpu = names[0] if names else platform.processor()
+    cuda = torch.cuda.is_available()
+    out = {
+        "device": "cuda" if cuda else "cpu",
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "openslide": openslide.__library_version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    if cuda:
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
 
 
 def sync(device: torch.device) -> None:

@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -317,35 +316,6 @@ def cohort_model(a: Assumptions, r: CpuRates, store_bytes_per_patch: float) -> d
 
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
-
-
-def _machine() -> dict[str, Any]:
-    import openslide
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-        if line.startswith("model name")
-    ]
-    cpu = names[0] if names else platform.processor()
-    cuda = torch.cuda.is_available()
-    out = {
-        "device": "cuda" if cuda else "cpu",
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "openslide": openslide.__library_version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-    }
-    if cuda:
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
 
 
 def _demo(args: argparse.Namespace, params: Any, tmp: Path) -> tuple[Path, Path, str]:
@@ -853,6 +823,7 @@ def main() -> None:
 def _run(args: argparse.Namespace, workers: list[int]) -> dict[str, Any]:
     """Every measurement, then the model; the JSON object."""
     import torch
+    from _timing import machine as host  # a script: benchmarks/ is on the path
 
     from efcm.config import load_params
     from efcm.features import embed_batches
@@ -860,7 +831,7 @@ def _run(args: argparse.Namespace, workers: list[int]) -> dict[str, Any]:
     from efcm.slides.patches import SlidePatches
 
     params = load_params(args.params)
-    machine = _machine()
+    machine = host()
     sections: dict[str, float] = {}
     clock = time.perf_counter()
 

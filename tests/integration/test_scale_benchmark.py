@@ -4,31 +4,15 @@ Timings are read, never asserted."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.benchmark_script import run_quick
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "scale.py"
-
 
 def test_the_scale_benchmark_runs_at_tiny_sizes(tiny_params_file, tmp_path):
-    out = tmp_path / "scale.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", f"--params={tiny_params_file}", f"--out={out}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout)
-    assert json.loads(out.read_text()) == r
+    r = run_quick("scale.py", tmp_path, f"--params={tiny_params_file}")
 
     assert r["data"]["patches"] == 2 * 24  # --quick: 2 slides, 24 patches each
     (write,) = r["write"].values()
