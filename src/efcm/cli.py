@@ -191,17 +191,47 @@ def cmd_distill(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _image(args: argparse.Namespace) -> bool:
+    """--kind image: the command reads the `image_<command>` params sections (STAGE_SECTIONS)."""
+    return args.kind == "image"
+
+
+def _refuse(args: argparse.Namespace, kind: str, *flags: str) -> None:
+    """ConfigError when a flag of the other kind is given (e.g. --teacher-mil with images)."""
+    given = [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_"), None)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not for --kind {kind}")
+
+
 def cmd_splits(args: argparse.Namespace) -> None:
-    stages.splits(args.manifest, args.out, _params(args), features_dir=args.features)
+    params = _params(args, "image_splits" if _image(args) else "splits")
+    stages.splits(args.manifest, args.out, params, features_dir=args.features, kind=args.kind)
 
 
 def cmd_train_mil(args: argparse.Namespace) -> None:
-    stages.train_mil(args.manifest, args.features, args.splits, args.out, _params(args))
+    params = _params(args, "image_train_mil" if _image(args) else "train_mil")
+    stages.train_mil(args.manifest, args.features, args.splits, args.out, params, kind=args.kind)
 
 
 def cmd_strategy(args: argparse.Namespace) -> int | None:
     """ETC may run as several processes: under torchrun, or relaunched there by
-    --nproc-per-node N > 1 (see `_under_torchrun`)."""
+    --nproc-per-node N > 1 (see `_under_torchrun`). --kind image: an image strategy, one
+    process."""
+    if _image(args):
+        _refuse(args, "image", "--patches", "--teacher-features", "--teacher-mil")
+        if args.nproc_per_node > 1:
+            raise ConfigError("--nproc-per-node: the image strategies run as one process")
+        stages.image_strategy(
+            args.name,
+            args.manifest,
+            args.splits,
+            args.out,
+            _params(args, "image_strategy"),
+            cache=_cache(),
+            **{k: getattr(args, k) for k in registry.IMAGE_INPUTS},
+        )
+        return None
+    _refuse(args, "slides", "--teacher-heads")
     params = _params(args)
     launch, status = _under_torchrun(
         args, lambda n: stages.check_strategy_processes(args.name, params, n)
@@ -225,16 +255,25 @@ def cmd_strategy(args: argparse.Namespace) -> int | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if _image(args):
+        _refuse(args, "image", "--teacher-mil", "--patches", "--masks")
+        teacher, flag = args.teacher_heads, "--teacher-heads (the image teacher probe)"
+    else:
+        _refuse(args, "slides", "--teacher-heads")
+        teacher, flag = args.teacher_mil, "--teacher-mil (the output of `efcm train-mil`)"
+    if not teacher:
+        raise ConfigError(f"{flag} is required")
     stages.evaluate(
-        args.teacher_mil,
+        teacher,
         args.strategy,
         args.out,
-        _params(args),
+        _params(args, "image_evaluate" if _image(args) else "evaluate"),
         manifest=args.manifest,
         student=args.student,
         patches_dir=args.patches,
         masks_dir=args.masks,
         cache=_cache(),
+        kind=args.kind,
     )
 
 
@@ -267,7 +306,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_gate(args: argparse.Namespace) -> None:
-    decision = stages.gate(args.package, args.out, _params(args))
+    if bool(args.package) == bool(args.evaluation):
+        raise ConfigError("give --package (a slide package) or --evaluation (an image run)")
+    if args.evaluation:
+        decision = stages.gate_evaluation(args.evaluation, args.out, _params(args, "image_gate"))
+    else:
+        decision = stages.gate(args.package, args.out, _params(args))
     print(json.dumps({"promote": decision.promote, "reason": decision.reason}))
 
 
@@ -319,12 +363,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.serve_args)
 
 
-def _kind_argument(p: argparse.ArgumentParser) -> None:
+def _kind_argument(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument(
         "--kind",
         choices=KINDS,
         default="slides",
-        help="slides (default: params dataset, extract/distill, store), or image: an image "
+        help=help
+        or "slides (default: params dataset, extract/distill, store), or image: an image "
         "manifest (params image, and extract or distill; one features.h5, see the README)",
     )
 
@@ -418,21 +463,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("splits", cmd_splits, "patient-level stratified k-fold splits, shared by every model")
+    _kind_argument(p, "slides (default: params train_mil.folds), or image: an image manifest "
+                   "(params image.folds, image.val_fraction)")  # fmt: skip
     p.add_argument("--manifest", required=True)
-    p.add_argument("--features", help="only slides extracted ok here (its status.csv)")
+    p.add_argument(
+        "--features",
+        help="only slides extracted ok here (its status.csv); --kind image: only the images in "
+        "this image extraction's features.h5",
+    )
     p.add_argument("--out", required=True, help="splits JSON")
 
     p = add(
         "train-mil", cmd_train_mil, "train CLAM per fold on a features dir; out-of-fold predictions"
     )
+    _kind_argument(p, "slides (default): CLAM; or image: the teacher's linear probe on image "
+                   "features (params image.head; no MIL), the image teacher row")  # fmt: skip
     p.add_argument("--manifest", required=True)
     p.add_argument("--features", required=True)
     p.add_argument("--splits", required=True)
     p.add_argument("--out", required=True)
 
     strategies = "; ".join(f"{n}: {e.summary}" for n, e in registry.STRATEGIES.items())
-    p = add("strategy", cmd_strategy, "run one slide-level strategy on the student, fold by fold")
-    p.add_argument("name", choices=registry.NAMES, help=strategies)
+    images = "; ".join(f"{n}: {e.summary}" for n, e in registry.IMAGE_STRATEGIES.items())
+    names = tuple(dict.fromkeys((*registry.NAMES, *registry.IMAGE_NAMES)))
+    p = add("strategy", cmd_strategy, "run one slide-level (or image) strategy, fold by fold")
+    p.add_argument("name", choices=names, help=f"slides: {strategies}. --kind image: {images}")
+    _kind_argument(p, "slides (default), or image: an image strategy (efcm.registry."
+                   "IMAGE_STRATEGIES; params image, distill)")  # fmt: skip
+    p.add_argument("--teacher-heads", help="image: `efcm train-mil --kind image`'s output")
     p.add_argument("--manifest", required=True)
     p.add_argument("--splits", required=True)
     p.add_argument("--out", required=True)
@@ -453,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", cmd_evaluate, "teacher vs every strategy: metrics with patient-level CIs, "
             "paired deltas, ROC points, efficiency")  # fmt: skip
-    p.add_argument("--teacher-mil", required=True, help="train-mil output dir of the teacher")
+    _kind_argument(p, "slides (default), or image: the teacher probe and the image strategies")
+    p.add_argument("--teacher-mil", help="train-mil output dir of the teacher (slides)")
+    p.add_argument("--teacher-heads", help="image: `efcm train-mil --kind image`'s output")
     p.add_argument(
         "--strategy", action="append", default=[], metavar="DIR",
         help="an output dir of `efcm strategy` (repeatable; a skipped one is left out)",
@@ -494,7 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the HTML file to write")
 
     p = add("gate", cmd_gate, "promotion gate: may the exported package be deployed?")
-    p.add_argument("--package", required=True, help="the exported package")
+    p.add_argument("--package", help="the exported package (slides)")
+    p.add_argument(
+        "--evaluation",
+        help="image runs (no image package yet): the `efcm evaluate --kind image` output; the "
+        "row of image.export_strategy is judged",
+    )
     p.add_argument("--out", required=True, help="folder for decision.json and decision.md")
 
     p = add("predict", cmd_predict, "predict one slide with a package; prints JSON")

@@ -180,6 +180,19 @@ class ImageParams(_Section):
     )
     demo: ImageDemoParams = ImageDemoParams()
     head: ImageHeadParams = ImageHeadParams()
+    folds: int = Field(5, ge=2, description="patient-level folds of the image strategies")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of each fold's training cases for early stopping"
+    )
+    strategies: Literal["auto"] | tuple[str, ...] = Field(
+        "auto",
+        description="the image strategies compared (efcm.registry.IMAGE_STRATEGIES): auto, every "
+        "available one that applies to distill.method, or a list",
+    )
+    export_strategy: str = Field(
+        registry.DEFAULT_IMAGE_EXPORT,
+        description="the image strategy a package would ship, the one the gate judges",
+    )
     finetune: ImageFinetuneParams = ImageFinetuneParams()
 
     @model_validator(mode="before")
@@ -201,6 +214,15 @@ class ImageParams(_Section):
             raise ValueError("mean and std are given together (or both null: the encoder's)")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"std must be > 0, got {list(self.std)}")
+        named = [] if self.strategies == "auto" else list(self.strategies)
+        if self.strategies != "auto" and (not named or len(set(named)) != len(named)):
+            raise ValueError(f"strategies must be distinct and not empty, got {named}")
+        unknown = [s for s in [*named, self.export_strategy] if s not in registry.IMAGE_STRATEGIES]
+        if unknown:
+            raise ValueError(
+                f"unknown image strategies {unknown}: use 'auto' or a list of "
+                f"{list(registry.IMAGE_NAMES)}"
+            )
         return self
 
     def encoder_spec(self, encoder: EncoderParams) -> EncoderParams:
@@ -611,6 +633,14 @@ class Params(_Section):
                     f"run compares {run} (mil.strategies {_show(self.mil.strategies)}, "
                     f"distill.method {self.distill.method!r})"
                 )
+        if {"distill", "image"} <= given:
+            run, _ = registry.resolve_image(self.distill.method, self.image.strategies)
+            if self.image.export_strategy not in run:
+                raise ValueError(
+                    f"image.export_strategy {self.image.export_strategy!r} is not one of the "
+                    f"image strategies this run compares {run} (image.strategies "
+                    f"{_show(self.image.strategies)}, distill.method {self.distill.method!r})"
+                )
         if {"mil", "pipeline"} <= given and self.mil.etc.accumulate % self.pipeline.etc_gpus:
             raise ValueError(
                 f"mil.etc.accumulate {self.mil.etc.accumulate} does not divide by "
@@ -672,6 +702,11 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "distill": ("seed", "dataset", "student", "distill", "store"),
     "image_extract": ("seed", "image", "teacher", "extract"),  # efcm extract --kind image
     "image_distill": ("seed", "image", "student", "distill"),  # efcm distill --kind image
+    "image_splits": ("seed", "image"),  # efcm splits --kind image
+    "image_train_mil": ("seed", "image"),  # efcm train-mil --kind image: the teacher's probe
+    "image_strategy": ("seed", "image", "distill"),  # efcm strategy NAME --kind image
+    "image_evaluate": ("seed", "image", "teacher", "distill", "extract", "evaluate"),
+    "image_gate": ("image", "distill", "deploy"),  # efcm gate --evaluation (no package yet)
     "splits": ("seed", "dataset", "train_mil"),
     "train_mil": ("seed", "dataset", "train_mil"),
     "plan_strategies": ("distill", "mil"),

@@ -72,6 +72,10 @@ class Strategy:
             )
         return None
 
+    def unavailable(self) -> str | None:
+        """None when the strategy can run, else why not (see `ImageStrategy.available`)."""
+        return None
+
     def row(self, method: str) -> str:
         """The evaluation row: `student.<distill.method>.<strategy>`."""
         return f"{STUDENT_ROW_PREFIX}{method}.{self.name}"
@@ -116,10 +120,12 @@ NAMES: tuple[str, ...] = tuple(STRATEGIES)
 DEFAULT_EXPORT = "retrain"
 
 
-def get(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {list(NAMES)}")
-    return STRATEGIES[name]
+def get(name: str, *, image: bool = False) -> Strategy:
+    """The slide strategy `name`, or with `image` the image strategy (ValueError if unknown)."""
+    table: Mapping[str, Strategy] = IMAGE_STRATEGIES if image else STRATEGIES
+    if name not in table:
+        raise ValueError(f"unknown {'image ' * image}strategy {name!r}; known: {list(table)}")
+    return table[name]
 
 
 def row_name(method: str, name: str) -> str:
@@ -133,21 +139,35 @@ def resolve(method: str, strategies: str | tuple[str, ...]) -> tuple[list[str], 
     `strategies` is `"auto"` (every registered strategy that applies to `method`) or an explicit
     list: there a strategy that does not apply is an error (ValueError naming it and why).
     """
+    return _resolve(STRATEGIES, "mil.strategies", method, strategies)
+
+
+def _resolve(
+    table: Mapping[str, Strategy], key: str, method: str, strategies: str | tuple[str, ...]
+) -> tuple[list[str], dict[str, str]]:
+    """`resolve` over one strategy table whose selection is the params key `key`."""
+
+    def why_not(s: Strategy) -> str | None:
+        if (missing := s.unavailable()) is not None:
+            return missing
+        why = s.applies_to(method)
+        return None if why is None else f"does not apply to distill.method {method!r}: {why}"
+
     if strategies == "auto":
-        run = [n for n, s in STRATEGIES.items() if s.applies_to(method) is None]
-        left_out = {
-            n: f"does not apply to distill.method {method!r}: {why}"
-            for n, s in STRATEGIES.items()
-            if (why := s.applies_to(method)) is not None
-        }
+        run = [n for n, s in table.items() if why_not(s) is None]
+        left_out = {n: why for n, s in table.items() if (why := why_not(s)) is not None}
         return run, left_out
     for n in strategies:
-        if (why := get(n).applies_to(method)) is not None:
+        if n not in table:
+            raise ValueError(f"unknown strategy {n!r} in {key}; known: {list(table)}")
+        if (why := table[n].unavailable()) is not None:
+            raise ValueError(f"{key} includes {n!r}, which {why}; drop it")
+        if (why := table[n].applies_to(method)) is not None:
             raise ValueError(
-                f"mil.strategies includes {n!r} but distill.method is {method!r}: {why}; drop "
-                f"{n!r}, or set mil.strategies: auto to compare every strategy that applies"
+                f"{key} includes {n!r} but distill.method is {method!r}: {why}; drop "
+                f"{n!r}, or set {key}: auto to compare every strategy that applies"
             )
-    left_out = {n: "not in mil.strategies" for n in NAMES if n not in strategies}
+    left_out = {n: f"not in {key}" for n in table if n not in strategies}
     return list(strategies), left_out
 
 
@@ -178,9 +198,111 @@ class StrategyInputs:
             raise ValueError(f"strategy {strategy.name!r} needs {flags}")
 
 
+# --- the image-level strategies (issue 16) -------------------------------------------------
+# The twins of the slide strategies for image tasks (`image` params), with the same names where
+# they are the same idea, so an image run's evaluation rows read like a slide run's
+# (`student.<distill.method>.<strategy>`, `Strategy.row`). Their runners have the signature
+# `run(job: efcm.training.image_heads.ImageJob) -> summary dict` and write what
+# `efcm.training.image_heads.train_heads` writes (fold_<k>.pt, predictions.csv,
+# val_predictions.csv, summary.json). The teacher baseline, the teacher's
+# linear probe (`efcm train-mil --kind image`), is the `TEACHER_ROW`, not a strategy.
+IMAGE_INPUTS = ("teacher_heads", "student", "student_features")
+# the strategy an image run ships and its gate judges unless `image.export_strategy` says so
+DEFAULT_IMAGE_EXPORT = "retrain"
+
+
+@dataclass(frozen=True)
+class ImageStrategy(Strategy):
+    """One image-level strategy (see `Strategy` for the shared fields; `inputs` among
+    `IMAGE_INPUTS`).
+
+    Attributes:
+        available: False for a strategy that is named (so params and the docs can say it is
+            coming) but has no implementation yet: `image.strategies: auto` leaves it out with
+            that reason, and naming it explicitly is a configuration error.
+    """
+
+    available: bool = True
+
+    def unavailable(self) -> str | None:
+        if self.available:
+            return None
+        return f"is not available yet (its runner {self.runner} has not landed)"
+
+
+IMAGE_STRATEGIES: dict[str, ImageStrategy] = {
+    s.name: s
+    for s in (
+        ImageStrategy(
+            "reuse",
+            "Reuse head: the teacher's fold linear heads, unchanged, on the student's projected "
+            "features",
+            needs_teacher_space=True,
+            runner="efcm.training.image_heads:run_reuse",
+            inputs=("teacher_heads", "student_features"),
+            gpu=False,
+        ),
+        ImageStrategy(
+            "retrain",
+            "Retrain head: a new linear head per fold on the frozen student's features",
+            needs_teacher_space=False,
+            runner="efcm.training.image_heads:run_retrain",
+            inputs=("student_features",),
+            gpu=False,
+        ),
+        # End-to-end fine-tuning of the student with its head (issue 16 point 4), the image twin
+        # of ETC (`efcm.training.image_finetune`)
+        ImageStrategy(
+            "finetune",
+            "Fine-tune: the student and a linear head trained end to end per fold (early stages "
+            "frozen, a smaller backbone learning rate)",
+            needs_teacher_space=False,
+            runner="efcm.training.image_finetune:run_finetune",
+            inputs=("student",),
+            per_fold_student=True,
+        ),
+    )
+}
+IMAGE_NAMES: tuple[str, ...] = tuple(IMAGE_STRATEGIES)
+
+
+def resolve_image(
+    method: str, strategies: str | tuple[str, ...]
+) -> tuple[list[str], dict[str, str]]:
+    """`resolve` for the image strategies (`image.strategies`): one that is not available is left
+    out by `auto` (with the reason) and an error when named."""
+    return _resolve(IMAGE_STRATEGIES, "image.strategies", method, strategies)
+
+
+@dataclass(frozen=True)
+class ImageStrategyInputs:
+    """The files an image strategy reads besides the manifest and splits: the teacher probe's
+    output (`teacher_heads`), the distilled student (`student`: its checkpoint), the student's
+    image features (`student_features`: an `efcm extract --kind image` output)."""
+
+    teacher_heads: Path | None = None
+    student: Path | None = None
+    student_features: Path | None = None
+
+    @classmethod
+    def of(cls, **given: Any) -> ImageStrategyInputs:
+        unknown = set(given) - set(IMAGE_INPUTS)
+        if unknown:
+            raise ValueError(
+                f"unknown image strategy inputs {sorted(unknown)}; known: {list(IMAGE_INPUTS)}"
+            )
+        return cls(**{k: Path(v) for k, v in given.items() if v is not None and str(v) != ""})
+
+    def require(self, strategy: Strategy) -> None:
+        missing = [k for k in strategy.inputs if getattr(self, k) is None]
+        if missing:
+            flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+            raise ValueError(f"image strategy {strategy.name!r} needs {flags}")
+
+
 def summary_strategy(summary: Mapping[str, Any], where: str) -> str:
     """The strategy name a strategy output's summary.json records (ValueError if none)."""
     name = summary.get("strategy")
-    if name not in STRATEGIES:
+    if name not in STRATEGIES and name not in IMAGE_STRATEGIES:
         raise ValueError(f"{where}: summary.json names no known strategy (got {name!r})")
     return str(name)

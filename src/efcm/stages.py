@@ -246,8 +246,7 @@ def _image_manifest(manifest: str | Path, params: Params) -> Any:
     """The image manifest, its labels checked against the task's classes (`image` params)."""
     from efcm.io.image_manifest import LabelSpace, read_image_manifest
 
-    p = params.image
-    return read_image_manifest(manifest, LabelSpace(p.classes, p.multi_label, p.none_label))
+    return read_image_manifest(manifest, LabelSpace.of(params.image))
 
 
 def extract_images(
@@ -274,6 +273,133 @@ def extract_images(
     reader = ImageReader(params.image, images.base_dir, cache)
     rows = run(model, images, reader, out_dir, params.extract, attrs, overwrite=overwrite)
     return check_images(rows, "extract", params.image.fail_on)
+
+
+def _image_splits(
+    manifest: str | Path, params: Params, features_dir: str | Path | None
+) -> dict[str, Any]:
+    from efcm.training.image_heads import image_splits
+
+    available = None
+    if features_dir:
+        from efcm.image_features import read_image_features
+
+        available = set(read_image_features(features_dir).image_ids)
+    p, images = params.image, _image_manifest(manifest, params)
+    return image_splits(images, _space(params), p.folds, p.val_fraction, params.seed, available)
+
+
+def _space(params: Params) -> Any:
+    from efcm.io.image_manifest import LabelSpace
+
+    return LabelSpace.of(params.image)
+
+
+def _read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def plan_image_strategies(params: Params) -> tuple[list[str], dict[str, str]]:
+    """The image strategies this run compares (`image.strategies`, `auto` resolved against
+    `distill.method` by `efcm.registry.resolve_image`) and those left out, with the reason."""
+    return registry.resolve_image(params.distill.method, params.image.strategies)
+
+
+def image_strategy(
+    name: str,
+    manifest: str | Path,
+    splits_path: str | Path,
+    out_dir: str | Path,
+    params: Params,
+    *,
+    cache: SlideCache | None = None,
+    **inputs: str | Path | None,
+) -> dict[str, Any]:
+    """Run the image strategy `name` (an entry of `efcm.registry.IMAGE_STRATEGIES`) with the
+    inputs its entry names (`teacher_heads`, `student` (a checkpoint or the distill output dir),
+    `student_features`); gs:// images are staged into `cache` (fine-tuning reads pixels). One
+    this run does not compare writes only a summary saying so (`skipped`, with the reason),
+    which evaluation leaves out, as for slides."""
+    from efcm.io.files import save_json
+    from efcm.training.image_heads import ImageJob
+
+    entry = registry.get(name, image=True)
+    run, left_out = plan_image_strategies(params)
+    if name not in run:
+        return _skip(name, left_out[name], out_dir, write=True)
+    if inputs.get("student"):
+        inputs["student"] = student_checkpoint(inputs["student"])
+    given = registry.ImageStrategyInputs.of(**inputs)
+    given.require(entry)
+    images = _image_manifest(manifest, params)
+    job = ImageJob(given, images, _read_json(splits_path), Path(out_dir), params, cache)
+    summary = {**entry.run()(job), "strategy": name}
+    save_json(Path(out_dir) / "summary.json", summary)
+    return summary
+
+
+def _skip(name: str, reason: str, out_dir: str | Path, write: bool) -> dict[str, Any]:
+    """The summary of a strategy this run does not compare (written when `write`)."""
+    from efcm.io.files import save_json
+
+    summary = {"strategy": name, "skipped": True, "reason": reason}
+    if write:
+        save_json(Path(out_dir) / "summary.json", summary)
+    log.info("strategy %s: skipped (%s)", name, reason)
+    return summary
+
+
+def _table_rows(
+    teacher: str | Path,
+    dirs: list[str | Path],
+    plan: tuple[list[str], dict[str, str]],
+    out_dir: str | Path,
+    params: Params,
+) -> dict[str, Path]:
+    """{evaluation row: output dir}: the teacher baseline and each strategy of `plan` (the
+    strategies this run compares, and those left out) among the strategy outputs `dirs`;
+    writes out_dir/strategies.json (which ran, which were left out and why).
+
+    Raises:
+        ConfigError: a strategy of the plan has no output among `dirs`.
+    """
+    from efcm.io.files import save_json
+
+    planned, left_out = plan
+    done = read_strategy_dirs(dirs)
+    for name in planned:
+        if name not in done:
+            raise ConfigError(f"evaluate: no output of strategy {name!r}, which this run compares")
+    rows: dict[str, Path] = {registry.TEACHER_ROW: Path(teacher)}
+    rows.update({row_name(params, n): done[n] for n in planned})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_json(
+        Path(out_dir) / "strategies.json",
+        {"method": params.distill.method, "run": planned, "left_out": left_out},
+    )
+    return rows
+
+
+def gate_evaluation(evaluation_dir: str | Path, out_dir: str | Path, params: Params):
+    """The promotion gate on an image evaluation (`efcm gate --evaluation`): the rule of `gate`
+    applied to the row of `image.export_strategy` (the strategy an image package would ship;
+    image export is not wired yet) in the evaluation's metrics.json; writes decision.json and
+    decision.md, returns the `efcm.evaluation.gate.Decision`."""
+    from efcm.evaluation.gate import decide, write_decision
+
+    name = params.image.export_strategy
+    metrics = _read_json(Path(evaluation_dir) / "metrics.json")
+    planned = _read_json(Path(evaluation_dir) / "strategies.json")
+    if name not in planned["run"]:
+        raise ConfigError(
+            f"image.export_strategy is {name!r}, but the evaluation in {evaluation_dir} compared "
+            f"{planned['run']}"
+        )
+    meta = {"strategy": name, "row": row_name(params, name), "metrics": metrics}
+    decision = decide(meta, params.deploy)
+    write_decision(decision, out_dir)
+    log.info("gate: %s", decision.reason)
+    return decision
 
 
 def gather(
@@ -383,9 +509,19 @@ def splits(
     params: Params,
     *,
     features_dir: str | Path | None = None,
+    kind: str = "slides",
 ) -> dict[str, Any]:
-    """Patient-level folds over the slides that extracted ok (when features_dir is given)."""
+    """Patient-level folds over the slides that extracted ok (when features_dir is given).
+
+    `kind="image"` (`efcm splits --kind image`): over the labelled images of an image manifest
+    (`image.folds`, `image.val_fraction`), those in the image extraction `features_dir` when
+    given; see `efcm.training.image_heads.image_splits`."""
     from efcm.io.files import save_json
+
+    if kind == "image":
+        result = _image_splits(manifest, params, features_dir)
+        save_json(Path(out_path), result)
+        return result
     from efcm.io.status import ok_slides
     from efcm.training.mil import make_splits
 
@@ -408,10 +544,21 @@ def train_mil(
     splits_path: str | Path,
     out_dir: str | Path,
     params: Params,
+    *,
+    kind: str = "slides",
 ) -> dict[str, Any]:
+    """The baseline on the teacher's features, per fold: CLAM on slides; with `kind="image"`
+    (`efcm train-mil --kind image`), the teacher's linear probe on image features (no MIL: one
+    feature per image; `efcm.training.image_heads.train_heads`, `image.head`), the image
+    evaluation's teacher row."""
+    folds = _read_json(splits_path)
+    if kind == "image":
+        from efcm.training.image_heads import read_features, train_heads
+
+        data = read_features(features_dir, _image_manifest(manifest, params), _space(params))
+        return train_heads(data, folds, out_dir, params.image.head, params.seed)
     from efcm.training.mil import train_mil as run
 
-    folds = json.loads(Path(splits_path).read_text())
     return run(
         read_manifest(manifest, params.dataset.classes), features_dir, folds, out_dir, params
     )
@@ -477,11 +624,7 @@ def strategy(
     run, left_out = plan_strategies(params)
     world = World.current()
     if name not in run:
-        summary = {"strategy": name, "skipped": True, "reason": left_out[name]}
-        if world.main:
-            save_json(Path(out_dir) / "summary.json", summary)
-        log.info("strategy %s: skipped (%s)", name, summary["reason"])
-        return summary
+        return _skip(name, left_out[name], out_dir, write=world.main)
     check_strategy_processes(name, params, max(processes, world.size))  # fail before launching
     if processes > 1:
         argv = ["strategy", name, "--manifest", str(manifest), "--splits", str(splits_path)]
@@ -517,7 +660,7 @@ def read_strategy_dirs(dirs: list[str | Path]) -> dict[str, Path]:
 
 
 def evaluate(
-    teacher_mil: str | Path,
+    teacher_dir: str | Path,
     strategy_dirs: list[str | Path],
     out_dir: str | Path,
     params: Params,
@@ -527,41 +670,44 @@ def evaluate(
     patches_dir: str | Path | None = None,
     masks_dir: str | Path | None = None,
     cache: SlideCache | None = None,
+    kind: str = "slides",
 ) -> dict[str, Any]:
-    """The teacher baseline (`teacher_mil`, train-mil on the teacher's features) and every
+    """The teacher baseline (`teacher_dir`: train-mil on the teacher's features) and every
     strategy output of `strategy_dirs` that ran, on the same out-of-fold slides: one table, with
     case-level (`case_id` of the manifest) bootstrap intervals and, for each student row, the
     paired student-minus-teacher deltas. With `student`, teacher vs student cost too; with
     `patches_dir` and `masks_dir` (ground-truth tumour masks, `<slide_id>.png`), the attention
     localisation AUROC of each row (gs:// slides and weights are staged into `cache`).
-    `strategies.json` says which strategies ran and which were left out, and why."""
+    `strategies.json` says which strategies ran and which were left out, and why.
+
+    `kind="image"` (`efcm evaluate --kind image`): the image twin, on an image manifest:
+    `teacher_dir` is the teacher's linear probe (`train_mil`), the strategies those of
+    `image.strategies`, every row scored image by image in the task's label space (multi-label:
+    macro AUROC, F1 at validation-picked thresholds); no localisation.
+    """
     from efcm.evaluation.table import evaluate as run
     from efcm.evaluation.table import localisation, measure_efficiency
-    from efcm.io.files import save_json
 
-    planned, left_out = plan_strategies(params)
-    done = read_strategy_dirs(strategy_dirs)
-    for name in planned:
-        if name not in done:
-            raise ConfigError(f"evaluate: no output of strategy {name!r}, which this run compares")
-    rows: dict[str, Path] = {registry.TEACHER_ROW: Path(teacher_mil)}
-    rows.update({row_name(params, n): done[n] for n in planned})
-    m = read_manifest(manifest, params.dataset.classes)
+    image = kind == "image"
+    if image and (patches_dir or masks_dir):
+        raise ConfigError("attention localisation (patches, masks) is for slides, not images")
+    plan = plan_image_strategies(params) if image else plan_strategies(params)
+    rows = _table_rows(teacher_dir, strategy_dirs, plan, out_dir, params)
     eff = measure_efficiency(params, student_checkpoint(student), cache=cache) if student else None
+    preds = {name: d / "predictions.csv" for name, d in rows.items()}
+    if image:
+        images = _image_manifest(manifest, params)
+        cases = {e.image_id: e.case_id for e in images.images}
+        return run(preds, out_dir, params, eff, cases=cases, left_out=plan[1], space=_space(params))
+    m = read_manifest(manifest, params.dataset.classes)
     loc = None
     if patches_dir and masks_dir:
         loc = {
             name: localisation(d, m, Path(patches_dir), Path(masks_dir), cache)
             for name, d in rows.items()
         }
-    preds = {name: d / "predictions.csv" for name, d in rows.items()}
     cases = {s.slide_id: s.case_id for s in m.slides}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_json(
-        Path(out_dir) / "strategies.json",
-        {"method": params.distill.method, "run": planned, "left_out": left_out},
-    )
-    return run(preds, out_dir, params, eff, loc, cases=cases, left_out=left_out)
+    return run(preds, out_dir, params, eff, loc, cases=cases, left_out=plan[1])
 
 
 def export(

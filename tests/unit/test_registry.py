@@ -128,7 +128,8 @@ def test_dvc_yaml_is_rendered_from_the_tables():
 
 
 def test_no_strategy_or_row_name_is_spelled_outside_the_registry():
-    """Strategy names appear as string literals only in efcm/registry.py (and docstrings)."""
+    """Strategy names (slide and image) appear as string literals only in efcm/registry.py (and
+    docstrings)."""
     import ast
 
     offenders = []
@@ -148,8 +149,63 @@ def test_no_strategy_or_row_name_is_spelled_outside_the_registry():
         for node in ast.walk(tree):
             if (
                 isinstance(node, ast.Constant)
-                and node.value in registry.NAMES
+                and node.value in (*registry.NAMES, *registry.IMAGE_NAMES)
                 and id(node) not in docstrings
             ):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
     assert not offenders, offenders
+
+
+def _image_with(method: str, strategies, export: str = "retrain") -> dict:
+    raw = tiny_params_dict()
+    raw["distill"] = {**raw["distill"], "method": method}
+    raw["image"] = {**raw["image"], "strategies": strategies, "export_strategy": export}
+    return raw
+
+
+def test_image_strategies_auto_leaves_out_what_cannot_run_and_says_why():
+    run, left_out = registry.resolve_image("vfd", "auto")
+    unavailable = [n for n, e in registry.IMAGE_STRATEGIES.items() if not e.available]
+    assert run == [n for n in registry.IMAGE_NAMES if n not in unavailable]
+    for name in unavailable:  # e.g. end-to-end fine-tuning until its core function lands
+        assert "not available yet" in left_out[name]
+        with pytest.raises(ConfigError, match=rf"image\.strategies includes '{name}'.*available"):
+            params_from_dict(_image_with("vfd", [name]))
+    run, left_out = registry.resolve_image("fpd", "auto")
+    teacher_space = [n for n, e in registry.IMAGE_STRATEGIES.items() if e.needs_teacher_space]
+    assert teacher_space and set(teacher_space) <= set(run)
+
+
+def test_image_reuse_needs_a_student_in_the_teachers_space():
+    teacher_space = next(n for n, e in registry.IMAGE_STRATEGIES.items() if e.needs_teacher_space)
+    params_from_dict(_image_with("vfd", [teacher_space], export=teacher_space))
+    # MCM-KD is refused for images by distillation; the table says why reuse could not follow
+    _, left_out = registry.resolve_image("mcm", "auto")
+    assert "teacher's feature space" in left_out[teacher_space]
+    with pytest.raises(ConfigError, match=r"image\.export_strategy .* is not one of"):
+        params_from_dict(_image_with("mcm", "auto", export=teacher_space))
+    with pytest.raises(ConfigError, match=r"unknown image strategies \['bogus'\]"):
+        params_from_dict(_image_with("vfd", ["bogus"]))
+
+
+def test_image_dvc_yaml_is_rendered_from_the_tables():
+    from pipelines.render_dvc import IMAGE_DIR, render
+
+    assert (IMAGE_DIR / "dvc.yaml").read_text() == render(image=True), (
+        "pipelines/image/dvc.yaml is stale: run python pipelines/render_dvc.py --image"
+    )
+    stages = yaml.safe_load(render(image=True))["stages"]
+    slides = yaml.safe_load(render())["stages"]
+    available = [n for n, e in registry.IMAGE_STRATEGIES.items() if e.available]
+    assert [s for s in stages if s.startswith("strategy_")] == [f"strategy_{n}" for n in available]
+    shared = {"demo_data", "extract_teacher", "distill", "extract_student", "splits",
+              "train_mil_teacher", "evaluate", "gate"}  # fmt: skip
+    assert shared | {f"strategy_{n}" for n in available} == set(stages)
+    assert shared <= set(slides)  # the same names as the slide pipeline's stages
+    for name, stage in stages.items():
+        if name != "demo_data":
+            assert "--kind image" in stage["cmd"] or name == "gate", name
+        section = next(k for k, v in STAGE_SECTIONS.items() if k.startswith("image_")
+                       and list(v) == stage["params"])  # fmt: skip
+        assert section, name
+    assert "export" not in stages and "report" not in stages  # not wired for images yet

@@ -17,11 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from efcm.io.cache import SlideCache, local_path
 from efcm.io.manifest import absolute_uri, read_rows, write_rows
+
+if TYPE_CHECKING:
+    from efcm.config import ImageParams
 
 REQUIRED = ("image_id", "case_id", "uri", "label")
 SEPARATOR = "|"
@@ -40,6 +44,11 @@ class LabelSpace:
     classes: tuple[str, ...]
     multi_label: bool = False
     none_label: str = "no_finding"
+
+    @classmethod
+    def of(cls, image: ImageParams) -> LabelSpace:
+        """The label space of the `image` params section."""
+        return cls(tuple(image.classes), image.multi_label, image.none_label)
 
     def indices(self, label: str) -> tuple[int, ...]:
         """The class indices a non-empty label names, sorted (empty for `none_label`).

@@ -45,7 +45,7 @@ from efcm.models.image_head import LinearHead
 from efcm.models.students import load_student, save_student
 from efcm.training.end2end import augment, freeze_student, mixed_precision, two_rate_adamw
 from efcm.training.image_distill import ImagePixels
-from efcm.training.image_heads import Part, head_loss, image_targets, run_folds
+from efcm.training.image_heads import ImageJob, Part, head_loss, image_targets, run_folds
 from efcm.training.mil import EarlyStopping
 
 log = logging.getLogger(__name__)
@@ -225,3 +225,16 @@ def finetune_images(
         return model.head, info, predicted
 
     return run_folds(splits, space, out, fit, len(manifest.unlabelled))
+
+
+def run_finetune(job: ImageJob) -> dict[str, Any]:
+    """Fine-tune (`efcm.registry.IMAGE_STRATEGIES`): `finetune_images` on the distilled student
+    (`inputs.student`)."""
+    if job.inputs.student is None:
+        raise ValueError("finetune needs the distilled student (--student)")
+    p = job.params
+    space = LabelSpace.of(p.image)
+    return finetune_images(
+        job.images, space, job.inputs.student, job.splits, job.out_dir, p.image, p.seed,
+        cache=job.cache,
+    )  # fmt: skip

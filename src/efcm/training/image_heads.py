@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from efcm import registry
-from efcm.config import ConfigError, ImageHeadParams
+from efcm.config import ConfigError, ImageHeadParams, Params
+from efcm.io.cache import SlideCache
 from efcm.io.files import save_json
 from efcm.io.image_manifest import ImageManifest, LabelSpace
 from efcm.io.results import VAL_PREDICTIONS, read_summary, write_predictions
@@ -400,3 +401,49 @@ def reuse_heads(
     summary = read_summary(teacher_dir)  # the teacher's folds, reused as they are
     save_json(out / "summary.json", summary)
     return summary
+
+
+def read_features(
+    features_dir: str | Path, manifest: ImageManifest, space: LabelSpace
+) -> ImageFeatures:
+    """The image features of an `efcm extract --kind image` output folder (or its features.h5),
+    wrapped for the heads (`image_features`)."""
+    from efcm.image_features import read_image_features
+
+    f = read_image_features(features_dir)
+    return image_features(f.features, f.image_ids, manifest, space)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """What an image strategy's runner (`efcm.registry.IMAGE_STRATEGIES`) is given: its input
+    files, the image manifest, the splits, where to write, the params."""
+
+    inputs: registry.ImageStrategyInputs
+    images: ImageManifest
+    splits: dict[str, Any]
+    out_dir: Path
+    params: Params
+    cache: SlideCache | None = None  # stages gs:// images for a strategy that reads pixels
+
+    def student_features(self) -> ImageFeatures:
+        """The student's image features (`inputs.student_features`), wrapped for the heads."""
+        path = self.inputs.student_features
+        if path is None:
+            raise ValueError("the student's image features are needed (--student-features)")
+        return read_features(path, self.images, LabelSpace.of(self.params.image))
+
+
+def run_retrain(job: ImageJob) -> dict[str, Any]:
+    """Retrain: a new head per fold (`train_heads`) on the student's features."""
+    p = job.params
+    return train_heads(job.student_features(), job.splits, job.out_dir, p.image.head, p.seed)
+
+
+def run_reuse(job: ImageJob) -> dict[str, Any]:
+    """Reuse: the teacher probe's heads (`inputs.teacher_heads`) on the student's features."""
+    teacher = job.inputs.teacher_heads
+    if teacher is None:
+        raise ValueError("reuse needs the teacher probe's output (--teacher-heads)")
+    student = job.student_features()
+    return reuse_heads(teacher, student, job.splits, job.out_dir, job.params.distill.method)
