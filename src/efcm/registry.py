@@ -129,8 +129,13 @@ def get(name: str, *, image: bool = False) -> Strategy:
 
 
 def row_name(method: str, name: str) -> str:
-    """The evaluation row of strategy `name` on a `method` student."""
-    return get(name).row(method)
+    """The evaluation row of strategy `name` (a slide or an image strategy: rows are spelled
+    alike) on a `method` student."""
+    entry = STRATEGIES.get(name) or IMAGE_STRATEGIES.get(name)
+    if entry is None:
+        known = sorted({*STRATEGIES, *IMAGE_STRATEGIES})
+        raise ValueError(f"unknown strategy {name!r}; known: {known}")
+    return entry.row(method)
 
 
 def resolve(method: str, strategies: str | tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
