@@ -101,6 +101,15 @@ def fundus_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_data(tmp_path_factory.mktemp("fundus_demo"), params, kind="fundus")
 
 
+@pytest.fixture(scope="session")
+def cxr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny multi-label chest X-ray run through every image command, export included
+    (`tests.image_run`), made once per session; returns its folder (package/ is the package)."""
+    from tests.image_run import cxr_params, run_image_cli
+
+    return run_image_cli(tmp_path_factory.mktemp("cxr_run"), cxr_params())
+
+
 def first_slides(manifest: Path, n: int, out: Path) -> Path:
     """A manifest of the first `n` slides of `manifest`, with absolute URIs, written to `out`."""
     from efcm.io.manifest import read_manifest

@@ -278,6 +278,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if _image(args):
+        _refuse(args, "image", "--patches", "--teacher-features")
+        missing = [f for f in ("student_features", "splits") if not getattr(args, f)]
+        if missing:
+            flags = ", ".join("--" + f.replace("_", "-") for f in missing)
+            raise ConfigError(f"{flags}: required with --kind image")
+        out = stages.export_images(
+            args.student,
+            args.strategy,
+            args.out,
+            _params(args, "image_export"),
+            metrics_path=args.metrics,
+            student_features=args.student_features,
+            manifest=args.manifest,
+            splits_path=args.splits,
+            cache=_cache(),
+        )
+        log.info("package: %s", out)
+        return
+    _refuse(args, "slides", "--student-features", "--splits")
+    if not args.patches:
+        raise ConfigError("--patches is required (the output dir of `efcm patch`)")
     out = stages.export(
         args.student,
         args.strategy,
@@ -307,7 +329,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_gate(args: argparse.Namespace) -> None:
     if bool(args.package) == bool(args.evaluation):
-        raise ConfigError("give --package (a slide package) or --evaluation (an image run)")
+        raise ConfigError("give --package (an exported package) or --evaluation (an image run)")
     if args.evaluation:
         decision = stages.gate_evaluation(args.evaluation, args.out, _params(args, "image_gate"))
     else:
@@ -324,6 +346,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         runtime=args.runtime, threads=args.threads, read_workers=args.read_workers
     )
     rt = load_runtime(args.package, settings.runtime, threads=settings.threads)
+    if rt.kind == "image":
+        _predict_image(args, rt)
+        return
     pred = predict_slide(
         rt,
         args.slide,
@@ -352,6 +377,31 @@ def cmd_predict(args: argparse.Namespace) -> None:
                 "attention": [round(float(x), 6) for x in pred.attention],
                 "coords": pred.coords.tolist(),
                 "timings": pred.timings,
+            }
+        )
+    )
+
+
+def _predict_image(args: argparse.Namespace, rt) -> None:
+    """`efcm predict` with an image package: one image file (local or gs://), its preprocessing
+    as the package records it, the student and the fold heads."""
+    from efcm.images.reader import max_file_bytes, read_file
+    from efcm.inference import image_params, predict_image
+
+    given = [f for f in ("heatmap", "geojson", "gallery", "mpp") if getattr(args, f)]
+    if given:
+        flags = ", ".join("--" + f for f in given)
+        raise ConfigError(f"{flags}: for slide packages; {args.package} is an image package")
+    data = read_file(args.slide, cache=_cache(), max_bytes=max_file_bytes(image_params(rt)))
+    pred = predict_image(rt, data, name=args.slide)
+    print(
+        json.dumps(
+            {
+                "label": pred.label,
+                "classes": rt.classes,
+                "multi_label": rt.multi_label,
+                "runtime": rt.name,
+                "probabilities": [round(float(x), 6) for x in pred.probabilities],
             }
         )
     )
@@ -525,16 +575,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = add("export", cmd_export, "the deployable package: export.strategy's fold models")
+    _kind_argument(p, "slides (default), or image: the package of image.export_strategy")
     p.add_argument("--student", required=True, help="the distilled student (distill output)")
     p.add_argument(
         "--strategy", action="append", required=True, metavar="DIR",
         help="an output dir of `efcm strategy` (repeatable): export.strategy's is packaged",
     )  # fmt: skip
     p.add_argument("--metrics", required=True, help="metrics.json of evaluate")
-    p.add_argument("--patches", required=True, help="output dir of `efcm patch` (the geometry)")
+    p.add_argument("--patches", help="slides: output dir of `efcm patch` (the geometry)")
     p.add_argument(
-        "--manifest", required=True, help="the slides: the runtimes' parity is checked on them"
+        "--manifest",
+        required=True,
+        help="the slides (--kind image: the images): the runtimes' parity is checked on them",
     )
+    p.add_argument(
+        "--student-features",
+        help="image: the student's `efcm extract --kind image` output (the preprocessing)",
+    )
+    p.add_argument("--splits", help="image: the splits (INT8 calibration on training images)")
     p.add_argument(
         "--teacher-features",
         help="with store.enabled: the teacher extraction's output folder, whose patch-shard store "
@@ -554,17 +612,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the HTML file to write")
 
     p = add("gate", cmd_gate, "promotion gate: may the exported package be deployed?")
-    p.add_argument("--package", help="the exported package (slides)")
+    p.add_argument("--package", help="the exported package (slides or images)")
     p.add_argument(
         "--evaluation",
-        help="image runs (no image package yet): the `efcm evaluate --kind image` output; the "
-        "row of image.export_strategy is judged",
+        help="image runs without a package: the `efcm evaluate --kind image` output; the row of "
+        "image.export_strategy is judged",
     )
     p.add_argument("--out", required=True, help="folder for decision.json and decision.md")
 
-    p = add("predict", cmd_predict, "predict one slide with a package; prints JSON")
+    p = add(
+        "predict", cmd_predict, "predict one slide (or, with an image package, one image); JSON"
+    )
     p.add_argument("package")
-    p.add_argument("slide")
+    p.add_argument("slide", metavar="SLIDE_OR_IMAGE", help="a slide, or an image file (local "
+                   "or gs://) for an image package: PNG, JPEG, TIFF or DICOM")  # fmt: skip
     p.add_argument(
         "--heatmap", metavar="OUT.png", help="also write the attention heatmap (with its legend)"
     )

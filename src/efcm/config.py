@@ -566,10 +566,16 @@ class ExportParams(_Section):
         "checked for parity with the evaluated model, and export refuses one that misses it",
     )
     calibration_patches: int = Field(
-        512, ge=16, description="patches from the training slides that calibrate the INT8 student"
+        512,
+        ge=16,
+        description="patches from the training slides (images, for an image task) that calibrate "
+        "the INT8 student",
     )
     parity_max_patches: int = Field(
         512, ge=16, description="the most patches of each evaluation slide the parity check reads"
+    )
+    parity_max_images: int = Field(
+        256, ge=1, description="image task: the most evaluation images the parity check reads"
     )
 
     @model_validator(mode="after")
@@ -706,7 +712,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "image_train_mil": ("seed", "image"),  # efcm train-mil --kind image: the teacher's probe
     "image_strategy": ("seed", "image", "distill"),  # efcm strategy NAME --kind image
     "image_evaluate": ("seed", "image", "teacher", "distill", "extract", "evaluate"),
-    "image_gate": ("image", "distill", "deploy"),  # efcm gate --evaluation (no package yet)
+    "image_gate": ("image", "distill", "deploy"),  # efcm gate --evaluation
+    "image_export": ("seed", "image", "teacher", "distill", "export"),  # efcm export --kind image
     "splits": ("seed", "dataset", "train_mil"),
     "train_mil": ("seed", "dataset", "train_mil"),
     "plan_strategies": ("distill", "mil"),

@@ -49,14 +49,13 @@ from efcm.features import (
 from efcm.images.reader import ImageReader, image_loop
 from efcm.io.files import atomic_path, remove_stale_parts
 from efcm.io.image_manifest import ImageEntry, ImageManifest
+from efcm.io.package import PIXEL_KEYS
 from efcm.slides.batch import ALREADY_DONE
 from efcm.slides.patching import made_with
 
 log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.h5"
-# the `image` params that change an image's pixels (mean/std are the encoder spec's, in attrs)
-PIXEL_KEYS = ("size", "resize", "crop", "fov_threshold", "channels")
 _FLUSH_ROWS = 1024  # rows buffered before they are appended to the h5
 
 

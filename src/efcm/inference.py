@@ -1,5 +1,7 @@
 """Inference with an exported package: features -> CLAM; patch pixels -> student -> CLAM; or a
-whole slide -> patches -> student -> CLAM (+ heatmap PNG, + attention GeoJSON).
+whole slide -> patches -> student -> CLAM (+ heatmap PNG, + attention GeoJSON). An image package
+(`kind: image`): one image (an encoded file, or its pixels) -> the package's preprocessing ->
+student -> fold heads (`predict_image`).
 
 One code path for `efcm predict` and the KServe predictor, whatever runtime serves the package
 (`efcm.runtimes`: torch, onnx or int8): this module imports no torch, so a CPU server without torch
@@ -34,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from efcm.config import PatchParams
+from efcm.config import ImageParams, PatchParams
 from efcm.errors import Deadline, InvalidInput, InvalidSlide, InvalidTensor, TooLarge
 from efcm.evaluation import geojson
 from efcm.evaluation.heatmap import DEFAULT_SIZE, check_size, encode_png, gallery, render
 from efcm.io.cache import SlideCache, staged
+from efcm.io.package import IMAGE, SLIDE
 from efcm.runtimes import Runtime
 from efcm.slides.batch import plan_patches
 from efcm.slides.patches import SlidePatches
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 class Prediction:
     probabilities: np.ndarray  # (C,) float32
     attention: np.ndarray  # (N,) float32, sums to 1
-    label: str
+    label: str | list[str]  # a list of the called classes for a multi-label image package
     coords: np.ndarray | None = None  # (N, 2) int64 level-0 top-left, for slide input
     heatmap_png: bytes | None = None  # longest side: the requested heatmap size, legend included
     heatmap_geojson: bytes | None = None  # JSON text: a QuPath tile per patch (evaluation.geojson)
@@ -88,7 +91,7 @@ def predict_features(
     feats = check_features(features, rt.feature_dim)
     _check_count(len(feats), max_patches, "features")
     probs, attention = rt.head(feats)
-    return Prediction(probs, attention, rt.classes[int(probs.argmax())])
+    return Prediction(probs, attention, rt.label_of(probs))
 
 
 def check_patches(patches: np.ndarray, size: int) -> np.ndarray:
@@ -120,6 +123,7 @@ def predict_patches(
 ) -> Prediction:
     """The student embeds patch pixels uint8 [N, S, S, 3] (S = the packaged patch size), then
     CLAM."""
+    check_kind(rt, SLIDE, "patches")
     arr = check_patches(patches, rt.patch_size)
     _check_count(len(arr), max_patches, "patches")
 
@@ -130,6 +134,70 @@ def predict_patches(
 
     feats = rt.embed(batches(), total=len(arr), desc="predict")
     return predict_features(rt, feats)
+
+
+def image_params(rt: Runtime) -> ImageParams:
+    """The image params an image package was exported with (its preprocessing and limits)."""
+    return ImageParams.model_validate(rt.meta["params"]["image"])
+
+
+SERVES = {
+    IMAGE: "one image: input 'image' (an encoded PNG, JPEG, TIFF or DICOM file, or its pixels)",
+    SLIDE: "a slide: input 'features', 'patches' or 'slide_uri'",
+}
+
+
+def check_kind(rt: Runtime, kind: str, what: str) -> None:
+    """InvalidInput when `what` (an input) is not for this package's kind."""
+    if rt.kind != kind:
+        raise InvalidInput(
+            f"{what} is for a {kind} package; this is a {rt.kind} package, it takes "
+            f"{SERVES[rt.kind]}"
+        )
+
+
+def image_pixels(image: bytes | np.ndarray, params: ImageParams, name: str) -> np.ndarray:
+    """An encoded image file (PNG, JPEG, TIFF, DICOM) or its decoded pixels, uint8 (H, W, 3) RGB
+    or (H, W) grey -> the preprocessed uint8 (size, size, 3) array, exactly as the batch stages
+    prepare a manifest's image (`efcm.images.reader.load_image`, `preprocess`).
+
+    Raises:
+        InvalidImage: not an image, corrupt, outside the size limits, no field of view.
+        InvalidTensor: pixels that are not uint8 (H, W, 3) or (H, W).
+    """
+    from efcm.images.pixels import check_size
+    from efcm.images.preprocess import preprocess
+    from efcm.images.reader import load_image
+
+    if isinstance(image, bytes | bytearray):
+        return load_image(bytes(image), name, params)
+    arr = np.asarray(image)
+    want = "UINT8 [H, W, 3] RGB or [H, W] grey pixels"
+    if arr.dtype != np.uint8:
+        raise InvalidTensor(f"{name}: pixels must be UINT8, got {arr.dtype}; expected {want}")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise InvalidTensor(f"{name}: pixels of shape {list(arr.shape)}; expected {want}")
+    h, w = arr.shape[:2]
+    check_size(w, h, name, max_pixels=params.max_pixels, min_side=params.min_side)
+    return preprocess(np.ascontiguousarray(arr), params, name)
+
+
+def predict_image(
+    rt: Runtime, image: bytes | np.ndarray, *, name: str = "image", deadline: float | None = None
+) -> Prediction:
+    """One image through an image package: its preprocessing (`image_pixels`), the student, the
+    fold heads; the label is the package's call (`label_of`: a class, or for a multi-label task
+    the list of classes at or over their thresholds). `name` names the image in errors.
+
+    Raises:
+        InvalidInput: a slide package; InvalidImage / InvalidTensor: see `image_pixels`.
+    """
+    check_kind(rt, IMAGE, "an image")
+    pixels = image_pixels(image, image_params(rt), name)
+    _check_time(deadline, "image preprocessing")
+    feats = rt.embed([pixels[None]], total=1, desc="predict")
+    probs, attention = rt.head(feats)
+    return Prediction(probs, attention, rt.label_of(probs))
 
 
 READ_AHEAD = 2  # batches in flight per reader thread (read, or done and waiting for the runtime)
@@ -208,6 +276,7 @@ def predict_slide(
         Deadline: still running at `deadline`.
         InvalidInput: `heatmap_size` out of range (checked before the slide is read).
     """
+    check_kind(rt, SLIDE, "a slide")
     try:
         heatmap_size = check_size(heatmap_size, "heatmap_size")
     except ValueError as err:

@@ -750,6 +750,44 @@ def export(
     )
 
 
+def export_images(
+    student: str | Path,
+    strategy_dirs: list[str | Path],
+    out_dir: str | Path,
+    params: Params,
+    *,
+    metrics_path: str | Path,
+    student_features: str | Path,
+    manifest: str | Path,
+    splits_path: str | Path,
+    cache: SlideCache | None = None,
+) -> Path:
+    """The image package of `image.export_strategy` (`efcm export --kind image`): its k fold
+    models as one ensemble, with the evaluation row that estimates it and the preprocessing its
+    heads were trained on (from the student's image features), its CPU runtimes checked on the
+    evaluation images of `manifest`; see `efcm.training.image_export`."""
+    from efcm.training.image_export import export_image_package
+
+    name = params.image.export_strategy
+    done = read_strategy_dirs(strategy_dirs)
+    if name not in done:
+        raise ConfigError(
+            f"image.export_strategy is {name!r}, but no output of it is among "
+            f"{[str(d) for d in strategy_dirs]}"
+        )
+    return export_image_package(
+        student_checkpoint(student),
+        done[name],
+        out_dir,
+        params,
+        _read_json(metrics_path),
+        student_features,
+        _image_manifest(manifest, params),
+        _read_json(splits_path),
+        cache=cache,
+    )
+
+
 def gate(package_dir: str | Path, out_dir: str | Path, params: Params):
     """The promotion gate on an exported package (its strategy and the metrics of the evaluation
     row it was exported with): `decision.json` and `decision.md` in `out_dir`; returns the

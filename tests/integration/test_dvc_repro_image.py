@@ -68,6 +68,12 @@ def test_image_dvc_repro_scores_teacher_and_students_with_paired_deltas(tmp_path
     shipped_row = registry.row_name("vfd", registry.DEFAULT_IMAGE_EXPORT)
     assert decision["row"] == shipped_row and isinstance(decision["promote"], bool)
     assert decision["delta_auc_ci_low"] == metrics[shipped_row]["delta_auc_ci_low"]
+    # the exported package: the shipped strategy's fold heads, judged by the gate
+    package = json.loads((folder / "runs/package/model.json").read_text())
+    assert package["kind"] == "image" and package["row"] == shipped_row
+    assert package["ensemble"]["heads"] == ["head_fold_0.pt", "head_fold_1.pt"]
+    assert package["metrics"][shipped_row] == metrics[shipped_row]
+    assert package["runtimes"]["onnx"]["parity"]["images"] == 22
     shown = _run(["dvc", "metrics", "show", "--json"], folder)
     assert '"delta_auc_ci_low"' in shown
 
@@ -75,40 +81,16 @@ def test_image_dvc_repro_scores_teacher_and_students_with_paired_deltas(tmp_path
     assert "Running stage" not in second, second
 
 
-def test_multilabel_cxr_through_the_cli(tmp_path, monkeypatch):
+def test_multilabel_cxr_through_the_cli(cxr_run, monkeypatch):
     """The CXR demo (multi-label: effusion, nodule, cardiomegaly; PNG and DICOM) through every
-    image command, as dvc runs them: macro AUROC, per-class AUROC, F1 at thresholds picked on
-    validation, paired deltas, the gate."""
-    raw = _merge(tiny_image_params_dict(), {"image": {"preset": "cxr", "folds": 2}})
-    raw["image"]["demo"] = {**raw["image"]["demo"], "images": 24}
-    raw["teacher"]["preset"] = "mrm"
+    image command, as dvc runs them (`tests.image_run`): macro AUROC, per-class AUROC, F1 at
+    thresholds picked on validation, paired deltas, the gate, on the run and on its package."""
+    tmp_path = cxr_run
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    m = ["--manifest", "data/manifest.csv"]
-    image = ["--kind", "image"]
-    steps = [
-        ["demo-data", "data", "--kind", "cxr"],
-        ["extract", *image, "--encoder", "teacher", *m, "--out", "teacher"],
-        ["distill", *image, *m, "--teacher-features", "teacher", "--out", "distill"],
-        ["extract", *image, "--encoder", "student", "--student", "distill", *m, "--out", "student"],
-        ["splits", *image, *m, "--features", "teacher", "--out", "splits.json"],
-        ["train-mil", *image, *m, "--features", "teacher", "--splits", "splits.json",
-         "--out", "probe"],
-    ]  # fmt: skip
+    m, image = ["--manifest", "data/manifest.csv"], ["--kind", "image"]
     run, left_out = registry.resolve_image("vfd", "auto")
-    for name in registry.IMAGE_NAMES:
-        entry = registry.get(name, image=True)
-        flags = {"teacher_heads": "probe", "student": "distill", "student_features": "student"}
-        given = [a for i in entry.inputs for a in (f"--{i.replace('_', '-')}", flags[i])]
-        steps.append(["strategy", name, *image, *m, "--splits", "splits.json", *given,
-                      "--out", f"strategies/{name}"])  # fmt: skip
-    strategies = [a for n in registry.IMAGE_NAMES for a in ("--strategy", f"strategies/{n}")]
-    steps += [
-        ["evaluate", *image, "--teacher-heads", "probe", *strategies, *m, "--out", "evaluate"],
-        ["gate", "--evaluation", "evaluate", "--out", "gate"],
-    ]
-    for argv in steps:
-        assert main(argv) == 0, argv
+    assert main(["gate", "--evaluation", "evaluate", "--out", "gate"]) == 0
+    assert main(["gate", "--package", "package", "--out", "gate_package"]) == 0
     for name in left_out:  # a strategy this run does not compare (not available yet) says why
         summary = json.loads((tmp_path / "strategies" / name / "summary.json").read_text())
         assert summary["skipped"] and summary["reason"] == left_out[name]
@@ -124,5 +106,8 @@ def test_multilabel_cxr_through_the_cli(tmp_path, monkeypatch):
         assert {"delta_auc", "delta_f1", "delta_auc_nodule_ci_low"} <= set(metrics[row])
     decision = json.loads((tmp_path / "gate/decision.json").read_text())
     assert decision["row"] == registry.row_name("vfd", registry.DEFAULT_IMAGE_EXPORT)
+    # the gate judges the package exactly as the evaluation's row of its strategy
+    on_package = json.loads((tmp_path / "gate_package/decision.json").read_text())
+    assert {k: on_package[k] for k in decision} == decision
     # the slide flags are refused with images, naming them
     assert main(["evaluate", *image, "--teacher-mil", "probe", *m, "--out", "x"]) == 2

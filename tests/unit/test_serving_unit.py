@@ -186,6 +186,13 @@ def test_the_kserve_shim_matches_the_installed_kserve():
     assert callable(DataPlane.decode_inference_request)
     server = model_server.ModelServer(http_port=0, grpc_port=0)
     assert isinstance(server.dataplane, DataPlane)  # what start() hands the REST/gRPC servers
+    # item 6: an input's binary data, which as_numpy decodes
+    from kserve.protocol.infer_type import InferInput, serialize_byte_tensor
+
+    inp = InferInput("image", [1], "BYTES")
+    assert inp._raw_data is None
+    inp._raw_data = serialize_byte_tensor(np.array([b"\x89PNG"], dtype=np.object_)).item()
+    assert inp.as_numpy().tolist() == [b"\x89PNG"]
 
 
 def test_binary_data_short_of_the_declared_shape_is_invalid_input_at_kserves_decoding():

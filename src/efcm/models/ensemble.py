@@ -54,6 +54,10 @@ class FoldEnsembleCLAM(nn.Module):
         self.in_dim = self.member_dim * (len(members) if split else 1)
         self.n_classes = members[0].n_classes
 
+    def member(self, k: int) -> FoldEnsembleCLAM:
+        """Fold k's CLAM alone, as an ensemble of one (it reads the whole bag it is given)."""
+        return FoldEnsembleCLAM([self.members[k]], split=False)
+
     def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
         if bag.shape[-1] != self.in_dim:
             raise ValueError(f"the ensemble takes {self.in_dim}-d features, got {bag.shape[-1]}")

@@ -64,3 +64,44 @@ def _from_config(c: dict[str, Any]) -> LinearHead:
 def load_head(path: str | Path) -> LinearHead:
     """A head saved by `save_head`, in eval mode; ValueError naming the file otherwise."""
     return load_module(path, FORMAT, "image head", _from_config)
+
+
+class ImageHeadEnsemble(nn.Module):
+    """An image package's k fold heads as one, in the interface of the slides'
+    `FoldEnsembleCLAM` (so runtimes, ONNX export and parity treat both alike): forward(bag) ->
+    dict(probs (1, C), logits (1, C) = log probs, attention (N,)).
+
+    A bag is one image's student features, (1, D) (an image is a bag of one); with `split` (one
+    fine-tuned student per fold), (1, k x D) and member k reads columns k*D:(k+1)*D. Each member's
+    probabilities (softmax, or a sigmoid per class) are averaged over the members; a bag of N > 1
+    rows (views of one image) is averaged over its rows too, each weighing 1/N (`attention`)."""
+
+    def __init__(self, members: list[LinearHead], *, split: bool) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one head")
+        shapes = {(m.in_dim, m.n_classes, m.multi_label) for m in members}
+        if len(shapes) != 1:
+            raise ValueError("the fold heads of an ensemble must share in_dim, classes and task")
+        self.members = nn.ModuleList(members)
+        self.split = split
+        self.member_dim, self.n_classes, self.multi_label = shapes.pop()
+        self.in_dim = self.member_dim * (len(members) if split else 1)
+
+    def member(self, k: int) -> ImageHeadEnsemble:
+        """Fold k's head alone, as an ensemble of one (it reads the whole bag it is given)."""
+        return ImageHeadEnsemble([self.members[k]], split=False)
+
+    def forward(self, bag: torch.Tensor) -> dict[str, torch.Tensor]:
+        if bag.ndim != 2 or bag.shape[-1] != self.in_dim:
+            raise ValueError(f"the heads take (N, {self.in_dim}) features, got {list(bag.shape)}")
+        d = self.member_dim
+        probs = torch.stack(
+            [
+                m.probabilities(bag[:, k * d : (k + 1) * d] if self.split else bag)
+                for k, m in enumerate(self.members)
+            ]
+        ).mean(0)  # (N, C)
+        probs = probs.mean(0, keepdim=True)  # (1, C)
+        attention = torch.ones(bag.shape[0], dtype=probs.dtype) / bag.shape[0]
+        return {"probs": probs, "logits": probs.clamp_min(1e-12).log(), "attention": attention}

@@ -1,6 +1,6 @@
 """A model package loaded as modules: `load_package` verifies the package's files
-(`efcm.models.meta`) and builds its fold ensemble (students and CLAMs). The one loader of the
-evaluation, the CLI and the predictor."""
+(`efcm.models.meta`) and builds its fold ensemble (students and CLAMs, or for an image package
+students and linear heads). The one loader of the evaluation, the CLI and the predictor."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from torch import nn
 
 from efcm.config import EncoderParams
 from efcm.errors import PackageError
+from efcm.io.package import IMAGE, kind_of
 from efcm.models.clam import load_clam
 from efcm.models.encoders import EncoderWithTransform
 from efcm.models.ensemble import FoldEnsembleCLAM, FoldEnsembleEncoder
+from efcm.models.image_head import ImageHeadEnsemble, load_head
 from efcm.models.meta import PackageFacts, read_package_meta
 from efcm.models.students import load_student
 
@@ -24,21 +26,25 @@ class Package(PackageFacts):
     path: Path
     meta: dict[str, Any]
     encoder: nn.Module  # uint8 patches (B, S, S, 3) -> features (B, D)
-    clam: FoldEnsembleCLAM
+    # the head: bag (N, D) -> probs (1, C), attention (N,); an image package's linear heads
+    clam: FoldEnsembleCLAM | ImageHeadEnsemble
 
     @property
     def n_members(self) -> int:
         return len(self.clam.members)
 
     def member(self, k: int) -> Package:
-        """Fold k's model alone (its student and its CLAM): the model the evaluation scored on
-        fold k's test patients."""
+        """Fold k's model alone (its student and its CLAM, or its head): the model the
+        evaluation scored on fold k's test patients."""
         if not 0 <= k < self.n_members:
             raise IndexError(f"{self.path}: no fold member {k} (the package has {self.n_members})")
         split = self.clam.split
         encoder = self.encoder.members[k] if split else self.encoder
-        clam = FoldEnsembleCLAM([self.clam.members[k]], split=False)
+        clam = self.clam.member(k)
         meta = {**self.meta, "feature_dim": clam.in_dim}
+        if self.multi_label:  # fold k's own thresholds, picked on its validation images
+            thr = self.meta["thresholds"]
+            meta["thresholds"] = {**thr, "per_class": thr["per_fold"][k]}
         return replace(self, meta=meta, encoder=encoder, clam=clam)
 
 
@@ -58,8 +64,12 @@ def load_package(path: str | Path, *, verify: bool = True) -> Package:
         )
     split = bool(ens["per_fold_student"])
     encoder = FoldEnsembleEncoder(encoders) if split else encoders[0]
-    clam = FoldEnsembleCLAM([load_clam(path / c) for c in ens["clams"]], split=split)
+    if kind_of(meta) == IMAGE:
+        heads = [load_head(path / h) for h in ens["heads"]]
+        clam: FoldEnsembleCLAM | ImageHeadEnsemble = ImageHeadEnsemble(heads, split=split)
+    else:
+        clam = FoldEnsembleCLAM([load_clam(path / c) for c in ens["clams"]], split=split)
     if clam.in_dim != int(meta["feature_dim"]):
-        raise PackageError(f"{path}: the CLAMs take {clam.in_dim}-d features, model.json says "
+        raise PackageError(f"{path}: the heads take {clam.in_dim}-d features, model.json says "
                            f"{meta['feature_dim']}")  # fmt: skip
     return Package(path, meta, encoder.eval(), clam.eval())

@@ -45,8 +45,16 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import to_http_parameters
 
 from efcm.errors import InvalidSlide, InvalidTensor, PackageError, TooLarge
-from efcm.inference import Prediction, predict_features, predict_patches, predict_slide
+from efcm.inference import (
+    Prediction,
+    check_kind,
+    predict_features,
+    predict_image,
+    predict_patches,
+    predict_slide,
+)
 from efcm.io.cache import SlideCache
+from efcm.io.package import IMAGE, SLIDE
 from efcm.limits import RuntimeSettings, ServingLimits, cache_dir
 from efcm.runtimes import Runtime, load_runtime
 from efcm.serving import errors
@@ -144,6 +152,11 @@ class EFCMModel(kserve.Model):
 
     def get_input_types(self) -> list[dict[str, Any]]:
         pkg = self._pkg()
+        if pkg.kind == IMAGE:
+            return [
+                {"name": rq.IMAGE, "datatype": "BYTES", "shape": [1]},
+                {"name": rq.IMAGE, "datatype": "UINT8", "shape": [-1, -1, 3]},
+            ]
         size = pkg.patch_size
         return [
             {"name": rq.FEATURES, "datatype": "FP32", "shape": [-1, pkg.feature_dim]},
@@ -152,7 +165,14 @@ class EFCMModel(kserve.Model):
         ]
 
     def get_output_types(self) -> list[dict[str, Any]]:
-        n_classes = len(self._pkg().classes)
+        pkg = self._pkg()
+        n_classes = len(pkg.classes)
+        if pkg.kind == IMAGE:  # a multi-label call is a list of classes, maybe empty
+            label = [-1] if pkg.multi_label else [1]
+            return [
+                {"name": rq.PROBABILITIES, "datatype": "FP32", "shape": [1, n_classes]},
+                {"name": rq.LABEL, "datatype": "BYTES", "shape": label},
+            ]
         return [
             {"name": rq.PROBABILITIES, "datatype": "FP32", "shape": [1, n_classes]},
             {"name": rq.LABEL, "datatype": "BYTES", "shape": [1]},
@@ -240,7 +260,10 @@ class EFCMModel(kserve.Model):
 
     def _predict_bag(self, pkg: Runtime, bag: rq.Bag, deadline: float) -> Prediction:
         lim = self.limits
+        if isinstance(bag, rq.ImageBag):
+            return predict_image(pkg, bag.image, name=f"input '{rq.IMAGE}'", deadline=deadline)
         if isinstance(bag, rq.FeaturesBag):
+            check_kind(pkg, SLIDE, f"input '{rq.FEATURES}'")
             try:
                 return predict_features(pkg, bag.features, max_patches=lim.max_patches)
             except InvalidTensor as err:  # say what the input should have been
@@ -270,6 +293,8 @@ class EFCMModel(kserve.Model):
     # -- responses -------------------------------------------------------------------------------
 
     def _v2_response(self, req: kserve.InferRequest, pred: Prediction) -> kserve.InferResponse:
+        if self._pkg().kind == IMAGE:
+            return self._v2_image_response(req, pred)
         tensors = [
             (rq.PROBABILITIES, "FP32", pred.probabilities.reshape(1, -1).astype(np.float32)),
             (rq.ATTENTION, "FP32", pred.attention.astype(np.float32)),
@@ -309,8 +334,37 @@ class EFCMModel(kserve.Model):
             requested_outputs=req.request_outputs,
         )
 
+    def _v2_image_response(
+        self, req: kserve.InferRequest, pred: Prediction
+    ) -> kserve.InferResponse:
+        """An image's answer: `probabilities` FP32 [1, C] and `label` BYTES: [1] the class, or
+        for a multi-label package [n] the n called classes (n may be 0)."""
+        probs = kserve.InferOutput(rq.PROBABILITIES, [1, len(pred.probabilities)], "FP32")
+        probs.set_data_from_numpy(  # as a list: see `_v2_response`
+            pred.probabilities.reshape(1, -1).astype(np.float32), binary_data=False
+        )
+        labels = pred.label if isinstance(pred.label, list) else [pred.label]
+        label = kserve.InferOutput(rq.LABEL, [len(labels)], "BYTES", data=list(labels))
+        return kserve.InferResponse(
+            response_id=req.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=[probs, label],
+            # a parameter is a scalar: the class, or the called classes as JSON text
+            parameters={
+                "label": pred.label if isinstance(pred.label, str) else json.dumps(pred.label)
+            },
+            use_binary_outputs=req.use_binary_outputs,
+            requested_outputs=req.request_outputs,
+        )
+
 
 def _v1_prediction(pkg: Runtime, pred: Prediction) -> dict[str, Any]:
+    if pkg.kind == IMAGE:
+        return {
+            "label": pred.label,
+            "classes": pkg.classes,
+            "probabilities": pred.probabilities.tolist(),
+        }
     out: dict[str, Any] = {
         "label": pred.label,
         "classes": pkg.classes,

@@ -8,10 +8,17 @@ v2 (Open Inference Protocol), one bag per request, exactly one of
   parameter `mpp` overrides the slide's mpp, `heatmap: true` adds the heatmap PNG, `heatmap_size`
   its longest side in px (64 .. 8192, default 1024), `geojson: true` the attention as GeoJSON
   tiles QuPath opens); only where the access policy allows it.
+or, for an image package (`kind: image`),
+  input `image`: BYTES [1], one encoded image file (PNG, JPEG, TIFF or DICOM): the raw bytes over
+  gRPC or with REST's binary-data extension, base64 text in a REST JSON body; or UINT8 [H, W, 3]
+  RGB (or [H, W] grey) pixels. The package's own preprocessing (fundus crop, resize, channels)
+  runs on the server.
 v1, one bag per instance, at most `MAX_V1_INSTANCES` (16) instances (the model answers 413 past
 it), all under one time budget:
   {"instances": [{"features": [[...], ...]}, {"slide_uri": "gs://...", "mpp": 0.5, "heatmap": true,
    "heatmap_size": 2048, "geojson": true}, [[...], ...]]}
+  or for an image package {"instances": [{"image": {"b64": "<base64 file>"}}, {"image": [[...]]}]}
+  (TF Serving's {"b64": ...} convention for binary values; a nested list is uint8 pixels).
 
 Everything malformed is a client error (HTTP 400, `efcm.serving.errors.STATUS`) with a message
 naming the expected input: `InvalidTensor` for a tensor that cannot be one (wrong datatype, ragged,
@@ -42,9 +49,14 @@ HEATMAP_GEOJSON = "heatmap_geojson"
 HEATMAP_SIZE = "heatmap_size"
 GEOJSON = "geojson"
 PATCHES = "patches"
+IMAGE = "image"
 FEATURE_DATATYPES = ("FP32", "FP16")
 MAX_V1_INSTANCES = 16  # bags in one v1 request; each is also under EFCM_MAX_PATCHES
-INPUTS = (FEATURES, PATCHES, SLIDE_URI)
+INPUTS = (FEATURES, PATCHES, SLIDE_URI, IMAGE)
+IMAGE_WANT = (
+    f"input '{IMAGE}': BYTES [1] (an encoded PNG, JPEG, TIFF or DICOM file; base64 text in a "
+    "REST JSON body) or UINT8 [H, W, 3] / [H, W] pixels"
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,12 @@ class SlideBag:
     geojson: bool = False
 
 
-Bag = FeaturesBag | PatchesBag | SlideBag
+@dataclass(frozen=True)
+class ImageBag:
+    image: bytes | np.ndarray  # an encoded file, or pixels as sent (checked by predict_image)
+
+
+Bag = FeaturesBag | PatchesBag | SlideBag | ImageBag
 
 
 class V2Input(Protocol):
@@ -135,6 +152,74 @@ def _uri(value: Any) -> str:
     return value
 
 
+def _image_text(value: str) -> bytes:
+    """An image file sent as base64 text (a REST JSON body cannot carry raw bytes)."""
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(
+            f"input '{IMAGE}' is text but not base64: a REST JSON body carries the image file "
+            f"base64-encoded; {IMAGE_WANT}"
+        ) from None
+
+
+def _image_file(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        data = bytes(value)
+    elif isinstance(value, str):
+        data = _image_text(value)
+    else:
+        raise InvalidInput(f"input '{IMAGE}' holds {type(value).__name__}; {IMAGE_WANT}")
+    if not data:
+        raise InvalidInput(f"input '{IMAGE}' is empty (0 bytes); {IMAGE_WANT}")
+    return data
+
+
+def _image_pixels(data: Any) -> np.ndarray:
+    """v1 pixels: a nested list of integers 0..255 -> uint8."""
+    try:
+        arr = np.asarray(data)
+    except ValueError:
+        raise InvalidTensor(f"image pixels are not a rectangular array; {IMAGE_WANT}") from None
+    if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
+        raise InvalidTensor(f"image pixels must be integers 0..255; {IMAGE_WANT}")
+    return arr.astype(np.uint8)
+
+
+def _v1_image(value: Any) -> ImageBag:
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        return ImageBag(_image_file(value["b64"]))
+    if isinstance(value, list):
+        return ImageBag(_image_pixels(value))
+    raise InvalidInput(
+        f'"{IMAGE}" must be {{"b64": "<base64 file>"}} or a nested list of uint8 pixels'
+    )
+
+
+def _v2_image(inp: V2Input) -> ImageBag:
+    if inp.datatype == "UINT8":
+        try:
+            return ImageBag(inp.as_numpy())
+        except (ValueError, TypeError) as err:  # kserve's as_numpy: numpy's reshape
+            raise InvalidTensor(
+                f"input '{IMAGE}' data does not match its shape {list(inp.shape)} ({err})"
+            ) from None
+    if inp.datatype != "BYTES":
+        raise InvalidTensor(
+            f"input '{IMAGE}' has datatype {inp.datatype}, shape {list(inp.shape)}; {IMAGE_WANT}"
+        )
+    try:
+        values = inp.as_numpy().reshape(-1)
+    except (ValueError, TypeError):  # kserve's as_numpy: numpy's reshape
+        values = ()
+    if len(values) != 1:
+        raise InvalidInput(f"input '{IMAGE}' must be BYTES of shape [1] (one file); {IMAGE_WANT}")
+    return ImageBag(_image_file(values[0]))
+
+
 def _v1_features(data: Any, dim: int) -> np.ndarray:
     # JSON has no dtype: integral numbers are features too; strings, booleans, objects are not.
     try:
@@ -167,6 +252,8 @@ def v1_bags(body: Any, dim: int) -> list[Bag]:
     for inst in instances:
         if isinstance(inst, dict) and FEATURES in inst:
             bags.append(FeaturesBag(_v1_features(inst[FEATURES], dim)))
+        elif isinstance(inst, dict) and IMAGE in inst:
+            bags.append(_v1_image(inst[IMAGE]))
         elif isinstance(inst, dict) and SLIDE_URI in inst:
             uri = inst[SLIDE_URI]
             if not isinstance(uri, str) or not uri:
@@ -177,7 +264,8 @@ def v1_bags(body: Any, dim: int) -> list[Bag]:
         else:
             keys = sorted(inst) if isinstance(inst, dict) else type(inst).__name__
             raise InvalidInput(
-                f"an instance needs '{FEATURES}' or '{SLIDE_URI}', got {keys}; {expected(dim)}"
+                f"an instance needs '{FEATURES}', '{SLIDE_URI}' or '{IMAGE}', got {keys}; "
+                + expected(dim)
             )
     return bags
 
@@ -188,6 +276,8 @@ def v2_bag(inputs: list[V2Input], parameters: dict[str, Any] | None, dim: int) -
     given = [n for n in INPUTS if n in by_name]
     if len(given) > 1:
         raise InvalidInput(f"send exactly one of the inputs {list(INPUTS)}, got {given}")
+    if IMAGE in by_name:
+        return _v2_image(by_name[IMAGE])
     if PATCHES in by_name:
         inp = by_name[PATCHES]
         if inp.datatype != "UINT8":
@@ -227,6 +317,6 @@ def v2_bag(inputs: list[V2Input], parameters: dict[str, Any] | None, dim: int) -
             raise InvalidInput(f"input '{SLIDE_URI}' must be BYTES of shape [1]")
         return _slide_bag(_uri(values[0]), parameters or {})
     raise InvalidInput(
-        f"no input '{FEATURES}', '{PATCHES}' or '{SLIDE_URI}' (got {sorted(by_name)}); "
+        f"no input '{FEATURES}', '{PATCHES}', '{SLIDE_URI}' or '{IMAGE}' (got {sorted(by_name)}); "
         + expected(dim)
     )

@@ -48,7 +48,7 @@ from efcm.models.ensemble import FoldEnsembleCLAM
 from efcm.models.package import load_package
 from efcm.models.students import load_student
 from efcm.slides.patching import settings_changes
-from efcm.training.runtimes import write_runtimes
+from efcm.training.runtimes import slide_source, write_runtimes
 
 log = logging.getLogger(__name__)
 
@@ -200,18 +200,18 @@ def export_package(
     }
     (tmp / "model.json").write_text(json.dumps(meta, indent=2))
     ex = params.export
-    section, written = write_runtimes(
-        load_package(tmp),
-        tmp,
-        list(ex.runtimes),
-        manifest,
-        Path(patches_dir),
-        sorted(tested),
-        calibration=ex.calibration_patches,
-        max_patches=ex.parity_max_patches,
-        cache=cache,
-        store_dir=store_dir,
-    )
+    source = None
+    if ex.runtimes:
+        source = slide_source(
+            manifest,
+            Path(patches_dir),
+            sorted(tested),
+            calibration=ex.calibration_patches,
+            max_patches=ex.parity_max_patches,
+            cache=cache,
+            store_dir=store_dir,
+        )
+    section, written = write_runtimes(load_package(tmp), tmp, list(ex.runtimes), source)
     meta["runtimes"] = section
     meta["versions"]["onnxruntime"] = ort.__version__
     meta["files"] = sorted(pkg_files + written)

@@ -23,10 +23,20 @@ of each (evenly spaced over its grid; a slide's probabilities are those of that 
 runtime, so the comparison is paired): the minimum and mean feature cosine over the patches, the
 largest absolute class-probability difference over the slides, and how many slides get the same
 predicted label. ONNX FP32 must reach a feature cosine >= 0.999; INT8 a cosine >= 0.99, every
-probability within 0.02 and every label the same. Export refuses a runtime that misses them (a
-`PackageError` with the figures), so a package never carries one that was not shown to match. The
-bf16 autocast of the torch runtime on CPUs with native bf16 is measured the same way (on an export
-node whose CPU has it) and used by the server only where it passed.
+probability within 0.02 and the same label on every sample whose call that tolerance cannot
+flip: `same_label` counts every sample, `same_label_decided` those whose torch probabilities are
+further than 0.02 from the call's boundary (`PackageFacts.boundary_distance`: a class
+threshold, or the tie of the two most probable classes); a sample within it may change its call
+by a difference the rule allows, and `near_boundary` says how many there were. Export refuses a
+runtime that misses them (a `PackageError` with the figures), so a package never carries one that
+was not shown to match. The bf16 autocast of the torch runtime on CPUs with native bf16 is
+measured the same way (on an export node whose CPU has it) and used by the server only where it
+passed.
+
+An image package (`efcm.training.image_export`) is measured the same way on its evaluation
+images, each a bag of one (`ParitySource`: the samples, the calibration pixels, their unit);
+its head graph is `head.onnx` (the fold heads), and a multi-label package's label is its set of
+called classes (`PackageFacts.label_of`).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +78,7 @@ from efcm.slides.patching import read_coords
 log = logging.getLogger(__name__)
 
 STUDENT_ONNX, HEAD_ONNX, STUDENT_INT8 = "student.onnx", "clam.onnx", "student_int8.onnx"
+IMAGE_HEAD_ONNX = "head.onnx"  # an image package's fold heads
 OPSET = 18
 BATCH = 64
 CALIBRATION_SEED = 0
@@ -79,7 +90,8 @@ SAME_LABELS = (INT8, "bf16")
 
 
 class _Head(nn.Module):
-    """The CLAM ensemble as a graph with plain outputs: bag -> (probabilities (C,), attention)."""
+    """The head (the CLAM ensemble, or an image package's fold heads) as a graph with plain
+    outputs: bag -> (probabilities (C,), attention)."""
 
     def __init__(self, clam: nn.Module) -> None:
         super().__init__()
@@ -128,22 +140,41 @@ def _export(module: nn.Module, example: torch.Tensor, dest: Path, names: tuple, 
     log.debug("torch.onnx: %s", chatter.getvalue())
 
 
-def export_graphs(pkg: Package, dest: Path) -> None:
-    """`student.onnx` and `clam.onnx` of the loaded package `pkg` into `dest`."""
-    size = int(pkg.meta["patch"]["patch_size"])
+def export_graphs(pkg: Package, dest: Path, head_file: str = HEAD_ONNX) -> None:
+    """`student.onnx` and the head graph `head_file` of the loaded package `pkg` into `dest`."""
+    size = pkg.patch_size
     pkg.encoder.to("cpu", memory_format=torch.contiguous_format)
     patches = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     _export(
         pkg.encoder, patches, dest / STUDENT_ONNX, ((ENCODER_INPUT,), (ENCODER_OUTPUT,)), "batch"
     )
     bag = torch.randn(3, pkg.feature_dim)
-    _export(_Head(pkg.clam), bag, dest / HEAD_ONNX, ((HEAD_INPUT,), HEAD_OUTPUTS), "n")
+    _export(_Head(pkg.clam), bag, dest / head_file, ((HEAD_INPUT,), HEAD_OUTPUTS), "n")
 
 
 @dataclass
 class SlideSample:
+    """One bag the parity is measured on: a slide's patches, or one image (n = 1)."""
+
     slide_id: str
     patches: np.ndarray  # uint8 (n, S, S, 3)
+
+
+@dataclass(frozen=True)
+class ParitySource:
+    """The pixels a package's runtimes are calibrated and checked on: `samples()` the evaluation
+    bags (each slide's patches, or each evaluation image as a bag of one), `calibration()` the
+    INT8 calibration pixels (N, S, S, 3); `unit` what a sample is (`slides`, `images`), `pixels`
+    where the pixels came from, `max_per_sample` the cap on a sample's patches; `head_file` the
+    head graph's file name."""
+
+    samples: Callable[[], Iterator[SlideSample]]
+    calibration: Callable[[], np.ndarray]
+    unit: str
+    pixels: str
+    max_per_sample: int
+    drawn_from: str = "the training slides, evenly per slide"  # the calibration pixels
+    head_file: str = HEAD_ONNX
 
 
 def _read(
@@ -209,7 +240,14 @@ def calibration_patches(
     return np.concatenate(got)[:n]
 
 
-def quantize_int8(fp32: Path, dest: Path, calibration: np.ndarray) -> dict[str, Any]:
+def quantize_int8(
+    fp32: Path,
+    dest: Path,
+    calibration: np.ndarray,
+    *,
+    head: str = HEAD_ONNX,
+    drawn_from: str = "the training slides, evenly per slide",
+) -> dict[str, Any]:
     """`dest`: the static INT8 quantization of the student graph `fp32` (see the module
     docstring); returns how it was made, for model.json."""
     from onnxruntime.quantization import (
@@ -252,10 +290,10 @@ def quantize_int8(fp32: Path, dest: Path, calibration: np.ndarray) -> dict[str, 
         "activations": "uint8, asymmetric, per tensor, MinMax calibration",
         "why_7_bit": "u8 x s8 products cannot saturate on x86 CPUs without VNNI (AVX2, AVX-512 "
         "without VNNI); CPUs with VNNI run them at the same speed",
-        "head": "FP32 (clam.onnx)",
+        "head": f"FP32 ({head})",
         "calibration": {
             "patches": len(calibration),
-            "from": "the training slides, evenly per slide, drawn with a fixed seed",
+            "from": f"{drawn_from}, drawn with a fixed seed",
             "seed": CALIBRATION_SEED,
         },
         "export_cpu_has_vnni": has_vnni(),
@@ -264,32 +302,47 @@ def quantize_int8(fp32: Path, dest: Path, calibration: np.ndarray) -> dict[str, 
 
 @dataclass
 class _Tally:
-    """One runtime's parity figures against torch FP32, accumulated slide by slide."""
+    """One runtime's parity figures against torch FP32, accumulated sample by sample; `label`
+    is the package's call of class probabilities (`PackageFacts.label_of`)."""
 
+    label: Callable[[np.ndarray], Any]
+    distance: Callable[[np.ndarray], float]  # PackageFacts.boundary_distance
+    tolerance: float  # the runtime's allowed probability difference (0: none allowed)
     cosines: list[np.ndarray] = field(default_factory=list)
     prob_diffs: list[float] = field(default_factory=list)
     same_label: int = 0
-    slides: int = 0
+    decided: int = 0  # samples further than `tolerance` from their call's boundary
+    same_decided: int = 0
+    slides: int = 0  # samples: slides, or images
 
     def add(
         self, feats: np.ndarray, ref: np.ndarray, probs: np.ndarray, ref_probs: np.ndarray
     ) -> None:
         self.cosines.append(cosine_rows(feats, ref))
         self.prob_diffs.append(float(np.abs(probs - ref_probs).max()))
-        self.same_label += int(probs.argmax() == ref_probs.argmax())
+        same = int(self.label(probs) == self.label(ref_probs))
+        self.same_label += same
+        if self.distance(ref_probs) > self.tolerance:
+            self.decided += 1
+            self.same_decided += same
         self.slides += 1
 
-    def figures(self, max_patches: int) -> dict[str, Any]:
+    def figures(self, max_patches: int, unit: str = "slides") -> dict[str, Any]:
         cos = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+        per = {"slides": {"max_patches_per_slide": max_patches}}.get(unit, {})
         return {
             "against": "torch FP32 on the CPU (the evaluated model)",
-            "slides": self.slides,
+            "unit": unit,
+            unit: self.slides,
             "patches": len(cos),
-            "max_patches_per_slide": max_patches,
+            **per,
             "feature_cosine_min": round(float(cos.min()), 6) if len(cos) else None,
             "feature_cosine_mean": round(float(cos.mean()), 6) if len(cos) else None,
             "max_prob_diff": round(max(self.prob_diffs), 6) if self.prob_diffs else None,
             "same_label": f"{self.same_label}/{self.slides}",
+            "same_label_decided": f"{self.same_decided}/{self.decided}",
+            "near_boundary": self.slides - self.decided,
+            "boundary_tolerance": self.tolerance,
         }
 
 
@@ -302,8 +355,13 @@ def misses(name: str, fig: dict[str, Any]) -> list[str]:
         out.append(f"feature cosine min {fig['feature_cosine_min']} < {MIN_COSINE[name]}")
     if name in MAX_PROB_DIFF and fig["max_prob_diff"] > MAX_PROB_DIFF[name]:
         out.append(f"max probability difference {fig['max_prob_diff']} > {MAX_PROB_DIFF[name]}")
-    if name in SAME_LABELS and fig["same_label"].split("/")[0] != str(fig["slides"]):
-        out.append(f"the same label on {fig['same_label']} slides, not all")
+    unit = fig.get("unit", "slides")
+    same, decided = fig["same_label_decided"].split("/")
+    if name in SAME_LABELS and same != decided:
+        out.append(
+            f"the same label on {fig['same_label_decided']} {unit} further than "
+            f"{fig['boundary_tolerance']} from their call's boundary, not all"
+        )
     return out
 
 
@@ -314,12 +372,16 @@ def measure_parity(
     max_patches: int,
     *,
     bf16: bool,
+    unit: str = "slides",
 ) -> dict[str, dict[str, Any]]:
     """Parity figures of each ONNX runtime (and of CPU bf16 autocast with `bf16`) against torch
-    FP32 on the CPU, over `slides`."""
-    tallies = {name: _Tally() for name in runtimes}
+    FP32 on the CPU, over `slides` (the samples, of `unit`)."""
+    def tally(name: str) -> _Tally:
+        return _Tally(pkg.label_of, pkg.boundary_distance, MAX_PROB_DIFF.get(name, 0.0))
+
+    tallies = {name: tally(name) for name in runtimes}
     if bf16:
-        tallies["bf16"] = _Tally()
+        tallies["bf16"] = tally("bf16")
     pkg.encoder.to("cpu", memory_format=torch.channels_last)
 
     def head(feats: np.ndarray) -> np.ndarray:
@@ -339,13 +401,10 @@ def measure_parity(
         if bf16:
             feats = torch_feats(s.patches, True)
             tallies["bf16"].add(feats, ref, head(feats), ref_probs)
-    return {name: t.figures(max_patches) for name, t in tallies.items()}
+    return {name: t.figures(max_patches, unit) for name, t in tallies.items()}
 
 
-def write_runtimes(
-    pkg: Package,
-    dest: Path,
-    wanted: list[str],
+def slide_source(
     manifest: Manifest,
     patches_dir: Path,
     slide_ids: list[str],
@@ -354,51 +413,70 @@ def write_runtimes(
     max_patches: int,
     cache: SlideCache | None = None,
     store_dir: Path | None = None,
+) -> ParitySource:
+    """The evaluation slides `slide_ids` as a `ParitySource` (their pixels read from the
+    patch-shard store `store_dir` when given, else from the slides)."""
+    pixels = "read from the slides"
+    if store_dir is not None:
+        pixels = f"the patch-shard store ({json.dumps(read_store_meta(store_dir)['codec'])})"
+    return ParitySource(
+        samples=lambda: evaluation_slides(
+            manifest, patches_dir, slide_ids, max_patches, cache, store_dir
+        ),
+        calibration=lambda: calibration_patches(
+            manifest, patches_dir, slide_ids, calibration, cache, store_dir
+        ),
+        unit="slides",
+        pixels=pixels,
+        max_per_sample=max_patches,
+    )
+
+
+def write_runtimes(
+    pkg: Package, dest: Path, wanted: list[str], source: ParitySource | None
 ) -> tuple[dict[str, Any], list[str]]:
     """Write the `wanted` ONNX runtimes (onnx, int8) of the loaded package `pkg` into its
-    directory `dest` and measure their parity on `slide_ids` (their pixels read from the
-    patch-shard store `store_dir` when given, else from the slides); returns model.json's
-    `runtimes` section and the files written.
+    directory `dest`, calibrated and checked for parity on `source` (`slide_source`, or an image
+    package's evaluation images); returns model.json's `runtimes` section and the files written.
 
     Raises:
         PackageError: a runtime misses its parity thresholds (the message has the figures).
     """
+    ens = pkg.meta["ensemble"]
     section: dict[str, Any] = {
         TORCH: {
-            "files": sorted(pkg.meta["ensemble"]["students"] + pkg.meta["ensemble"]["clams"]),
+            "files": sorted(ens["students"] + ens.get("clams", ens.get("heads", []))),
             "device": "cuda when there is one (autocast), else the CPU",
         }
     }
     if not wanted:
         return section, []
-    export_graphs(pkg, dest)
-    files = [STUDENT_ONNX, HEAD_ONNX]
+    if source is None:
+        raise PackageError(f"export.runtimes {wanted}: no evaluation pixels to check them on")
+    head = source.head_file
+    export_graphs(pkg, dest, head)
+    files = [STUDENT_ONNX, head]
     loaded: dict[str, OnnxRuntime] = {}
     if ONNX in wanted:
         loaded[ONNX] = OnnxRuntime(
-            dest, pkg.meta, ONNX, dest / STUDENT_ONNX, dest / HEAD_ONNX, threads=None
+            dest, pkg.meta, ONNX, dest / STUDENT_ONNX, dest / head, threads=None
         )
     quantization = None
     if INT8 in wanted:
-        calib = calibration_patches(manifest, patches_dir, slide_ids, calibration, cache, store_dir)
-        quantization = quantize_int8(dest / STUDENT_ONNX, dest / STUDENT_INT8, calib)
+        calib = source.calibration()
+        quantization = quantize_int8(
+            dest / STUDENT_ONNX, dest / STUDENT_INT8, calib, head=head, drawn_from=source.drawn_from
+        )
         files.append(STUDENT_INT8)
         loaded[INT8] = OnnxRuntime(
-            dest, pkg.meta, INT8, dest / STUDENT_INT8, dest / HEAD_ONNX, threads=None
+            dest, pkg.meta, INT8, dest / STUDENT_INT8, dest / head, threads=None
         )
     bf16 = cpu_bf16_native()
     parity = measure_parity(
-        pkg,
-        loaded,
-        evaluation_slides(manifest, patches_dir, slide_ids, max_patches, cache, store_dir),
-        max_patches,
-        bf16=bf16,
+        pkg, loaded, source.samples(), source.max_per_sample, bf16=bf16, unit=source.unit
     )
-    pixels = "read from the slides"
-    if store_dir is not None:
-        pixels = f"the patch-shard store ({json.dumps(read_store_meta(store_dir)['codec'])})"
     for figures in parity.values():
-        figures["pixels"] = pixels  # what the parity patches were
+        figures["pixels"] = source.pixels  # what the parity pixels were
     refused = {name: misses(name, parity[name]) for name in loaded}
     refused = {k: v for k, v in refused.items() if v}
     if refused:
