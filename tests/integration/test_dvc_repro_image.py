@@ -10,7 +10,7 @@ import yaml
 
 from efcm import registry
 from efcm.cli import main
-from tests.conftest import ROOT, _merge, tiny_image_params_dict
+from tests.conftest import ROOT, _merge
 from tests.integration.test_dvc_repro import _run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -148,7 +148,7 @@ def test_pixels_and_the_encoded_file_give_the_same_answer(cxr_run):
 
 def test_bad_images_and_inputs_of_the_other_kind_are_refused(cxr_run, capsys):
     rt = load_runtime(cxr_run / "package", "onnx")
-    with pytest.raises(InvalidImage, match="upload.png: not an image"):
+    with pytest.raises(InvalidImage, match=r"upload\.png: not an image"):
         predict_image(rt, b"GIF89a not a png", name="upload.png")
     with pytest.raises(InvalidTensor, match=r"UINT8 \[H, W, 3\]"):
         predict_image(rt, np.zeros((32, 32, 4), np.uint8))

@@ -173,30 +173,25 @@ def test_a_bad_image_is_400_over_rest_and_invalid_argument_over_grpc(server, fil
     assert _rest_json(server, files["png"].read_bytes()).status_code == 200  # still serving
 
 
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        (
-            {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]},
-            "is text but not base64",
-        ),
-        (
-            {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
-                         "data": [0.0, 1.0, 2.0, 3.0]}]},
-            "is for a slide package; this is a image package",
-        ),  # fmt: skip
-        (
-            {"inputs": [{"name": "image", "shape": [2, 2, 2], "datatype": "UINT8",
-                         "data": [0] * 8}]},
-            r"UINT8 [H, W, 3] RGB or [H, W] grey",
-        ),  # fmt: skip
-        (
-            {"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
-            "has datatype FP32",
-        ),
-    ],
-    ids=["not-base64", "features", "two-channels", "fp32"],
-)
+def _v2_body(name: str, shape: list[int], datatype: str, data: list) -> dict:
+    return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+
+
+MALFORMED = {
+    "not-base64": (_v2_body("image", [1], "BYTES", ["%%%"]), "is text but not base64"),
+    "features": (
+        _v2_body("features", [1, 4], "FP32", [0.0, 1.0, 2.0, 3.0]),
+        "is for a slide package; this is a image package",
+    ),
+    "two-channels": (
+        _v2_body("image", [2, 2, 2], "UINT8", [0] * 8),
+        "UINT8 [H, W, 3] RGB or [H, W] grey",
+    ),
+    "fp32": (_v2_body("image", [1], "FP32", [1.0]), "has datatype FP32"),
+}
+
+
+@pytest.mark.parametrize(("body", "message"), MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_image_requests_are_400_naming_the_problem(server, body, message):
     res = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=30)
     assert res.status_code == 400, res.text

@@ -376,6 +376,7 @@ def measure_parity(
 ) -> dict[str, dict[str, Any]]:
     """Parity figures of each ONNX runtime (and of CPU bf16 autocast with `bf16`) against torch
     FP32 on the CPU, over `slides` (the samples, of `unit`)."""
+
     def tally(name: str) -> _Tally:
         return _Tally(pkg.label_of, pkg.boundary_distance, MAX_PROB_DIFF.get(name, 0.0))
 
