@@ -23,8 +23,14 @@ Measured, on CUDA when there is one (else the CPU with torch threads = the usabl
   speedup       student / teacher images/s (forward and end to end): the ratio of the medians
                 above (the headline), and `_paired`, the median of each round's ratio (robust
                 to a load that comes and goes between rounds); goal >= 15x (issue 16, this CPU)
-Not measured yet: the image endpoint's p50 latency for one 512 px PNG (`endpoint` is null with
-its reason) until image packages are served.
+  endpoint      `efcm serve` in a subprocess with an image package of that student (Retrain's
+                fold heads on its features of the demo, exported for real:
+                `tests.packages.build_image_package`), served by each runtime the package carries
+                (torch, and ONNX Runtime FP32 / INT8 where export's parity check passed); one
+                demo PNG (`--demo-size` px, 512) sent `--requests` times over REST JSON (base64),
+                REST binary and gRPC with kserve's clients: p50 / p99 ms of the whole request
+                (decode, fundus crop, resize, student, heads). `p50_latency_ms` is the gRPC p50 of
+                the runtime a CPU node without torch serves (int8, else onnx).
 GFLOPs per image: torch's flop counter (`efcm.evaluation.efficiency`). Absolute rates mean little
 on a shared CPU; the ratios (one run, the models alternated) are the point. Prints one JSON
 object. Usage:
@@ -37,6 +43,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,11 +65,9 @@ from efcm.models.students import build_fpd, build_vfd
 from efcm.stages import demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.packages
 GOALS = {"speedup_min": 15.0, "speedup_applies_on": "cpu"}
-ENDPOINT_REASON = (
-    "not measured yet: the image endpoint does not exist (issue 16: serving of image packages "
-    "is still to be built); this field will hold the p50 latency of one 512 px PNG request"
-)
+PROTOCOLS = ("rest_json", "rest_binary", "grpc")
 
 
 def _teacher_spec(size: int, arch: str | None) -> EncoderParams:
@@ -228,6 +233,81 @@ def _speedups(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _image_inputs(png: bytes):
+    """`inputs(binary)` for `serving.request_latencies`: one encoded image, raw bytes (binary) or
+    base64 text (REST JSON)."""
+    import base64
+
+    import numpy as np
+    from kserve import InferInput
+
+    text = base64.b64encode(png).decode("ascii")
+
+    def inputs(binary: bool) -> list[Any]:
+        inp = InferInput("image", [1], "BYTES")
+        value = png if binary else text
+        inp.set_data_from_numpy(np.array([value], dtype=np.object_), binary_data=binary)
+        return [inp]
+
+    return inputs
+
+
+def _endpoint(
+    models: dict[str, dict[str, Any]],
+    student: str,
+    manifest: Path,
+    params: Params,
+    args: argparse.Namespace,
+    tmp: Path,
+) -> dict[str, Any]:
+    """The image endpoint's request latency per runtime and protocol (see the docstring)."""
+    from serving import request_latencies
+
+    from efcm.errors import PackageError
+    from efcm.models.meta import read_package_meta
+    from efcm.runtimes import carried
+    from tests.packages import build_image_package
+
+    net = models[student]["net"]
+    fpd = params.distill.fpd if student == "fpd" else None
+    if args.quick:  # a handful of patients: two folds
+        params = params.model_copy(update={"image": params.image.model_copy(update={"folds": 2})})
+    refused = None
+    try:
+        package = build_image_package(
+            tmp / "pkg", params, manifest, net, runtimes=("onnx", "int8"), fpd=fpd
+        )
+    except PackageError as err:  # the INT8 student missed parity: serve what passed
+        refused = str(err)
+        package = build_image_package(
+            tmp / "pkg", params, manifest, net, runtimes=("onnx",), fpd=fpd
+        )
+    png = sorted(manifest.parent.rglob("*.png"))[0]
+    data = png.read_bytes()
+    img = decode_image(data, png.name, max_pixels=params.image.max_pixels, min_side=1)
+    runtimes = carried(read_package_meta(package))
+    out: dict[str, Any] = {}
+    for rt in runtimes:
+        out[rt] = request_latencies(
+            package,
+            args.requests,
+            tmp / f"server-{rt}.log",
+            _image_inputs(data),
+            env={"EFCM_RUNTIME": rt},
+        )
+    cpu = next((r for r in ("int8", "onnx") if r in out), "torch")
+    return {
+        "p50_latency_ms": out[cpu]["grpc"]["p50_ms"],
+        "p50_runtime": cpu,
+        "p50_protocol": "grpc",
+        "image": {"file": png.name, "px": list(img.shape[1::-1]), "bytes": len(data)},
+        "image_px": int(max(img.shape[:2])),
+        "package": f"retrain fold heads ({params.image.folds}) on the {student} student",
+        "int8_refused": refused,
+        "runtimes": out,
+    }
+
+
 def _params(args: argparse.Namespace) -> Params:
     """The params file with the benchmark's size: the preprocessed image and the student's
     input are `--size` px (the demo's images are `--images` of `--demo-size` px)."""
@@ -252,12 +332,13 @@ def main() -> None:
     ap.add_argument("--demo-size", type=int, default=512, help="demo images' side, px")
     ap.add_argument("--workers", type=int, default=0, help="extract.num_workers end to end")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: usable cores)")
+    ap.add_argument("--requests", type=int, default=30, help="endpoint requests per protocol")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
     if args.quick:
         args.size, args.batch_size, args.seconds, args.repeats, args.e2e_repeats = 64, 4, 0.2, 2, 1
-        args.images, args.demo_size = 8, 96
+        args.images, args.demo_size, args.requests = 16, 96, 3
         args.teacher_arch = args.teacher_arch or "vit_tiny_patch16_224"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores or 1)
@@ -283,8 +364,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         fwd = _forward(models, args.size, args)
         e2e, n_images = _end_to_end(models, manifest, params, args, tmp)
         per_image = _per_image(manifest, params, max(1, args.e2e_repeats))
+        student = "fpd" if params.distill.method == "fpd" else "vfd"
+        endpoint = _endpoint(models, student, manifest, params, args, tmp)
     summary = {name: _summary(models[name], fwd[name], e2e[name], args.size) for name in models}
-    student = "fpd" if params.distill.method == "fpd" else "vfd"
     speedups = _speedups(summary)
     device = host["device"]
     host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -318,7 +400,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "forward_ms": {name: summary[name]["forward_ms_per_image"] for name in summary},
             "end_to_end_ms": {name: summary[name]["end_to_end_ms_per_image"] for name in summary},
         },
-        "endpoint": {"p50_latency_ms": None, "image_px": 512, "reason": ENDPOINT_REASON},
+        "endpoint": endpoint,
         "models": summary,
     }
 

@@ -175,3 +175,54 @@ def write_slide_manifest(out: Path, slide_ids: list[str], patch_size: int) -> Ma
     write_slide(out / "slide.tiff", SlideSpec(8 * patch_size, 8 * patch_size, levels=1))
     entries = [SlideEntry(sid, sid, "slide.tiff", "") for sid in slide_ids]
     return write_manifest(out / "manifest.csv", entries)
+
+
+def build_image_package(
+    out: Path,
+    params: Params,
+    manifest: Path,
+    student: torch.nn.Module,
+    *,
+    runtimes: tuple[str, ...] = (),
+    fpd: FpdParams | None = None,
+) -> Path:
+    """A real image package of Retrain's fold heads on `student` (a model of `params.student`,
+    an FPD one with `fpd` its settings, saved as out/student.pt), for benchmarks that need an
+    image package of a given student: the student's image features of `manifest`
+    (`efcm.stages.extract_images`), patient-level splits and Retrain's linear heads
+    (`efcm.stages.image_strategy`), then the real
+    `efcm.training.image_export.export_image_package`. Only the evaluation's metrics are made up
+    (`metrics_for`: they pass the gate). With `runtimes` (onnx, int8), those CPU runtimes, whose
+    parity export measures on the manifest's images. Returns out/package."""
+    from efcm import stages
+    from efcm.io.image_manifest import LabelSpace, read_image_manifest
+    from efcm.training.image_export import export_image_package
+    from efcm.training.image_heads import image_splits
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_student(out / "student.pt", student, params.student, fpd=fpd)
+    stages.extract_images(
+        manifest, out / "student", params, encoder="student", student=out / "student.pt"
+    )
+    p = params.image
+    images = read_image_manifest(manifest, LabelSpace.of(p))
+    splits = image_splits(images, LabelSpace.of(p), p.folds, p.val_fraction, params.seed)
+    save_json(out / "splits.json", splits)
+    strategy = out / "strategies" / "retrain"
+    stages.image_strategy(
+        "retrain", manifest, out / "splits.json", strategy, params,
+        student_features=out / "student",
+    )  # fmt: skip
+    metrics = metrics_for(registry.row_name(params.distill.method, "retrain"))
+    export = params.export.model_copy(update={"runtimes": list(runtimes)})
+    image = p.model_copy(update={"export_strategy": "retrain"})
+    return export_image_package(
+        out / "student.pt",
+        strategy,
+        out / "package",
+        params.model_copy(update={"export": export, "image": image}),
+        metrics,
+        out / "student",
+        images,
+        splits,
+    )

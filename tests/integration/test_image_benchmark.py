@@ -68,13 +68,22 @@ def test_the_image_benchmark_runs_at_tiny_sizes(tmp_path):
     assert r["goals_met"]["speedup"] == (r["student_teacher_speedup"] >= 15.0)
 
     per = r["per_image_ms"]
-    assert per["images"] == r["data"]["images"] == 8
+    assert per["images"] == r["data"]["images"] == 16
     assert per["formats"] == [".jpg", ".png"]  # the demo writes both
     assert per["decode_ms"] > 0 and per["preprocess_ms"] > 0
     assert per["forward_ms"]["teacher"] == teacher["forward_ms_per_image"]
 
-    # the endpoint is not served yet: no number, and the reason says so
-    assert r["endpoint"]["p50_latency_ms"] is None
-    assert "not measured" in r["endpoint"]["reason"]
+    # the endpoint: an image package of the fpd student, served by each runtime it carries
+    ep = r["endpoint"]
+    assert ep["image"]["file"].endswith(".png") and ep["image_px"] == max(ep["image"]["px"])
+    assert ep["package"] == "retrain fold heads (2) on the fpd student"
+    carried = ["torch", "onnx"] + (["int8"] if ep["int8_refused"] is None else [])
+    assert list(ep["runtimes"]) == carried
+    for runs in ep["runtimes"].values():
+        assert set(runs) == {"rest_json", "rest_binary", "grpc"}
+        for t in runs.values():
+            assert t["n"] == 3 and 0 < t["p50_ms"] <= t["p99_ms"]
+    assert ep["p50_runtime"] == carried[-1] and ep["p50_protocol"] == "grpc"
+    assert ep["p50_latency_ms"] == ep["runtimes"][carried[-1]]["grpc"]["p50_ms"]
     assert r["machine"]["cpus_usable"] >= 1
     assert len(r["machine"]["loadavg_start"]) == len(r["machine"]["loadavg_end"]) == 3
