@@ -206,3 +206,27 @@ def test_metadata_declares_the_image_input(server):
     ]
     outputs = {o["name"]: o for o in meta["outputs"]}
     assert outputs["probabilities"]["shape"] == [1, 3] and outputs["label"]["shape"] == [-1]
+
+
+def test_a_cpu_server_without_torch_serves_an_image_package(cxr_run, files, tmp_path):
+    """The serving-cpu image's case: torch cannot be imported (an import blocker), `auto` picks
+    the package's INT8 runtime, and a PNG and a DICOM are answered as the torch FP32 model answers
+    them (within the INT8 parity rule's 0.02); no torch module is ever imported."""
+    from efcm.models.package import load_package
+    from efcm.runtimes.torch_runtime import TorchRuntime
+    from tests.integration.test_runtimes import BLOCKED, _blocked_env, _imports_of_torch
+
+    env, record = _blocked_env(tmp_path)
+    env["EFCM_RUNTIME"] = "auto"
+    torch_fp32 = TorchRuntime(load_package(cxr_run / "package"), cpu_bf16=False)
+    with serve_subprocess(cxr_run / "package", tmp_path / "server.log", [], env) as srv:
+        assert "'runtime': 'int8'" in srv.log.read_text()
+        for kind in ("png", "dcm"):
+            data = files[kind].read_bytes()
+            out = _outputs(_grpc(srv, data))
+            want = predict_image(torch_fp32, data)
+            np.testing.assert_allclose(out["probabilities"][0], want.probabilities, atol=0.02)
+    assert _imports_of_torch(record) == []
+    modules = (tmp_path / "sys_modules.txt").read_text().split()
+    assert "onnxruntime" in modules and "pydicom" in modules
+    assert not [m for m in modules if m.split(".")[0] in BLOCKED]
