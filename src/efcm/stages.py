@@ -710,6 +710,17 @@ def evaluate(
     return run(preds, out_dir, params, eff, loc, cases=cases, left_out=plan[1])
 
 
+def _exported_dir(name: str, strategy_dirs: list[str | Path], key: str) -> Path:
+    """The output dir of strategy `name` (the params' `key`) among `strategy_dirs`, else
+    ConfigError."""
+    done = read_strategy_dirs(strategy_dirs)
+    if name not in done:
+        raise ConfigError(
+            f"{key} is {name!r}, but no output of it is among {[str(d) for d in strategy_dirs]}"
+        )
+    return done[name]
+
+
 def export(
     student: str | Path,
     strategy_dirs: list[str | Path],
@@ -729,17 +740,10 @@ def export(
     `efcm.training.export`."""
     from efcm.training.export import export_package
 
-    name = params.export.strategy
-    done = read_strategy_dirs(strategy_dirs)
-    if name not in done:
-        raise ConfigError(
-            f"export.strategy is {name!r}, but no output of it is among "
-            f"{[str(d) for d in strategy_dirs]}"
-        )
     metrics = json.loads(Path(metrics_path).read_text())
     return export_package(
         student_checkpoint(student),
-        done[name],
+        _exported_dir(params.export.strategy, strategy_dirs, "export.strategy"),
         out_dir,
         params,
         metrics,
@@ -768,16 +772,9 @@ def export_images(
     evaluation images of `manifest`; see `efcm.training.image_export`."""
     from efcm.training.image_export import export_image_package
 
-    name = params.image.export_strategy
-    done = read_strategy_dirs(strategy_dirs)
-    if name not in done:
-        raise ConfigError(
-            f"image.export_strategy is {name!r}, but no output of it is among "
-            f"{[str(d) for d in strategy_dirs]}"
-        )
     return export_image_package(
         student_checkpoint(student),
-        done[name],
+        _exported_dir(params.image.export_strategy, strategy_dirs, "image.export_strategy"),
         out_dir,
         params,
         _read_json(metrics_path),

@@ -5,7 +5,6 @@ extension) and gRPC (raw bytes), pixels, v1, and bad images answered 400 / INVAL
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ import pytest
 from efcm.images.decode import decode_image
 from efcm.inference import predict_image
 from efcm.runtimes import load_runtime
-from tests.integration.test_serving import MODEL, Server, serve_subprocess
+from tests.integration.test_runtimes import _rest
+from tests.integration.test_serving import MODEL, Server, _grpc_infer, serve_subprocess
 
 pytestmark = pytest.mark.integration
 
@@ -54,38 +54,25 @@ def _check(out: dict[str, np.ndarray], expected) -> None:
     assert labels == expected.label
 
 
-def _grpc(server: Server, data: bytes | np.ndarray):
-    from kserve import InferenceGRPCClient, InferInput, InferRequest
+def _image_input(data: bytes | np.ndarray):
+    """The `image` input: a file's raw bytes (BYTES [1], binary data) or pixels (UINT8)."""
+    from kserve import InferInput
 
-    async def call():
-        if isinstance(data, bytes):
-            inp = InferInput("image", [1], "BYTES")
-            inp.set_data_from_numpy(np.array([data], dtype=np.object_), binary_data=True)
-        else:
-            inp = InferInput("image", list(data.shape), "UINT8")
-            inp.set_data_from_numpy(data, binary_data=True)
-        client = InferenceGRPCClient(server.grpc, timeout=30)
-        try:
-            return await client.infer(InferRequest(MODEL, [inp]))
-        finally:
-            await client.close()
-
-    return asyncio.run(call())
-
-
-def _rest_binary(server: Server, data: bytes):
-    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-
-    async def call():
+    if isinstance(data, bytes):
         inp = InferInput("image", [1], "BYTES")
         inp.set_data_from_numpy(np.array([data], dtype=np.object_), binary_data=True)
-        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
-        try:
-            return await client.infer(server.url, InferRequest(MODEL, [inp]), model_name=MODEL)
-        finally:
-            await client.close()
+    else:
+        inp = InferInput("image", list(data.shape), "UINT8")
+        inp.set_data_from_numpy(data, binary_data=True)
+    return inp
 
-    return asyncio.run(call())
+
+def _grpc(server: Server, data: bytes | np.ndarray):
+    return _grpc_infer(server, [_image_input(data)])
+
+
+def _rest_binary(server: Server, data: bytes) -> dict[str, np.ndarray]:
+    return _rest(server.url, [_image_input(data)])
 
 
 def _rest_json(server: Server, data: bytes) -> httpx.Response:
@@ -119,7 +106,7 @@ def test_rest_json_answers_a_base64_file(server, files, kind):
 def test_rest_binary_and_grpc_answer_the_raw_file(server, files, kind):
     data = files[kind].read_bytes()
     expected = _expected(server, data)
-    _check(_outputs(_rest_binary(server, data)), expected)
+    _check(_rest_binary(server, data), expected)
     _check(_outputs(_grpc(server, data)), expected)
 
 

@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from efcm.models.ensemble import FoldEnsembleCLAM
 from efcm.models.package import load_package
 from efcm.models.students import load_student
 from efcm.slides.patching import settings_changes
-from efcm.training.runtimes import slide_source, write_runtimes
+from efcm.training.runtimes import ParitySource, slide_source, write_runtimes
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,7 @@ def export_package(
         sources.update({s: mil_dir / s for s in students})
     else:
         sources["student.pt"] = Path(student_ckpt)
-    for f, src in sources.items():
-        if not src.is_file():
-            raise PackageError(f"{src}: missing (needed for the package's {f})")
+    check_sources(sources)
     if params.export.runtimes and manifest is None:
         raise PackageError(
             f"export.runtimes is {list(params.export.runtimes)}: their parity is checked on the "
@@ -147,58 +146,23 @@ def export_package(
     _, _, tested = read_predictions(mil_dir / "predictions.csv", tuple(params.dataset.classes))
     patch = trained_geometry(Path(patches_dir), sorted(tested), params)
 
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f, src in sources.items():
-        shutil.copy2(src, tmp / f)
-    pkg_files = sorted(sources)
+    tmp, pkg_files = part_dir(out, sources)
     student, spec = load_student(tmp / (students[0] if students else "student.pt"))
     members = [load_clam(tmp / c) for c in clams]
-    for c, m in zip(clams, members, strict=True):
-        if m.in_dim != student.out_dim:
-            raise PackageError(
-                f"{c}: the CLAM takes {m.in_dim}-d features but the student outputs "
-                f"{student.out_dim}-d: the strategy was trained on other features"
-            )
+    check_widths(clams, members, student.out_dim, "CLAM")
     ensemble = FoldEnsembleCLAM(members, split=entry.per_fold_student)
-    meta = {
-        "format": FORMAT,
-        "name": params.export.model_name,
-        "classes": list(params.dataset.classes),
-        "strategy": name,
-        "row": row,
-        "distill_method": params.distill.method,
-        "ensemble": {
-            "members": k,
-            "clams": clams,
-            "students": students or ["student.pt"],
-            "per_fold_student": entry.per_fold_student,
-            "combine": "mean of the members' class probabilities and attention",
-            "student_passes_per_patch": k if entry.per_fold_student else 1,
-        },
-        "estimate": (
-            f"metrics['{row}'] are the pooled out-of-fold figures of the {k} fold models this "
-            f"package averages: the cross-validated estimate for one fold model on patients it "
-            f"never saw (intervals resample patients). The {k}-model average itself is not "
-            "scored separately; averaging is not expected to do worse than one member."
-        ),
-        "encoder": spec.model_dump(mode="json"),
-        "teacher": {"arch": params.teacher.arch, "weights": params.teacher.weights},
-        "feature_dim": ensemble.in_dim,
-        "patch": patch,
-        "params": params_to_dict(params),
-        "clam": members[0].config(),
-        "metrics": metrics,
-        "versions": {
-            "efcm": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "files": pkg_files,
-        "sha256": {f: sha256_file(tmp / f) for f in pkg_files},
-    }
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    meta = package_meta(
+        params,
+        params.dataset.classes,
+        entry,
+        k,
+        {"clams": clams, "students": students or ["student.pt"]},
+        "mean of the members' class probabilities and attention",
+        spec.model_dump(mode="json"),
+        ensemble.in_dim,
+        metrics,
+        {"patch": patch, "clam": members[0].config()},
+    )
     ex = params.export
     source = None
     if ex.runtimes:
@@ -211,7 +175,105 @@ def export_package(
             cache=cache,
             store_dir=store_dir,
         )
-    section, written = write_runtimes(load_package(tmp), tmp, list(ex.runtimes), source)
+    return finish_package(tmp, out, meta, pkg_files, list(ex.runtimes), source)
+
+
+def check_widths(files: list[str], members: list[Any], dim: int, what: str) -> None:
+    """PackageError when a fold member (a CLAM, a head; `files` its file names) does not take
+    the student's `dim`-d features."""
+    for f, m in zip(files, members, strict=True):
+        if m.in_dim != dim:
+            raise PackageError(
+                f"{f}: the {what} takes {m.in_dim}-d features but the student outputs {dim}-d: "
+                "the strategy was trained on other features"
+            )
+
+
+def check_sources(sources: dict[str, Path]) -> None:
+    """PackageError naming the first of the package's source files that is missing."""
+    for f, src in sources.items():
+        if not src.is_file():
+            raise PackageError(f"{src}: missing (needed for the package's {f})")
+
+
+def part_dir(out: Path, sources: dict[str, Path]) -> tuple[Path, list[str]]:
+    """`<out>.part`, emptied, with `sources` (package file name -> source) copied in; returns it
+    and the package's file names, sorted."""
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f, src in sources.items():
+        shutil.copy2(src, tmp / f)
+    return tmp, sorted(sources)
+
+
+def package_meta(
+    params: Params,
+    classes: Sequence[str],
+    entry: registry.Strategy,
+    k: int,
+    files: dict[str, list[str]],
+    combine: str,
+    encoder: dict[str, Any],
+    feature_dim: int,
+    metrics: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """model.json's fields shared by slide and image packages (`extra`: the kind's own), before
+    the runtimes and the files' hashes (`finish_package`): the strategy `entry`'s row, its `k`
+    fold members (`files`: the member files by role, `students` among them), the `classes`, what
+    the metrics
+    estimate, the encoder spec, the params and the versions."""
+    row = entry.row(params.distill.method)
+    return {
+        "format": FORMAT,
+        "name": params.export.model_name,
+        "classes": list(classes),
+        "strategy": entry.name,
+        "row": row,
+        "distill_method": params.distill.method,
+        "ensemble": {
+            "members": k,
+            **files,
+            "per_fold_student": entry.per_fold_student,
+            "combine": combine,
+            "student_passes_per_patch": k if entry.per_fold_student else 1,
+        },
+        "estimate": (
+            f"metrics['{row}'] are the pooled out-of-fold figures of the {k} fold models this "
+            f"package averages: the cross-validated estimate for one fold model on patients it "
+            f"never saw (intervals resample patients). The {k}-model average itself is not "
+            "scored separately; averaging is not expected to do worse than one member."
+        ),
+        "encoder": encoder,
+        "teacher": {"arch": params.teacher.arch, "weights": params.teacher.weights},
+        "feature_dim": feature_dim,
+        **extra,
+        "params": params_to_dict(params),
+        "metrics": metrics,
+        "versions": {
+            "efcm": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def finish_package(
+    tmp: Path,
+    out: Path,
+    meta: dict[str, Any],
+    pkg_files: list[str],
+    runtimes: list[str],
+    source: ParitySource | None,
+) -> Path:
+    """Write model.json into the assembled package `tmp` (its files and their sha256), then its
+    CPU `runtimes` checked on `source` (`efcm.training.runtimes.write_runtimes`), model.json again
+    with them; then move `tmp` to `out` (the previous package replaced only now)."""
+    meta["files"] = pkg_files
+    meta["sha256"] = {f: sha256_file(tmp / f) for f in pkg_files}
+    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    section, written = write_runtimes(load_package(tmp), tmp, runtimes, source)
     meta["runtimes"] = section
     meta["versions"]["onnxruntime"] = ort.__version__
     meta["files"] = sorted(pkg_files + written)

@@ -30,37 +30,36 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-import torch
 
-from efcm import __version__, registry
-from efcm.config import EncoderParams, Params, params_to_dict
+from efcm import registry
+from efcm.config import EncoderParams, Params
 from efcm.errors import PackageError
 from efcm.image_features import read_image_features
 from efcm.images.reader import ImageReader
 from efcm.io.cache import SlideCache
-from efcm.io.files import sha256_file
 from efcm.io.image_manifest import ImageManifest, LabelSpace
-from efcm.io.package import FORMAT, IMAGE, image_geometry
+from efcm.io.package import IMAGE, image_geometry
 from efcm.io.results import read_summary
 from efcm.models.image_head import ImageHeadEnsemble, load_head
-from efcm.models.package import load_package
 from efcm.models.students import load_student
 from efcm.slides.patching import settings_changes
+from efcm.training.export import (
+    check_sources,
+    check_widths,
+    finish_package,
+    package_meta,
+    part_dir,
+)
 from efcm.training.runtimes import (
     CALIBRATION_SEED,
     IMAGE_HEAD_ONNX,
     ParitySource,
     SlideSample,
-    write_runtimes,
 )
 
 log = logging.getLogger(__name__)
@@ -230,87 +229,41 @@ def export_image_package(
         sources.update({s: src_dir / s for s in students})
     else:
         sources["student.pt"] = Path(student_ckpt)
-    for f, src in sources.items():
-        if not src.is_file():
-            raise PackageError(f"{src}: missing (needed for the package's {f})")
+    check_sources(sources)
     pixels = trained_image_geometry(student_features, params)
 
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f, src in sources.items():
-        shutil.copy2(src, tmp / f)
-    pkg_files = sorted(sources)
+    tmp, pkg_files = part_dir(out, sources)
     student, spec = load_student(tmp / (students[0] if students else "student.pt"))
     spec = params.image.encoder_spec(spec)
     if not entry.per_fold_student:
         _check_encoder(student_features, spec)
     members = [load_head(tmp / h) for h in heads]
+    check_widths(heads, members, student.out_dim, "head")
     for h, m in zip(heads, members, strict=True):
-        if m.in_dim != student.out_dim:
-            raise PackageError(
-                f"{h}: the head takes {m.in_dim}-d features but the student outputs "
-                f"{student.out_dim}-d: the strategy was trained on other features"
-            )
         if m.n_classes != len(space.classes) or m.multi_label != space.multi_label:
             raise PackageError(
                 f"{h}: a head for {m.n_classes} classes (multi_label {m.multi_label}), the task "
                 f"has {list(space.classes)} (multi_label {space.multi_label})"
             )
     ensemble = ImageHeadEnsemble(members, split=entry.per_fold_student)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "kind": IMAGE,
-        "name": params.export.model_name,
-        "classes": list(space.classes),
-        "multi_label": space.multi_label,
-        "strategy": name,
-        "row": row,
-        "distill_method": params.distill.method,
-        "ensemble": {
-            "members": k,
-            "heads": heads,
-            "students": students or ["student.pt"],
-            "per_fold_student": entry.per_fold_student,
-            "combine": "mean of the members' class probabilities",
-            "student_passes_per_patch": k if entry.per_fold_student else 1,
-        },
-        "estimate": (
-            f"metrics['{row}'] are the pooled out-of-fold figures of the {k} fold models this "
-            f"package averages: the cross-validated estimate for one fold model on patients it "
-            f"never saw (intervals resample patients). The {k}-model average itself is not "
-            "scored separately; averaging is not expected to do worse than one member."
-        ),
-        "encoder": spec.model_dump(mode="json"),
-        "teacher": {"arch": params.teacher.arch, "weights": params.teacher.weights},
-        "feature_dim": ensemble.in_dim,
-        "image": pixels,
-        "params": params_to_dict(params),
-        "head": members[0].config(),
-        "metrics": metrics,
-        "versions": {
-            "efcm": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "files": pkg_files,
-        "sha256": {f: sha256_file(tmp / f) for f in pkg_files},
-    }
+    meta = package_meta(
+        params,
+        space.classes,
+        entry,
+        k,
+        {"heads": heads, "students": students or ["student.pt"]},
+        "mean of the members' class probabilities",
+        spec.model_dump(mode="json"),
+        ensemble.in_dim,
+        metrics,
+        {"kind": IMAGE, "multi_label": space.multi_label, "image": pixels,
+         "head": members[0].config()},
+    )  # fmt: skip
     if space.multi_label:
         meta["thresholds"] = package_thresholds(metrics[row], k, list(space.classes))
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
     ex = params.export
     source = None
     if ex.runtimes:
         train = sorted({s for fold in splits["folds"] for s in fold["train"]})
         source = image_source(params, images, _tested_ids(src_dir), train, cache)
-    section, written = write_runtimes(load_package(tmp), tmp, list(ex.runtimes), source)
-    meta["runtimes"] = section
-    meta["versions"]["onnxruntime"] = ort.__version__
-    meta["files"] = sorted(pkg_files + written)
-    meta["sha256"] = {f: sha256_file(tmp / f) for f in meta["files"]}
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return finish_package(tmp, out, meta, pkg_files, list(ex.runtimes), source)
