@@ -77,9 +77,9 @@ def pipeline_arguments(params: Params, kind: str = "slides") -> dict[str, Any]:
     return {**args, **{k: data["pipeline"][k] for k in keys}}
 
 
-def pipeline_defaults(params_path: str | Path) -> dict[str, Any]:
-    """The pipeline parameter defaults from a params.yaml (validated)."""
-    return pipeline_arguments(load_params(params_path))
+def pipeline_defaults(params_path: str | Path, kind: str = "slides") -> dict[str, Any]:
+    """The `kind` pipeline's parameter defaults from a params.yaml (validated)."""
+    return pipeline_arguments(load_params(params_path), kind)
 
 
 def compile_pipeline(
