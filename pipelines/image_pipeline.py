@@ -22,6 +22,7 @@ Scheduling, caching and retries are the slide pipeline's (`pipelines.pipeline`: 
 """
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from kfp import dsl
@@ -30,6 +31,7 @@ from kfp.dsl import graph_component
 import components as c
 from components.image import IMAGE, SERVING_CPU_IMAGE, SERVING_IMAGE
 from efcm import registry
+from efcm.config import STAGE_SECTIONS
 from pipelines.pipeline import _collected, _per_gpu, _Schedule, deploy_if_promoted
 
 IMAGE_PIPELINE_NAME = "efcm-image"
@@ -48,31 +50,11 @@ IMAGE_SECTIONS = (
 IMAGE_PIPELINE_KEYS = ("gpu_accelerator_type", "gpu_node_selector")
 
 
-@dataclass(frozen=True)
-class _ImageInputs:
-    """The image pipeline's parameters: KFP channels while the graph is traced (the deploy
-    step's under the names `pipelines.pipeline.deploy_if_promoted` reads)."""
-
-    manifest_path: Any
-    seed: Any
-    image: Any
-    teacher: Any
-    student: Any
-    extract: Any
-    distill: Any
-    evaluate: Any
-    export: Any
-    deploy: Any
-    gpu_node_selector: Any
-    namespace: Any
-    serving_image: Any
-    serving_cpu_image: Any
-    serving_service_account: Any
-    serve_on_gpu: Any
-    canary_traffic_percent: Any
-    ready_timeout_s: Any
-    dry_run: Any
-    slide_uri_prefixes: str = ""  # an image endpoint reads no slides by URI
+def _sections(p: Any, stage: str) -> dict[str, Any]:
+    """The params sections (`seed` included) that `stage`'s component takes, as keyword
+    arguments: exactly `efcm.config.STAGE_SECTIONS[stage]`, which a test checks against the
+    components' signatures."""
+    return {name: getattr(p, name) for name in STAGE_SECTIONS[stage]}
 
 
 @dataclass(frozen=True)
@@ -87,7 +69,7 @@ class _ImageData:
     teacher_heads: Any
 
 
-def _image_manifest(run: _Schedule, p: _ImageInputs) -> Any:
+def _image_manifest(run: _Schedule, p: Any) -> Any:
     """resolve_version (the manifest's md5, uncached) -> resolve_dataset: the checked image
     manifest, cached on that md5."""
     version = run(
@@ -96,31 +78,27 @@ def _image_manifest(run: _Schedule, p: _ImageInputs) -> Any:
     ).set_caching_options(False)
     return run(
         c.image_resolve_dataset(
-            manifest_path=p.manifest_path, version=version.output, image=p.image
+            manifest_path=p.manifest_path,
+            version=version.output,
+            **_sections(p, "image_resolve_dataset"),
         ).set_display_name("resolve-dataset"),
         "resolve-dataset",
     ).outputs["manifest"]
 
 
-def _extract(run: _Schedule, p: _ImageInputs, manifest: Any, **student: Any) -> Any:
+def _extract(run: _Schedule, p: Any, manifest: Any, **student: Any) -> Any:
     """The teacher's image features, or with `student_model` the student's."""
     encoder = "student" if student else "teacher"
     return run(
         c.image_extract(
-            manifest=manifest,
-            seed=p.seed,
-            image=p.image,
-            teacher=p.teacher,
-            extract=p.extract,
-            encoder=encoder,
-            **student,
+            manifest=manifest, encoder=encoder, **_sections(p, "image_extract"), **student
         ).set_display_name(f"extract-{encoder}"),
         "extract",
     ).outputs["features"]
 
 
 def _features_and_student(
-    run: _Schedule, p: _ImageInputs, manifest: Any, distill_gpus: int
+    run: _Schedule, p: Any, manifest: Any, distill_gpus: int
 ) -> tuple[Any, Any, Any]:
     """extract (teacher) -> distill (`distill_gpus` DDP processes in one pod) -> extract
     (student): the teacher's features, the student and its features."""
@@ -129,11 +107,8 @@ def _features_and_student(
         c.image_distill(
             manifest=manifest,
             teacher_features=teacher_features,
-            seed=p.seed,
-            image=p.image,
-            student=p.student,
-            distill=p.distill,
             gpus=distill_gpus,
+            **_sections(p, "image_distill"),
         ).set_display_name("distill"),
         "distill",
     )
@@ -142,13 +117,11 @@ def _features_and_student(
     return teacher_features, student_model, student_features
 
 
-def _teacher_probe(
-    run: _Schedule, p: _ImageInputs, manifest: Any, teacher_features: Any
-) -> tuple[Any, Any]:
+def _teacher_probe(run: _Schedule, p: Any, manifest: Any, teacher_features: Any) -> tuple[Any, Any]:
     """splits -> train_mil (teacher): the patient-level folds and the teacher's linear probe."""
     folds = run(
         c.image_splits(
-            manifest=manifest, features=teacher_features, seed=p.seed, image=p.image
+            manifest=manifest, features=teacher_features, **_sections(p, "image_splits")
         ).set_display_name("splits"),
         "splits",
     ).outputs["splits"]
@@ -157,19 +130,18 @@ def _teacher_probe(
             manifest=manifest,
             features=teacher_features,
             splits=folds,
-            seed=p.seed,
-            image=p.image,
+            **_sections(p, "image_train_mil"),
         ).set_display_name("train-mil-teacher"),
         "train-mil",
     ).outputs["heads"]
     return folds, heads
 
 
-def _compare_image_strategies(run: _Schedule, p: _ImageInputs, data: _ImageData) -> Any:
+def _compare_image_strategies(run: _Schedule, p: Any, data: _ImageData) -> Any:
     """plan_strategies -> ParallelFor strategy: one task per image strategy this run compares,
     each with every input (an entry reads only those it names)."""
     planned = run(
-        c.plan_image_strategies(image=p.image, distill=p.distill).set_display_name(
+        c.plan_image_strategies(**_sections(p, "plan_image_strategies")).set_display_name(
             "plan-strategies"
         ),
         "plan-strategies",
@@ -185,15 +157,13 @@ def _compare_image_strategies(run: _Schedule, p: _ImageInputs, data: _ImageData)
                 teacher_heads=data.teacher_heads,
                 student_model=data.student_model,
                 student_features=data.student_features,
-                seed=p.seed,
-                image=p.image,
-                distill=p.distill,
+                **_sections(p, "image_strategy"),
             ).set_display_name("strategy"),
             "strategy",
         )
 
 
-def _evaluate_export_gate(run: _Schedule, p: _ImageInputs, data: _ImageData, outcome: Any) -> None:
+def _evaluate_export_gate(run: _Schedule, p: Any, data: _ImageData, outcome: Any) -> None:
     """evaluate -> export -> gate (on the package), and deploy when the gate promotes it."""
     evaluation = run(
         c.image_evaluate(
@@ -201,12 +171,7 @@ def _evaluate_export_gate(run: _Schedule, p: _ImageInputs, data: _ImageData, out
             teacher_heads=data.teacher_heads,
             strategies=_collected(outcome),
             student_model=data.student_model,
-            seed=p.seed,
-            image=p.image,
-            teacher=p.teacher,
-            distill=p.distill,
-            extract=p.extract,
-            evaluate=p.evaluate,
+            **_sections(p, "image_evaluate"),
         ).set_display_name("evaluate"),
         "evaluate",
     ).outputs["evaluation"]
@@ -218,15 +183,11 @@ def _evaluate_export_gate(run: _Schedule, p: _ImageInputs, data: _ImageData, out
             student_features=data.student_features,
             manifest=data.manifest,
             splits=data.folds,
-            seed=p.seed,
-            image=p.image,
-            teacher=p.teacher,
-            distill=p.distill,
-            export=p.export,
+            **_sections(p, "image_export"),
         ).set_display_name("export"),
         "export",
     ).outputs["package"]
-    promote = run(c.gate(package=package, deploy=p.deploy), "gate")
+    promote = run(c.gate(package=package, **_sections(p, "gate")), "gate")
     deploy_if_promoted(run, p, promote, package)
 
 
@@ -264,27 +225,9 @@ def build_image_pipeline(
         ready_timeout_s: int = 600,
         dry_run: bool = False,
     ):
-        p = _ImageInputs(
-            manifest_path=manifest_path,
-            seed=seed,
-            image=image,
-            teacher=teacher,
-            student=student,
-            extract=extract,
-            distill=distill,
-            evaluate=evaluate,
-            export=export,
-            deploy=deploy,
-            gpu_node_selector=gpu_node_selector,
-            namespace=namespace,
-            serving_image=serving_image,
-            serving_cpu_image=serving_cpu_image,
-            serving_service_account=serving_service_account,
-            serve_on_gpu=serve_on_gpu,
-            canary_traffic_percent=canary_traffic_percent,
-            ready_timeout_s=ready_timeout_s,
-            dry_run=dry_run,
-        )
+        # every parameter by name (the deploy step's under the names `deploy_if_promoted` reads);
+        # an image endpoint reads no slides by URI
+        p = SimpleNamespace(**locals(), slide_uri_prefixes="")
         run = _Schedule(component_image, gpu_accelerator_type, gpu_node_selector)
         manifest = _image_manifest(run, p)
         teacher_features, student_model, student_features = _features_and_student(
