@@ -121,13 +121,12 @@ def image_evaluate(
         [s.path for s in strategies],
         evaluation.path,
         params,
+        kind="image",
         manifest=manifest.path,
         student=student_model.path,
         cache=SlideCache.from_env(),
-        kind="image",
     )
-    for key, value in flat_metrics(result).items():
-        metrics.log_metric(key, value)
+    metrics.metadata.update(flat_metrics(result))  # what `log_metric` does, figure by figure
     shutil.copyfile(Path(evaluation.path) / "report.md", report.path)
     # a file behind the artifact (kfp.local's cache takes an output without one for missing)
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)

@@ -99,4 +99,4 @@ def image_export(
         cache=SlideCache.from_env(),
     )
     meta = json.loads((Path(package.path) / "model.json").read_text())
-    package.metadata.update({"strategy": meta["strategy"], "row": meta["row"]})
+    package.metadata.update({key: meta[key] for key in ("strategy", "row", "kind")})

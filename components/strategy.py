@@ -93,8 +93,9 @@ def plan_image_strategies(image: dict, distill: dict) -> list:
     `distill.method`): the ParallelFor items of the image pipeline's `strategy` task."""
     from efcm import config, stages
 
-    params = config.params_for_stage("plan_image_strategies", {"image": image, "distill": distill})
-    return stages.plan_image_strategies(params)[0]
+    stage = "plan_image_strategies"
+    sections = {"image": image, "distill": distill}
+    return stages.plan_image_strategies(config.params_for_stage(stage, sections))[0]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

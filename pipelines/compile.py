@@ -133,8 +133,9 @@ def _stable_header(path: Path) -> None:
     path.write_text(header + body)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_kind_arguments(ap: argparse.ArgumentParser) -> None:
+    """`--kind` (which pipeline) and `--params` (its params.yaml, by default that of the kind:
+    `KINDS`), for compile.py and submit.py."""
     ap.add_argument(
         "--kind",
         choices=list(KINDS),
@@ -142,6 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="slides (default), or image: the image-level pipeline (pipelines/image)",
     )
     ap.add_argument("--params", help="default: params.yaml (image: pipelines/image/params.yaml)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_kind_arguments(ap)
     ap.add_argument("--image", default=IMAGE, help=f"component image (default: {IMAGE})")
     ap.add_argument(
         "--out",

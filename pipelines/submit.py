@@ -63,7 +63,12 @@ import yaml  # noqa: E402
 
 from components.image import IMAGE  # noqa: E402
 from efcm.config import params_from_struct  # noqa: E402
-from pipelines.compile import KINDS, compile_pipeline, pipeline_defaults  # noqa: E402
+from pipelines.compile import (  # noqa: E402
+    KINDS,
+    add_kind_arguments,
+    compile_pipeline,
+    pipeline_defaults,
+)
 
 DEFAULT_EXPERIMENT = "efcm"
 # replaced whole: merging a node selector could never drop a label
@@ -267,13 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"experiment name, created when missing (default: {DEFAULT_EXPERIMENT})",
     )
     ap.add_argument("--run-name", help="default: 'efcm <date time>'")
-    ap.add_argument(
-        "--kind",
-        choices=list(KINDS),
-        default="slides",
-        help="slides (default), or image: the image-level pipeline (pipelines/image)",
-    )
-    ap.add_argument("--params", help="default: params.yaml (image: pipelines/image/params.yaml)")
+    add_kind_arguments(ap)
     ap.add_argument("--image", default=IMAGE, help=f"component image (default: {IMAGE})")
     ap.add_argument("--parallelism", type=int, help="default: params.yaml pipeline.parallelism")
     ap.add_argument(

@@ -253,6 +253,15 @@ DVC_TWIN = {
 }
 
 
+def _given_parameters(task) -> set[str]:
+    """The pipeline parameters a compiled task takes (by their names in the pipeline)."""
+    return {
+        k.removeprefix("pipelinechannel--")
+        for k, v in task.inputs.parameters.items()
+        if v.component_input_parameter
+    }
+
+
 def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
     """Same stages (demo_data is local only; resolve, shards, gather and deploy are cluster
     only) and every params.yaml section a DVC stage depends on reaches its KFP task."""
@@ -267,11 +276,7 @@ def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
         _, task = by_display[display]
         sections = {p.split(".")[0] for p in stages[stage].get("params", [])}
         assert sections, f"dvc stage {stage} depends on no params section"
-        given = {
-            k.removeprefix("pipelinechannel--")
-            for k, v in task.inputs.parameters.items()
-            if v.component_input_parameter
-        }
+        given = _given_parameters(task)
         missing = sections - given
         assert not missing, f"{stage}: KFP task {display} lacks params {sorted(missing)}"
         if display == "strategy":  # strategy_<name>: the iteration whose item is <name>
@@ -341,16 +346,14 @@ IMAGE_DIR = ROOT / "pipelines" / "image"
 IMAGE_COMMITTED = IMAGE_DIR / "efcm_image_pipeline.yaml"
 # pipelines/image/dvc.yaml stage -> the KFP task (display name) that runs the same efcm.stages
 # function; strategy_<name> is an iteration of the one `strategy` task of the ParallelFor
+# (the slide pipeline's names, less patch and report, which images do not have)
 IMAGE_DVC_TWIN = {
-    "extract_teacher": "extract-teacher",
-    "distill": "distill",
-    "extract_student": "extract-student",
-    "splits": "splits",
-    "train_mil_teacher": "train-mil-teacher",
+    **{
+        k: v
+        for k, v in DVC_TWIN.items()
+        if k not in {"patch", "report"} and not k.startswith("strategy_")
+    },
     **{f"strategy_{name}": "strategy" for name in registry.IMAGE_NAMES},
-    "evaluate": "evaluate",
-    "export": "export",
-    "gate": "gate",
 }
 # cluster only: the manifest import, the strategies' plan, and deploy
 IMAGE_CLUSTER_ONLY = {"resolve-version", "resolve-dataset", "plan-strategies", "deploy"}
@@ -397,11 +400,7 @@ def test_image_pipeline_tasks_are_the_image_dvc_stages(image_compiled):
     for stage, display in IMAGE_DVC_TWIN.items():
         task = tasks[display][0]
         sections = {p.split(".")[0] for p in stages[stage]["params"]}
-        given = {
-            k.removeprefix("pipelinechannel--")
-            for k, v in task.inputs.parameters.items()
-            if v.component_input_parameter
-        }
+        given = _given_parameters(task)
         assert not sections - given, f"{stage}: task {display} lacks {sorted(sections - given)}"
     # one strategy task per strategy the run compares, all at once; deploy under the gate
     strategy_task, *_, groups = tasks["strategy"]
