@@ -13,20 +13,20 @@ component, not its module).
 """
 
 from components.deploy import deploy
-from components.distill import distill
+from components.distill import distill, image_distill
 from components.distill_job import distill_job
-from components.evaluate import evaluate
-from components.export import export
-from components.extract import extract
+from components.evaluate import evaluate, image_evaluate
+from components.export import export, image_export
+from components.extract import extract, image_extract
 from components.gate import gate
 from components.image import IMAGE, SERVING_IMAGE
 from components.patch import patch
 from components.report import report
-from components.resolve_dataset import resolve_dataset, resolve_version
+from components.resolve_dataset import image_resolve_dataset, resolve_dataset, resolve_version
 from components.shards import gather, plan_shards
-from components.splits import splits
-from components.strategy import plan_strategies, strategy
-from components.train_mil import train_mil
+from components.splits import image_splits, splits
+from components.strategy import image_strategy, plan_image_strategies, plan_strategies, strategy
+from components.train_mil import image_train_mil, train_mil
 
 ALL = (
     resolve_version,
@@ -46,6 +46,16 @@ ALL = (
     gate,
     export,
     deploy,
+    # the image path's variants (pipelines/image_pipeline.py)
+    image_resolve_dataset,
+    image_extract,
+    image_distill,
+    image_splits,
+    image_train_mil,
+    plan_image_strategies,
+    image_strategy,
+    image_evaluate,
+    image_export,
 )
 
 __all__ = [
@@ -60,7 +70,16 @@ __all__ = [
     "extract",
     "gate",
     "gather",
+    "image_distill",
+    "image_evaluate",
+    "image_export",
+    "image_extract",
+    "image_resolve_dataset",
+    "image_splits",
+    "image_strategy",
+    "image_train_mil",
     "patch",
+    "plan_image_strategies",
     "plan_shards",
     "plan_strategies",
     "report",

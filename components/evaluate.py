@@ -83,3 +83,51 @@ def evaluate(
     for out in (metrics, teacher_roc):
         Path(out.path).parent.mkdir(parents=True, exist_ok=True)
         Path(out.path).write_text(json.dumps(out.metadata, sort_keys=True))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def image_evaluate(
+    manifest: Input[Dataset],
+    teacher_heads: Input[Model],
+    strategies: Input[list[Model]],
+    student_model: Input[Model],
+    seed: int,
+    image: dict,
+    teacher: dict,
+    distill: dict,
+    extract: dict,
+    evaluate: dict,
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+):
+    """The image twin of `evaluate` (`efcm.stages.evaluate`, `kind="image"`): the teacher's
+    probe and every strategy on the same out-of-fold images, with case-level intervals and
+    paired deltas, and teacher vs student images/s; the figures to `metrics`, the table to
+    `report`."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from efcm import config, stages
+    from efcm.evaluation.table import flat_metrics
+    from efcm.io.cache import SlideCache
+
+    sections = {"seed": seed, "image": image, "teacher": teacher, "distill": distill}
+    sections.update({"extract": extract, "evaluate": evaluate})
+    params = config.params_for_stage("image_evaluate", sections)
+    result = stages.evaluate(
+        teacher_heads.path,
+        [s.path for s in strategies],
+        evaluation.path,
+        params,
+        kind="image",
+        manifest=manifest.path,
+        student=student_model.path,
+        cache=SlideCache.from_env(),
+    )
+    metrics.metadata.update(flat_metrics(result))  # what `log_metric` does, figure by figure
+    shutil.copyfile(Path(evaluation.path) / "report.md", report.path)
+    # a file behind the artifact (kfp.local's cache takes an output without one for missing)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata, sort_keys=True))

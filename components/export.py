@@ -59,3 +59,44 @@ def export(
     )
     meta = json.loads((Path(package.path) / "model.json").read_text())
     package.metadata.update({"strategy": meta["strategy"], "row": meta["row"]})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def image_export(
+    student_model: Input[Model],
+    strategies: Input[list[Model]],
+    evaluation: Input[Artifact],
+    student_features: Input[Dataset],
+    manifest: Input[Dataset],
+    splits: Input[Dataset],
+    seed: int,
+    image: dict,
+    teacher: dict,
+    distill: dict,
+    export: dict,
+    package: Output[Model],
+):
+    """The image package of `image.export_strategy` (`efcm.stages.export_images`): its fold
+    heads (or fine-tuned students) as one ensemble with the preprocessing they were trained on,
+    its evaluation row and thresholds, and its CPU runtimes checked on the evaluation images."""
+    import json
+    from pathlib import Path
+
+    from efcm import config, stages
+    from efcm.io.cache import SlideCache
+
+    sections = {"seed": seed, "image": image, "teacher": teacher, "distill": distill}
+    params = config.params_for_stage("image_export", {**sections, "export": export})
+    stages.export_images(
+        student_model.path,
+        [s.path for s in strategies],
+        package.path,
+        params,
+        metrics_path=Path(evaluation.path) / "metrics.json",
+        student_features=student_features.path,
+        manifest=manifest.path,
+        splits_path=splits.path,
+        cache=SlideCache.from_env(),
+    )
+    meta = json.loads((Path(package.path) / "model.json").read_text())
+    package.metadata.update({key: meta[key] for key in ("strategy", "row", "kind")})

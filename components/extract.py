@@ -55,3 +55,35 @@ def extract(
     features.metadata.update(
         {"shard": shard, "started": started, "finished": time.time(), **status_counts(rows)}
     )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def image_extract(
+    manifest: Input[Dataset],
+    seed: int,
+    image: dict,
+    teacher: dict,
+    extract: dict,
+    encoder: str,
+    features: Output[Dataset],
+    student_model: Input[Model] | None = None,
+):
+    """`features.h5` and `status.csv` of every image of the image manifest, with the teacher or
+    (`encoder` `student`) the distilled `student_model`; the metadata has the image counts by
+    status."""
+    from efcm import config, stages
+    from efcm.io.cache import SlideCache
+    from efcm.io.dataset import status_counts
+
+    params = config.params_for_stage(
+        "image_extract", {"seed": seed, "image": image, "teacher": teacher, "extract": extract}
+    )
+    rows = stages.extract_images(
+        manifest.path,
+        features.path,
+        params,
+        encoder=encoder,
+        student=getattr(student_model, "path", None),
+        cache=SlideCache.from_env(),
+    )
+    features.metadata.update(status_counts(rows))

@@ -119,3 +119,25 @@ def resolve_dataset(
                 params.dataset.classes,
             )
     manifest.metadata.update(meta)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def image_resolve_dataset(
+    manifest_path: str, version: str, image: dict, manifest: Output[Dataset]
+) -> None:
+    """The image manifest at `manifest_path` (local path or gs:// URI), checked against the
+    task's classes (`image`), with every image URI absolute (`efcm.io.image_manifest`); cached
+    on `version` (its md5, from `resolve_version`), which its metadata records. The image path
+    has no DVC repository resolution: a plain manifest only."""
+    from efcm import config
+    from efcm.io.cache import SlideCache
+    from efcm.io.image_manifest import LabelSpace, import_image_manifest
+
+    params = config.params_for_stage("image_resolve_dataset", {"image": image})
+    images = import_image_manifest(
+        manifest_path,
+        manifest.path,
+        LabelSpace.of(params.image),
+        cache=SlideCache.from_env(),
+    )
+    manifest.metadata.update({"path": manifest_path, "md5": version, "images": len(images.images)})

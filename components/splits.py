@@ -22,3 +22,18 @@ def splits(
         "splits", {"seed": seed, "dataset": dataset, "train_mil": train_mil}
     )
     stages.splits(manifest.path, splits.path, params, features_dir=features.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def image_splits(
+    manifest: Input[Dataset],
+    features: Input[Dataset],
+    seed: int,
+    image: dict,
+    splits: Output[Dataset],
+):
+    """The patient-level folds (JSON) over the labelled images extracted ok."""
+    from efcm import config, stages
+
+    params = config.params_for_stage("image_splits", {"seed": seed, "image": image})
+    stages.splits(manifest.path, splits.path, params, features_dir=features.path, kind="image")

@@ -85,3 +85,49 @@ def strategy(
     # a file behind the artifact (kfp.local's cache takes an output without one for missing)
     Path(roc.path).parent.mkdir(parents=True, exist_ok=True)
     Path(roc.path).write_text(json.dumps(roc.metadata, sort_keys=True))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def plan_image_strategies(image: dict, distill: dict) -> list:
+    """The image strategies this run compares (`image.strategies`, `auto` resolved against
+    `distill.method`): the ParallelFor items of the image pipeline's `strategy` task."""
+    from efcm import config, stages
+
+    stage = "plan_image_strategies"
+    sections = {"image": image, "distill": distill}
+    return stages.plan_image_strategies(config.params_for_stage(stage, sections))[0]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def image_strategy(
+    name: str,
+    manifest: Input[Dataset],
+    splits: Input[Dataset],
+    teacher_heads: Input[Model],
+    student_model: Input[Model],
+    student_features: Input[Dataset],
+    seed: int,
+    image: dict,
+    distill: dict,
+    strategy: Output[Model],
+):
+    """Image strategy `name`'s fold models, out-of-fold `predictions.csv` and `summary.json` in
+    `strategy` (the entry reads only the inputs it names)."""
+    from efcm import config, stages
+    from efcm.io.cache import SlideCache
+
+    params = config.params_for_stage(
+        "image_strategy", {"seed": seed, "image": image, "distill": distill}
+    )
+    summary = stages.image_strategy(
+        name,
+        manifest.path,
+        splits.path,
+        strategy.path,
+        params,
+        cache=SlideCache.from_env(),
+        teacher_heads=teacher_heads.path,
+        student=student_model.path,
+        student_features=student_features.path,
+    )
+    strategy.metadata.update({"strategy": name, "skipped": bool(summary.get("skipped"))})

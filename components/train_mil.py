@@ -23,3 +23,20 @@ def train_mil(
         "train_mil", {"seed": seed, "dataset": dataset, "train_mil": train_mil}
     )
     stages.train_mil(manifest.path, features.path, splits.path, mil.path, params)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def image_train_mil(
+    manifest: Input[Dataset],
+    features: Input[Dataset],
+    splits: Input[Dataset],
+    seed: int,
+    image: dict,
+    heads: Output[Model],
+):
+    """The teacher's linear probe per fold on its image features (the evaluation's teacher
+    row): the fold heads, `predictions.csv` and `summary.json` in `heads`."""
+    from efcm import config, stages
+
+    params = config.params_for_stage("image_train_mil", {"seed": seed, "image": image})
+    stages.train_mil(manifest.path, features.path, splits.path, heads.path, params, kind="image")

@@ -28,7 +28,6 @@ the dataset from GCS retry. Every step is cached except resolve_version (it must
 points now) and deploy (it acts on the cluster).
 """
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -472,6 +471,12 @@ def _gate_report_and_deploy(
         ),
         "report",
     )
+    deploy_if_promoted(run, p, promote, package)
+
+
+def deploy_if_promoted(run: _Schedule, p: Any, promote: dsl.PipelineTask, package: Any) -> None:
+    """deploy, under the gate task `promote`'s condition: `package` served with KServe (`p`: the
+    pipeline's parameters, those of `_Inputs` from `export` on; the image pipeline's too)."""
     with dsl.If(promote.outputs["Output"] == True, name="promoted"):  # noqa: E712
         run(
             c.deploy(
@@ -598,11 +603,6 @@ def build_pipeline(
         _gate_report_and_deploy(run, p, data, outcome, evaluation, package)
 
     return efcm_pipeline
-
-
-def pipeline_keys(section: Mapping) -> dict:
-    """The `pipeline` section's keys that are pipeline parameters."""
-    return {k: section[k] for k in PIPELINE_KEYS}
 
 
 efcm_pipeline = build_pipeline()

@@ -3,11 +3,13 @@
     python pipelines/submit.py --host URL --param manifest_path=gs://bucket/manifest.csv
         [--namespace NS] [--experiment NAME] [--run-name NAME] [--params params.yaml]
         [--image IMG:TAG] [--parallelism N] [--param KEY=VALUE ...]
-        [--token TOKEN] [--cookie 'NAME=VALUE'] [--ui-host URL]
+        [--token TOKEN] [--cookie 'NAME=VALUE'] [--ui-host URL] [--kind slides|image]
 
 The pipeline is compiled by `pipelines/compile.py` (`compile_pipeline`, params.yaml as the
 parameter defaults) into a temporary file and sent whole with the run (no pipeline is uploaded);
-prints `{"run_id", "run_url", "run_name", "experiment", "experiment_id"}` as JSON.
+prints `{"run_id", "run_url", "run_name", "experiment", "experiment_id"}` as JSON. `--kind image`
+submits the image-level pipeline (`efcm-image`), its defaults from pipelines/image/params.yaml
+(or `--params`), its sections (image, teacher, ...) merged and validated the same way.
 
 Run parameters (`--param KEY=VALUE`, repeatable): KEY must be a parameter of the compiled pipeline
 (the error lists them). VALUE is read by the parameter's type: a string parameter takes the text
@@ -61,8 +63,12 @@ import yaml  # noqa: E402
 
 from components.image import IMAGE  # noqa: E402
 from efcm.config import params_from_struct  # noqa: E402
-from pipelines.compile import compile_pipeline, pipeline_defaults  # noqa: E402
-from pipelines.pipeline import PIPELINE_KEYS, SECTIONS  # noqa: E402
+from pipelines.compile import (  # noqa: E402
+    KINDS,
+    add_kind_arguments,
+    compile_pipeline,
+    pipeline_defaults,
+)
 
 DEFAULT_EXPERIMENT = "efcm"
 # replaced whole: merging a node selector could never drop a label
@@ -123,12 +129,15 @@ def run_arguments(
     inputs: Mapping[str, Mapping[str, Any]],
     defaults: Mapping[str, Any],
     overrides: Iterable[tuple[str, str]],
+    kind: str = "slides",
 ) -> dict[str, Any]:
     """The run's parameters from `--param` overrides (see the module docstring), validated.
 
     `inputs`: the compiled pipeline's parameters (`pipeline_inputs`); `defaults`: the params.yaml
-    values the sections are merged over (`pipeline_defaults`).
+    values the sections are merged over (`pipeline_defaults`); `kind`: the pipeline (slides or
+    image: its sections and `pipeline` keys, `pipelines.compile.KINDS`).
     """
+    _, _, sections, keys = KINDS[kind]
     args: dict[str, Any] = {}
     for key, text in overrides:
         if key not in inputs:
@@ -145,10 +154,10 @@ def run_arguments(
     ]
     if missing:
         raise UsageError(f"missing --param for {', '.join(sorted(missing))} (no default)")
-    if any(k in args for k in ("seed", *SECTIONS, *PIPELINE_KEYS)):
+    if any(k in args for k in ("seed", *sections, *keys)):
         merged = {**defaults, **args}
-        struct = {k: merged[k] for k in ("seed", *SECTIONS)}
-        struct["pipeline"] = {k: merged[k] for k in PIPELINE_KEYS}
+        struct = {k: merged[k] for k in ("seed", *sections)}
+        struct["pipeline"] = {k: merged[k] for k in keys}
         try:
             params_from_struct(struct, "--param")
         except ValueError as err:
@@ -163,14 +172,16 @@ def submit(
     namespace: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
-    params_path: str | Path = ROOT / "params.yaml",
+    params_path: str | Path | None = None,
     image: str = IMAGE,
     parallelism: int | None = None,
     token: str | None = None,
     cookie: str | None = None,
     ui_host: str | None = None,
+    kind: str = "slides",
 ) -> dict[str, Any]:
-    """Compile, then create a run of the compiled pipeline; returns the run's id and URL.
+    """Compile, then create a run of the compiled pipeline (`kind`: slides, or image; its
+    params.yaml by default); returns the run's id and URL.
 
     Raises:
         UsageError: bad arguments or params (nothing was sent).
@@ -180,11 +191,14 @@ def submit(
     run_name = run_name or f"efcm {datetime.datetime.now():%Y-%m-%d %H-%M-%S}"
     with tempfile.TemporaryDirectory(prefix="efcm-submit-") as tmp:
         try:
-            package = compile_pipeline(Path(tmp) / "efcm.yaml", params_path, image, parallelism)
-            defaults = pipeline_defaults(params_path)
+            params_path = params_path or KINDS[kind][0]
+            package = compile_pipeline(
+                Path(tmp) / "efcm.yaml", params_path, image, parallelism, kind
+            )
+            defaults = pipeline_defaults(params_path, kind)
         except (ValueError, FileNotFoundError) as err:
             raise UsageError(str(err)) from None
-        arguments = run_arguments(pipeline_inputs(package), defaults, overrides)
+        arguments = run_arguments(pipeline_inputs(package), defaults, overrides, kind)
         try:
             run = _create_run(
                 host, package, arguments, namespace, experiment, run_name, token, cookie, ui_host
@@ -258,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"experiment name, created when missing (default: {DEFAULT_EXPERIMENT})",
     )
     ap.add_argument("--run-name", help="default: 'efcm <date time>'")
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="default: params.yaml")
+    add_kind_arguments(ap)
     ap.add_argument("--image", default=IMAGE, help=f"component image (default: {IMAGE})")
     ap.add_argument("--parallelism", type=int, help="default: params.yaml pipeline.parallelism")
     ap.add_argument(
@@ -291,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 token=args.token,
                 cookie=args.cookie,
                 ui_host=args.ui_host,
+                kind=args.kind,
             )
     except UsageError as err:
         print(f"submit: {err}", file=sys.stderr)

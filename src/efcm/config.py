@@ -701,6 +701,7 @@ def _format_error(err: ValidationError, source: str) -> str:
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "demo_data": ("seed", "dataset", "demo_data"),
     "image_demo_data": ("seed", "image"),  # efcm demo-data --kind fundus|cxr
+    "image_resolve_dataset": ("image",),  # the image Kubeflow pipeline's manifest import
     "resolve_dataset": ("dataset",),
     "patch": ("dataset", "patch"),
     "gather": ("dataset", "patch"),
@@ -711,6 +712,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "image_splits": ("seed", "image"),  # efcm splits --kind image
     "image_train_mil": ("seed", "image"),  # efcm train-mil --kind image: the teacher's probe
     "image_strategy": ("seed", "image", "distill"),  # efcm strategy NAME --kind image
+    "plan_image_strategies": ("image", "distill"),  # the image pipeline's ParallelFor items
     "image_evaluate": ("seed", "image", "teacher", "distill", "extract", "evaluate"),
     "image_gate": ("image", "distill", "deploy"),  # efcm gate --evaluation
     "image_export": ("seed", "image", "teacher", "distill", "export"),  # efcm export --kind image

@@ -253,6 +253,15 @@ DVC_TWIN = {
 }
 
 
+def _given_parameters(task) -> set[str]:
+    """The pipeline parameters a compiled task takes (by their names in the pipeline)."""
+    return {
+        k.removeprefix("pipelinechannel--")
+        for k, v in task.inputs.parameters.items()
+        if v.component_input_parameter
+    }
+
+
 def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
     """Same stages (demo_data is local only; resolve, shards, gather and deploy are cluster
     only) and every params.yaml section a DVC stage depends on reaches its KFP task."""
@@ -267,11 +276,7 @@ def test_dvc_yaml_is_the_local_twin_of_the_pipeline(compiled):
         _, task = by_display[display]
         sections = {p.split(".")[0] for p in stages[stage].get("params", [])}
         assert sections, f"dvc stage {stage} depends on no params section"
-        given = {
-            k.removeprefix("pipelinechannel--")
-            for k, v in task.inputs.parameters.items()
-            if v.component_input_parameter
-        }
+        given = _given_parameters(task)
         missing = sections - given
         assert not missing, f"{stage}: KFP task {display} lacks params {sorted(missing)}"
         if display == "strategy":  # strategy_<name>: the iteration whose item is <name>
@@ -333,3 +338,108 @@ def test_etc_on_several_gpus_asks_for_them_in_every_strategy_pod(tmp_path):
     with pytest.raises(ValueError, match=r"mil\.etc\.accumulate 2 does not divide by pipeline"):
         params_from_dict({"mil": {"etc": {"accumulate": 2}}, "pipeline": {"etc_gpus": 4}})
     params_from_dict({"mil": {"etc": {"accumulate": 8}}, "pipeline": {"etc_gpus": 4}})
+
+
+# -- the image pipeline (pipelines/image_pipeline.py, issue 16) ----------------------------------
+
+IMAGE_DIR = ROOT / "pipelines" / "image"
+IMAGE_COMMITTED = IMAGE_DIR / "efcm_image_pipeline.yaml"
+# pipelines/image/dvc.yaml stage -> the KFP task (display name) that runs the same efcm.stages
+# function; strategy_<name> is an iteration of the one `strategy` task of the ParallelFor
+# (the slide pipeline's names, less patch and report, which images do not have)
+IMAGE_DVC_TWIN = {
+    **{
+        k: v
+        for k, v in DVC_TWIN.items()
+        if k not in {"patch", "report"} and not k.startswith("strategy_")
+    },
+    **{f"strategy_{name}": "strategy" for name in registry.IMAGE_NAMES},
+}
+# cluster only: the manifest import, the strategies' plan, and deploy
+IMAGE_CLUSTER_ONLY = {"resolve-version", "resolve-dataset", "plan-strategies", "deploy"}
+IMAGE_GPU_TASKS = {
+    "extract-teacher",
+    "extract-student",
+    "distill",
+    "train-mil-teacher",
+    "strategy",
+    "evaluate",
+}
+
+
+@pytest.fixture(scope="module")
+def image_compiled(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compiled") / "efcm_image_pipeline.yaml"
+    assert main(["--kind", "image", "--out", str(path)]) == 0
+    return path
+
+
+def _by_display(spec) -> dict:
+    """{task display name: (task, container, k8s executor label, groups)} of a compiled spec."""
+    return {t.task_info.name or n: (t, c, label, g) for _, n, t, label, c, g in _tasks(spec)}
+
+
+def test_committed_image_pipeline_is_up_to_date(image_compiled):
+    assert IMAGE_COMMITTED.read_text() == image_compiled.read_text(), (
+        "pipelines/image/efcm_image_pipeline.yaml is stale (components, pipeline or "
+        "pipelines/image/params.yaml changed): run `python pipelines/compile.py --kind image` "
+        "and commit the result"
+    )
+    spec, _ = _parse(image_compiled)
+    assert spec.pipeline_info.name == "efcm-image"
+
+
+def test_image_pipeline_tasks_are_the_image_dvc_stages(image_compiled):
+    """Every image DVC stage but demo_data is a task of the same name, given every params
+    section the stage depends on; the rest are cluster only."""
+    spec, _ = _parse(image_compiled)
+    tasks = _by_display(spec)
+    stages = yaml.safe_load((IMAGE_DIR / "dvc.yaml").read_text())["stages"]
+    assert set(stages) - {"demo_data"} == set(IMAGE_DVC_TWIN)
+    assert set(tasks) == set(IMAGE_DVC_TWIN.values()) | IMAGE_CLUSTER_ONLY
+    for stage, display in IMAGE_DVC_TWIN.items():
+        task = tasks[display][0]
+        sections = {p.split(".")[0] for p in stages[stage]["params"]}
+        given = _given_parameters(task)
+        assert not sections - given, f"{stage}: task {display} lacks {sorted(sections - given)}"
+    # one strategy task per strategy the run compares, all at once; deploy under the gate
+    strategy_task, *_, groups = tasks["strategy"]
+    (loop_name,) = groups
+    loop = spec.root.dag.tasks[loop_name]
+    items = loop.parameter_iterator.items.input_parameter
+    assert items == "pipelinechannel--plan-image-strategies-Output"
+    assert loop.iterator_policy.parallelism_limit == len(registry.IMAGE_STRATEGIES)
+    name = strategy_task.inputs.parameters["name"].component_input_parameter
+    assert name == "pipelinechannel--plan-image-strategies-Output-loop-item"
+    (cond,) = tasks["deploy"][3]
+    assert "gate-Output" in spec.root.dag.tasks[cond].trigger_policy.condition
+
+
+def test_image_pipeline_gpu_policy_images_and_defaults(image_compiled):
+    spec, k8s = _parse(image_compiled)
+    for display, (task, container, label, _) in _by_display(spec).items():
+        res, cfg = container.resources, k8s[label]
+        assert container.image == IMAGE, display
+        assert res.resource_cpu_request and cfg.active_deadline_seconds > 0, display
+        assert task.caching_options.enable_cache is (display not in UNCACHED), display
+        if display in IMAGE_GPU_TASKS:
+            assert res.accelerator.resource_type == ACCELERATOR, display
+            assert [(t.key, t.effect) for t in cfg.tolerations] == [
+                ("nvidia.com/gpu", "NoSchedule")
+            ], display
+            assert cfg.node_selector.node_selector_json.component_input_parameter, display
+        else:
+            assert not res.HasField("accelerator") and not cfg.tolerations, display
+    params = load_params(IMAGE_DIR / "params.yaml")
+    inputs = spec.root.input_definitions.parameters
+    args = pipeline_arguments(params, "image")
+    assert {k: json_format.MessageToDict(inputs[k].default_value) for k in args} == args
+    assert args["image"]["preset"] == params.image.preset
+    assert not inputs["manifest_path"].HasField("default_value")
+
+
+def test_image_pipeline_has_no_shards(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["--kind", "image", "--parallelism", "3", "--out", str(out)]) == 2
+    assert "--parallelism is for the slide pipeline" in capsys.readouterr().err
+    assert not out.exists()

@@ -285,3 +285,25 @@ def test_an_http_error_from_the_api_exits_1_with_its_message(capsys):
     assert err.strip() == (
         f"submit: {api.url} answered HTTP 403 Forbidden: user is not allowed to create runs in efcm"
     )
+
+
+def test_kind_image_submits_the_image_pipeline_with_its_params(capsys):
+    """--kind image: the efcm-image pipeline, its sections merged over pipelines/image/params.yaml
+    and validated as the slide ones are."""
+    with StandIn() as api:
+        result = submit(
+            api.url,
+            [("manifest_path", "gs://b/images.csv"), ("image", '{"folds": 2}')],
+            namespace="team-a",
+            kind="image",
+        )
+        assert result["run_id"] == "run-42"
+        run = api.requests[-1]["body"]
+        assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "efcm-image"
+        sent = run["runtime_config"]["parameters"]
+        defaults = pipeline_defaults(ROOT / "pipelines/image/params.yaml", "image")
+        assert sent["image"] == {**defaults["image"], "folds": 2}
+        assert sent["manifest_path"] == "gs://b/images.csv"
+        bad = ["--param", "manifest_path=m.csv", "--param", 'image={"folds": 1}']
+        assert main(["--host", api.url, "--kind", "image", *bad]) == 2
+    assert "image.folds" in capsys.readouterr().err
