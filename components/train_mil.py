@@ -32,11 +32,20 @@ def image_train_mil(
     splits: Input[Dataset],
     seed: int,
     image: dict,
+    teacher: dict,
     heads: Output[Model],
 ):
     """The teacher's linear probe per fold on its image features (the evaluation's teacher
-    row): the fold heads, `predictions.csv` and `summary.json` in `heads`."""
+    row): the fold heads, `predictions.csv` and `summary.json` in `heads`; with
+    `image.teacher_finetune`, also the teacher fine-tuned end to end on the manifest's images
+    (the `teacher.finetune` row) in `heads`/finetune."""
     from efcm import config, stages
+    from efcm.io.cache import SlideCache
 
-    params = config.params_for_stage("image_train_mil", {"seed": seed, "image": image})
-    stages.train_mil(manifest.path, features.path, splits.path, heads.path, params, kind="image")
+    params = config.params_for_stage(
+        "image_train_mil", {"seed": seed, "image": image, "teacher": teacher}
+    )
+    stages.train_mil(
+        manifest.path, features.path, splits.path, heads.path, params, kind="image",
+        cache=SlideCache.from_env(),
+    )  # fmt: skip

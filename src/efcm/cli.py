@@ -210,7 +210,10 @@ def cmd_splits(args: argparse.Namespace) -> None:
 
 def cmd_train_mil(args: argparse.Namespace) -> None:
     params = _params(args, "image_train_mil" if _image(args) else "train_mil")
-    stages.train_mil(args.manifest, args.features, args.splits, args.out, params, kind=args.kind)
+    stages.train_mil(
+        args.manifest, args.features, args.splits, args.out, params, kind=args.kind,
+        cache=_cache() if _image(args) else None,
+    )  # fmt: skip
 
 
 def cmd_strategy(args: argparse.Namespace) -> int | None:
@@ -527,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train-mil", cmd_train_mil, "train CLAM per fold on a features dir; out-of-fold predictions"
     )
     _kind_argument(p, "slides (default): CLAM; or image: the teacher's linear probe on image "
-                   "features (params image.head; no MIL), the image teacher row")  # fmt: skip
+                   "features (params image.head; no MIL), the image teacher row; with "
+                   "image.teacher_finetune also the teacher fine-tuned end to end on the "
+                   "--manifest images into OUT/finetune")  # fmt: skip
     p.add_argument("--manifest", required=True)
     p.add_argument("--features", required=True)
     p.add_argument("--splits", required=True)

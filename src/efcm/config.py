@@ -89,7 +89,9 @@ class ImageFinetuneParams(_Section):
     """End-to-end fine-tuning of the distilled student with a linear head per fold
     (`efcm.training.image_finetune`): the student's stem and first `freeze_stages` stages and
     every BatchNorm statistic frozen, AdamW with the student at `lr x backbone_lr_factor`,
-    augmentation as the task's `image.orientation` allows, early stopping on the validation loss."""
+    augmentation as the task's `image.orientation` allows, early stopping on the validation loss.
+    The teacher's fine-tune (`image.teacher_finetune`) takes the same settings (a ViT's stages:
+    its blocks)."""
 
     epochs: int = Field(20, ge=1)
     min_epochs: int = Field(3, ge=0)
@@ -194,6 +196,12 @@ class ImageParams(_Section):
         description="the image strategy a package would ship, the one the gate judges",
     )
     finetune: ImageFinetuneParams = ImageFinetuneParams()
+    teacher_finetune: bool = Field(
+        False,
+        description="efcm train-mil --kind image also fine-tunes the teacher end to end per fold "
+        "(image.finetune's settings, the student fine-tune's splits) into <out>/finetune: the "
+        "evaluation's teacher.finetune row; reads the images (hours per fold for a ViT-L on a CPU)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -710,7 +718,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "image_extract": ("seed", "image", "teacher", "extract"),  # efcm extract --kind image
     "image_distill": ("seed", "image", "student", "distill"),  # efcm distill --kind image
     "image_splits": ("seed", "image"),  # efcm splits --kind image
-    "image_train_mil": ("seed", "image"),  # efcm train-mil --kind image: the teacher's probe
+    # efcm train-mil --kind image: the teacher's probe (and fine-tune: image.teacher_finetune)
+    "image_train_mil": ("seed", "image", "teacher"),
     "image_strategy": ("seed", "image", "distill"),  # efcm strategy NAME --kind image
     "plan_image_strategies": ("image", "distill"),  # the image pipeline's ParallelFor items
     "image_evaluate": ("seed", "image", "teacher", "distill", "extract", "evaluate"),

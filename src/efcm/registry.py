@@ -29,10 +29,27 @@ INPUTS = ("patches", "teacher_features", "teacher_mil", "student", "student_feat
 # student row is `student.<distill.method>.<strategy>` (`Strategy.row`).
 TEACHER_ROW = "teacher"
 STUDENT_ROW_PREFIX = "student."
+# The image teacher fine-tuned end to end (`image.teacher_finetune`): `efcm train-mil --kind
+# image` writes it into <out>/TEACHER_FINETUNE_DIR, and the image evaluation adds its row when it
+# is there. Student rows of end-to-end strategies (`fine_tuned_row`) get paired deltas against it
+# too, under keys ending TEACHER_FINETUNE_DELTA (`delta_auc_vs_teacher_finetune`, ...), next to
+# their `delta_*` against the probe (`TEACHER_ROW`), which the gate reads.
+TEACHER_FINETUNE_ROW = "teacher.finetune"
+TEACHER_FINETUNE_DIR = "finetune"
+TEACHER_FINETUNE_DELTA = "_vs_teacher_finetune"
 
 
 def is_student_row(row: str) -> bool:
     return row.startswith(STUDENT_ROW_PREFIX)
+
+
+def fine_tuned_row(row: str) -> bool:
+    """The student row of an image strategy that fine-tunes the student end to end
+    (`per_fold_student`: `finetune`), the one compared with `TEACHER_FINETUNE_ROW` too."""
+    if not is_student_row(row):
+        return False
+    entry = IMAGE_STRATEGIES.get(row.rsplit(".", 1)[-1])
+    return entry is not None and entry.per_fold_student
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,17 @@ def patch(
     return check_batch(rows, "patch", "never" if shard else params.patch.fail_on)
 
 
+def _teacher_backbone(params: Params, cache: SlideCache | None) -> tuple[Any, str | None]:
+    """The teacher (`efcm.models.encoders.build_backbone`) and its weights' sha256, seeded so
+    that a random-init (demo) teacher is the same on every run and in every stage."""
+    import torch
+
+    from efcm.models.encoders import build_backbone
+
+    torch.manual_seed(params.seed)
+    return build_backbone(params.teacher, cache=cache)
+
+
 def _encoder_model(
     params: Params,
     encoder: str,
@@ -165,11 +176,10 @@ def _encoder_model(
     import torch
 
     from efcm.io.files import sha256_file
-    from efcm.models.encoders import EncoderWithTransform, build_backbone
+    from efcm.models.encoders import EncoderWithTransform
 
     if encoder == "teacher":
-        torch.manual_seed(params.seed)  # a random-init (demo) teacher is the same on every run
-        net, sha = build_backbone(params.teacher, cache=cache)
+        net, sha = _teacher_backbone(params, cache)
         spec = params.teacher
     elif encoder == "student":
         from efcm.models.students import load_student
@@ -356,9 +366,10 @@ def _table_rows(
     out_dir: str | Path,
     params: Params,
 ) -> dict[str, Path]:
-    """{evaluation row: output dir}: the teacher baseline and each strategy of `plan` (the
-    strategies this run compares, and those left out) among the strategy outputs `dirs`;
-    writes out_dir/strategies.json (which ran, which were left out and why).
+    """{evaluation row: output dir}: the teacher baseline (and, where `efcm train-mil --kind
+    image` fine-tuned the teacher too, `teacher/finetune` as the `teacher.finetune` row) and each
+    strategy of `plan` (the strategies this run compares, and those left out) among the strategy
+    outputs `dirs`; writes out_dir/strategies.json (which ran, which were left out and why).
 
     Raises:
         ConfigError: a strategy of the plan has no output among `dirs`.
@@ -371,6 +382,9 @@ def _table_rows(
         if name not in done:
             raise ConfigError(f"evaluate: no output of strategy {name!r}, which this run compares")
     rows: dict[str, Path] = {registry.TEACHER_ROW: Path(teacher)}
+    tuned = Path(teacher) / registry.TEACHER_FINETUNE_DIR
+    if (tuned / "summary.json").is_file():  # only the image teacher is ever fine-tuned
+        rows[registry.TEACHER_FINETUNE_ROW] = tuned
     rows.update({row_name(params, n): done[n] for n in planned})
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_json(
@@ -546,17 +560,33 @@ def train_mil(
     params: Params,
     *,
     kind: str = "slides",
+    cache: SlideCache | None = None,
 ) -> dict[str, Any]:
     """The baseline on the teacher's features, per fold: CLAM on slides; with `kind="image"`
     (`efcm train-mil --kind image`), the teacher's linear probe on image features (no MIL: one
     feature per image; `efcm.training.image_heads.train_heads`, `image.head`), the image
-    evaluation's teacher row."""
+    evaluation's teacher row. With `image.teacher_finetune` too, the teacher fine-tuned end to
+    end per fold on the manifest's images (`image_finetune.finetune_teacher`, `image.finetune`)
+    into out_dir/finetune, the `teacher.finetune` row; gs:// images and teacher weights are
+    staged into `cache`. Returns the probe's summary."""
     folds = _read_json(splits_path)
     if kind == "image":
         from efcm.training.image_heads import read_features, train_heads
 
-        data = read_features(features_dir, _image_manifest(manifest, params), _space(params))
-        return train_heads(data, folds, out_dir, params.image.head, params.seed)
+        images = _image_manifest(manifest, params)
+        data = read_features(features_dir, images, _space(params))
+        summary = train_heads(data, folds, out_dir, params.image.head, params.seed)
+        if params.image.teacher_finetune:
+            from efcm.training.image_finetune import finetune_teacher
+
+            net, _ = _teacher_backbone(params, cache)
+            spec = params.image.encoder_spec(params.teacher)
+            out = Path(out_dir) / registry.TEACHER_FINETUNE_DIR
+            finetune_teacher(
+                images, _space(params), net, spec, folds, out, params.image, params.seed,
+                cache=cache,
+            )  # fmt: skip
+        return summary
     from efcm.training.mil import train_mil as run
 
     return run(

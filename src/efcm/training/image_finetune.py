@@ -21,6 +21,15 @@ the training images' features of the distilled student; then both train together
 Outputs are the heads' (`image_heads.run_folds`: fold_<k>.pt the head, predictions.csv,
 val_predictions.csv, summary.json), so evaluation, export and serving read every image strategy
 alike; and student_fold_<k>.pt, fold k's fine-tuned student, which fold k's head takes (as ETC's).
+
+The same code fine-tunes the teacher when `image.teacher_finetune` asks (`finetune_teacher`, run
+by `efcm train-mil --kind image` into `<out>/finetune`: the evaluation's `teacher.finetune` row),
+with the same `image.finetune` settings and splits, so the fine-tuned student has a fine-tuned
+teacher to be compared with. The teacher, a bare timm backbone, is wrapped as a
+`students.BackboneStudent` (its `backbone` and `out_dim` are all `finetune_fold` and
+`freeze.freeze_stages` need: a ViT's stem is its patch embedding and tokens, its stages its
+blocks). Its fine-tuned weights are not saved per fold (a ViT-L is 1.2 GB a fold): only the fold
+heads and predictions, so that run is for evaluation, not for export.
 """
 
 from __future__ import annotations
@@ -35,14 +44,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from efcm.config import ImageFinetuneParams, ImageParams
+from efcm.config import EncoderParams, ImageFinetuneParams, ImageParams
 from efcm.images.reader import ImageReader
 from efcm.io.cache import SlideCache
+from efcm.io.files import save_json
 from efcm.io.image_manifest import ImageManifest, LabelSpace
 from efcm.models.encoders import PatchTransform
 from efcm.models.freeze import freeze_batchnorm
 from efcm.models.image_head import LinearHead
-from efcm.models.students import load_student, save_student
+from efcm.models.students import BackboneStudent, load_student, save_student
 from efcm.training.end2end import augment, freeze_student, mixed_precision, two_rate_adamw
 from efcm.training.image_distill import ImagePixels
 from efcm.training.image_heads import ImageJob, Part, head_loss, image_targets, run_folds
@@ -51,11 +61,15 @@ from efcm.training.mil import EarlyStopping
 log = logging.getLogger(__name__)
 
 FREEZE_KEY = "image.finetune.freeze_stages"
+# what is fine-tuned: a module with a timm `backbone` and `out_dim` (a student, or the teacher
+# wrapped as a BackboneStudent) and the encoder spec of its image input
+Encoder = tuple[nn.Module, EncoderParams]
 
 
 class ImageClassifier(nn.Module):
-    """uint8 (B, S, S, 3) images -> logits: the student's input transform, the student, the
-    head. `features` gives the student's (B, D) features in float32."""
+    """uint8 (B, S, S, 3) images -> logits: the encoder's input transform, the encoder (`student`:
+    the distilled student, or the wrapped teacher), the head. `features` gives the encoder's
+    (B, D) features in float32."""
 
     def __init__(self, transform: PatchTransform, student: nn.Module, head: LinearHead) -> None:
         super().__init__()
@@ -110,14 +124,15 @@ def _embed(
 
 def finetune_fold(
     student: nn.Module,
-    spec: Any,
+    spec: EncoderParams,
     parts: dict[str, tuple[ImagePixels, torch.Tensor]],
     space: LabelSpace,
     image: ImageParams,
     seed: int,
     device: torch.device,
 ) -> tuple[ImageClassifier, dict[str, Any], dict[str, Part]]:
-    """Fine-tune `student` (changed in place) with a new head on the "train" images of `parts`
+    """Fine-tune `student` (changed in place; a distilled student or the wrapped teacher: any
+    module with a timm `backbone` and `out_dim`) with a new head on the "train" images of `parts`
     (pixels, targets), early-stopped on the "val" ones. Returns the classifier of the best epoch
     (on the CPU, eval mode), the fold's record (the EarlyStopping history, the learning rates,
     how many student parameters trained) and the (features, targets) of "test" and "val".
@@ -186,30 +201,33 @@ def finetune_fold(
 def finetune_images(
     manifest: ImageManifest,
     space: LabelSpace,
-    student_ckpt: str | Path,
+    encoder: str | Path | Encoder,
     splits: dict[str, Any],
     out_dir: str | Path,
     image: ImageParams,
     seed: int,
     *,
+    save_encoder: bool = True,
     device: str | None = None,
     cache: SlideCache | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the distilled student (`student_ckpt`, a student.pt) with a linear head on each
-    fold of `splits` (`image_splits`); writes out_dir/fold_<k>.pt (the head),
-    student_fold_<k>.pt, predictions.csv, val_predictions.csv and summary.json (see the module
-    docstring). Images are read with `image`'s preprocessing, gs:// ones staged into `cache`;
-    `device` defaults to CUDA when there is one.
+    """Fine-tune an encoder with a linear head on each fold of `splits` (`image_splits`), a
+    fresh copy per fold: the distilled student (`encoder` a student.pt), or any (module, spec)
+    `Encoder` (the wrapped teacher). Writes out_dir/fold_<k>.pt (the head), predictions.csv,
+    val_predictions.csv, summary.json (see the module docstring) and, with `save_encoder`,
+    student_fold_<k>.pt (the fold's fine-tuned encoder, a student checkpoint). Images are read
+    with `image`'s preprocessing, gs:// ones staged into `cache`; `device` defaults to CUDA when
+    there is one.
 
     Raises:
         ValueError: the splits were made for other classes, or name an image the manifest does
             not label.
-        ConfigError: `image.finetune.freeze_stages` is out of range for the student.
+        ConfigError: `image.finetune.freeze_stages` is out of range for the encoder.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reader = ImageReader(image, manifest.base_dir, cache)
     by_id = {e.image_id: e for e in manifest.images}
-    distilled, spec = load_student(student_ckpt)
+    pretrained, spec = encoder if isinstance(encoder, tuple) else load_student(encoder)
     out = Path(out_dir)
 
     def fit(
@@ -219,9 +237,10 @@ def finetune_images(
         for p in ("train", "val", "test"):
             y = image_targets(manifest, space, fold[p], f"fold {k} {p}")  # checks the ids
             parts[p] = (ImagePixels([by_id[s] for s in fold[p]], reader), y)
-        student = copy.deepcopy(distilled)
-        model, info, predicted = finetune_fold(student, spec, parts, space, image, seed + k, dev)
-        save_student(out / f"student_fold_{k}.pt", model.student, spec)
+        fresh = copy.deepcopy(pretrained)
+        model, info, predicted = finetune_fold(fresh, spec, parts, space, image, seed + k, dev)
+        if save_encoder:
+            save_student(out / f"student_fold_{k}.pt", model.student, spec)
         return model.head, info, predicted
 
     return run_folds(splits, space, out, fit, len(manifest.unlabelled))
@@ -238,3 +257,39 @@ def run_finetune(job: ImageJob) -> dict[str, Any]:
         job.images, space, job.inputs.student, job.splits, job.out_dir, p.image, p.seed,
         cache=job.cache,
     )  # fmt: skip
+
+
+def finetune_teacher(
+    manifest: ImageManifest,
+    space: LabelSpace,
+    backbone: nn.Module,
+    spec: EncoderParams,
+    splits: dict[str, Any],
+    out_dir: str | Path,
+    image: ImageParams,
+    seed: int,
+    *,
+    cache: SlideCache | None = None,
+) -> dict[str, Any]:
+    """The teacher baseline fine-tuned end to end (`image.teacher_finetune`): `finetune_images`
+    on the teacher `backbone` (a timm model with pooled features, as extraction builds it; left
+    unchanged) wrapped as a `BackboneStudent`, `spec` its image encoder spec
+    (`ImageParams.encoder_spec`). Writes the heads' layout into `out_dir`, not the fine-tuned
+    teacher per fold (summary.json says so).
+
+    Raises:
+        ConfigError: `image.finetune.freeze_stages` is out of range for the teacher.
+    """
+    teacher = BackboneStudent(backbone)
+    summary = finetune_images(
+        manifest, space, (teacher, spec), splits, out_dir, image, seed,
+        save_encoder=False, cache=cache,
+    )  # fmt: skip
+    summary.update(
+        encoder="teacher",
+        arch=spec.arch,
+        encoder_weights="not saved: only the fold heads and predictions (a ViT-L teacher is "
+        "1.2 GB a fold); this baseline is evaluated, not exported",
+    )
+    save_json(Path(out_dir) / "summary.json", summary)
+    return summary
