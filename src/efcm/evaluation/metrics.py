@@ -236,8 +236,10 @@ def classification_metrics(
     return summarise(scores, ci)
 
 
-def paired(student: Scores, teacher: Scores, ci: float) -> dict[str, Any]:
-    """Student minus teacher from their scores on the same resamples (see `paired_delta`)."""
+def paired(student: Scores, teacher: Scores, ci: float, suffix: str = "") -> dict[str, Any]:
+    """Student minus teacher from their scores on the same resamples (see `paired_delta`):
+    `delta_<metric><suffix>` and its `_ci_low` / `_ci_high`, `delta_bootstrap_dropped<suffix>`
+    (`suffix` names another reference than the teacher probe, e.g. `_vs_teacher_finetune`)."""
     same = ("n", "n_cases", "n_bootstrap", "seed", "dropped", "metrics", "deltas")
     if any(getattr(student, k) != getattr(teacher, k) for k in same):
         raise ValueError(
@@ -248,9 +250,10 @@ def paired(student: Scores, teacher: Scores, ci: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for m in student.deltas:
         j = student.metrics.index(m)
-        out[f"delta_{m}"] = student.point[m] - teacher.point[m]
-        out[f"delta_{m}_ci_low"], out[f"delta_{m}_ci_high"] = _interval(diff[:, j], ci)
-    out["delta_bootstrap_dropped"] = student.dropped
+        key = f"delta_{m}{suffix}"
+        out[key] = student.point[m] - teacher.point[m]
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = _interval(diff[:, j], ci)
+    out[f"delta_bootstrap_dropped{suffix}"] = student.dropped
     return out
 
 

@@ -9,7 +9,9 @@ Every row's predictions are aligned by slide id before anything is computed, and
 resampled with the same seed over the same cases (`case_id` from the manifest), so the intervals of
 all rows come from the same patient-level resamples and each `student.*` row carries the paired
 bootstrap of student minus teacher (`delta_auc`, `delta_auc_ci_low`, ...; see
-`efcm.evaluation.metrics`).
+`efcm.evaluation.metrics`). An image evaluation with the fine-tuned teacher's row
+(`teacher.finetune`) gives the fine-tuned student's row the paired deltas against it too
+(`delta_auc_vs_teacher_finetune`, ...); its `delta_*` stay against the teacher's probe.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from efcm.io.files import atomic_path, save_json
 from efcm.io.image_manifest import LabelSpace
 from efcm.io.manifest import Manifest
 from efcm.io.results import VAL_PREDICTIONS, read_folds, read_predictions
-from efcm.registry import TEACHER_ROW, is_student_row
+from efcm.registry import (
+    TEACHER_FINETUNE_DELTA,
+    TEACHER_FINETUNE_ROW,
+    TEACHER_ROW,
+    fine_tuned_row,
+    is_student_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +188,8 @@ def evaluate(
 
     Args:
         predictions: {row name: predictions.csv}; `teacher` is the reference of the paired
-            deltas of the `student.*` rows.
+            deltas of the `student.*` rows; `teacher.finetune` (the image teacher fine-tuned),
+            when given, that of the `*_vs_teacher_finetune` deltas of the fine-tuned student.
         out_dir: where metrics.json, roc/, confusion/, report.md (and efficiency.json) go.
         params: the run's params (`evaluate.bootstrap`, `evaluate.ci`, `seed`, classes).
         efficiency: teacher vs student cost (`measure_efficiency`), if measured.
@@ -237,8 +246,13 @@ def evaluate(
             m[f"{k}_fold_mean"] = float(np.mean(values)) if values else float("nan")
         if is_student_row(name) and TEACHER_ROW in preds:
             m.update(paired(scores[name], scores[TEACHER_ROW], ci))
-        # the efficiency report's roles: the teacher encoder, the student encoder
-        role = "teacher" if name == TEACHER_ROW else "student" if is_student_row(name) else None
+        if fine_tuned_row(name) and TEACHER_FINETUNE_ROW in preds:
+            tuned = scores[TEACHER_FINETUNE_ROW]
+            m.update(paired(scores[name], tuned, ci, suffix=TEACHER_FINETUNE_DELTA))
+        # the efficiency report's roles: the teacher encoder (probed or fine-tuned: one cost per
+        # image), the student encoder
+        teacher = name in (TEACHER_ROW, TEACHER_FINETUNE_ROW)
+        role = "teacher" if teacher else "student" if is_student_row(name) else None
         if efficiency and role in efficiency:
             e = efficiency[role]
             m.update(
@@ -354,6 +368,45 @@ DISTILLATION_NOTE = (
 )
 
 
+_DELTA_WORDS = {"auc": "AUC", "balanced_acc": "balanced acc", "f1": "F1"}
+# the model column of report.md when the fine-tuned teacher is there: which teacher is which
+ROW_LABELS = {
+    TEACHER_ROW: f"{TEACHER_ROW} (linear probe)",
+    TEACHER_FINETUNE_ROW: f"{TEACHER_FINETUNE_ROW} (teacher fine-tuned end to end)",
+}
+TEACHER_FINETUNE_NOTE = (
+    f"`{TEACHER_ROW}` is the teacher's linear probe (a head on its frozen features); "
+    f"`{TEACHER_FINETUNE_ROW}` the teacher fine-tuned end to end with its head per fold "
+    "(`image.teacher_finetune`: the same `image.finetune` settings and folds as the student's "
+    "fine-tune). The student minus teacher deltas are against the probe; the fine-tuned student's "
+    f"deltas against `{TEACHER_FINETUNE_ROW}` have their own table (metrics.json "
+    f"`delta_<metric>{TEACHER_FINETUNE_DELTA}`)."
+)
+
+
+def _finetune_deltas(rows: dict[str, Any], delta_names: tuple[str, ...], ci: int) -> str:
+    """report.md's table of the fine-tuned student minus the fine-tuned teacher (empty when no
+    row has those deltas)."""
+    key = f"delta_auc{TEACHER_FINETUNE_DELTA}"
+    tuned = {name: m for name, m in rows.items() if key in m}
+    if not tuned:
+        return ""
+    head = ["model"] + [
+        f"delta {_DELTA_WORDS.get(k, k)} vs {TEACHER_FINETUNE_ROW} ({ci}% CI)" for k in delta_names
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in tuned.items():
+        cells = [name] + [_ci_cell(m, f"delta_{k}{TEACHER_FINETUNE_DELTA}") for k in delta_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return (
+        f"\n## Fine-tuned student minus fine-tuned teacher (`{TEACHER_FINETUNE_ROW}`; paired, "
+        "case-level bootstrap)\n\n"
+        "Both fine-tuned end to end on the same folds with the same settings; each difference is "
+        "computed on the same resamples as the tables above. These deltas are not the gate's "
+        "(it reads the deltas against the probe).\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def report(
     metrics: dict[str, Any],
     params: Params,
@@ -377,9 +430,10 @@ def report(
     head += [f"{m} ({ci}% CI)" for m in names] + ["attention localisation AUROC"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = {name: m for name, m in metrics.items() if name != "efficiency"}
+    tuned = TEACHER_FINETUNE_ROW in rows
     for name, m in rows.items():
         cells = [
-            name,
+            ROW_LABELS.get(name, name) if tuned else name,
             str(m["n"]),
             str(m["n_cases"]) if case_level else "-",
             f"{m.get('params', float('nan')):,}" if "params" in m else "-",
@@ -400,17 +454,18 @@ def report(
         + _intervals_text(metrics, params, case_level, space)
         + "\n"
         + (f"\n{MULTILABEL_NOTE}\n" if multi_label else "")
+        + (f"\n{TEACHER_FINETUNE_NOTE}\n" if tuned else "")
     )
     deltas = {name: m for name, m in rows.items() if "delta_auc" in m}
     if deltas:
-        words = {"auc": "AUC", "balanced_acc": "balanced acc", "f1": "F1"}
-        head = ["model"] + [f"delta {words.get(k, k)} ({ci}% CI)" for k in delta_names]
+        head = ["model"] + [f"delta {_DELTA_WORDS.get(k, k)} ({ci}% CI)" for k in delta_names]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, m in deltas.items():
             cells = [name] + [_ci_cell(m, f"delta_{k}") for k in delta_names]
             lines.append("| " + " | ".join(cells) + " |")
+        vs = f" linear probe (`{TEACHER_ROW}`; " if tuned else " ("
         text += (
-            "\n## Student minus teacher (paired, case-level bootstrap)\n\n"
+            f"\n## Student minus teacher{vs}paired, case-level bootstrap)\n\n"
             "Each difference is computed on the same resample for both models, so the interval "
             "is that of the difference itself; an interval below 0 means the student is worse"
             + ("" if case_level else f" (here each {unit} is its own case)")
@@ -418,6 +473,7 @@ def report(
             + "\n".join(lines)
             + "\n"
         )
+    text += _finetune_deltas(rows, delta_names, ci)
     if left_out:
         text += "\n## Strategies left out\n\n" + "".join(
             f"- `{name}`: {why}\n" for name, why in left_out.items()
