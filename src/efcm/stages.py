@@ -396,8 +396,8 @@ def _table_rows(
 
 def gate_evaluation(evaluation_dir: str | Path, out_dir: str | Path, params: Params):
     """The promotion gate on an image evaluation (`efcm gate --evaluation`): the rule of `gate`
-    applied to the row of `image.export_strategy` (the strategy an image package would ship;
-    image export is not wired yet) in the evaluation's metrics.json; writes decision.json and
+    applied to the row of `image.export_strategy` (the strategy an image package ships) in the
+    evaluation's metrics.json, for a run without a package; writes decision.json and
     decision.md, returns the `efcm.evaluation.gate.Decision`."""
     from efcm.evaluation.gate import decide, write_decision
 
