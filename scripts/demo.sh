@@ -27,5 +27,5 @@ if [ "$kind" = cxr ]; then
 else
   dvc repro "$@"
 fi
-dvc metrics show
+dvc metrics show runs/evaluate/metrics.json   # this pipeline's (a bare `show` lists the slides' too)
 echo "report: pipelines/image/runs/evaluate/report.md   package: pipelines/image/runs/package"
