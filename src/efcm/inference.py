@@ -151,9 +151,13 @@ def check_kind(rt: Runtime, kind: str, what: str) -> None:
     """InvalidInput when `what` (an input) is not for this package's kind."""
     if rt.kind != kind:
         raise InvalidInput(
-            f"{what} is for a {kind} package; this is a {rt.kind} package, it takes "
+            f"{what} is for {_a(kind)} package; this is {_a(rt.kind)} package, it takes "
             f"{SERVES[rt.kind]}"
         )
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def image_pixels(image: bytes | np.ndarray, params: ImageParams, name: str) -> np.ndarray:

@@ -62,6 +62,11 @@ def test_image_dvc_repro_scores_teacher_and_students_with_paired_deltas(tmp_path
             assert key in metrics[row], f"{row}.{key} missing"
     report = (folder / "runs/evaluate/report.md").read_text()
     assert "Image-level metrics" in report and "Student minus teacher (paired" in report
+    # the cost columns name their unit: a whole image, not a patch
+    cost = report[report.index("## Cost per image") :]
+    assert "GFLOPs/image" in report and "images/s" in cost and "patch" not in cost
+    efficiency = json.loads((folder / "runs/evaluate/efficiency.json").read_text())
+    assert efficiency["per"].startswith("image")
     planned = json.loads((folder / "runs/evaluate/strategies.json").read_text())
     assert planned["run"] == [r.rsplit(".", 1)[1] for r in students]
     decision = json.loads((folder / "runs/gate/decision.json").read_text())

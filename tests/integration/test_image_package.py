@@ -156,7 +156,7 @@ def test_bad_images_and_inputs_of_the_other_kind_are_refused(cxr_run, capsys):
         predict_image(rt, np.zeros((32, 32), np.float32))
     with pytest.raises(InvalidImage, match="under the smallest side"):
         predict_image(rt, np.zeros((8, 64), np.uint8))
-    with pytest.raises(InvalidInput, match="patches is for a slide package; this is a image"):
+    with pytest.raises(InvalidInput, match="patches is for a slide package; this is an image"):
         predict_patches(rt, np.zeros((1, 64, 64, 3), np.uint8))
     assert main(["predict", str(cxr_run / "package"), str(cxr_run / "params.yaml")]) == 1
     assert "params.yaml: not an image" in capsys.readouterr().err
@@ -169,7 +169,7 @@ def test_slide_packages_refuse_an_image(tmp_path):
 
     pkg = packages.build_package(tmp_path / "pkg", params_from_dict(tiny_params_dict()), 8)
     rt = load_runtime(pkg, "torch")
-    with pytest.raises(InvalidInput, match="an image is for a image package; this is a slide"):
+    with pytest.raises(InvalidInput, match="an image is for an image package; this is a slide"):
         predict_image(rt, b"\x89PNG")
 
 

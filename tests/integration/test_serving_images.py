@@ -168,7 +168,7 @@ MALFORMED = {
     "not-base64": (_v2_body("image", [1], "BYTES", ["%%%"]), "is text but not base64"),
     "features": (
         _v2_body("features", [1, 4], "FP32", [0.0, 1.0, 2.0, 3.0]),
-        "is for a slide package; this is a image package",
+        "is for a slide package; this is an image package",
     ),
     "two-channels": (
         _v2_body("image", [2, 2, 2], "UINT8", [0] * 8),

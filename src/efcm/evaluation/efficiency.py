@@ -99,16 +99,26 @@ RATIOS = (
     ("param_ratio", "fewer parameters"),
     ("flop_ratio", "fewer GFLOPs per patch"),
 )
+# what one model input is: a patch of a slide, or (the image-level path) a whole image. The
+# profile's keys keep the slide path's names (`gflops_per_patch`, `patches_per_s`); the reports
+# name the unit they measure.
+PLURAL = {"patch": "patches", "image": "images"}
 
 
-def markdown_table(report: dict[str, Any]) -> str:
-    """`compare(...)` as a Markdown table (teacher and student rows) plus a line of ratios.
+def ratios(item: str = "patch") -> tuple[tuple[str, str], ...]:
+    """RATIOS worded for the model input `item` (`patch`, or `image`)."""
+    return tuple((k, w.replace("patches", PLURAL[item]).replace("patch", item)) for k, w in RATIOS)
+
+
+def markdown_table(report: dict[str, Any], item: str = "patch") -> str:
+    """`compare(...)` as a Markdown table (teacher and student rows) plus a line of ratios, per
+    model input `item` (`patch`, or `image` for the image-level path).
 
     Peak memory is a column only where a profile has it (CUDA).
     """
     rows = [(name, report[name]) for name in ("teacher", "student") if name in report]
     memory = any("peak_memory_mb" in p for _, p in rows)
-    head = ["model", "params", "GFLOPs/patch", "patches/s", "input", "batch", "device"]
+    head = ["model", "params", f"GFLOPs/{item}", f"{PLURAL[item]}/s", "input", "batch", "device"]
     if memory:
         head.append("peak memory (MB)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -125,7 +135,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         if memory:
             cells.append(f"{p['peak_memory_mb']:.1f}" if "peak_memory_mb" in p else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    ratios = [f"{report[key]}x {what}" for key, what in RATIOS if key in report]
-    if ratios:
-        lines += ["", "Student vs teacher: " + ", ".join(ratios) + " (measured in one run)."]
+    said = [f"{report[key]}x {what}" for key, what in ratios(item) if key in report]
+    if said:
+        lines += ["", "Student vs teacher: " + ", ".join(said) + " (measured in one run)."]
     return "\n".join(lines) + "\n"

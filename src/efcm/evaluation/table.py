@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from efcm.config import Params
-from efcm.evaluation.efficiency import compare, markdown_table
+from efcm.evaluation.efficiency import PLURAL, compare, markdown_table
 from efcm.evaluation.metrics import (
     METRICS,
     bootstrap_scores,
@@ -299,9 +299,13 @@ def evaluate(
     save_json(out / "metrics.json", metrics)
     text = report(metrics, params, case_level=cases is not None, left_out=left_out, space=space)
     if efficiency:
+        item = "image" if space else "patch"
+        if space:  # the profile's keys keep the slide path's names: say what they measure
+            efficiency = {**efficiency, "per": "image: gflops_per_patch and patches_per_s are "
+                          "per whole image here"}  # fmt: skip
         save_json(out / "efficiency.json", efficiency)
-        text += "\n## Cost per patch (teacher vs student, one run, this machine)\n\n"
-        text += markdown_table(efficiency) + "\n"
+        text += f"\n## Cost per {item} (teacher vs student, one run, this machine)\n\n"
+        text += markdown_table(efficiency, item) + "\n"
     (out / "report.md").write_text(text)
     return metrics
 
@@ -426,7 +430,8 @@ def report(
     if multi_label:  # the macro AUROC, the mean F1, the AUROC of each class; and their deltas
         names = delta_names = ("auc", "f1", *(f"auc_{c}" for c in space.classes))
     extra = "each fold's thresholds" if multi_label else "the confusion matrix"
-    head = ["model", f"{unit}s", "patients", "params", "GFLOPs/patch", "patches/s"]
+    item = "image" if space else "patch"  # what one model input is (the cost columns' unit)
+    head = ["model", f"{unit}s", "patients", "params", f"GFLOPs/{item}", f"{PLURAL[item]}/s"]
     head += [f"{m} ({ci}% CI)" for m in names] + ["attention localisation AUROC"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = {name: m for name, m in metrics.items() if name != "efficiency"}
