@@ -39,7 +39,8 @@ import numpy as np
 from efcm import registry
 from efcm.config import EncoderParams, Params
 from efcm.errors import PackageError
-from efcm.image_features import read_image_features
+from efcm.features import read_extract_settings
+from efcm.image_features import image_features_path
 from efcm.images.reader import ImageReader
 from efcm.io.cache import SlideCache
 from efcm.io.image_manifest import ImageManifest, LabelSpace
@@ -68,15 +69,28 @@ log = logging.getLogger(__name__)
 ENCODER_KEYS = ("arch", "input_size", "resize", "mean", "std")
 
 
+def _stored_settings(student_features: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the student's features file, its extraction settings): the attributes only, not the
+    (N, D) features, which export does not need.
+
+    Raises:
+        FileNotFoundError: no such file (as `read_image_features` says it).
+    """
+    path = image_features_path(student_features)
+    if not path.is_file():
+        raise FileNotFoundError(f"image features not found: {path} (run extract --kind image)")
+    return path, read_extract_settings(path) or {}
+
+
 def trained_image_geometry(student_features: str | Path, params: Params) -> dict[str, Any]:
     """The preprocessing recorded in the student's image features file (the pixels the heads were
     trained and evaluated on), equal to `params.image`'s (else PackageError: the package would
     serve images prepared otherwise than those it was evaluated on)."""
-    f = read_image_features(student_features)
-    stored = (f.settings or {}).get("preprocess")
+    path, settings = _stored_settings(student_features)
+    stored = settings.get("preprocess")
     if stored is None:
         raise PackageError(
-            f"{f.path}: records no image preprocessing (written by another tool or an older "
+            f"{path}: records no image preprocessing (written by another tool or an older "
             "efcm): rerun `efcm extract --kind image` so that the package knows the pixels its "
             "heads were trained on"
         )
@@ -94,8 +108,7 @@ def trained_image_geometry(student_features: str | Path, params: Params) -> dict
 
 def _check_encoder(student_features: str | Path, spec: EncoderParams) -> None:
     """The package's encoder transform must be the one the student's features were made with."""
-    f = read_image_features(student_features)
-    stored = f.settings or {}
+    path, stored = _stored_settings(student_features)
     mine = json.loads(json.dumps(spec.model_dump(mode="json")))
     diff = [
         f"{k} {stored.get(k)!r} -> {mine.get(k)!r}"
@@ -104,7 +117,7 @@ def _check_encoder(student_features: str | Path, spec: EncoderParams) -> None:
     ]
     if diff:
         raise PackageError(
-            f"{f.path}: the student's features were made with another input transform than the "
+            f"{path}: the student's features were made with another input transform than the "
             f"package's encoder ({'; '.join(diff)}): rerun the student's extraction"
         )
 
